@@ -1,0 +1,49 @@
+"""Hook specifications of the `oma` plugin system.
+
+Hooks are synchronous and receive a `register(name, factory, description="")` callback;
+the factory builds an object whose async methods do the I/O. See docs/plugins.md.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("oma")
+hookimpl = pluggy.HookimplMarker("oma")
+
+Register = Callable[..., None]
+
+
+@hookspec
+def oma_register_storage_backends(register: Register) -> None:
+    """Register database backends: `register(name, factory)`; `factory(settings)` returns a
+    `StorageBackend` (shared.db) that builds an AsyncEngine for a service."""
+
+
+@hookspec
+def oma_register_cloud_backends(register: Register) -> None:
+    """Register target-cloud clients: `register(name, factory)`; `factory(credentials, settings)`
+    returns a `CloudClient` (plugins.ossea.client is the reference implementation)."""
+
+
+@hookspec
+def oma_register_inventory_sources(register: Register) -> None:
+    """Register inventory sources: `register(name, factory)`; `factory(connection, settings)` returns
+    an `InventorySource` whose async `test()` and `discover()` read a source hypervisor."""
+
+
+@hookspec
+def oma_register_exporters(register: Register) -> None:
+    """Register NBD export backends: `register(name, factory)`; `factory(settings)` returns an
+    `Exporter` that serves block devices under export names."""
+
+
+@hookspec
+def oma_register_device_resolvers(register: Register) -> None:
+    """Register device resolvers: `register(name, factory)`; `factory(settings)` returns a
+    `DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached volume's device path."""
+
+
+def _all() -> list[Callable[..., Any]]:
+    return [v for k, v in globals().items() if k.startswith("oma_")]
