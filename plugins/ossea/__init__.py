@@ -1,0 +1,1 @@
+"""The OSSEA (CloudStack) cloud backend: signing, client, plugin hook and an API simulator."""
