@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from services.auth import service
+from shared import errors
+from shared.crypto import Keyring
+from shared.schemas import LoginRequest
+from shared.service import BusRequest, ServiceApp, endpoint
+from shared.subjects import Auth
+
+AUTH_EVENTS = Counter("oma_auth_events_total", "Authentication events", ["event"])
+
+
+def parse_bootstrap(spec: str) -> dict[str, str]:
+    """`name=token,other=token2` (OMA_APPLIANCE_TOKENS)."""
+    out = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, token = item.partition("=")
+        if not sep or not name.strip() or not token.strip():
+            raise errors.BadRequest("Invalid OMA_APPLIANCE_TOKENS", "expected name=token[,name=token...]")
+        out[name.strip()] = token.strip()
+    return out
+
+
+class AuthService(ServiceApp):
+    name = "auth"
+    description = "Appliance login and bearer sessions"
+    migrations = Path(__file__).parent / "migrations"
+
+    async def setup(self) -> None:
+        self.keys = Keyring.from_file(self.settings.secret_key_path)
+        self.limiter = service.RateLimiter(self.settings.login_rate_limit)
+        bootstrap = parse_bootstrap(self.settings.appliance_tokens)
+        if bootstrap:
+            async with self.sessions.begin() as db:
+                for name, token in bootstrap.items():
+                    await service.upsert_appliance(db, self.keys, name, token)
+            self.log.info("appliances registered from OMA_APPLIANCE_TOKENS", extra={"appliances": sorted(bootstrap)})
+
+    @endpoint(Auth.LOGIN)
+    async def login(self, req: BusRequest):
+        payload = req.json()
+        client = str(payload.pop("client_addr", "") or "")
+        body = req.model(LoginRequest, payload)
+        keys = (f"id:{body.appliance_id}", f"addr:{client}") if client else (f"id:{body.appliance_id}",)
+        wait = self.limiter.retry_after(*keys)
+        if wait:
+            AUTH_EVENTS.labels(event="login_throttled").inc()
+            self.log.warning("login throttled", extra={"appliance_id": body.appliance_id, "client": client})
+            raise errors.TooManyRequests("Too many failed login attempts", f"retry in {wait} seconds",
+                                         headers={"Retry-After": str(wait)})
+        try:
+            async with self.sessions.begin() as db:
+                result = await service.login(db, self.keys, body.appliance_id, body.token, self.settings.session_ttl)
+        except errors.Unauthorized:
+            self.limiter.fail(*keys)
+            AUTH_EVENTS.labels(event="login_failed").inc()
+            self.log.warning("login failed", extra={"appliance_id": body.appliance_id, "client": client})
+            raise
+        AUTH_EVENTS.labels(event="login_ok").inc()
+        self.log.info("login ok", extra={"appliance_id": body.appliance_id, "client": client,
+                                         "appliance_version": body.version})
+        return result
+
+    @endpoint(Auth.VERIFY)
+    async def verify(self, req: BusRequest):
+        token = str(req.json().get("token") or "")
+        async with self.sessions() as db:
+            return await service.verify(db, self.keys, token)
+
+    @endpoint(Auth.LOGOUT)
+    async def logout(self, req: BusRequest):
+        token = str(req.json().get("token") or "")
+        async with self.sessions.begin() as db:
+            row = await service.find_session(db, self.keys, token)
+            row.revoked_at = service.utcnow()
+            sid, appliance = row.id, row.appliance_id
+        # Published before the reply, so every gateway drops its cached verification first.
+        await self.bus.publish_event(Auth.EVT_SESSION_REVOKED, {"session_id": sid, "appliance_id": appliance},
+                                     msg_id=f"session-revoked-{sid}")
+        AUTH_EVENTS.labels(event="logout").inc()
+        self.log.info("logout", extra={"appliance_id": appliance, "session_id": sid})
+        return {"success": True, "message": "Logged out"}
+
+    @endpoint(Auth.APPLIANCE_ADD)
+    async def appliance_add(self, req: BusRequest):
+        data = req.json()
+        name = str(data.get("name") or "").strip()
+        if not name or len(name) > 255:
+            raise errors.BadRequest("Validation failed", "name: required, at most 255 characters")
+        token = data.get("token") or service.new_appliance_token()
+        async with self.sessions.begin() as db:
+            await service.upsert_appliance(db, self.keys, name, token)
+        AUTH_EVENTS.labels(event="appliance_added").inc()
+        return {"success": True, "appliance_id": name, "token": token}
+
+    @endpoint(Auth.APPLIANCE_LIST)
+    async def appliance_list(self, req: BusRequest):
+        async with self.sessions() as db:
+            return {"success": True, "appliances": await service.list_appliances(db)}
+
+    @endpoint(Auth.APPLIANCE_REVOKE)
+    async def appliance_revoke(self, req: BusRequest):
+        name = str(req.json().get("name") or "")
+        async with self.sessions.begin() as db:
+            await service.revoke_appliance(db, name)
+        await self.bus.publish_event(Auth.EVT_APPLIANCE_REVOKED, {"appliance_id": name})
+        AUTH_EVENTS.labels(event="appliance_revoked").inc()
+        self.log.info("appliance revoked", extra={"appliance_id": name})
+        return {"success": True, "message": f"Appliance {name} revoked"}

@@ -1,0 +1,114 @@
+"""Appliance tokens and sessions. Tokens are stored only as keyed hashes."""
+from __future__ import annotations
+
+import secrets
+import time
+from collections import defaultdict, deque
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.auth.models import Appliance, Session
+from shared import errors
+from shared.crypto import Keyring
+from shared.db import iso, utcnow
+
+SESSION_PREFIX = "oma_session_"
+_DUMMY_HASH = "0" * 64
+
+
+def new_session_token() -> str:
+    return SESSION_PREFIX + secrets.token_urlsafe(32)  # 256 bits
+
+
+def new_appliance_token() -> str:
+    return "vma_" + secrets.token_urlsafe(32)
+
+
+class RateLimiter:
+    """Failed attempts per key in a sliding window."""
+
+    def __init__(self, limit: int, window: float = 60.0):
+        self.limit, self.window = limit, window
+        self._hits: dict[str, deque[float]] = defaultdict(deque)
+
+    def _trim(self, key: str, now: float) -> deque[float]:
+        q = self._hits[key]
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        return q
+
+    def retry_after(self, *keys: str) -> int:
+        now = time.monotonic()
+        waits = [q[0] + self.window - now for k in keys if len(q := self._trim(k, now)) >= self.limit]
+        return max(1, int(max(waits)) + 1) if waits else 0
+
+    def fail(self, *keys: str) -> None:
+        now = time.monotonic()
+        for k in keys:
+            self._trim(k, now).append(now)
+        if len(self._hits) > 10_000:  # forget idle keys
+            for k in [k for k, q in self._hits.items() if not q]:
+                del self._hits[k]
+
+
+async def upsert_appliance(db: AsyncSession, keys: Keyring, name: str, token: str) -> None:
+    row = await db.scalar(select(Appliance).where(Appliance.appliance_id == name))
+    if row is None:
+        db.add(Appliance(appliance_id=name, token_hash=keys.token_hash(token), enabled=True, created_at=utcnow()))
+    else:
+        row.token_hash, row.enabled = keys.token_hash(token), True
+
+
+async def list_appliances(db: AsyncSession) -> list[dict]:
+    rows = (await db.scalars(select(Appliance).order_by(Appliance.appliance_id))).all()
+    return [{"appliance_id": r.appliance_id, "enabled": r.enabled, "created_at": iso(r.created_at),
+             "last_used_at": iso(r.last_used_at)} for r in rows]
+
+
+async def revoke_appliance(db: AsyncSession, name: str) -> None:
+    row = await db.scalar(select(Appliance).where(Appliance.appliance_id == name))
+    if row is None:
+        raise errors.NotFound("Appliance not found", f"No appliance registered as {name!r}")
+    row.enabled = False
+    await db.execute(update(Session).where(Session.appliance_id == name, Session.revoked_at.is_(None))
+                     .values(revoked_at=utcnow()))
+
+
+async def login(db: AsyncSession, keys: Keyring, appliance_id: str, token: str, ttl: float) -> dict:
+    row = await db.scalar(select(Appliance).where(Appliance.appliance_id == appliance_id))
+    # Compare even for an unknown id, so timing does not tell which ids exist.
+    ok = keys.same(keys.token_hash(token), row.token_hash if row else _DUMMY_HASH) and row is not None
+    if not ok or not row.enabled:
+        raise errors.Unauthorized("Authentication failed", "invalid appliance_id or token")
+    now = utcnow()
+    session_token = new_session_token()
+    expires = now + timedelta(seconds=ttl)
+    db.add(Session(token_hash=keys.token_hash(session_token), appliance_id=appliance_id,
+                   issued_at=now, expires_at=expires))
+    row.last_used_at = now
+    return {"success": True, "message": "Authentication successful", "session_token": session_token,
+            "expires_at": iso(expires)}
+
+
+async def find_session(db: AsyncSession, keys: Keyring, token: str) -> Session:
+    if not token.startswith(SESSION_PREFIX):
+        raise errors.Unauthorized("Invalid session token", "not an OMA session token")
+    row = await db.scalar(select(Session).where(Session.token_hash == keys.token_hash(token)))
+    if row is None:
+        raise errors.Unauthorized("Invalid session token", "unknown session")
+    if row.revoked_at is not None:
+        raise errors.Unauthorized("Invalid session token", "session revoked")
+    if row.expires_at <= utcnow():
+        raise errors.Unauthorized("Invalid session token", "session expired")
+    return row
+
+
+async def verify(db: AsyncSession, keys: Keyring, token: str) -> dict:
+    row = await find_session(db, keys, token)
+    enabled = await db.scalar(select(Appliance.enabled).where(Appliance.appliance_id == row.appliance_id))
+    if not enabled:
+        raise errors.Unauthorized("Invalid session token", "appliance revoked")
+    return {"session_id": row.id, "appliance_id": row.appliance_id, "expires_at": iso(row.expires_at),
+            "expires_in": (row.expires_at - utcnow()).total_seconds()}

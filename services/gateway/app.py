@@ -1,0 +1,112 @@
+"""The gateway: every HTTP route of the seed, forwarded over NATS. It owns no tables."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.gateway import errors as error_handlers
+from services.gateway.deps import SessionCache, require_session
+from services.gateway.routers import auth, contexts, health, inventory, ossea, replications
+from shared import bus as busmod, metrics
+from shared.settings import Settings
+from shared.subjects import Auth
+
+log = logging.getLogger("oma.gateway")
+
+DESCRIPTION = """The OMA (OSSEA Migration Appliance) API: unified OSSEA configuration, VM inventory,
+replication jobs with VM-based NBD export reuse, and per-VM contexts.
+
+Every `/api/v1` route except login needs `Authorization: Bearer <session_token>` from
+`POST /api/v1/auth/login`. Errors always come as `{"success": false, "error": ..., "details": ...}`."""
+
+
+class TimingMiddleware:
+    """Request timing for every route: metrics labelled by route template, a log line for
+    mutations, errors and slow requests (every request at debug)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            metrics.HTTP_REQUESTS.labels(method=method, route=route, status=str(status[0])).inc()
+            metrics.HTTP_DURATION.labels(method=method, route=route).observe(elapsed)
+            level = (logging.WARNING if status[0] >= 500 else logging.INFO
+                     if method != "GET" or status[0] >= 400 or elapsed > 1.0 else logging.DEBUG)
+            if log.isEnabledFor(level):
+                log.log(level, "request", extra={"method": method, "route": route, "status": status[0],
+                                                 "duration_ms": round(elapsed * 1000, 2)})
+
+
+def create_app(settings: Settings, nats_url: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nc = await busmod.connect(nats_url, "gateway", user=settings.nats_user, password=settings.nats_password,
+                                  timeout=settings.startup_timeout)
+        app.state.bus = busmod.Bus(nc, timeout=settings.request_timeout)
+        await nc.subscribe(Auth.EVT_SESSION_REVOKED, cb=app.state.session_cache.on_event)
+        await nc.subscribe(Auth.EVT_APPLIANCE_REVOKED, cb=app.state.session_cache.on_event)
+        if not settings.auth_enabled:
+            log.warning("AUTHENTICATION IS DISABLED (-auth-enabled=false): every /api/v1 route is open. "
+                        "Use this for development only.")
+        yield
+        await nc.drain()
+
+    app = FastAPI(title="OMA API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi_version = "3.0.3"  # what the bundled Swagger UI 4 renders
+    app.state.settings = settings
+    app.state.session_cache = SessionCache(settings.auth_cache_ttl)
+    error_handlers.install(app)
+    app.add_middleware(TimingMiddleware)
+
+    protected = [Depends(require_session)]
+    app.include_router(health.router)
+    app.include_router(auth.router)
+    for router in (ossea.router, inventory.router, replications.router, contexts.router):
+        app.include_router(router, dependencies=protected, responses={401: {"description": "Unauthorized"}})
+
+    _mount_swagger(app)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _mount_swagger(app: FastAPI) -> None:
+    """Swagger UI served from the installed swagger-ui-bundle: the appliance works offline."""
+    import swagger_ui_bundle
+
+    app.mount("/swagger/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger-static")
+
+    @app.get("/swagger/", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="OMA API - Swagger UI",
+                                   swagger_js_url="/swagger/static/swagger-ui-bundle.js",
+                                   swagger_css_url="/swagger/static/swagger-ui.css",
+                                   swagger_favicon_url="/swagger/static/favicon-32x32.png")

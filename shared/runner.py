@@ -1,0 +1,122 @@
+"""Running services: all in one process (`oma-api`) or one alone (`oma-service NAME`)."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
+
+from shared import bus as busmod
+from shared.natsserver import EmbeddedNats
+from shared.plugins import get_plugin_manager
+from shared.service import ServiceApp
+from shared.settings import SERVICES, Settings
+
+log = logging.getLogger("oma.runner")
+
+SERVICE_CLASSES = {
+    "auth": "services.auth.app:AuthService",
+    "config": "services.config.app:ConfigService",
+    "inventory": "services.inventory.app:InventoryService",
+    "replication": "services.replication.app:ReplicationService",
+    "export_manager": "services.export_manager.app:ExportManagerService",
+    "context_aggregator": "services.context_aggregator.app:ContextAggregatorService",
+}
+
+
+def service_class(name: str) -> type[ServiceApp]:
+    module, _, attr = SERVICE_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Appliance:
+    """Starts NATS (embedded when no URL is set) and the named services; stops them in reverse,
+    each draining its in-flight requests first."""
+
+    def __init__(self, settings: Settings, services: tuple[str, ...] = SERVICES):
+        self.settings = settings
+        self.names = services
+        self.services: dict[str, ServiceApp] = {}
+        self.nats_url = settings.nats_url
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> "Appliance":
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self.settings
+        if not self.nats_url:
+            store = s.data_dir / "nats" if s.db_type != "memory" else None
+            nats = EmbeddedNats(store_dir=store)
+            self.nats_url = await nats.start()
+            self._stack.push_async_callback(nats.stop)
+        pm = get_plugin_manager()
+
+        async def start_one(name: str) -> None:
+            nc = await busmod.connect(self.nats_url, name, user=s.nats_user, password=s.nats_password,
+                                      timeout=s.startup_timeout)
+            app = service_class(name)(s, nc, pm)
+            self._stack.push_async_callback(nc.drain)
+            self._stack.push_async_callback(app.stop)
+            await app.start()
+            self.services[name] = app
+
+        # Sequential registration of cleanups, concurrent start-up.
+        await asyncio.gather(*(start_one(n) for n in self.names))
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._stack.aclose()
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve_gateway(settings: Settings, nats_url: str) -> None:
+    import uvicorn
+
+    from services.gateway.app import create_app
+
+    config = uvicorn.Config(create_app(settings, nats_url), host=settings.host, port=settings.port,
+                            log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    await server.serve()
+    if not server.started:
+        raise SystemExit(f"gateway could not listen on {settings.host}:{settings.port}")
+
+
+async def run_all(settings: Settings) -> None:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    async with Appliance(settings) as appliance:
+        log.info("services started", extra={"nats": appliance.nats_url, "services": list(appliance.services)})
+        await serve_gateway(settings, appliance.nats_url)  # returns on SIGTERM/SIGINT
+    log.info("stopped")
+
+
+async def run_one(settings: Settings, name: str) -> None:
+    from prometheus_client import start_http_server
+
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    if name == "gateway":
+        await serve_gateway(settings, settings.nats_url)
+        return
+    if not settings.nats_url:
+        raise SystemExit("oma-service: -nats-url (OMA_NATS_URL) is required to run one service alone")
+    from shared.settings import METRICS_PORTS
+    port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[name]
+    if port:
+        start_http_server(port, addr=settings.host)
+    async with Appliance(settings, (name,)):
+        log.info("service running", extra={"service": name, "metrics_port": port})
+        await stop.wait()

@@ -1,0 +1,177 @@
+"""The service runtime: a `nats.micro` service in a queue group named after the service,
+with thin endpoint methods, one error envelope, metrics, and a graceful drain.
+
+A service subclasses `ServiceApp`, marks handlers with `@endpoint(subject)` and may declare
+`migrations` (its Alembic folder). `await app.start()` opens the database, migrates, runs
+`setup()`, and starts answering; `await app.stop()` stops taking requests, lets every
+in-flight one reply, then drains the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+import orjson
+import pluggy
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, ServiceConfig
+from pydantic import BaseModel, ValidationError
+
+from shared import bus as busmod, db, errors, metrics
+from shared.logging import correlation_id
+from shared.settings import Settings
+from shared.subjects import health
+
+log = logging.getLogger("oma.service")
+M = TypeVar("M", bound=BaseModel)
+VERSION = "1.0.0"
+
+
+def endpoint(subject: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+    def mark(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        fn._oma_subject = subject  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
+def validation_details(errs: list[dict[str, Any]]) -> str:
+    """`field.sub: message; ...` — names the fields, never echoes the (possibly secret) input."""
+    parts = []
+    for err in errs:
+        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class BusRequest:
+    def __init__(self, req: Request):
+        self.raw = req
+        self.headers = req.headers or {}
+
+    @property
+    def data(self) -> bytes:
+        return self.raw.data
+
+    def json(self) -> Any:
+        if not self.raw.data:
+            return {}
+        try:
+            return orjson.loads(self.raw.data)
+        except orjson.JSONDecodeError as exc:
+            raise errors.BadRequest("Invalid JSON", str(exc)) from None
+
+    def model(self, cls: type[M], data: Any = None) -> M:
+        try:
+            return cls.model_validate(self.json() if data is None else data)
+        except ValidationError as exc:
+            raise errors.BadRequest("Validation failed", validation_details(exc.errors())) from None
+
+
+class ServiceApp:
+    name: str = ""
+    description: str = ""
+    migrations: Path | None = None
+
+    def __init__(self, settings: Settings, nc: Any, pm: pluggy.PluginManager):
+        self.settings = settings
+        self.bus = busmod.Bus(nc, timeout=settings.request_timeout)
+        self.pm = pm
+        self.engine = None
+        self.sessions = None
+        self._micro = None
+        self._tasks: set[asyncio.Task] = set()
+        self.log = logging.getLogger(f"oma.{self.name}")
+
+    # Hooks for subclasses.
+    async def setup(self) -> None:
+        """After the database is migrated, before requests are taken."""
+
+    async def teardown(self) -> None:
+        """After the last request has replied."""
+
+    # Life cycle.
+    async def start(self) -> None:
+        if self.migrations is not None:
+            from shared.plugins import get_backend
+            storage = get_backend(self.pm, "storage", self.settings.db_type).factory(self.settings)
+            self.engine = await storage.create_engine(self.name)
+            await db.run_migrations(self.engine, self.name, self.migrations)
+            self.sessions = db.sessionmaker(self.engine)
+            metrics.DB_UP.labels(service=self.name).set(1)
+        await self.bus.ensure_stream()
+        await self.setup()
+        self._micro = await add_service(self.bus.nc, ServiceConfig(
+            name=self.name, version=VERSION, description=self.description, queue_group=self.name))
+        handlers = {fn._oma_subject: fn for fn in (getattr(self, a) for a in dir(type(self)))
+                    if callable(fn) and hasattr(fn, "_oma_subject")}
+        handlers[health(self.name)] = self.health
+        for subject, fn in handlers.items():
+            await self._micro.add_endpoint(EndpointConfig(
+                name=subject.replace(".", "_"), subject=subject, handler=self._dispatcher(subject, fn),
+                queue_group=self.name))
+        metrics.SERVICE_UP.labels(service=self.name).set(1)
+        self.log.info("service started", extra={"service": self.name, "endpoints": len(handlers)})
+
+    async def stop(self) -> None:
+        if self._micro is not None:
+            await self._micro.stop()  # no new requests; pending ones are handed over
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.teardown()
+        if self.engine is not None:
+            await self.engine.dispose()
+        metrics.SERVICE_UP.labels(service=self.name).set(0)
+
+    async def health(self, req: BusRequest) -> dict[str, Any]:
+        if self.engine is None:
+            return {"service": self.name, "status": "up", "database": "n/a"}
+        ok = await db.ping(self.engine, self.name)
+        return {"service": self.name, "status": "up", "database": "connected" if ok else "disconnected"}
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        """Background work that shutdown waits for."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # Request handling.
+    def _dispatcher(self, subject: str, fn: Callable[[BusRequest], Awaitable[Any]]):
+        async def handle(req: Request) -> None:
+            # nats-py runs one subscription's callbacks one at a time: a task per message.
+            self.spawn(self._handle(subject, fn, req))
+        return handle
+
+    async def _handle(self, subject: str, fn: Callable[[BusRequest], Awaitable[Any]], req: Request) -> None:
+        started = time.perf_counter()
+        hdrs = req.headers or {}
+        correlation_id.set(hdrs.get(busmod.CORRELATION_HEADER))
+        metrics.BUS_IN_FLIGHT.labels(service=self.name).inc()
+        status = 200
+        try:
+            result = await fn(BusRequest(req))
+            reply = result if isinstance(result, busmod.Reply) else busmod.Reply(result)
+            status = reply.status
+            headers = dict(reply.headers)
+            if status != 200:
+                headers[busmod.STATUS_HEADER] = str(status)
+            body = reply.body if isinstance(reply.body, bytes) else busmod.dumps(reply.body)
+            await req.respond(body, headers=headers or None)
+        except errors.OmaError as exc:
+            status = exc.status
+            if status >= 500:
+                self.log.warning("request failed", extra={"subject": subject, "status": status, "error": str(exc)})
+            await req.respond_error(str(status), exc.error, busmod.dumps(exc.body()))
+        except Exception as exc:  # noqa: BLE001 - every request gets a reply, even on a bug
+            status = 500
+            self.log.exception("unhandled error", extra={"subject": subject})
+            body = errors.OmaError("Internal server error", type(exc).__name__).body()
+            await req.respond_error("500", "Internal server error", busmod.dumps(body))
+        finally:
+            metrics.BUS_IN_FLIGHT.labels(service=self.name).dec()
+            metrics.BUS_REQUESTS.labels(service=self.name, subject=subject, status=str(status)).inc()
+            metrics.BUS_DURATION.labels(service=self.name, subject=subject).observe(time.perf_counter() - started)

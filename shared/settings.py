@@ -1,0 +1,168 @@
+"""Settings: pydantic-settings with the `OMA_` env prefix, and the seed's single-dash CLI flags.
+
+Precedence: command-line flag > environment > default. Flags are parsed by `parse_flags`,
+which returns only the flags actually given, so that unset flags never mask the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator")
+
+# Default metrics port of each service when it runs alone (`oma-service NAME`).
+METRICS_PORTS = {name: 9101 + i for i, name in enumerate(SERVICES)}
+
+
+def default_data_dir() -> Path:
+    """`/var/lib/oma` when we may write there, else a per-user directory."""
+    system = Path("/var/lib/oma")
+    try:
+        system.mkdir(parents=True, exist_ok=True)
+        if os.access(system, os.W_OK):
+            return system
+    except OSError:
+        pass
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "oma"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OMA_", extra="forbid", validate_default=True)
+
+    # The seed's flags.
+    port: int = Field(8080, ge=1, le=65535, description="HTTP server port")
+    debug: bool = Field(False, description="Enable debug logging (SQL included)")
+    db_type: str = Field("memory", description="Database type (mariadb/memory)")
+    db_host: str = "localhost"
+    db_port: int = Field(3306, ge=1, le=65535)
+    db_name: str = "migratekit_oma"
+    db_user: str = "oma_user"
+    db_pass: str = Field("", repr=False)
+    auth_enabled: bool = True
+
+    # Ours.
+    host: str = Field("0.0.0.0", description="HTTP listen address")
+    nats_url: str = Field("", description="NATS server URL; empty starts an embedded nats-server")
+    nats_user: str = ""
+    nats_password: str = Field("", repr=False)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port of a lone service")
+    request_timeout: float = Field(30.0, gt=0, description="Bus request timeout (seconds)")
+    startup_timeout: float = Field(60.0, gt=0, description="How long start-up waits for NATS and the DB")
+    log_format: Literal["json", "logfmt"] = "json"
+
+    # Auth.
+    session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")
+    appliance_tokens: str = Field("", repr=False, description="name=token,... registered at start-up")
+    auth_cache_ttl: float = Field(5.0, ge=0, description="Gateway verification cache (seconds; 0 = off)")
+    login_rate_limit: int = Field(5, ge=1, description="Failed logins allowed per minute per id/address")
+
+    # Secrets at rest.
+    secret_key_file: Path | None = None
+
+    # Cloud (CloudStack).
+    cloud_backend: str = "ossea"
+    cloud_timeout: float = Field(30.0, gt=0)
+    cloud_job_timeout: float = Field(120.0, gt=0)
+
+    # Exports.
+    export_backend: str = "nbdkit"
+    nbd_port: int = Field(10809, ge=1, le=65535)
+    nbd_listen_addr: str = "127.0.0.1"
+
+    # Replication.
+    device_resolver: str = "by-id"
+    device_by_id_dir: Path = Path("/dev/disk/by-id")
+    device_wait: float = Field(60.0, gt=0)
+    provision_wait: float = Field(120.0, ge=0)
+    max_attached_disks: int = Field(32, ge=1)
+    keep_failed_resources: bool = False
+
+    @field_validator("db_type")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.strip().lower()
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"
+
+
+# flag -> (settings field, help). Single-dash long flags as in the seed; `--flag` works too.
+FLAGS: dict[str, str] = {
+    "port": "HTTP server port (default 8080)",
+    "debug": "enable debug logging",
+    "db-type": "database type: mariadb or memory (default memory)",
+    "db-host": "MariaDB hostname (default localhost)",
+    "db-port": "MariaDB port (default 3306)",
+    "db-name": "database name (default migratekit_oma)",
+    "db-user": "database username (default oma_user)",
+    "db-pass": "database password",
+    "auth-enabled": "enable authentication (default true)",
+    "nats-url": "NATS URL; empty starts an embedded nats-server",
+    "host": "HTTP listen address (default 0.0.0.0)",
+    "data-dir": "directory for local state (keys, export state)",
+    "metrics-port": "port of /metrics when a service runs alone",
+}
+BOOL_FLAGS = {"debug", "auth-enabled"}
+
+
+class FlagError(SystemExit):
+    """A bad flag or value: one line on stderr, exit status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise FlagError(f"{self.prog}: {message}")
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "t", "yes", "on"):
+        return True
+    if low in ("0", "false", "f", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value: {text!r}")
+
+
+def build_parser(prog: str, extra: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    for flag, help_text in {**FLAGS, **(extra or {})}.items():
+        names = (f"-{flag}", f"--{flag}")
+        if flag in BOOL_FLAGS:
+            parser.add_argument(*names, dest=flag.replace("-", "_"), nargs="?", const=True,
+                                type=_bool, help=help_text)
+        else:
+            parser.add_argument(*names, dest=flag.replace("-", "_"), help=help_text)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None, prog: str = "oma-api",
+                  positional: tuple[str, ...] = ()) -> tuple[Settings, dict[str, Any]]:
+    """Parse flags and build Settings; raise FlagError with one line naming the culprit.
+
+    Returns the settings and the positional values (for `oma-service NAME`).
+    """
+    parser = build_parser(prog)
+    for name in positional:
+        parser.add_argument(name, nargs="+" if name == "words" else None)
+    args = vars(parser.parse_intermixed_args(argv))
+    pos = {name: args.pop(name) for name in positional}
+    try:
+        return Settings(**args), pos
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        flag = field.replace("_", "-")
+        source = f"flag -{flag}" if field in args else f"setting OMA_{field.upper()}"
+        raise FlagError(f"{prog}: invalid value for {source}: {err['msg']}") from None

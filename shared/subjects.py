@@ -1,0 +1,69 @@
+"""Every NATS subject of the appliance, in one place.
+
+Request/reply: `oma.<service>.<entity>.<verb>`; events: `oma.evt.<service>.<entity>.<past_tense>`.
+The OMA_EVENTS stream captures `oma.evt.>` only, never request/reply subjects.
+"""
+from __future__ import annotations
+
+EVENTS_STREAM = "OMA_EVENTS"
+EVENTS_WILDCARD = "oma.evt.>"
+
+
+def health(service: str) -> str:
+    return f"oma.{service}.health.check"
+
+
+class Auth:
+    LOGIN = "oma.auth.session.login"
+    LOGOUT = "oma.auth.session.logout"
+    VERIFY = "oma.auth.session.verify"
+    APPLIANCE_ADD = "oma.auth.appliance.add"
+    APPLIANCE_LIST = "oma.auth.appliance.list"
+    APPLIANCE_REVOKE = "oma.auth.appliance.revoke"
+    EVT_SESSION_REVOKED = "oma.evt.auth.session.revoked"
+    EVT_APPLIANCE_REVOKED = "oma.evt.auth.appliance.revoked"
+
+
+class Config:
+    ACTION = "oma.config.ossea.action"          # the seed's unified endpoint
+    CREDENTIALS = "oma.config.credentials.get"  # decrypted, for replication only
+    EVT_CHANGED = "oma.evt.config.ossea.changed"
+
+
+class Inventory:
+    VCENTER_ACTION = "oma.inventory.vcenter.action"
+    DISCOVER = "oma.inventory.vm.discover"
+    LIST = "oma.inventory.vm.list"
+    GET = "oma.inventory.vm.get"
+    EVT_DISCOVERED = "oma.evt.inventory.vm.discovered"
+
+
+class Replication:
+    CREATE = "oma.replication.job.create"
+    LIST = "oma.replication.job.list"
+    GET = "oma.replication.job.get"
+    PROGRESS = "oma.replication.job.progress"
+    CANCEL = "oma.replication.job.cancel"
+    EVT_PREFIX = "oma.evt.replication.job"
+    EVT_CREATED = "oma.evt.replication.job.created"
+    EVT_STATUS = "oma.evt.replication.job.status_changed"
+    EVT_PROGRESS = "oma.evt.replication.job.progressed"
+    EVT_COMPLETED = "oma.evt.replication.job.completed"
+    EVT_FAILED = "oma.evt.replication.job.failed"
+
+
+class Exports:
+    ENSURE = "oma.export_manager.export.ensure"
+    LIST = "oma.export_manager.export.list"
+    GET = "oma.export_manager.export.get"
+    DEACTIVATE = "oma.export_manager.export.deactivate"
+    REMOVE = "oma.export_manager.export.remove"
+    RECONCILE = "oma.export_manager.export.reconcile"
+    EVT_CHANGED = "oma.evt.export_manager.export.changed"
+
+
+class Contexts:
+    LIST = "oma.context_aggregator.context.list"
+    GET = "oma.context_aggregator.context.get"
+    REBUILD = "oma.context_aggregator.context.rebuild"
+    EVT_UPDATED = "oma.evt.context_aggregator.context.updated"
