@@ -1,0 +1,476 @@
+"""The `Exporter` protocol and the supervision machinery both NBD backends share.
+
+An exporter serves block devices under export names on one TCP port. It starts its server
+itself (or attaches to a running one through a pid file), restarts it when it dies (a watchdog
+task), and proves an export with a real NBD connection (`check_export`), never with a listing.
+Counters for metrics (`reloads`, `restarts`, `last_reload_seconds`) are plain attributes; the
+export_manager service publishes them.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from shared.errors import BadRequest, NotFound, Unavailable
+
+from . import probe
+from .probe import ExportCheckError
+
+__all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError", "ProcessExporter",
+           "validate_export_name", "validate_device_path", "parse_version", "pid_alive"]
+
+log = logging.getLogger("oma.nbd")
+
+EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+DEFAULT_DATA_DIR = "/var/lib/oma"
+
+
+class ExporterStartError(Unavailable):
+    """The NBD server could not be started (port in use, missing binary, bad config)."""
+    error = "NBD server failed to start"
+
+
+@dataclass
+class ExporterConfig:
+    port: int = 10809
+    host: str = "127.0.0.1"                     # listen address; loopback unless configured
+    state_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR) / "exports")
+    binary: str | None = None                   # default: the backend's command found on PATH
+    watchdog_interval: float = 1.0              # seconds between liveness checks; 0 disables
+    reload_debounce: float = 0.05               # changes within this window share one reload
+    attach_pidfile: Path | None = None          # attach to a server already running with this pid file
+    user: str | None = "root"                   # nbd-server only: must be able to open the devices
+    group: str | None = "root"                  #   (production: group = disk)
+    base_config: Path | None = None             # nbd-server only: template, default ops/nbd/nbd-server.conf
+    start_timeout: float = 10.0
+    check_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        self.port = int(self.port)
+        if self.attach_pidfile is not None:
+            self.attach_pidfile = Path(self.attach_pidfile)
+        if self.base_config is not None:
+            self.base_config = Path(self.base_config)
+
+    @classmethod
+    def from_settings(cls, settings: Any = None) -> "ExporterConfig":
+        """Read `nbd_port`, `nbd_listen_addr`, `data_dir` (state in DATA_DIR/exports) and the
+        optional `nbd_binary`, `nbd_user`, `nbd_group`, `nbd_watchdog_interval`,
+        `nbd_reload_debounce`, `nbd_attach_pidfile`, `nbd_base_config`; absent ones take defaults."""
+        def get(attr: str, default: Any) -> Any:
+            value = getattr(settings, attr, None)
+            return default if value is None else value
+        d = cls()
+        return cls(
+            port=int(get("nbd_port", d.port)),
+            host=str(get("nbd_listen_addr", d.host)),
+            state_dir=Path(get("data_dir", DEFAULT_DATA_DIR)) / "exports",
+            binary=get("nbd_binary", None),
+            watchdog_interval=float(get("nbd_watchdog_interval", d.watchdog_interval)),
+            reload_debounce=float(get("nbd_reload_debounce", d.reload_debounce)),
+            attach_pidfile=get("nbd_attach_pidfile", None),
+            user=get("nbd_user", d.user),
+            group=get("nbd_group", d.group),
+            base_config=get("nbd_base_config", None),
+        )
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """What the export_manager service needs from an NBD backend."""
+    name: str                    # backend name: "nbdkit", "nbd-server"
+    port: int
+    host: str
+    reloads: int                 # configuration reloads performed (nbdkit: always 0)
+    restarts: int                # watchdog restarts of a server that died
+    last_reload_seconds: float   # duration of the last reload, until the server accepted again
+
+    async def start(self) -> None: ...
+    async def stop(self, keep_running: bool = False) -> None: ...
+    async def add_export(self, name: str, device_path: str) -> bool: ...
+    async def remove_export(self, name: str) -> bool: ...
+    def list_exports(self) -> dict[str, str]: ...
+    async def check_export(self, name: str) -> int: ...
+    def uri(self, name: str) -> str: ...
+    def state(self) -> dict[str, Any]: ...
+
+
+def validate_export_name(name: str) -> str:
+    if not isinstance(name, str) or not EXPORT_NAME_RE.fullmatch(name):
+        raise BadRequest("Invalid export name", {
+            "export_name": name,
+            "rule": "1-200 characters of letters, digits, '-', '_', '.', starting with a letter or digit"})
+    return name
+
+
+def validate_device_path(device_path: str | os.PathLike) -> str:
+    path = os.fspath(device_path) if isinstance(device_path, (str, os.PathLike)) else None
+    if not path or not os.path.isabs(path) or "\n" in path:
+        raise BadRequest("Device path must be absolute", {"device_path": str(device_path)})
+    if not os.path.exists(path):
+        raise NotFound("Device not found", {"device_path": path})
+    return path
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """First dotted number in `text`: 'This is nbd-server version 3.24' -> (3, 24),
+    '1:3.24-1.1' (dpkg) -> (3, 24), 'nbdkit 1.32.5' -> (1, 32, 5)."""
+    text = re.sub(r"^\d+:", "", text.strip())      # dpkg epoch
+    m = re.search(r"(\d+(?:\.\d+)+)", text)
+    if not m:
+        raise ValueError(f"no version number in {text!r}")
+    return tuple(int(x) for x in m.group(1).split("."))
+
+
+def pid_alive(pid: int | None, command: str | None = None) -> bool:
+    """True if `pid` runs and is not a zombie (killed daemons are reparented to a PID 1 that may
+    never reap them); with `command`, argv[0] must also end with that name (pid reuse)."""
+    if not pid:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+        if command:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            return os.path.basename(argv0) == os.path.basename(command)
+        return True
+    except (OSError, IndexError):
+        return False
+
+
+def process_start_time(pid: int) -> float | None:
+    """Start time of a process in epoch seconds, from /proc."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if another socket LISTENs on host:port (what the server would fail to bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+class ProcessExporter:
+    """Shared base: spawn a daemonizing server that writes a pid file, wait until it answers
+    the NBD handshake, supervise it, and coalesce reloads. Subclasses provide the command line,
+    the export state (symlinks or conf.d files) and `_reload()`."""
+
+    backend: ClassVar[str] = ""
+    command: ClassVar[str] = ""                  # default binary name on PATH
+
+    def __init__(self, config: ExporterConfig | None = None):
+        self.config = config or ExporterConfig()
+        self.name = self.backend
+        self.port = self.config.port
+        self.host = self.config.host
+        self.reloads = 0
+        self.restarts = 0
+        self.last_reload_seconds = 0.0
+        self.pid: int | None = None
+        self.attached = False
+        self.version: tuple[int, ...] = ()
+        self.version_string = ""
+        self.dir = self.config.state_dir / self.backend
+        self.pidfile = self.config.attach_pidfile or (self.dir / f"{self.backend}.pid")
+        self._binary: str | None = None
+        self._lock = asyncio.Lock()              # one server operation at a time
+        self._watchdog: asyncio.Task | None = None
+        self._started = False
+        self._batch: _Batch | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # ----- subclass hooks
+    def _prepare(self) -> None:
+        """Create directories and files the server needs before it starts."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    async def _detect_version(self) -> str:
+        raise NotImplementedError
+
+    async def _after_attach(self) -> None:
+        """Called when start() attached to a running server instead of spawning one."""
+
+    async def _reload(self, batch: "_Batch") -> None:
+        """Make the running server serve the state on disk (nbd-server only)."""
+
+    # ----- properties
+    @property
+    def binary(self) -> str:
+        if self._binary is None:
+            from shutil import which
+            found = which(self.config.binary or self.command)
+            if found is None:
+                raise ExporterStartError(details=f"{self.config.binary or self.command} is not installed "
+                                         f"(backend {self.backend})")
+            self._binary = found
+        return self._binary
+
+    @property
+    def connect_host(self) -> str:
+        """Where clients on this machine connect (a wildcard listen address means loopback)."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+
+    def uri(self, name: str = "") -> str:
+        return probe.nbd_uri(self.connect_host, self.port, name)
+
+    def running(self) -> bool:
+        return pid_alive(self.pid, self.binary if self._binary else self.command)
+
+    # ----- lifecycle
+    async def detect_version(self) -> tuple[int, ...]:
+        self.version_string = await self._detect_version()
+        self.version = parse_version(self.version_string)
+        return self.version
+
+    async def start(self) -> None:
+        """Start (or attach to) the server, wait until it answers a real NBD handshake, then
+        start the watchdog. Raises ExporterStartError with the reason."""
+        if self._started:
+            return
+        self.binary  # fail early and clearly when not installed
+        await self.detect_version()
+        self._prepare()
+        async with self._lock:
+            if await self._try_attach():
+                await self._after_attach()
+            else:
+                await self._spawn()
+        self._started = True
+        if self.config.watchdog_interval > 0:
+            self._watchdog = asyncio.create_task(self._watch(), name=f"nbd-watchdog-{self.backend}-{self.port}")
+        log.info("%s serving on %s:%s (pid %s, version %s%s)", self.backend, self.host, self.port, self.pid,
+                 self.version_string, ", attached" if self.attached else "")
+
+    async def stop(self, keep_running: bool = False) -> None:
+        """Stop supervising; unless keep_running, terminate the server (SIGTERM, then SIGKILL)."""
+        self._started = False
+        if self._watchdog:
+            self._watchdog.cancel()
+            try:
+                await self._watchdog
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._watchdog = None
+        if self._batch is not None:                 # let waiting adds finish first
+            try:
+                await asyncio.shield(self._batch.future)
+            except Exception:
+                pass
+        if keep_running:
+            return
+        async with self._lock:
+            await self._terminate(signal.SIGTERM)
+            try:
+                self.pidfile.unlink()
+            except FileNotFoundError:
+                pass
+            self.pid = None
+
+    async def _terminate(self, sig: int, timeout: float = 5.0) -> None:
+        pid = self.pid
+        if not self.running():
+            return
+        try:
+            os.kill(pid, sig)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                if sig != signal.SIGKILL:
+                    os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+                    sig = signal.SIGKILL
+                    deadline = time.monotonic() + timeout
+                else:
+                    raise ExporterStartError(details=f"{self.backend} pid {pid} does not die")
+            await asyncio.sleep(0.01)
+
+    def _read_pidfile(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    async def _try_attach(self) -> bool:
+        pid = self._read_pidfile()
+        if pid and pid_alive(pid, self.binary) and await probe.handshake(self.connect_host, self.port):
+            self.pid, self.attached = pid, True
+            return True
+        if self.config.attach_pidfile is not None:
+            log.warning("%s: no running server to attach to via %s; starting one", self.backend, self.pidfile)
+        return False
+
+    async def _spawn(self) -> None:
+        """Start the server and wait until it answers on its port. Caller holds self._lock."""
+        self.attached = False
+        if port_in_use(self.host, self.port):
+            raise ExporterStartError(details=f"port {self.host}:{self.port} is already in use; "
+                                     f"{self.backend} cannot listen there")
+        try:
+            self.pidfile.unlink()
+        except FileNotFoundError:
+            pass
+        argv = self._argv()
+        startlog = self.dir / f"{self.backend}.start.log"
+        # stderr goes to a file, not a pipe: the daemon may inherit it and keep a pipe open forever
+        with open(startlog, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=err, stderr=err, start_new_session=True)
+            try:
+                rc = await asyncio.wait_for(proc.wait(), self.config.start_timeout)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+                rc = -1
+        if rc != 0:
+            raise ExporterStartError(details=f"{' '.join(argv)} exited {rc}: {self._startlog(startlog)}")
+        deadline = time.monotonic() + self.config.start_timeout
+        while True:
+            pid = self._read_pidfile()
+            if pid is not None and not pid_alive(pid):
+                raise ExporterStartError(details=f"{self.backend} (pid {pid}) exited right after start "
+                                         f"on {self.host}:{self.port}: {self._startlog(startlog) or 'see syslog'}")
+            if pid is not None and await probe.handshake(self.connect_host, self.port, timeout=1.0):
+                if pid_alive(pid):
+                    self.pid = pid
+                    return
+            if time.monotonic() > deadline:
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                raise ExporterStartError(details=f"{self.backend} did not answer on {self.host}:{self.port} "
+                                         f"within {self.config.start_timeout}s")
+            await asyncio.sleep(0.01)
+
+    @staticmethod
+    def _startlog(path: Path) -> str:
+        try:
+            return path.read_text(errors="replace").strip()[-2000:]
+        except OSError:
+            return ""
+
+    # ----- supervision
+    async def _watch(self) -> None:
+        """Restart the server when its pid dies, or when it stops answering the handshake."""
+        interval = self.config.watchdog_interval
+        tick = failures = 0
+        while self._started:
+            await asyncio.sleep(interval)
+            tick += 1
+            if self._lock.locked():
+                continue                        # a reload is replacing the server right now
+            try:
+                async with self._lock:
+                    if not self._started:
+                        return
+                    alive = self.running()
+                    if alive and tick % 5 == 0:
+                        failures = 0 if await probe.handshake(self.connect_host, self.port) else failures + 1
+                        if failures >= 3:
+                            log.error("%s pid %s stopped answering on port %s; killing it",
+                                      self.backend, self.pid, self.port)
+                            await self._terminate(signal.SIGKILL)
+                            alive = False
+                    if not alive:
+                        log.warning("%s (pid %s) is not running; restarting", self.backend, self.pid)
+                        failures = 0
+                        await self._spawn()
+                        self.restarts += 1
+                        log.warning("%s restarted (pid %s)", self.backend, self.pid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s watchdog: restart failed; retrying in %ss", self.backend, interval)
+
+    # ----- reload coalescing
+    async def _apply(self, name: str, kind: str) -> None:
+        """Wait for a reload that starts after this call (kind: 'add' or 'change'). All changes
+        made within `reload_debounce` of each other, or while a reload runs, share one reload."""
+        if not self._started:
+            return                              # start() reads the state from disk
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
+            task = asyncio.create_task(self._run_batch(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        batch.names[name] = kind
+        await asyncio.shield(batch.future)
+
+    async def _run_batch(self, batch: "_Batch") -> None:
+        await asyncio.sleep(self.config.reload_debounce)
+        async with self._lock:
+            if self._batch is batch:
+                self._batch = None              # later changes start the next batch
+            started = time.monotonic()
+            try:
+                await self._reload(batch)
+            except Exception as e:
+                log.error("%s reload of %d exports failed: %s", self.backend, len(batch.names), e)
+                if not batch.future.done():
+                    batch.future.set_exception(e if isinstance(e, ExporterStartError)
+                                               else ExporterStartError("NBD server reload failed", str(e)))
+                return
+            self.reloads += 1
+            self.last_reload_seconds = time.monotonic() - started
+            batch.future.set_result(None)
+
+    # ----- exports
+    def list_exports(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def check_export(self, name: str) -> int:
+        """Size in bytes of export `name`, proven by a real NBD_OPT_GO; ExportCheckError otherwise."""
+        validate_export_name(name)
+        return await probe.export_size(self.connect_host, self.port, name, timeout=self.config.check_timeout)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "running": self.running(),
+            "pid": self.pid,
+            "host": self.host,
+            "port": self.port,
+            "attached": self.attached,
+            "version": self.version_string,
+            "reloads": self.reloads,
+            "restarts": self.restarts,
+            "last_reload_seconds": self.last_reload_seconds,
+            "exports": len(self.list_exports()),
+            "state_dir": str(self.dir),
+        }
+
+
+@dataclass
+class _Batch:
+    future: asyncio.Future
+    names: dict[str, str] = field(default_factory=dict)   # export name -> "add" | "change"

@@ -1,0 +1,78 @@
+"""nbdkit backend (the default): `nbdkit file dir=DIR` serves every entry of DIR as an export.
+
+An export is a symlink DIR/<export_name> -> <device>. nbdkit reads the directory on every
+listing and opens the entry on every connection, so adding, re-pointing or removing an export
+is one atomic rename or unlink: nothing to reload, ever (this is how it avoids nbd-server 3.24's
+SIGHUP heap corruption). `reloads` therefore stays 0.
+
+Layout under STATE_DIR/nbdkit/: exports/ (the served directory; nothing else may live there,
+every entry is an export), tmp/ (symlinks are built here, then renamed into exports/),
+nbdkit.pid, nbdkit.start.log.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+from .base import ProcessExporter, _Batch, validate_device_path, validate_export_name
+from .probe import _run
+
+
+class NbdkitExporter(ProcessExporter):
+    backend = "nbdkit"
+    command = "nbdkit"
+
+    @property
+    def export_dir(self):
+        return self.dir / "exports"
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def _argv(self) -> list[str]:
+        # forks after binding; writes the pid file once it accepts connections; logs to syslog
+        return [self.binary, "--port", str(self.port), "--ip-addr", self.host,
+                "--pidfile", str(self.pidfile), "--log=syslog",
+                "file", f"dir={self.export_dir}"]
+
+    async def _detect_version(self) -> str:
+        rc, out, err = await _run([self.binary, "--version"], 10)
+        return (out or err).strip()
+
+    async def _reload(self, batch: _Batch) -> None:  # pragma: no cover - never needed
+        return None
+
+    async def add_export(self, name: str, device_path: str) -> bool:
+        """Serve `device_path` as `name`. Returns False when it already did (reuse), True when
+        the export was created or re-pointed. Takes effect for the next connection."""
+        validate_export_name(name)
+        device = validate_device_path(device_path)
+        if self.list_exports().get(name) == device:
+            return False
+        self._prepare()
+        tmp = self.dir / "tmp" / f"{name}.{uuid.uuid4().hex}"
+        os.symlink(device, tmp)
+        os.replace(tmp, self.export_dir / name)      # atomic: create or re-point
+        return True
+
+    async def remove_export(self, name: str) -> bool:
+        """Stop serving `name` to new connections (open ones keep their device). False if absent."""
+        validate_export_name(name)
+        try:
+            os.unlink(self.export_dir / name)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list_exports(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        try:
+            entries = list(os.scandir(self.export_dir))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if entry.is_symlink():
+                out[entry.name] = os.readlink(entry.path)
+        return dict(sorted(out.items()))
