@@ -1,0 +1,340 @@
+"""An asyncio CloudStack (OSSEA) API client: Java-exact signing, async jobs, paging, typed errors.
+
+Deliberately thin and self-contained: the `cs` package signs `~` wrongly and apache-libcloud
+loses attachVolume's `deviceid` (see shared/reference/cloudstack.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
+from urllib.parse import quote, urlencode, urlsplit
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from shared.errors import BadGateway, BadRequest, UpstreamTimeout
+
+from .signing import signed_query
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 500  # CloudStack's default.page.size
+# Well inside the 15 minutes a server with enforce.post.requests.and.timestamps accepts,
+# long enough to absorb modest clock skew.
+SIGNATURE_LIFETIME = timedelta(minutes=10)
+READ_PREFIXES = ("list", "query", "get")
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+class CloudStackError(BadGateway):
+    """CloudStack refused or failed a request. `details` is written for a person to act on."""
+    error = "OSSEA API error"
+    retryable = False
+
+    def __init__(self, errortext: str, *, errorcode: int | None = None, command: str | None = None,
+                 cserrorcode: int | None = None, retryable: bool | None = None,
+                 details: str | None = None, job_id: str | None = None,
+                 resource_id: str | None = None):
+        self.errorcode = errorcode
+        self.errortext = errortext
+        self.command = command
+        self.cserrorcode = cserrorcode
+        self.job_id = job_id
+        # The object an async job was working on (e.g. the volume createVolume had already
+        # allocated), so a caller can clean up after a failed or timed-out job.
+        self.resource_id = resource_id
+        if retryable is not None:
+            self.retryable = retryable
+        if details is None:
+            code = f" (errorcode {errorcode})" if errorcode is not None else ""
+            details = f"{command}: {errortext}{code}" if command else f"{errortext}{code}"
+        super().__init__(self.error, details)
+
+
+class CloudAuthError(CloudStackError):
+    error = "OSSEA authentication failed"
+
+
+class CloudParamError(CloudStackError):
+    error = "OSSEA rejected a parameter"
+
+
+class CloudUnknownCommand(CloudStackError):
+    error = "OSSEA does not offer this command"
+
+
+class CloudInternalError(CloudStackError):
+    error = "OSSEA internal error"
+    retryable = True
+
+
+class CloudPermissionError(CloudStackError):
+    error = "OSSEA permission denied"
+
+
+class CloudLimitError(CloudStackError):
+    """Account resource limit, capacity or allocation failure: permanent until someone acts."""
+    error = "OSSEA resource limit reached"
+
+
+class CloudUnreachable(CloudStackError):
+    error = "OSSEA unreachable"
+    retryable = True
+
+
+class CloudTimeout(CloudStackError, UpstreamTimeout):
+    status, error = 504, "OSSEA request timed out"
+    retryable = True
+
+
+class CloudConfigError(CloudStackError):
+    """The OSSEA configuration names something the cloud does not have (zone, OMA VM)."""
+    status, error = BadRequest.status, "OSSEA configuration invalid"
+
+
+_BY_CODE: dict[int, type[CloudStackError]] = {
+    401: CloudAuthError, 430: CloudParamError, 431: CloudParamError, 432: CloudUnknownCommand,
+    530: CloudInternalError, 531: CloudPermissionError,
+    532: CloudLimitError, 533: CloudLimitError, 534: CloudLimitError, 535: CloudLimitError,
+}
+_RETRYABLE_CODES = {429, 530}
+
+
+def error_for(errorcode: int, errortext: str, command: str | None = None, *,
+              cserrorcode: int | None = None, **kw: Any) -> CloudStackError:
+    """Map a CloudStack errorcode (sync response or failed job) to our exception class."""
+    cls = _BY_CODE.get(errorcode, CloudStackError)
+    if cls is CloudAuthError:
+        kw.setdefault("details", f"OSSEA rejected the API key or request signature ({errortext}). "
+                                 "Check api_key and secret_key, and that this appliance's clock "
+                                 "is correct: signed requests expire.")
+    return cls(errortext, errorcode=errorcode, command=command, cserrorcode=cserrorcode,
+               retryable=errorcode in _RETRYABLE_CODES or cls.retryable, **kw)
+
+
+# -- credentials --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CloudCredentials:
+    api_url: str
+    api_key: str
+    secret_key: str = field(repr=False)
+    domain: str = "/"
+    zone: str | None = None
+
+
+# -- client -------------------------------------------------------------------------------------
+
+def _is_read(command: str) -> bool:
+    return command.lower().startswith(READ_PREFIXES)
+
+
+def _wire(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class CloudStackClient:
+    """`async with CloudStackClient(url, key, secret) as cs: await cs.list_zones()`.
+
+    Reads (list*, query*, get*) are retried with backoff on retryable errors; anything that
+    changes state is sent once and its error raised, so the caller decides what to do.
+    """
+
+    def __init__(self, api_url: str, api_key: str, secret_key: str, *, timeout: float = 30.0,
+                 job_timeout: float = 120.0, poll_interval: float = 0.5, retries: int = 2,
+                 retry_backoff: float = 0.5):
+        self.api_url = api_url
+        self.api_key = api_key
+        self._secret = secret_key
+        self.timeout = timeout
+        self.job_timeout = job_timeout
+        self.poll_interval = poll_interval
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_credentials(cls, credentials: CloudCredentials, **kw: Any) -> CloudStackClient:
+        return cls(credentials.api_url, credentials.api_key, credentials.secret_key, **kw)
+
+    def __repr__(self) -> str:
+        return f"CloudStackClient(api_url={self.api_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._session
+
+    # -- generic calls --------------------------------------------------------------------------
+
+    async def call(self, command: str, **params: Any) -> dict[str, Any]:
+        """Run one API command; return the inner `<command>response` object."""
+        clean = {k: _wire(v) for k, v in params.items() if v is not None}
+        retries = self.retries if _is_read(command) else 0
+        attempt = 0
+        while True:
+            try:
+                return await self._request(command, clean)
+            except CloudStackError as exc:
+                if not exc.retryable or attempt >= retries:
+                    raise
+                delay = self.retry_backoff * 2 ** attempt
+                log.debug("cloudstack %s failed (%s), retry in %.1fs", command, exc.error, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def call_async(self, command: str, **params: Any) -> dict[str, Any]:
+        """Run an async command and wait for its job; return the job's `jobresult`."""
+        submitted = await self.call(command, **params)
+        job_id = submitted.get("jobid")
+        if not job_id:
+            raise CloudStackError(f"no jobid in the response: {sorted(submitted)}", command=command)
+        return await self.wait_for_job(job_id, command=command, resource_id=submitted.get("id"))
+
+    async def wait_for_job(self, job_id: str, *, command: str | None = None,
+                           resource_id: str | None = None) -> dict[str, Any]:
+        context = {"command": command, "job_id": job_id, "resource_id": resource_id}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.job_timeout
+        while True:
+            job = await self.query_async_job_result(job_id)
+            status = job.get("jobstatus")
+            if status == 1:
+                return job.get("jobresult") or {}
+            if status == 2:
+                result = job.get("jobresult") or {}
+                code = int(result.get("errorcode") or job.get("jobresultcode") or 530)
+                raise error_for(code, result.get("errortext") or "async job failed",
+                                cserrorcode=result.get("cserrorcode"), **context)
+            if loop.time() >= deadline:
+                # Not retryable: the job may still finish; the caller decides (poll again, clean up).
+                raise CloudTimeout(f"async job {job_id} did not finish within {self.job_timeout:g}s",
+                                   retryable=False, **context)
+            await asyncio.sleep(self.poll_interval)
+
+    async def list_all(self, command: str, key: str, **params: Any) -> list[dict[str, Any]]:
+        """Every item of a list command across pages (an empty list comes back as `{}`)."""
+        items: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            body = await self.call(command, page=page, pagesize=MAX_PAGE_SIZE, **params)
+            chunk = body.get(key, [])
+            items.extend(chunk)
+            if len(chunk) < MAX_PAGE_SIZE or len(items) >= int(body.get("count", 0)):
+                return items
+            page += 1
+
+    # -- one request ----------------------------------------------------------------------------
+
+    async def _request(self, command: str, params: dict[str, str]) -> dict[str, Any]:
+        log.debug("cloudstack %s %s", command, params)  # caller's params: no apiKey, no signature
+        signed = signed_query({"command": command, **params}, self.api_key, self._secret,
+                              datetime.now(UTC) + SIGNATURE_LIFETIME)
+        encoded = urlencode(signed, quote_via=quote)
+        session = self._http()
+        try:
+            if _is_read(command):
+                # encoded=True: yarl must not requote (it would turn %2B back into "+").
+                request = session.get(URL(f"{self.api_url}?{encoded}", encoded=True))
+            else:
+                request = session.post(self.api_url, data=encoded, headers={
+                    "Content-Type": "application/x-www-form-urlencoded"})
+            async with request as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise CloudTimeout(f"OSSEA at {self._where()} did not answer {command} "
+                               f"within {self.timeout:g}s", command=command) from None
+        except aiohttp.ClientError as exc:
+            raise CloudUnreachable(f"cannot reach OSSEA at {self._where()}: {_reason(exc)}; "
+                                   "check api_url and the network", command=command) from None
+        return self._unwrap(command, status, raw)
+
+    def _unwrap(self, command: str, status: int, raw: bytes) -> dict[str, Any]:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            hint = "; check that api_url ends with /client/api" if status in (404, 200) else ""
+            raise CloudStackError(f"OSSEA at {self._where()} answered HTTP {status} without a "
+                                  f"CloudStack JSON body{hint}", command=command)
+        inner = body.get(f"{command.lower()}response", body.get("errorresponse"))
+        if inner is None and len(body) == 1:
+            inner = next(iter(body.values()))
+        if not isinstance(inner, dict):
+            raise CloudStackError(f"unexpected response shape: {sorted(body)}", command=command)
+        if "errorcode" in inner or status >= 400:
+            code = int(inner.get("errorcode") or status)
+            raise error_for(code, str(inner.get("errortext") or f"HTTP {status}"), command,
+                            cserrorcode=inner.get("cserrorcode"))
+        return inner
+
+    def _where(self) -> str:
+        """The API URL for messages: no query, no user:password@."""
+        parts = urlsplit(self.api_url)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def list_zones(self, name: str | None = None) -> list[dict[str, Any]]:
+        return await self.list_all("listZones", "zone", name=name)
+
+    async def list_virtual_machines(self, id: str | None = None) -> list[dict[str, Any]]:
+        return await self.list_all("listVirtualMachines", "virtualmachine", id=id)
+
+    async def list_disk_offerings(self) -> list[dict[str, Any]]:
+        return await self.list_all("listDiskOfferings", "diskoffering")
+
+    async def list_volumes(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self.list_all("listVolumes", "volume", **filters)
+
+    async def query_async_job_result(self, job_id: str) -> dict[str, Any]:
+        return await self.call("queryAsyncJobResult", jobid=job_id)
+
+    async def create_volume(self, name: str, zone_id: str, disk_offering_id: str,
+                            size_gb: int | None = None) -> dict[str, Any]:
+        """Create a data volume (state Allocated until first attach); `size_gb` only for custom offerings."""
+        result = await self.call_async("createVolume", name=name, zoneid=zone_id,
+                                       diskofferingid=disk_offering_id, size=size_gb)
+        return result["volume"]
+
+    async def attach_volume(self, volume_id: str, virtual_machine_id: str) -> dict[str, Any]:
+        """Attach and return the volume, including the `deviceid` CloudStack chose."""
+        result = await self.call_async("attachVolume", id=volume_id,
+                                       virtualmachineid=virtual_machine_id)
+        return result["volume"]
+
+    async def detach_volume(self, volume_id: str) -> dict[str, Any]:
+        result = await self.call_async("detachVolume", id=volume_id)
+        return result["volume"]
+
+    async def delete_volume(self, volume_id: str) -> None:
+        await self.call("deleteVolume", id=volume_id)
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    """A short cause without the request URL (which carries the apiKey and signature)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return getattr(exc.os_error, "strerror", None) or str(exc)  # host:port, never the query
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server closed the connection"
+    return type(exc).__name__
