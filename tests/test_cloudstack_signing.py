@@ -1,15 +1,21 @@
 """Java-exact CloudStack signing: the reference vectors and the characters clients get wrong."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from plugins.ossea.signing import canonical_string, java_urlencode, sign, signed_query, verify
+from plugins.ossea.signing import (
+    canonical_string,
+    java_urlencode,
+    sign,
+    signed_query,
+    verify,
+)
 
 KEY = "plgWJfZK4gyS3mOMTVmjUVg-X-jlWlnfaUJ9GAbBbf9EdM-kAYMmAiLqzzq1ElZLYq_u38zCm0bewzGUdP66mg"
 SECRET = "VDaACYb0LV9eNjTetIOElcVQkvJck_J_QljX_FcHRj87ZKiy0z0ty0ZsYBkoXkY9b7eq1EhwJaw7FF3akA3KBQ"
-NOW = datetime(2029, 6, 1, tzinfo=timezone.utc)
+NOW = datetime(2029, 6, 1, tzinfo=UTC)
 
 
 def test_tv1_developers_guide() -> None:
@@ -48,14 +54,15 @@ def test_signature_excluded_and_whole_string_lowercased() -> None:
 
 
 def test_signed_query_roundtrip_and_v3_fields() -> None:
-    query = signed_query({"command": "listZones"}, KEY, SECRET, datetime(2030, 1, 1, tzinfo=timezone.utc))
+    query = signed_query({"command": "listZones"}, KEY, SECRET, datetime(2030, 1, 1, tzinfo=UTC))
     assert query["apiKey"] == KEY and query["response"] == "json"
     assert query["signatureVersion"] == "3" and query["expires"] == "2030-01-01T00:00:00+0000"
     assert verify(query, SECRET, NOW)
 
 
 def test_verify_rejects_wrong_secret_tampering_and_expiry() -> None:
-    query = signed_query({"command": "createVolume", "name": "disk [1]~é"}, KEY, SECRET, NOW + timedelta(minutes=5))
+    query = signed_query({"command": "createVolume", "name": "disk [1]~é"}, KEY, SECRET,
+                         NOW + timedelta(minutes=5))
     assert verify(query, SECRET, NOW)
     assert not verify(query, SECRET + "x", NOW)
     assert not verify({**query, "name": "disk [2]~é"}, SECRET, NOW)

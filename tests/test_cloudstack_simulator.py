@@ -7,15 +7,25 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import pytest
 
 from plugins.ossea.signing import signed_query
-from plugins.ossea.simulator import (AUTH_ERROR, CUSTOM_OFFERING_ID, DEFAULT_VM_ID, DEFAULT_ZONE_ID,
-                                     FIXED_OFFERING_ID, GIB, CloudStackSimulator, disk_serial)
+from plugins.ossea.simulator import (
+    AUTH_ERROR,
+    CUSTOM_OFFERING_ID,
+    DEFAULT_VM_ID,
+    DEFAULT_ZONE_ID,
+    FIXED_OFFERING_ID,
+    GIB,
+    NOT_ATTACHED_TEXT,
+    CloudStackSimulator,
+    disk_serial,
+)
 
 KEY, SECRET = "sim-key", "sim-secret"
 
@@ -40,7 +50,7 @@ class Api:
 
     def signed(self, command: str, secret: str = SECRET, expires: datetime | None = None,
                **params: Any) -> dict[str, str]:
-        expires = expires or datetime.now(timezone.utc) + timedelta(minutes=5)
+        expires = expires or datetime.now(UTC) + timedelta(minutes=5)
         return signed_query({"command": command, **{k: str(v) for k, v in params.items()}},
                             KEY, secret, expires)
 
@@ -89,7 +99,7 @@ def api(sim: CloudStackSimulator, http: aiohttp.ClientSession) -> Api:
 @pytest.mark.parametrize("method", ["GET", "POST"])
 @pytest.mark.parametrize("fault", ["wrong secret", "tampered", "expired", "unknown key"])
 async def test_bad_requests_get_401_in_cloudstacks_shape(api: Api, method: str, fault: str) -> None:
-    past = datetime.now(timezone.utc) - timedelta(seconds=5)
+    past = datetime.now(UTC) - timedelta(seconds=5)
     query = {
         "wrong secret": lambda: api.signed("listZones", secret="not-the-secret"),
         "tampered": lambda: {**api.signed("listZones", name="OSSEA-Zone"), "name": "Other"},
@@ -151,11 +161,12 @@ async def test_paging_counts_the_total(api: Api) -> None:
 async def test_disk_offerings_one_fixed_one_custom(api: Api) -> None:
     offerings = {o["id"]: o for o in (await api.ok("listDiskOfferings"))["diskoffering"]}
     assert offerings[CUSTOM_OFFERING_ID]["iscustomized"] is True
-    assert offerings[FIXED_OFFERING_ID]["iscustomized"] is False and offerings[FIXED_OFFERING_ID]["disksize"] == 20
+    fixed = offerings[FIXED_OFFERING_ID]
+    assert fixed["iscustomized"] is False and fixed["disksize"] == 20
 
 
 async def test_create_volume_size_rules(api: Api, sim: CloudStackSimulator) -> None:
-    common = dict(name="d", zoneid=DEFAULT_ZONE_ID)
+    common = {"name": "d", "zoneid": DEFAULT_ZONE_ID}
     status, body = await api("createVolume", "POST", diskofferingid=CUSTOM_OFFERING_ID, **common)
     error = body["createvolumeresponse"]
     assert (status, error["cserrorcode"]) == (431, 4350)
@@ -190,10 +201,10 @@ async def test_attach_twice_fails_the_job_and_delete_refuses_attached(api: Api) 
     assert (await api.attach(volume["id"]))["jobresult"]["volume"]["state"] == "Ready"
     failed = await api.attach(volume["id"])
     assert failed["jobresult"] == {"uuidList": [], "errorcode": 431, "cserrorcode": 4350,
-                                   "errortext": "Please specify a volume that is not attached to any VM."}
+                                   "errortext": NOT_ATTACHED_TEXT}
     status, body = await api("deleteVolume", "POST", id=volume["id"])
     assert status == 431
-    assert body["deletevolumeresponse"]["errortext"] == "Please specify a volume that is not attached to any VM."
+    assert body["deletevolumeresponse"]["errortext"] == NOT_ATTACHED_TEXT
     await api.job((await api.ok("detachVolume", "POST", id=volume["id"]))["jobid"])
     assert await api.ok("deleteVolume", "POST", id=volume["id"]) == {"success": True}
 
@@ -290,7 +301,7 @@ async def test_command_line_prints_its_url_when_ready(http: aiohttp.ClientSessio
         url = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
         assert url.startswith("http://127.0.0.1:") and url.endswith("/client/api")
         query = signed_query({"command": "listZones"}, KEY, SECRET,
-                             datetime.now(timezone.utc) + timedelta(minutes=5))
+                             datetime.now(UTC) + timedelta(minutes=5))
         async with http.get(url, params=query) as r:
             assert (await r.json())["listzonesresponse"]["zone"][0]["name"] == "Zone-CLI"
     finally:

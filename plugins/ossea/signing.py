@@ -10,7 +10,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # Java yyyy-MM-dd'T'HH:mm:ssZ -> 2030-01-01T00:00:00+0000
@@ -35,7 +35,7 @@ def sign(params: Mapping[str, str], secret: str) -> str:
 
 def format_date(when: datetime) -> str:
     """CloudStack's date format, used for `expires` and for every date in its responses."""
-    return when.astimezone(timezone.utc).strftime(DATE_FORMAT)
+    return when.astimezone(UTC).strftime(DATE_FORMAT)
 
 
 def signed_query(params: Mapping[str, str], api_key: str, secret: str,
@@ -73,7 +73,7 @@ def verify(params: Mapping[str, str], secret: str, now: datetime | None = None,
             deadline = datetime.strptime(expires, DATE_FORMAT)
         except ValueError:
             return False
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         if deadline < now or (max_ahead is not None and deadline > now + max_ahead):
             return False
     return hmac.compare_digest(signature.encode(), sign(params, secret).encode())

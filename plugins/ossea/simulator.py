@@ -17,9 +17,9 @@ import signal
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from aiohttp import web
@@ -40,6 +40,7 @@ MAX_CUSTOM_GB = 1024  # custom.diskoffering.size.max
 CDROM_DEVICE_ID = 3
 AUTH_ERROR = "unable to verify user credentials and/or request signature"
 NOT_ATTACHED_TEXT = "Please specify a volume that is not attached to any VM."
+JOB_CMD_PACKAGE = "org.apache.cloudstack.api.command.user.volume"
 ASYNC_COMMANDS = frozenset({"createVolume", "attachVolume", "detachVolume"})
 # CSExceptionErrorCode of the Java exception that usually carries each API errorcode.
 _CS_ERROR_CODES = {431: 4350, 530: 4250, 531: 4365, 535: 4370}
@@ -60,7 +61,7 @@ class ApiError(Exception):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _uuid() -> str:
@@ -109,7 +110,7 @@ class Job:
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "accountid": ACCOUNT_ID, "jobid": self.id,
-            "cmd": f"org.apache.cloudstack.api.command.user.volume.{self.command[0].upper()}{self.command[1:]}Cmd",
+            "cmd": f"{JOB_CMD_PACKAGE}.{self.command[0].upper()}{self.command[1:]}Cmd",
             "jobstatus": self.status, "jobprocstatus": 0, "jobresultcode": self.resultcode,
             "jobinstancetype": "Volume", "jobinstanceid": self.instance_id,
             "created": format_date(self.created)}
@@ -252,7 +253,7 @@ class CloudStackSimulator:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> CloudStackSimulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
