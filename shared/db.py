@@ -57,10 +57,16 @@ def _upgrade(sync_conn: Any, script_location: str, version_table: str) -> None:
     command.upgrade(cfg, "head")
 
 
+_migration_lock: asyncio.Lock | None = None
+
+
 async def run_migrations(engine: AsyncEngine, service: str, script_location: Path) -> None:
     """Apply the service's Alembic migrations (own version table); a second run is a no-op."""
+    global _migration_lock
+    # Alembic's `context` is a module-global proxy: services in one process migrate one at a time.
+    _migration_lock = _migration_lock or asyncio.Lock()
     try:
-        async with engine.begin() as conn:
+        async with _migration_lock, engine.begin() as conn:
             await conn.run_sync(_upgrade, str(script_location), f"alembic_version_{service}")
     except Exception:
         metrics.MIGRATIONS.labels(service=service, result="failure").inc()

@@ -27,11 +27,12 @@ KINDS = {
 }
 
 
-class BackendNotFound(SystemExit):
-    """A configured backend name that no plugin provides: fatal at start-up."""
+class BackendNotFound(Exception):
+    """A configured backend name that no plugin provides: fatal at start-up.
+    (Not SystemExit: asyncio lets that escape the event loop instead of the task.)"""
 
     def __init__(self, message: str):
-        super().__init__(2)
+        super().__init__(message)
         self.message = message
 
     def __str__(self) -> str:

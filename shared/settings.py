@@ -113,11 +113,11 @@ FLAGS: dict[str, str] = {
 BOOL_FLAGS = {"debug", "auth-enabled"}
 
 
-class FlagError(SystemExit):
-    """A bad flag or value: one line on stderr, exit status 2."""
+class FlagError(Exception):
+    """A bad flag or value: the CLI prints one line on stderr and exits with status 2."""
 
     def __init__(self, message: str):
-        super().__init__(2)
+        super().__init__(message)
         self.message = message
 
 

@@ -68,7 +68,7 @@ def mariadb_settings(name: str) -> dict[str, Any]:
 @pytest.fixture
 def make_settings(tmp_path: Path, nats_url: str):
     def make(**overrides: Any) -> Settings:
-        base: dict[str, Any] = dict(nats_url=nats_url, data_dir=tmp_path / "data", port=0,
+        base: dict[str, Any] = dict(nats_url=nats_url, data_dir=tmp_path / "data",
                                     appliance_tokens=f"test-vma={SEED_TOKEN}", startup_timeout=20)
         base.update(overrides)
         return Settings(**base)
