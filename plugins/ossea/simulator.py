@@ -212,6 +212,7 @@ class CloudStackSimulator:
         self._latency: dict[str, float] = {}
         self._job_latency: dict[str, float] = {}
         self._hangs: dict[str, asyncio.Event] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # pending jobs, by job id
         self._handlers: dict[str, Callable[[_Args], dict[str, Any] | _Submit]] = {
             "listZones": self._list_zones, "listVirtualMachines": self._list_virtual_machines,
             "listDiskOfferings": self._list_disk_offerings, "listVolumes": self._list_volumes,
@@ -249,6 +250,9 @@ class CloudStackSimulator:
 
     async def stop(self) -> None:
         self.release()  # let hung requests answer so the server can shut down
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -386,7 +390,7 @@ class CloudStackSimulator:
         job = Job(_uuid(), command, result.instance_id, work)
         self.jobs[job.id] = job
         latency = self._job_latency.get(command, self.job_latency)
-        asyncio.get_running_loop().call_later(latency, self._run_job, job)
+        self._timers[job.id] = asyncio.get_running_loop().call_later(latency, self._run_job, job)
         return {**result.extra, "jobid": job.id}
 
     def _take_fault(self, command: str) -> Fault | None:
@@ -400,10 +404,14 @@ class CloudStackSimulator:
         return fault
 
     def _run_job(self, job: Job) -> None:
+        self._timers.pop(job.id, None)
         try:
             job.result, job.status = job.work(), 1
         except ApiError as error:
             job.result, job.status, job.resultcode = error.body(), 2, error.errorcode
+        except Exception as exc:  # a simulator bug or a broken device_dir: fail the job, as CloudStack would
+            error = ApiError(530, f"Internal error executing command: {exc}")
+            job.result, job.status, job.resultcode = error.body(), 2, 530
         job.completed = _now()
 
     # -- commands -------------------------------------------------------------------------------
