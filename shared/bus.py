@@ -28,6 +28,7 @@ log = logging.getLogger("oma.bus")
 
 CORRELATION_HEADER = "Oma-Correlation-Id"
 STATUS_HEADER = "Oma-Status"  # a success status other than 200 (201, 202)
+HEADER_PREFIX = "Oma-Http-"    # HTTP headers an error asks for (Retry-After...)
 
 
 def dumps(obj: Any) -> bytes:
@@ -112,8 +113,10 @@ class Bus:
                 body = orjson.loads(msg.data) if msg.data else {}
             except orjson.JSONDecodeError:
                 body = {}
-            raise errors.from_status(status, body.get("error") or h.get(ERROR_HEADER, "error"),
+            exc = errors.from_status(status, body.get("error") or h.get(ERROR_HEADER, "error"),
                                      body.get("details"))
+            exc.headers = {k[len(HEADER_PREFIX):]: v for k, v in h.items() if k.startswith(HEADER_PREFIX)}
+            raise exc
         return int(h.get(STATUS_HEADER, 200)), msg.data
 
     async def call(self, subject: str, payload: Any = None, **kw: Any) -> Any:

@@ -165,7 +165,8 @@ class ServiceApp:
             status = exc.status
             if status >= 500:
                 self.log.warning("request failed", extra={"subject": subject, "status": status, "error": str(exc)})
-            await req.respond_error(str(status), exc.error, busmod.dumps(exc.body()))
+            await req.respond_error(str(status), exc.error, busmod.dumps(exc.body()),
+                                    headers={busmod.HEADER_PREFIX + k: v for k, v in exc.headers.items()} or None)
         except Exception as exc:  # noqa: BLE001 - every request gets a reply, even on a bug
             status = 500
             self.log.exception("unhandled error", extra={"subject": subject})
