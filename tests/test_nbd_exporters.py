@@ -82,6 +82,19 @@ async def test_reuse_costs_no_reload(exporter, tmp_path):
     assert await exporter.check_export("reuse") == 4 * MiB
 
 
+async def test_concurrent_reuse_waits_for_the_reload(exporter, tmp_path):
+    """Two callers ensure the same export at once: one creates it, the other reuses it, and
+    neither returns before the export is served."""
+    dev = sparse_file(tmp_path / "same.img", 2 * MiB)
+
+    async def ensure():
+        changed = await exporter.add_export("same", str(dev))
+        return changed, await exporter.check_export("same")
+    results = await asyncio.gather(ensure(), ensure(), ensure())
+    assert sorted(results) == [(False, 2 * MiB), (False, 2 * MiB), (True, 2 * MiB)]
+    assert exporter.reloads == RELOADS_PER_BATCH[exporter.name]
+
+
 async def test_concurrent_adds_share_one_reload(exporter, tmp_path):
     devs = [sparse_file(tmp_path / f"c{i}.img", (i + 1) * MiB) for i in range(20)]
     before = exporter.reloads

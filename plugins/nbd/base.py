@@ -202,6 +202,8 @@ class ProcessExporter:
         self._started = False
         self._batch: _Batch | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._pending: dict[str, asyncio.Future] = {}    # export name -> reload that will apply it
+        self._unapplied: set[str] = set()                # names whose reload failed
 
     # ----- subclass hooks
     def _prepare(self) -> None:
@@ -360,6 +362,7 @@ class ProcessExporter:
             if pid is not None and await probe.handshake(self.connect_host, self.port, timeout=1.0):
                 if pid_alive(pid):
                     self.pid = pid
+                    self._unapplied.clear()     # a fresh server read every export from disk
                     return
             if time.monotonic() > deadline:
                 if pid:
@@ -424,7 +427,17 @@ class ProcessExporter:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         batch.names[name] = kind
+        self._pending[name] = batch.future
         await asyncio.shield(batch.future)
+
+    async def _settled(self, name: str) -> None:
+        """Reuse of an export whose state is already on disk: return only once it is served
+        (a concurrent add of the same export may still be waiting for its reload)."""
+        future = self._pending.get(name)
+        if future is not None:
+            await asyncio.shield(future)
+        elif name in self._unapplied:
+            await self._apply(name, "change")
 
     async def _run_batch(self, batch: "_Batch") -> None:
         await asyncio.sleep(self.config.reload_debounce)
@@ -436,10 +449,17 @@ class ProcessExporter:
                 await self._reload(batch)
             except Exception as e:
                 log.error("%s reload of %d exports failed: %s", self.backend, len(batch.names), e)
+                self._unapplied.update(batch.names)
                 if not batch.future.done():
                     batch.future.set_exception(e if isinstance(e, ExporterStartError)
                                                else ExporterStartError("NBD server reload failed", str(e)))
+                batch.future.exception()        # retrieved: no "never retrieved" warning without waiters
                 return
+            finally:
+                for name in batch.names:
+                    if self._pending.get(name) is batch.future:
+                        del self._pending[name]
+            self._unapplied.difference_update(batch.names)
             self.reloads += 1
             self.last_reload_seconds = time.monotonic() - started
             batch.future.set_result(None)

@@ -133,6 +133,7 @@ class NbdServerExporter(ProcessExporter):
         device = validate_device_path(device_path)
         current = self.list_exports().get(name)
         if current == device:
+            await self._settled(name)
             return False
         self.confd.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.confd / f"{name}.conf", EXPORT_TEMPLATE.format(name=name, device=device))
