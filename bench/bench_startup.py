@@ -1,0 +1,66 @@
+"""Start-up time of `oma-api -db-type memory` to a healthy /health, and its resident memory.
+
+    python bench/bench_startup.py [rounds]
+
+Resident memory is the RSS of oma-api plus its embedded nats-server, read from /proc after the
+appliance became healthy and answered one /health.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def one_round() -> tuple[float, int, int, float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMA_DATA_DIR": tempfile.mkdtemp(prefix="oma-bench-")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["oma-api", "-port", str(port), "-db-type", "memory"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    ready = time.perf_counter() - t0
+    children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
+                                               capture_output=True, text=True).stdout.split()]
+    api, nats = rss_kib(proc.pid), sum(rss_kib(c) for c in children)
+    t1 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    return ready, api, nats, time.perf_counter() - t1
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    results = [one_round() for _ in range(rounds)]
+    ready = [r[0] for r in results]
+    print(f"oma-api memory mode, {rounds} rounds")
+    print(f"  start to healthy: median {statistics.median(ready):.2f} s (min {min(ready):.2f}, max {max(ready):.2f})")
+    print(f"  RSS oma-api: median {statistics.median(r[1] for r in results) / 1024:.0f} MiB; "
+          f"embedded nats-server: {statistics.median(r[2] for r in results) / 1024:.0f} MiB")
+    print(f"  SIGTERM to exit: median {statistics.median(r[3] for r in results):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
