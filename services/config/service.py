@@ -1,0 +1,236 @@
+"""OSSEA configurations: stored with the secret encrypted, answered redacted, tested against the cloud.
+
+Functions take the session (or the client factory) they work with; the app owns sessions and the bus.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.exceptions import InvalidTag
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from plugins.ossea.client import (
+    CloudAuthError,
+    CloudConfigError,
+    CloudTimeout,
+    CloudUnreachable,
+)
+from plugins.ossea.plugin import test_connection as cloud_test
+from services.config.models import OsseaConfig
+from shared import errors
+from shared.crypto import Keyring
+from shared.db import iso, utcnow
+from shared.schemas import OsseaConfigFields
+
+REDACTED = "[REDACTED]"
+CREATE_REQUIRED = ("name", "api_url", "api_key", "secret_key", "zone")
+TEST_REQUIRED = ("api_url", "api_key", "secret_key")
+CONNECTION_FIELDS = ("api_url", "api_key", "secret_key", "domain", "zone", "oma_vm_id")
+
+TESTS = Counter("oma_ossea_config_tests_total", "OSSEA connection tests by result", ["result"])
+TEST_DURATION = Histogram("oma_ossea_config_test_duration_seconds", "OSSEA connection test time",
+                          buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+CHANGES = Counter("oma_ossea_config_changes_total", "OSSEA configuration changes", ["action"])
+
+# Metric label of a failed test, by the cloud client's error class (bounded, never a message).
+_RESULTS: tuple[tuple[type[Exception], str], ...] = (
+    (CloudAuthError, "auth_failed"), (CloudTimeout, "timeout"), (CloudUnreachable, "unreachable"),
+    (CloudConfigError, "config_invalid"))
+
+
+class CredentialsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: StrictInt = Field(ge=1)
+
+
+def not_found(config_id: int) -> errors.NotFound:
+    return errors.NotFound("Configuration not found", f"No OSSEA configuration found with ID: {config_id}")
+
+
+def public(row: OsseaConfig) -> dict[str, Any]:
+    """A configuration as every response shows it: the secret redacted."""
+    return {"id": row.id, "name": row.name, "api_url": row.api_url, "api_key": row.api_key,
+            "secret_key": REDACTED, "domain": row.domain, "zone": row.zone, "oma_vm_id": row.oma_vm_id,
+            "is_active": row.is_active, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
+
+
+def credentials(row: OsseaConfig, keys: Keyring) -> dict[str, Any]:
+    """The decrypted configuration, for internal callers only (replication)."""
+    try:
+        secret = keys.decrypt(row.secret_key)
+    except (ValueError, InvalidTag):
+        raise errors.OmaError("Stored secret cannot be decrypted",
+                              f"secret_key of OSSEA configuration {row.id} was encrypted with another key "
+                              "file than this appliance's (OMA_SECRET_KEY_FILE); restore that file or set "
+                              "secret_key again with an update") from None
+    return {"id": row.id, "name": row.name, "api_url": row.api_url, "api_key": row.api_key,
+            "secret_key": secret, "domain": row.domain, "zone": row.zone,
+            "oma_vm_id": row.oma_vm_id, "is_active": row.is_active}
+
+
+def given(fields: OsseaConfigFields | None) -> dict[str, Any]:
+    """The fields a request set (the gateway drops nulls, so a null means "not given" here too)."""
+    return fields.model_dump(exclude_none=True) if fields is not None else {}
+
+
+def require(values: dict[str, Any], names: tuple[str, ...], action: str) -> None:
+    missing = [n for n in names if not values.get(n)]
+    if missing:
+        raise errors.BadRequest("Missing required fields",
+                                f"{action} needs configuration fields: {', '.join(missing)}")
+
+
+def require_id(config_id: int | None, action: str) -> int:
+    if config_id is None:
+        raise errors.BadRequest("Missing required fields", f"{action} needs id")
+    return config_id
+
+
+def event(row: OsseaConfig, action: str) -> dict[str, Any]:
+    """`oma.evt.config.ossea.changed`: what changed, never a secret."""
+    now = datetime.now(UTC)
+    return {"event_id": uuid.uuid4().hex, "occurred_at": now.strftime("%Y-%m-%dT%H:%M:%S.")
+            + f"{now.microsecond // 1000:03d}Z", "id": row.id, "name": row.name, "action": action}
+
+
+# -- storage -----------------------------------------------------------------------------------
+
+async def list_configs(db: AsyncSession) -> list[dict[str, Any]]:
+    return [public(r) for r in (await db.scalars(select(OsseaConfig).order_by(OsseaConfig.id))).all()]
+
+
+async def load(db: AsyncSession, config_id: int) -> OsseaConfig:
+    row = await db.get(OsseaConfig, config_id)
+    if row is None:
+        raise not_found(config_id)
+    return row
+
+
+async def _name_free(db: AsyncSession, name: str, config_id: int | None = None) -> None:
+    other = await db.scalar(select(OsseaConfig.id).where(OsseaConfig.name == name))
+    if other is not None and other != config_id:
+        raise duplicate(name)
+
+
+def duplicate(name: str) -> errors.Conflict:
+    return errors.Conflict("Configuration already exists",
+                           f"An OSSEA configuration named {name!r} already exists; choose another name "
+                           "or update that one")
+
+
+async def _flush(db: AsyncSession, name: str) -> None:
+    # The unique index decides when two requests race past _name_free (and, on MariaDB, when
+    # names differ only in case).
+    try:
+        await db.flush()
+    except IntegrityError:
+        raise duplicate(name) from None
+
+
+async def create(db: AsyncSession, keys: Keyring, values: dict[str, Any]) -> OsseaConfig:
+    require(values, CREATE_REQUIRED, "create")
+    await _name_free(db, values["name"])
+    now = utcnow()
+    row = OsseaConfig(name=values["name"], api_url=values["api_url"], api_key=values["api_key"],
+                      secret_key=keys.encrypt(values["secret_key"]), domain=values.get("domain") or "/",
+                      zone=values["zone"], oma_vm_id=values.get("oma_vm_id") or None,
+                      is_active=values.get("is_active", True), created_at=now, updated_at=now)
+    db.add(row)
+    await _flush(db, row.name)
+    return row
+
+
+async def update(db: AsyncSession, keys: Keyring, config_id: int, values: dict[str, Any]) -> OsseaConfig:
+    """Partial: only the given fields change (and updated_at)."""
+    if not values:
+        raise errors.BadRequest("Missing required fields", "update needs a configuration with at least one field")
+    row = await load(db, config_id)
+    if "name" in values:
+        await _name_free(db, values["name"], config_id)
+    for field, value in values.items():
+        if field == "secret_key":
+            value = keys.encrypt(value)
+        elif field == "domain":
+            value = value or "/"
+        elif field == "oma_vm_id":
+            value = value or None
+        setattr(row, field, value)
+    row.updated_at = utcnow()
+    await _flush(db, row.name)
+    return row
+
+
+async def delete(db: AsyncSession, config_id: int) -> OsseaConfig:
+    row = await load(db, config_id)
+    await db.delete(row)
+    return row
+
+
+# -- connection test ---------------------------------------------------------------------------
+
+def _where(api_url: str) -> str:
+    parts = urlsplit(api_url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+async def _cancel(task: asyncio.Task, grace: float = 1.0) -> None:
+    """Cancel the cloud call. The client may swallow one cancellation (aiohttp reports a cancel that
+    meets its own timer as a timeout, which the client retries), so repeat it for a short while."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    if not task.done():  # let it end on its own; retrieve its outcome so nothing is reported as lost
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def test_connection(make_client: Callable[[dict[str, Any]], Any], values: dict[str, Any],
+                          timeout: float) -> dict[str, Any]:
+    """Sign a real listZones call (and check zone and OMA VM) within `timeout` seconds overall.
+
+    Returns the seed's success body; raises 502 (refused, unreachable, TLS, zone or VM not found)
+    or 504 (no answer in time) with details a person can act on.
+    """
+    require(values, TEST_REQUIRED, "test")
+    started = time.perf_counter()
+    result = "error"
+    client = make_client({k: values[k] for k in CONNECTION_FIELDS if values.get(k) is not None})
+    # One deadline for the whole test, the client's retries included. Waiting on a task rather than
+    # asyncio.timeout(): aiohttp turns a cancellation that meets its own timer into a TimeoutError,
+    # which the client then retries, so the outer cancellation would be lost.
+    task = asyncio.ensure_future(cloud_test(client, values.get("zone"), values.get("oma_vm_id")))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            raise TimeoutError
+        details = task.result()
+        result = "success"
+        return {"success": True, "message": "OSSEA connection test successful", "details": details}
+    except TimeoutError:
+        result = "timeout"
+        raise errors.UpstreamTimeout(
+            "OSSEA request timed out",
+            f"OSSEA at {_where(values['api_url'])} did not answer within {timeout:g}s; check api_url, "
+            "the network path to the management server, and that it is running") from None
+    except errors.OmaError as exc:
+        result = next((label for cls, label in _RESULTS if isinstance(exc, cls)), "error")
+        if exc.status == errors.UpstreamTimeout.status:
+            raise errors.UpstreamTimeout(exc.error, exc.details) from None
+        # A zone or VM the cloud does not have is still the cloud's answer: 502, as for the others.
+        raise errors.BadGateway(exc.error, exc.details) from None
+    finally:
+        await _cancel(task)
+        TESTS.labels(result=result).inc()
+        TEST_DURATION.observe(time.perf_counter() - started)
+        await client.close()
