@@ -1,8 +1,210 @@
 from __future__ import annotations
 
-from shared.service import ServiceApp
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from plugins.vsphere.source import VCenterAuthError, VCenterUnreachable
+from services.inventory import service
+from shared import errors
+from shared.bus import Reply, dumps
+from shared.crypto import Keyring
+from shared.plugins import get_backend
+from shared.schemas import VCenterRequest
+from shared.service import BusRequest, ServiceApp, endpoint
+from shared.subjects import Inventory
+
+CONNECTION_FIELDS = ("host", "port", "username", "password", "datacenter", "verify_tls")
+PUBLISH_BATCH = 256  # events published concurrently at a time
+# Metric label of a failed discovery, by error class (bounded, never a message).
+_RESULTS: tuple[tuple[type[Exception], str], ...] = (
+    (VCenterAuthError, "auth_failed"), (VCenterUnreachable, "unreachable"), (errors.NotFound, "not_found"))
 
 
 class InventoryService(ServiceApp):
     name = "inventory"
     description = "vCenter connections and the source VM inventory"
+    migrations = Path(__file__).parent / "migrations"
+
+    async def setup(self) -> None:
+        self.keys = Keyring.from_file(self.settings.secret_key_path)
+        # Resolved now, so a misconfigured source name fails at start-up, not at the first discovery.
+        self.source = get_backend(self.pm, "inventory", getattr(self.settings, "inventory_source", "vsphere"))
+        self.reads = 0  # vCenter inventory reads made (concurrent discoveries of one vCenter share one)
+        self._inflight: dict[str, asyncio.Task] = {}
+
+    def _source(self, conn: dict[str, Any]) -> Any:
+        return self.source.factory({k: conn[k] for k in CONNECTION_FIELDS if conn.get(k) is not None},
+                                   self.settings)
+
+    # -- vCenter connections: the anti-sprawl `action` endpoint ---------------------------------
+
+    @endpoint(Inventory.VCENTER_ACTION)
+    async def vcenter_action(self, req: BusRequest):
+        body = req.model(VCenterRequest)
+        values = service.given(body.configuration)
+        if body.action == "get":
+            async with self.sessions() as db:
+                if body.id is None:
+                    return {"success": True, "configurations": await service.list_configs(db)}
+                return {"success": True, "configuration": service.public(await service.load(db, body.id))}
+        if body.action == "create":
+            if body.id is not None:
+                raise errors.BadRequest("Validation failed", "id: not allowed with create (ids are assigned)")
+            async with self.sessions.begin() as db:
+                row = await service.create(db, self.keys, values)
+            self._changed(row, "create")
+            return Reply({"success": True, "message": "vCenter configuration created successfully",
+                          "configuration": service.public(row)}, status=201)
+        if body.action == "update":
+            async with self.sessions.begin() as db:
+                row = await service.update_config(db, self.keys, service.require_id(body.id, "update"), values)
+            self._changed(row, "update")
+            return {"success": True, "message": "vCenter configuration updated successfully",
+                    "configuration": service.public(row)}
+        if body.action == "delete":
+            async with self.sessions.begin() as db:
+                row = await service.delete_config(db, service.require_id(body.id, "delete"))
+            self._changed(row, "delete")
+            return {"success": True, "message": f"vCenter configuration {row.name!r} (ID {row.id}) deleted",
+                    "id": row.id}
+        return await self._test(body.id, values)
+
+    def _changed(self, row: Any, action: str) -> None:
+        service.CONFIG_CHANGES.labels(action=action).inc()
+        self.log.info("vcenter configuration changed", extra={"config_id": row.id, "vcenter": row.host,
+                                                              "action": action})
+
+    async def _test(self, config_id: int | None, values: dict[str, Any]) -> dict[str, Any]:
+        """Log in and count the VMs. With an id: the stored connection, overridden by any given
+        field. The session is closed before vCenter is called."""
+        if config_id is None and not values:
+            raise errors.BadRequest("Missing required fields", "test needs a configuration or an id")
+        if config_id is not None:
+            async with self.sessions() as db:
+                stored = service.connection(await service.load(db, config_id), self.keys)
+            values = {**stored, **values}
+        service.require(values, service.CREATE_REQUIRED, "test")
+        try:
+            found = await self._source(values).test()
+        except errors.OmaError as exc:
+            self.log.info("vcenter connection test failed", extra={"vcenter": values["host"], "status": exc.status,
+                                                                   "error": exc.error})
+            raise
+        return {"success": True, "message": "vCenter connection test successful",
+                "details": {"host": values["host"], "api_version": found["api_version"],
+                            "vm_count": found["vm_count"], "about": found.get("about")}}
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    @endpoint(Inventory.DISCOVER)
+    async def discover(self, req: BusRequest):
+        body = req.model(service.DiscoverRequest)
+        async with self.sessions() as db:
+            row = await service.find(db, body.vcenter)
+            if row is None:
+                raise errors.NotFound("vCenter not found",
+                                      f"No vCenter configuration with host or name {body.vcenter!r}; create one "
+                                      "with POST /api/v1/vcenter/config")
+            conn = service.connection(row, self.keys)
+        host = conn["host"]
+        # One read per vCenter at a time: a request that arrives meanwhile shares its result.
+        task = self._inflight.get(host)
+        if task is None:
+            task = self.spawn(self._discover(conn))
+            self._inflight[host] = task
+            task.add_done_callback(lambda t: self._inflight.pop(host, None) if self._inflight.get(host) is t else None)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if all waiters left
+        else:
+            self.log.info("discovery already running: sharing its result", extra={"vcenter": host})
+        return Reply(self._fit(await asyncio.shield(task)))
+
+    async def _discover(self, conn: dict[str, Any]) -> dict[str, Any]:
+        host = conn["host"]
+        started = time.perf_counter()
+        result = "error"
+        try:
+            self.reads += 1
+            self.log.info("discovery started", extra={"vcenter": host})
+            found = await self._source(conn).discover()
+            read_s = time.perf_counter() - started
+            self.log.info("discovery read", extra={"vcenter": host, "vms": len(found), "seconds": round(read_s, 3)})
+            async with self.sessions.begin() as db:
+                res = await service.upsert(db, host, found)
+            async with self.sessions() as db:
+                gone = await service.vms_by_key(db, host, res.gone) if res.gone else []
+                present = await service.count_present(db)
+            skipped = set(res.duplicates)
+            vms = [service.discovered(host, vm, res.change[key], res.first_seen[key], res.seen_at)
+                   for vm in found if vm["id"] not in skipped for key in (service.vm_key(vm),)]
+            if skipped:
+                self.log.warning("VMs with a repeated instance UUID skipped", extra={"vcenter": host,
+                                                                                     "vms": sorted(skipped)})
+            await self._publish(host, [(vm, vm["change"]) for vm in vms if vm["change"] != "unchanged"]
+                                + [(vm, "gone") for vm in gone])
+            seconds = time.perf_counter() - started
+            summary = {"found": len(vms), "new": res.count("new"), "changed": res.count("changed"),
+                       "gone": len(res.gone), "unchanged": res.count("unchanged"), "seconds": round(seconds, 3)}
+            self.log.info("discovery stored", extra={"vcenter": host, **summary,
+                                                     "store_seconds": round(seconds - read_s, 3)})
+            service.DISCOVERED_VMS.set(present)
+            result = "success"
+            return {"success": True, "vcenter": host, "vms": vms, "summary": summary}
+        except errors.OmaError as exc:
+            result = next((label for cls, label in _RESULTS if isinstance(exc, cls)), "error")
+            self.log.warning("discovery failed", extra={"vcenter": host, "status": exc.status, "error": exc.error,
+                                                        "details": exc.details})
+            raise
+        finally:
+            service.DISCOVERIES.labels(result=result).inc()
+            service.DISCOVERY_SECONDS.observe(time.perf_counter() - started)
+
+    async def _publish(self, host: str, changes: list[tuple[dict[str, Any], str]]) -> None:
+        """One event per new, changed or gone VM, published concurrently in batches. The store is
+        committed already: a failed publish is logged, not raised."""
+        failed = 0
+        for i in range(0, len(changes), PUBLISH_BATCH):
+            events = [service.event(host, vm, change) for vm, change in changes[i:i + PUBLISH_BATCH]]
+            results = await asyncio.gather(*(self.bus.publish_event(Inventory.EVT_DISCOVERED, e, msg_id=e["event_id"])
+                                             for e in events), return_exceptions=True)
+            failed += sum(1 for r in results if isinstance(r, BaseException))
+        if failed:
+            self.log.warning("could not publish some discovery events", extra={"vcenter": host, "failed": failed,
+                                                                               "events": len(changes)})
+
+    def _fit(self, reply: dict[str, Any]) -> bytes:
+        """The reply as bytes, within the bus's largest message: a very large inventory is answered
+        with the VMs' identities only (the full records are one GET /api/v1/vms away)."""
+        body = dumps(reply)
+        limit = self.bus.nc.max_payload - 4096  # headers
+        if len(body) <= limit:
+            return body
+        brief = [{k: vm[k] for k in ("id", "uuid", "name", "path", "datacenter", "power_state", "change")}
+                 for vm in reply["vms"]]
+        reply = {**reply, "vms": brief, "vms_detail": "brief: the full records are listed by GET /api/v1/vms"}
+        body = dumps(reply)
+        while len(body) > limit and reply["vms"]:
+            reply["vms"] = reply["vms"][:len(reply["vms"]) * 3 // 4]
+            reply["vms_detail"] = (f"first {len(reply['vms'])} of {reply['summary']['found']} VMs, brief: "
+                                   "the full records are listed by GET /api/v1/vms")
+            body = dumps(reply)
+        return body
+
+    # -- reading the inventory -----------------------------------------------------------------
+
+    @endpoint(Inventory.LIST)
+    async def list_vms(self, req: BusRequest):
+        q = req.model(service.ListRequest)
+        async with self.sessions() as db:
+            vcenters = ()
+            if q.vcenter is not None:
+                row = await service.find(db, q.vcenter)
+                vcenters = (q.vcenter,) if row is None else (q.vcenter, row.host)
+            return await service.list_vms(db, q, vcenters)
+
+    @endpoint(Inventory.GET)
+    async def get_vm(self, req: BusRequest):
+        body = req.model(service.GetRequest)
+        async with self.sessions() as db:
+            return {"success": True, "vm": await service.get_vm(db, body.id)}

@@ -1,0 +1,415 @@
+"""Inventory logic: vCenter connections (password encrypted, answered redacted), the set-based
+upsert of a discovery, and the listing queries.
+
+Functions take the session they work with; the app owns sessions, the bus and the vSphere source.
+"""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from sqlalchemy import delete as sql_delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.inventory.models import GONE, PRESENT, VCenterConfig, Vm, VmDisk, VmNic
+from shared import errors
+from shared.crypto import Keyring
+from shared.db import iso, utcnow
+from shared.schemas import VCenterFields
+
+REDACTED = "[REDACTED]"
+CREATE_REQUIRED = ("host", "username", "password")
+CHUNK = 500  # ids per IN (...) list: well below SQLite's and MariaDB's parameter limits
+
+DISCOVERY_SECONDS = Histogram("oma_inventory_discovery_duration_seconds",
+                              "Time of a discovery: vCenter read and store",
+                              buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+DISCOVERED_VMS = Gauge("oma_inventory_discovered_vms", "VMs present in the inventory after the last discovery")
+DISCOVERIES = Counter("oma_inventory_discoveries_total", "Discoveries by result", ["result"])
+CONFIG_CHANGES = Counter("oma_inventory_vcenter_changes_total", "vCenter configuration changes", ["action"])
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+class DiscoverRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vcenter: str = Field(min_length=1, max_length=255)
+
+
+class ListRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vcenter: str | None = Field(None, max_length=255)
+    datacenter: str | None = Field(None, max_length=255)
+    name: str | None = Field(None, max_length=255)
+    power_state: str | None = Field(None, max_length=32)
+    cbt: StrictBool | None = None
+    include_gone: StrictBool = False
+    limit: StrictInt = Field(100, ge=1, le=1000)
+    offset: StrictInt = Field(0, ge=0)
+
+
+class GetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=255)
+
+
+# -- vCenter configurations --------------------------------------------------------------------
+
+def public(row: VCenterConfig) -> dict[str, Any]:
+    """A configuration as every response shows it: the password redacted."""
+    return {"id": row.id, "name": row.name, "host": row.host, "port": row.port, "username": row.username,
+            "password": REDACTED, "datacenter": row.datacenter, "verify_tls": row.verify_tls,
+            "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
+
+
+def connection(row: VCenterConfig, keys: Keyring) -> dict[str, Any]:
+    """The decrypted connection fields (a VCenterConnection's keyword arguments)."""
+    return {"host": row.host, "port": row.port, "username": row.username, "password": keys.decrypt(row.password),
+            "datacenter": row.datacenter, "verify_tls": row.verify_tls}
+
+
+def given(fields: VCenterFields | None) -> dict[str, Any]:
+    """The fields a request set (the gateway drops nulls, so a null means "not given" here too)."""
+    return fields.model_dump(exclude_none=True) if fields is not None else {}
+
+
+def require(values: dict[str, Any], names: Sequence[str], action: str) -> None:
+    missing = [n for n in names if not values.get(n)]
+    if missing:
+        raise errors.BadRequest("Missing required fields", f"{action} needs configuration fields: {', '.join(missing)}")
+
+
+def require_id(config_id: int | None, action: str) -> int:
+    if config_id is None:
+        raise errors.BadRequest("Missing required fields", f"{action} needs id")
+    return config_id
+
+
+def not_found(config_id: int) -> errors.NotFound:
+    return errors.NotFound("vCenter configuration not found", f"No vCenter configuration found with ID: {config_id}")
+
+
+def duplicate(what: str, value: str) -> errors.Conflict:
+    return errors.Conflict("vCenter configuration already exists",
+                           f"A vCenter configuration with {what} {value!r} already exists; update that one")
+
+
+async def list_configs(db: AsyncSession) -> list[dict[str, Any]]:
+    return [public(r) for r in (await db.scalars(select(VCenterConfig).order_by(VCenterConfig.id))).all()]
+
+
+async def load(db: AsyncSession, config_id: int) -> VCenterConfig:
+    row = await db.get(VCenterConfig, config_id)
+    if row is None:
+        raise not_found(config_id)
+    return row
+
+
+async def find(db: AsyncSession, vcenter: str) -> VCenterConfig | None:
+    """The configuration whose host (or else name) is `vcenter`."""
+    rows = (await db.scalars(select(VCenterConfig).where(
+        or_(VCenterConfig.host == vcenter, VCenterConfig.name == vcenter)))).all()
+    return next((r for r in rows if r.host == vcenter), rows[0] if rows else None)
+
+
+async def _unique(db: AsyncSession, values: dict[str, Any], config_id: int | None = None) -> None:
+    for what, column in (("host", VCenterConfig.host), ("name", VCenterConfig.name)):
+        if what in values:
+            other = await db.scalar(select(VCenterConfig.id).where(column == values[what]))
+            if other is not None and other != config_id:
+                raise duplicate(what, values[what])
+
+
+async def _flush(db: AsyncSession, row: VCenterConfig) -> None:
+    # The unique indexes decide when two requests race past _unique (and, on MariaDB, for
+    # values that differ only in case).
+    try:
+        await db.flush()
+    except IntegrityError:
+        raise duplicate("host", row.host) from None
+
+
+async def create(db: AsyncSession, keys: Keyring, values: dict[str, Any]) -> VCenterConfig:
+    require(values, CREATE_REQUIRED, "create")
+    values = {**values, "name": values.get("name") or values["host"]}
+    await _unique(db, values)
+    now = utcnow()
+    row = VCenterConfig(name=values["name"], host=values["host"], port=values.get("port") or 443,
+                        username=values["username"], password=keys.encrypt(values["password"]),
+                        datacenter=values.get("datacenter") or None, verify_tls=values.get("verify_tls", True),
+                        created_at=now, updated_at=now)
+    db.add(row)
+    await _flush(db, row)
+    return row
+
+
+async def update_config(db: AsyncSession, keys: Keyring, config_id: int, values: dict[str, Any]) -> VCenterConfig:
+    """Partial: only the given fields change (and updated_at). A new host carries the stored VMs along."""
+    if not values:
+        raise errors.BadRequest("Missing required fields", "update needs a configuration with at least one field")
+    row = await load(db, config_id)
+    await _unique(db, values, config_id)
+    old_host = row.host
+    for name, value in values.items():
+        if name == "password":
+            value = keys.encrypt(value)
+        elif name == "datacenter":
+            value = value or None
+        setattr(row, name, value)
+    row.updated_at = utcnow()
+    await _flush(db, row)
+    if row.host != old_host:
+        await db.execute(update(Vm).where(Vm.vcenter == old_host).values(vcenter=row.host))
+    return row
+
+
+async def delete_config(db: AsyncSession, config_id: int) -> VCenterConfig:
+    """The configuration goes; its VMs stay in the inventory (they are the history of migrations)."""
+    row = await load(db, config_id)
+    await db.delete(row)
+    return row
+
+
+# -- discovered VMs ----------------------------------------------------------------------------
+
+VM_COLUMNS = ("bios_uuid", "name", "path", "datacenter", "cluster", "host", "cpus", "memory_mb", "guest_os",
+              "guest_os_full_name", "power_state", "firmware")
+DISK_COLUMNS = ("label", "unit_number", "controller_key", "controller_bus_number", "controller_type",
+                "controller_class", "path", "size_gb", "capacity_bytes", "datastore", "backing", "change_id")
+NIC_COLUMNS = ("network", "mac_address", "adapter_type", "connected")
+
+
+def fingerprint(vm: dict[str, Any]) -> str:
+    """Hash of everything vSphere reported for a VM: a re-discovery compares it, not the fields."""
+    return hashlib.sha256(orjson.dumps(vm, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def vm_key(vm: dict[str, Any]) -> str:
+    return vm.get("uuid") or vm["id"]  # instanceUuid is always set by vCenter; the moref is a last resort
+
+
+def _vm_row(vcenter: str, vm: dict[str, Any], digest: str, now: datetime) -> dict[str, Any]:
+    row = {c: vm.get(c) for c in VM_COLUMNS}
+    row.update(vcenter=vcenter, moref=vm["id"], uuid=vm_key(vm), cbt_enabled=bool(vm.get("cbt_enabled")),
+               template=bool(vm.get("template")), status=PRESENT, fingerprint=digest, last_seen=now, gone_at=None)
+    return row
+
+
+def _disk_rows(vm_id: int, vm: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for pos, d in enumerate(vm.get("disks") or ()):
+        row = {c: d.get(c) for c in DISK_COLUMNS}
+        row.update(vm_id=vm_id, position=pos, disk_id=d["id"], device_key=d["key"],
+                   thin_provisioned=bool(d.get("thin_provisioned")))
+        yield row
+
+
+def _nic_rows(vm_id: int, vm: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for pos, n in enumerate(vm.get("nics") or ()):
+        yield {**{c: n.get(c) for c in NIC_COLUMNS}, "vm_id": vm_id, "position": pos, "device_key": n["key"]}
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@dataclass
+class UpsertResult:
+    seen_at: datetime
+    change: dict[str, str] = field(default_factory=dict)  # key (instance UUID) -> new|changed|unchanged
+    first_seen: dict[str, datetime] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)  # morefs skipped for a repeated UUID
+
+    def count(self, change: str) -> int:
+        return sum(1 for c in self.change.values() if c == change)
+
+
+def dedupe(vms: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One VM per instance UUID (a clone with a copied UUID would break the unique key): the first wins."""
+    seen: dict[str, dict[str, Any]] = {}
+    dupes = []
+    for vm in vms:
+        key = vm_key(vm)
+        if key in seen:
+            dupes.append(vm["id"])
+        else:
+            seen[key] = vm
+    return list(seen.values()), dupes
+
+
+async def upsert(db: AsyncSession, vcenter: str, vms: list[dict[str, Any]]) -> UpsertResult:
+    """Store one vCenter's whole inventory with set-based statements (no query per VM):
+    insert the new, rewrite the changed (and their disks and NICs), mark the vanished gone,
+    and touch last_seen of the rest. A VM that was gone and is back counts as new."""
+    now = utcnow()
+    result = UpsertResult(seen_at=now)
+    vms, result.duplicates = dedupe(vms)
+    stored = {row[1]: row for row in (await db.execute(
+        select(Vm.id, Vm.uuid, Vm.fingerprint, Vm.status, Vm.first_seen).where(Vm.vcenter == vcenter))).all()}
+    inserts, updates, rewrite = [], [], []  # rewrite: (vm id or None, vm) whose devices are written
+    for vm in vms:
+        key, digest = vm_key(vm), fingerprint(vm)
+        old = stored.get(key)
+        if old is None:
+            inserts.append(_vm_row(vcenter, vm, digest, now) | {"first_seen": now})
+            result.change[key], result.first_seen[key] = "new", now
+            rewrite.append((None, vm))
+            continue
+        result.first_seen[key] = old.first_seen
+        if old.fingerprint != digest or old.status != PRESENT:
+            updates.append(_vm_row(vcenter, vm, digest, now) | {"id": old.id})
+            result.change[key] = "new" if old.status != PRESENT else "changed"
+            rewrite.append((old.id, vm))
+        else:
+            result.change[key] = "unchanged"
+    gone_ids = []
+    for key, (vm_id, _, _, status, _) in stored.items():
+        if status == PRESENT and key not in result.change:
+            result.gone.append(key)
+            gone_ids.append(vm_id)
+
+    for ids in _chunks(gone_ids):
+        await db.execute(update(Vm).where(Vm.id.in_(ids)).values(status=GONE, gone_at=now))
+    if updates:
+        await db.execute(update(Vm), updates)  # executemany, by primary key
+        for ids in _chunks([vm_id for vm_id, _ in rewrite if vm_id is not None]):
+            await db.execute(sql_delete(VmDisk).where(VmDisk.vm_id.in_(ids)))
+            await db.execute(sql_delete(VmNic).where(VmNic.vm_id.in_(ids)))
+    if inserts:
+        await db.execute(insert(Vm), inserts)
+        ids = dict((await db.execute(select(Vm.uuid, Vm.id).where(Vm.vcenter == vcenter))).all())
+        rewrite = [(vm_id if vm_id is not None else ids[vm_key(vm)], vm) for vm_id, vm in rewrite]
+    disks = [d for vm_id, vm in rewrite for d in _disk_rows(vm_id, vm)]
+    nics = [n for vm_id, vm in rewrite for n in _nic_rows(vm_id, vm)]
+    if disks:
+        await db.execute(insert(VmDisk), disks)
+    if nics:
+        await db.execute(insert(VmNic), nics)
+    if result.count("unchanged"):
+        await db.execute(update(Vm).where(Vm.vcenter == vcenter, Vm.status == PRESENT, Vm.last_seen < now)
+                         .values(last_seen=now))
+    return result
+
+
+async def count_present(db: AsyncSession) -> int:
+    return await db.scalar(select(func.count()).select_from(Vm).where(Vm.status == PRESENT)) or 0
+
+
+# -- reading VMs -------------------------------------------------------------------------------
+
+def _disk(d: VmDisk) -> dict[str, Any]:
+    out = {"id": d.disk_id, "key": d.device_key}
+    out.update({c: getattr(d, c) for c in DISK_COLUMNS})
+    out["thin_provisioned"] = d.thin_provisioned
+    return out
+
+
+def _nic(n: VmNic) -> dict[str, Any]:
+    return {"key": n.device_key, **{c: getattr(n, c) for c in NIC_COLUMNS}}
+
+
+def vm_public(vm: Vm, disks: list[VmDisk], nics: list[VmNic]) -> dict[str, Any]:
+    """A stored VM in the seed's `source_vm` shape (id = moref), with what else we know."""
+    out: dict[str, Any] = {"id": vm.moref, "uuid": vm.uuid}
+    out.update({c: getattr(vm, c) for c in VM_COLUMNS})
+    out.update(cbt_enabled=vm.cbt_enabled, template=vm.template, vcenter=vm.vcenter, status=vm.status,
+               first_seen=iso(vm.first_seen), last_seen=iso(vm.last_seen), gone_at=iso(vm.gone_at),
+               disks=[_disk(d) for d in disks], nics=[_nic(n) for n in nics])
+    return out
+
+
+def discovered(vcenter: str, vm: dict[str, Any], change: str, first_seen: datetime,
+               seen_at: datetime) -> dict[str, Any]:
+    """A just-discovered VM in exactly the shape `vm_public` gives once stored, plus its `change`."""
+    out: dict[str, Any] = {"id": vm["id"], "uuid": vm_key(vm)}
+    out.update({c: vm.get(c) for c in VM_COLUMNS})
+    out.update(cbt_enabled=bool(vm.get("cbt_enabled")), template=bool(vm.get("template")), vcenter=vcenter,
+               status=PRESENT, first_seen=iso(first_seen), last_seen=iso(seen_at), gone_at=None,
+               disks=[{"id": d["id"], "key": d["key"], **{c: d.get(c) for c in DISK_COLUMNS},
+                       "thin_provisioned": bool(d.get("thin_provisioned"))} for d in vm.get("disks") or ()],
+               nics=[{"key": n["key"], **{c: n.get(c) for c in NIC_COLUMNS}} for n in vm.get("nics") or ()],
+               change=change)
+    return out
+
+
+async def with_devices(db: AsyncSession, vms: Sequence[Vm]) -> list[dict[str, Any]]:
+    """VMs with their disks and NICs: two more queries, whatever the number of VMs."""
+    disks: dict[int, list[VmDisk]] = {vm.id: [] for vm in vms}
+    nics: dict[int, list[VmNic]] = {vm.id: [] for vm in vms}
+    for ids in _chunks(list(disks)):
+        for d in (await db.scalars(select(VmDisk).where(VmDisk.vm_id.in_(ids))
+                                   .order_by(VmDisk.vm_id, VmDisk.position))).all():
+            disks[d.vm_id].append(d)
+        for n in (await db.scalars(select(VmNic).where(VmNic.vm_id.in_(ids))
+                                   .order_by(VmNic.vm_id, VmNic.position))).all():
+            nics[n.vm_id].append(n)
+    return [vm_public(vm, disks[vm.id], nics[vm.id]) for vm in vms]
+
+
+async def vms_by_key(db: AsyncSession, vcenter: str, keys: Sequence[str]) -> list[dict[str, Any]]:
+    rows: list[Vm] = []
+    for chunk in _chunks(list(keys)):
+        rows += (await db.scalars(select(Vm).where(Vm.vcenter == vcenter, Vm.uuid.in_(chunk)))).all()
+    return await with_devices(db, rows)
+
+
+async def vms_of(db: AsyncSession, vcenter: str) -> list[dict[str, Any]]:
+    """The present VMs of one vCenter, by path (the discovery's reply)."""
+    rows = (await db.scalars(select(Vm).where(Vm.vcenter == vcenter, Vm.status == PRESENT)
+                             .order_by(Vm.path, Vm.id))).all()
+    return await with_devices(db, rows)
+
+
+async def list_vms(db: AsyncSession, q: ListRequest, vcenters: Sequence[str] = ()) -> dict[str, Any]:
+    """`vcenters`: the stored hosts that q.vcenter names (its host, or the host of the config so named)."""
+    where = []
+    if q.vcenter is not None:
+        where.append(Vm.vcenter.in_(list(vcenters) or [q.vcenter]))
+    if q.datacenter is not None:
+        where.append(Vm.datacenter == q.datacenter)
+    if q.name:
+        where.append(Vm.name.contains(q.name, autoescape=True))
+    if q.power_state is not None:
+        where.append(Vm.power_state == q.power_state)
+    if q.cbt is not None:
+        where.append(Vm.cbt_enabled.is_(q.cbt))
+    if not q.include_gone:
+        where.append(Vm.status == PRESENT)
+    total = await db.scalar(select(func.count()).select_from(Vm).where(*where))
+    rows = (await db.scalars(select(Vm).where(*where).order_by(Vm.name, Vm.id)
+                             .limit(q.limit).offset(q.offset))).all()
+    return {"success": True, "vms": await with_devices(db, rows), "total": total or 0,
+            "limit": q.limit, "offset": q.offset}
+
+
+async def get_vm(db: AsyncSession, vm_id: str) -> dict[str, Any]:
+    """By moref or instance UUID; when several vCenters know it, the present, last seen one."""
+    row = await db.scalar(select(Vm).where(or_(Vm.moref == vm_id, Vm.uuid == vm_id))
+                          .order_by((Vm.status == PRESENT).desc(), Vm.last_seen.desc()).limit(1))
+    if row is None:
+        raise errors.NotFound("VM not found", f"No VM with id or UUID {vm_id!r} in the inventory; "
+                                              "run a discovery of its vCenter first")
+    return (await with_devices(db, [row]))[0]
+
+
+# -- events ------------------------------------------------------------------------------------
+
+EVENT_VM_FIELDS = ("id", "uuid", "name", "path", "datacenter", "cluster", "host", "cpus", "memory_mb",
+                   "power_state", "cbt_enabled", "firmware", "template", "status", "disks", "nics")
+
+
+def event(vcenter: str, vm: dict[str, Any], change: str) -> dict[str, Any]:
+    """`oma.evt.inventory.vm.discovered` (docs/events.md)."""
+    now = datetime.now(timezone.utc)
+    return {"event_id": uuid.uuid4().hex,
+            "occurred_at": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+            "vcenter": vcenter, "vm": {k: vm.get(k) for k in EVENT_VM_FIELDS}, "change": change}
