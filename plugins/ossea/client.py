@@ -189,14 +189,21 @@ class CloudStackClient:
         """Run one API command; return the inner `<command>response` object."""
         clean = {k: _wire(v) for k, v in params.items() if v is not None}
         retries = self.retries if _is_read(command) else 0
+        loop = asyncio.get_running_loop()
+        # `timeout` bounds the whole call, retries included, so callers can promise an answer in time.
+        deadline = loop.time() + self.timeout
         attempt = 0
         while True:
             try:
-                return await self._request(command, clean)
+                async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
+                    return await self._request(command, clean)
+            except TimeoutError:
+                raise CloudTimeout(f"OSSEA at {self._where()} did not answer {command} "
+                                   f"within {self.timeout:g}s", command=command) from None
             except CloudStackError as exc:
-                if not exc.retryable or attempt >= retries:
-                    raise
                 delay = self.retry_backoff * 2 ** attempt
+                if not exc.retryable or attempt >= retries or loop.time() + delay >= deadline:
+                    raise
                 log.debug("cloudstack %s failed (%s), retry in %.1fs", command, exc.error, delay)
                 await asyncio.sleep(delay)
                 attempt += 1
@@ -261,6 +268,9 @@ class CloudStackClient:
                 raw = await resp.read()
                 status = resp.status
         except TimeoutError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # an outer deadline or a cancel: never swallow it
             raise CloudTimeout(f"OSSEA at {self._where()} did not answer {command} "
                                f"within {self.timeout:g}s", command=command) from None
         except aiohttp.ClientError as exc:
