@@ -183,18 +183,6 @@ def _where(api_url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
-async def _cancel(task: asyncio.Task, grace: float = 1.0) -> None:
-    """Cancel the cloud call. The client may swallow one cancellation (aiohttp reports a cancel that
-    meets its own timer as a timeout, which the client retries), so repeat it for a short while."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
-    while not task.done() and loop.time() < deadline:
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.05)
-    if not task.done():  # let it end on its own; retrieve its outcome so nothing is reported as lost
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-
 async def test_connection(make_client: Callable[[dict[str, Any]], Any], values: dict[str, Any],
                           timeout: float) -> dict[str, Any]:
     """Sign a real listZones call (and check zone and OMA VM) within `timeout` seconds overall.
@@ -206,15 +194,9 @@ async def test_connection(make_client: Callable[[dict[str, Any]], Any], values: 
     started = time.perf_counter()
     result = "error"
     client = make_client({k: values[k] for k in CONNECTION_FIELDS if values.get(k) is not None})
-    # One deadline for the whole test, the client's retries included. Waiting on a task rather than
-    # asyncio.timeout(): aiohttp turns a cancellation that meets its own timer into a TimeoutError,
-    # which the client then retries, so the outer cancellation would be lost.
-    task = asyncio.ensure_future(cloud_test(client, values.get("zone"), values.get("oma_vm_id")))
     try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if not done:
-            raise TimeoutError
-        details = task.result()
+        async with asyncio.timeout(timeout):  # one deadline for the whole test, retries included
+            details = await cloud_test(client, values.get("zone"), values.get("oma_vm_id"))
         result = "success"
         return {"success": True, "message": "OSSEA connection test successful", "details": details}
     except TimeoutError:
@@ -230,7 +212,6 @@ async def test_connection(make_client: Callable[[dict[str, Any]], Any], values: 
         # A zone or VM the cloud does not have is still the cloud's answer: 502, as for the others.
         raise errors.BadGateway(exc.error, exc.details) from None
     finally:
-        await _cancel(task)
         TESTS.labels(result=result).inc()
         TEST_DURATION.observe(time.perf_counter() - started)
         await client.close()
