@@ -1,8 +1,86 @@
 from __future__ import annotations
 
-from shared.service import ServiceApp
+import asyncio
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.context_aggregator import service
+from services.context_aggregator.consumer import VM_CONTEXTS, Applier, DurableConsumer, replay
+from shared.bus import dumps
+from shared.service import BusRequest, ServiceApp, endpoint
+from shared.subjects import Contexts
+
+CONSUMER = "context_aggregator-readmodel"
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    status: str | None = Field(None, max_length=32)
+    limit: int = Field(100, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+
+
+class GetQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    vm_name: str = Field(min_length=1, max_length=255)
 
 
 class ContextAggregatorService(ServiceApp):
     name = "context_aggregator"
     description = "Per-VM read model built from events"
+    migrations = Path(__file__).parent / "migrations"
+    consumer: DurableConsumer | None = None
+
+    async def setup(self) -> None:
+        s = self.settings
+        self.lock = asyncio.Lock()  # the live consumer and REBUILD never write at once
+        self.applier = Applier(self.sessions, self.log)
+        async with self.sessions() as db:
+            VM_CONTEXTS.set(await service.count(db))
+            position = await service.position(db)
+        self.consumer = DurableConsumer(
+            self.bus.js, self.applier, self.lock, name=getattr(s, "contexts_consumer", CONSUMER),
+            ack_wait=getattr(s, "contexts_ack_wait", 30.0), max_deliver=getattr(s, "contexts_max_deliver", 5),
+            nak_delay=getattr(s, "contexts_nak_delay", 2.0), batch=getattr(s, "contexts_batch", 100),
+            deliver_policy=getattr(s, "contexts_deliver_policy", "all"), on_changed=self.publish_updates,
+            log=self.log)
+        await self.consumer.start(position)
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await super().stop()
+
+    async def publish_updates(self, vm_names: set[str]) -> None:
+        """Core NATS (not the stream): the gateway's SSE route forwards them to the GUI."""
+        async with self.sessions() as db:
+            bodies = [(name, await service.get_context(db, name)) for name in sorted(vm_names)]
+        for name, body in bodies:
+            await self.bus.nc.publish(Contexts.EVT_UPDATED, dumps({"vm_name": name, "context": body}))
+
+    @endpoint(Contexts.LIST)
+    async def list_contexts(self, req: BusRequest):
+        q = req.model(ListQuery)
+        async with self.sessions() as db:
+            return await service.list_contexts(db, q.status, q.limit, q.offset)
+
+    @endpoint(Contexts.GET)
+    async def get_context(self, req: BusRequest):
+        q = req.model(GetQuery)
+        async with self.sessions() as db:
+            return await service.get_context(db, q.vm_name)
+
+    @endpoint(Contexts.REBUILD)
+    async def rebuild(self, req: BusRequest):
+        started = time.perf_counter()
+        async with self.lock:
+            async with self.sessions.begin() as db:
+                await service.wipe(db)
+            VM_CONTEXTS.set(0)
+            applied, failed = await replay(self.bus.js, self.applier)
+        seconds = round(time.perf_counter() - started, 3)
+        self.log.info("read model rebuilt", extra={"events_applied": applied, "events_failed": failed,
+                                                   "seconds": seconds})
+        return {"success": True, "events_applied": applied, "events_failed": failed, "seconds": seconds}

@@ -1,0 +1,117 @@
+"""The events the read model consumes (docs/events.md), validated before anything is written:
+an event that does not parse is malformed, never half-applied."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.service import validation_details
+from shared.subjects import Inventory, Replication
+
+JOB_STATUSES = ("queued", "provisioning", "ready_for_sync", "replicating", "completed", "failed", "cancelled")
+# Metric label values: bounded, whatever subject a producer invents.
+KNOWN_TYPES = ("created", "status_changed", "progressed", "completed", "failed", "discovered")
+
+
+class Malformed(ValueError):
+    """The event can never be applied: it is dead-lettered after max_deliver."""
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    event_id: str = Field(min_length=1, max_length=255)
+    occurred_at: datetime
+
+    @field_validator("occurred_at", "created_at", "started_at", "completed_at", check_fields=False)
+    @classmethod
+    def _naive_utc(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is not None:
+            v = v.astimezone(timezone.utc).replace(tzinfo=None)
+        return v
+
+
+class EventVm(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=255)
+    id: str | None = Field(None, max_length=255)
+    uuid: str | None = Field(None, max_length=64)
+    path: str | None = Field(None, max_length=1024)
+    datacenter: str | None = Field(None, max_length=255)
+    cpus: int | None = Field(None, ge=0)
+    memory_mb: int | None = Field(None, ge=0)
+
+
+class EventDisk(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    unit_number: int | None = Field(None, ge=0, le=64)
+    disk_id: str | None = Field(None, max_length=255)
+    id: str | None = Field(None, max_length=255)  # inventory's name for disk_id
+    path: str | None = Field(None, max_length=1024)
+    size_gb: float | None = Field(None, ge=0)
+    capacity_bytes: int | None = Field(None, ge=0)
+    datastore: str | None = Field(None, max_length=255)
+    volume_id: str | None = Field(None, max_length=255)
+    device_path: str | None = Field(None, max_length=255)
+    export_name: str | None = Field(None, max_length=255)
+    change_id: str | None = Field(None, max_length=255)
+
+
+class JobEvent(_Event):
+    job_id: str = Field(min_length=1, max_length=128)
+    seq: int = Field(ge=1)
+    vm: EventVm
+    status: Literal[JOB_STATUSES]  # type: ignore[valid-type]
+    replication_type: str | None = Field(None, max_length=32)
+    progress_percent: float | None = None
+    current_operation: str | None = Field(None, max_length=255)
+    vma_throughput_mbps: float | None = None
+    vma_eta_seconds: int | None = None
+    bytes_transferred: int | None = Field(None, ge=0)
+    total_bytes: int | None = Field(None, ge=0)
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    error: str | None = None
+    disks: list[EventDisk] = Field(default_factory=list, max_length=64)
+
+    @field_validator("disks")
+    @classmethod
+    def _units(cls, disks: list[EventDisk]) -> list[EventDisk]:
+        if any(d.unit_number is None for d in disks):
+            raise ValueError("every disk needs a unit_number")
+        return disks
+
+
+class InventoryEvent(_Event):
+    vcenter: str | None = None
+    vm: EventVm
+    disks: list[EventDisk] = Field(default_factory=list, max_length=64)  # from vm.disks
+    change: Literal["new", "changed", "gone"] = "new"
+
+
+def event_type(subject: str) -> str:
+    last = subject.rsplit(".", 1)[-1]
+    return last if last in KNOWN_TYPES else "other"
+
+
+def parse(subject: str, data: bytes) -> JobEvent | InventoryEvent:
+    """Decode and validate one event; raise Malformed naming what is wrong (never the data)."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise Malformed(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise Malformed("not a JSON object")
+    try:
+        if subject.startswith(Replication.EVT_PREFIX + "."):
+            return JobEvent.model_validate(raw)
+        if subject == Inventory.EVT_DISCOVERED:
+            vm = raw.get("vm")
+            disks = vm.get("disks") if isinstance(vm, dict) else None
+            return InventoryEvent.model_validate({**raw, "disks": disks or []})
+    except ValidationError as exc:
+        raise Malformed(validation_details(exc.errors())) from None
+    raise Malformed(f"unexpected subject {subject}")

@@ -1,0 +1,269 @@
+"""The read model's logic: applying events idempotently, and the two queries the GUI asks.
+
+Rules (docs/vm-contexts.md):
+- a job event is applied only when its `seq` is above the job's `last_seq`: a redelivered, duplicate
+  or older event changes nothing;
+- a job is counted in `total_jobs_run` when first seen, in `successful_jobs`/`failed_jobs` when it
+  reaches completed/failed (moved, never counted twice, if a later event changes the outcome);
+- the VM's status, metadata and disks follow its latest job (greatest `created_at`, then `job_id`);
+- inventory events are applied when newer than the last one applied, and set the status only of
+  VMs that have no job yet.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, inspect, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.context_aggregator.events import InventoryEvent, JobEvent, Malformed
+from services.context_aggregator.models import CbtRecord, ContextDisk, ContextJob, ReadModelState, VmContext
+from shared import errors
+from shared.db import iso
+
+HISTORY_JOBS = 10
+HISTORY_CBT = 20
+OUTCOMES = {"completed": "successful_jobs", "failed": "failed_jobs"}
+
+
+def context_id(vm_name: str, first_event_at: datetime) -> str:
+    return f"ctx-{vm_name}-{first_event_at:%Y%m%d-%H%M%S}"
+
+
+class Batch:
+    """The rows one transaction touches, loaded up front with a few IN queries, so a batch of
+    events costs a handful of round trips and events of one job in one batch see each other."""
+
+    def __init__(self, db: AsyncSession):
+        self.db = db
+        self.contexts: dict[str, VmContext] = {}
+        self.jobs: dict[str, ContextJob] = {}
+        self.disks: dict[tuple[str, int], ContextDisk] = {}
+        self.cbt: set[tuple[str, int]] = set()
+        self.changed: set[str] = set()  # VM names whose context changed
+        self.new_contexts = 0
+
+    async def preload(self, events: list[JobEvent | InventoryEvent]) -> None:
+        names = {e.vm.name for e in events}
+        job_ids = {e.job_id for e in events if isinstance(e, JobEvent)}
+        db = self.db
+        if names:
+            for c in await db.scalars(select(VmContext).where(VmContext.vm_name.in_(names))):
+                self.contexts[c.vm_name] = c
+            job_ids |= {c.current_job_id for c in self.contexts.values() if c.current_job_id}
+            for d in await db.scalars(select(ContextDisk).where(ContextDisk.vm_name.in_(names))):
+                self.disks[(d.vm_name, d.unit_number)] = d
+        if job_ids:
+            for j in await db.scalars(select(ContextJob).where(ContextJob.job_id.in_(job_ids))):
+                self.jobs[j.job_id] = j
+            done = {e.job_id for e in events if isinstance(e, JobEvent) and e.status == "completed"}
+            if done:
+                rows = await db.execute(select(CbtRecord.job_id, CbtRecord.unit_number)
+                                        .where(CbtRecord.job_id.in_(done)))
+                self.cbt = {(r[0], r[1]) for r in rows}
+
+    def context(self, vm_name: str, at: datetime, status: str) -> VmContext:
+        ctx = self.contexts.get(vm_name)
+        if ctx is None:
+            ctx = VmContext(context_id=context_id(vm_name, at), vm_name=vm_name, current_status=status,
+                            total_jobs_run=0, successful_jobs=0, failed_jobs=0,
+                            last_event_at=at, created_at=at, updated_at=at)
+            self.db.add(ctx)
+            self.contexts[vm_name] = ctx
+            self.new_contexts += 1
+        return ctx
+
+    def touch(self, ctx: VmContext, at: datetime) -> None:
+        ctx.updated_at = at
+        if at > ctx.last_event_at:
+            ctx.last_event_at = at
+        self.changed.add(ctx.vm_name)
+
+    def set_disk(self, vm_name: str, unit: int, **values: Any) -> None:
+        row = self.disks.get((vm_name, unit))
+        if row is None:
+            row = ContextDisk(vm_name=vm_name, unit_number=unit)
+            self.db.add(row)
+            self.disks[(vm_name, unit)] = row
+        for key, value in values.items():
+            setattr(row, key, value)
+
+    async def drop_other_disks(self, vm_name: str, keep: set[int]) -> None:
+        for (name, unit), row in list(self.disks.items()):
+            if name == vm_name and unit not in keep:
+                if inspect(row).pending:  # added earlier in this batch
+                    self.db.expunge(row)
+                else:
+                    await self.db.delete(row)
+                del self.disks[(name, unit)]
+
+
+def _set_vm(ctx: VmContext, vm: Any) -> None:
+    ctx.vm_id, ctx.vm_uuid, ctx.path = vm.id, vm.uuid or ctx.vm_uuid, vm.path
+    ctx.datacenter, ctx.cpus, ctx.memory_mb = vm.datacenter, vm.cpus, vm.memory_mb
+
+
+async def apply_job(b: Batch, ev: JobEvent) -> bool:
+    """Apply one replication event; False when it is a duplicate or older than what we hold."""
+    at, name = ev.occurred_at, ev.vm.name
+    job = b.jobs.get(ev.job_id)
+    if job is not None and ev.seq <= job.last_seq:
+        return False
+    if job is not None and job.vm_name != name:
+        raise Malformed(f"job {ev.job_id} belongs to VM {job.vm_name}, the event names {name}")
+    ctx = b.context(name, at, ev.status)
+    if job is None:
+        job = ContextJob(job_id=ev.job_id, vm_name=name, created_at=ev.created_at or at, last_seq=0)
+        b.db.add(job)
+        b.jobs[ev.job_id] = job
+        ctx.total_jobs_run += 1
+    job.status, job.replication_type = ev.status, ev.replication_type
+    job.progress_percent, job.current_operation = ev.progress_percent, ev.current_operation
+    job.vma_throughput_mbps, job.vma_eta_seconds = ev.vma_throughput_mbps, ev.vma_eta_seconds
+    job.bytes_transferred, job.total_bytes, job.error = ev.bytes_transferred, ev.total_bytes, ev.error
+    job.started_at, job.completed_at = ev.started_at, ev.completed_at
+    if ev.created_at is not None:
+        job.created_at = ev.created_at
+    job.updated_at, job.last_seq = at, ev.seq
+
+    # Each job sits in at most one outcome counter.
+    if ev.status in OUTCOMES and job.counted_outcome != ev.status:
+        if job.counted_outcome in OUTCOMES:
+            attr = OUTCOMES[job.counted_outcome]
+            setattr(ctx, attr, getattr(ctx, attr) - 1)
+        setattr(ctx, OUTCOMES[ev.status], getattr(ctx, OUTCOMES[ev.status]) + 1)
+        job.counted_outcome = ev.status
+
+    if ev.status == "completed":
+        for d in ev.disks:
+            if d.change_id and (ev.job_id, d.unit_number) not in b.cbt:
+                b.db.add(CbtRecord(vm_name=name, job_id=ev.job_id, unit_number=d.unit_number,
+                                   change_id=d.change_id, recorded_at=at))
+                b.cbt.add((ev.job_id, d.unit_number))
+
+    current = b.jobs.get(ctx.current_job_id) if ctx.current_job_id else None
+    if current is None or current is job or (job.created_at, job.job_id) >= (current.created_at, current.job_id):
+        ctx.current_job_id, ctx.current_status = job.job_id, job.status
+        _set_vm(ctx, ev.vm)
+        if ev.disks:
+            for d in ev.disks:
+                values = dict(disk_id=d.disk_id or d.id, path=d.path, size_gb=d.size_gb,
+                              capacity_bytes=d.capacity_bytes, datastore=d.datastore, volume_id=d.volume_id,
+                              device_path=d.device_path, export_name=d.export_name)
+                if ev.status == "completed" and d.change_id:
+                    values["change_id"] = d.change_id
+                b.set_disk(name, d.unit_number, **values)
+            await b.drop_other_disks(name, {d.unit_number for d in ev.disks})
+    b.touch(ctx, at)
+    return True
+
+
+async def apply_inventory(b: Batch, ev: InventoryEvent) -> bool:
+    """A discovered VM: metadata always (when newer); status and disks only while it has no job."""
+    at, name = ev.occurred_at, ev.vm.name
+    ctx = b.contexts.get(name)
+    if ctx is None and ev.change == "gone":
+        return False
+    if ctx is not None and ctx.inventory_at is not None and at <= ctx.inventory_at:
+        return False
+    status = "gone" if ev.change == "gone" else "discovered"
+    ctx = b.context(name, at, status)
+    ctx.inventory_at = at
+    _set_vm(ctx, ev.vm)
+    if ctx.current_job_id is None:
+        ctx.current_status = status
+        units = set()
+        for i, d in enumerate(ev.disks):
+            unit = d.unit_number if d.unit_number is not None else i
+            units.add(unit)
+            b.set_disk(name, unit, disk_id=d.disk_id or d.id, path=d.path, size_gb=d.size_gb,
+                       capacity_bytes=d.capacity_bytes, datastore=d.datastore)
+        await b.drop_other_disks(name, units)
+    b.touch(ctx, at)
+    return True
+
+
+async def apply(b: Batch, ev: JobEvent | InventoryEvent) -> bool:
+    return await (apply_job(b, ev) if isinstance(ev, JobEvent) else apply_inventory(b, ev))
+
+
+async def record_position(db: AsyncSession, stream_seq: int) -> None:
+    row = await db.get(ReadModelState, 1)
+    if row is None:
+        db.add(ReadModelState(id=1, last_stream_seq=stream_seq))
+    elif stream_seq > row.last_stream_seq:
+        row.last_stream_seq = stream_seq
+
+
+async def position(db: AsyncSession) -> int:
+    row = await db.get(ReadModelState, 1)
+    return row.last_stream_seq if row else 0
+
+
+async def wipe(db: AsyncSession) -> None:
+    for model in (CbtRecord, ContextDisk, ContextJob, VmContext, ReadModelState):
+        await db.execute(delete(model))
+
+
+async def count(db: AsyncSession) -> int:
+    return await db.scalar(select(func.count()).select_from(VmContext)) or 0
+
+
+# --- queries ---------------------------------------------------------------------------------
+def context_dict(c: VmContext) -> dict[str, Any]:
+    return {"context_id": c.context_id, "vm_name": c.vm_name, "current_status": c.current_status,
+            "total_jobs_run": c.total_jobs_run, "successful_jobs": c.successful_jobs,
+            "failed_jobs": c.failed_jobs, "current_job_id": c.current_job_id, "vm_id": c.vm_id,
+            "vm_uuid": c.vm_uuid, "vm_path": c.path, "datacenter": c.datacenter, "cpus": c.cpus,
+            "memory_mb": c.memory_mb, "last_event_at": iso(c.last_event_at),
+            "created_at": iso(c.created_at), "updated_at": iso(c.updated_at)}
+
+
+def job_dict(j: ContextJob) -> dict[str, Any]:
+    return {"id": j.job_id, "status": j.status, "replication_type": j.replication_type,
+            "progress_percent": j.progress_percent, "current_operation": j.current_operation,
+            "vma_throughput_mbps": j.vma_throughput_mbps, "vma_eta_seconds": j.vma_eta_seconds,
+            "bytes_transferred": j.bytes_transferred, "total_bytes": j.total_bytes, "error": j.error,
+            "created_at": iso(j.created_at), "started_at": iso(j.started_at),
+            "completed_at": iso(j.completed_at), "updated_at": iso(j.updated_at)}
+
+
+def disk_dict(d: ContextDisk) -> dict[str, Any]:
+    return {"unit_number": d.unit_number, "disk_id": d.disk_id, "path": d.path, "size_gb": d.size_gb,
+            "capacity_bytes": d.capacity_bytes, "datastore": d.datastore, "volume_id": d.volume_id,
+            "device_path": d.device_path, "export_name": d.export_name, "change_id": d.change_id}
+
+
+async def list_contexts(db: AsyncSession, status: str | None, limit: int, offset: int) -> dict[str, Any]:
+    where = [VmContext.current_status == status] if status else []
+    total = await db.scalar(select(func.count()).select_from(VmContext).where(*where)) or 0
+    rows = await db.execute(
+        select(VmContext, ContextJob.current_operation, ContextJob.progress_percent)
+        .outerjoin(ContextJob, ContextJob.job_id == VmContext.current_job_id)
+        .where(*where).order_by(VmContext.vm_name).limit(limit).offset(offset))
+    contexts = [{**context_dict(c), "current_operation": op, "progress_percent": pct} for c, op, pct in rows]
+    return {"success": True, "contexts": contexts, "total": total, "limit": limit, "offset": offset}
+
+
+async def get_context(db: AsyncSession, vm_name: str) -> dict[str, Any]:
+    ctx = await db.scalar(select(VmContext).where(VmContext.vm_name == vm_name))
+    if ctx is None:
+        raise errors.NotFound("VM context not found", f"No VM context for VM {vm_name!r}")
+    jobs = (await db.scalars(select(ContextJob).where(ContextJob.vm_name == vm_name)
+                             .order_by(ContextJob.created_at.desc(), ContextJob.job_id.desc())
+                             .limit(HISTORY_JOBS))).all()
+    current = next((j for j in jobs if j.job_id == ctx.current_job_id), None)
+    if current is None and ctx.current_job_id:
+        current = await db.scalar(select(ContextJob).where(ContextJob.job_id == ctx.current_job_id))
+    disks = await db.scalars(select(ContextDisk).where(ContextDisk.vm_name == vm_name)
+                             .order_by(ContextDisk.unit_number))
+    cbt = await db.scalars(select(CbtRecord).where(CbtRecord.vm_name == vm_name)
+                           .order_by(CbtRecord.recorded_at.desc(), CbtRecord.job_id.desc(),
+                                     CbtRecord.unit_number).limit(HISTORY_CBT))
+    return {"context": context_dict(ctx),
+            "current_job": job_dict(current) if current else None,
+            "job_history": [job_dict(j) for j in jobs],
+            "disks": [disk_dict(d) for d in disks],
+            "cbt_history": [{"job_id": r.job_id, "unit_number": r.unit_number, "change_id": r.change_id,
+                             "recorded_at": iso(r.recorded_at)} for r in cbt]}
