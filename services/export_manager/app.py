@@ -1,8 +1,95 @@
+"""export_manager: NBD exports with VM-based reuse (thin handlers; the logic is in service.py)."""
 from __future__ import annotations
 
-from shared.service import ServiceApp
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+from services.export_manager import service
+from services.export_manager.service import EnsureRequest, ListRequest, Selector, Snapshot
+from shared.db import utcnow
+from shared.plugins import get_backend
+from shared.service import BusRequest, ServiceApp, endpoint
+from shared.subjects import Exports
 
 
 class ExportManagerService(ServiceApp):
     name = "export_manager"
     description = "NBD exports with VM-based reuse"
+    migrations = Path(__file__).parent / "migrations"
+
+    exporter: Any = None
+    exports: service.ExportManager | None = None
+    _periodic: asyncio.Task | None = None
+
+    async def setup(self) -> None:
+        self.exporter = get_backend(self.pm, "exporter", self.settings.export_backend).factory(self.settings)
+        await self.exporter.start()
+        self.exports = service.ExportManager(self.sessions, self.exporter, self._publish, self.log,
+                                             batch_wait=getattr(self.settings, "export_batch_wait", 0.5))
+        report = await self.exports.reconcile()       # serve what the table says, nothing else
+        self.log.info("exports reconciled at start-up", extra={
+            "backend": self.exporter.name, "port": self.exporter.port, "active": report["active"],
+            "readded": len(report["readded"]), "removed": len(report["removed"]),
+            "missing_devices": len(report["missing_devices"])})
+        interval = float(getattr(self.settings, "export_reconcile_interval", 300.0) or 0)
+        if interval > 0:
+            self._periodic = asyncio.create_task(self._reconcile_every(interval), name="export-reconcile")
+
+    async def teardown(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
+            await asyncio.gather(self._periodic, return_exceptions=True)
+        if self.exports is not None:
+            self.exports.close()
+        if self.exporter is not None:
+            # keep_running leaves the server and its open NBD connections up; the next start attaches.
+            await self.exporter.stop(keep_running=bool(getattr(self.settings, "nbd_keep_running", False)))
+
+    async def _reconcile_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.exports.reconcile()
+            except Exception:  # noqa: BLE001 - try again next round
+                self.log.exception("periodic reconcile failed")
+
+    async def _publish(self, action: str, m: Snapshot) -> None:
+        event_id = uuid.uuid4().hex
+        payload = {"event_id": event_id, "occurred_at": utcnow().isoformat(timespec="milliseconds") + "Z",
+                   "export_name": m.export_name, "vm_id": m.vm_id, "disk_unit_number": m.disk_unit_number,
+                   "vm_name": m.vm_name, "device_path": m.device_path, "action": action}
+        try:
+            await self.bus.publish_event(Exports.EVT_CHANGED, payload, msg_id=event_id)
+        except Exception:  # noqa: BLE001 - the export is done; a lost event must not undo it
+            self.log.exception("could not publish export event", extra={"export_name": m.export_name})
+
+    async def health(self, req: BusRequest) -> dict[str, Any]:
+        body = await super().health(req)
+        body["exporter"] = self.exporter.state() if self.exporter is not None else None
+        return body
+
+    @endpoint(Exports.ENSURE)
+    async def ensure_export(self, req: BusRequest):
+        return await self.exports.ensure(req.model(EnsureRequest))
+
+    @endpoint(Exports.LIST)
+    async def list_exports(self, req: BusRequest):
+        return await self.exports.list(req.model(ListRequest))
+
+    @endpoint(Exports.GET)
+    async def get_export(self, req: BusRequest):
+        return await self.exports.get(req.model(Selector))
+
+    @endpoint(Exports.DEACTIVATE)
+    async def deactivate_export(self, req: BusRequest):
+        return await self.exports.deactivate(req.model(Selector))
+
+    @endpoint(Exports.REMOVE)
+    async def remove_export(self, req: BusRequest):
+        return await self.exports.remove(req.model(Selector))
+
+    @endpoint(Exports.RECONCILE)
+    async def reconcile_exports(self, req: BusRequest):
+        return await self.exports.reconcile()
