@@ -8,18 +8,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import uuid
 from pathlib import Path
 
 import orjson
 import pytest
+from conftest import MARIADB, mariadb_settings
+from nbdutil import (
+    MiB,
+    digest,
+    free_port,
+    missing_tools,
+    nbdcopy,
+    random_file,
+    sparse_file,
+)
 from prometheus_client import REGISTRY
 from sqlalchemy import inspect
 
-from conftest import MARIADB, mariadb_settings
-from nbdutil import MiB, digest, free_port, missing_tools, nbdcopy, random_file, sparse_file
 from services.export_manager import service as em
 from shared import db, errors
 from shared.plugins import get_backend, get_plugin_manager
@@ -390,8 +397,8 @@ async def test_schema_on_sqlite(make_settings):
         insert = text("INSERT INTO vm_export_mappings (vm_id, disk_unit_number, vm_name, export_name, device_path) "
                       "VALUES (:v, :u, 'n', :e, '/dev/vdb')")
         async with engine.begin() as conn:
-            await conn.execute(insert, dict(v="vm-a", u=0, e="e0"))
-        for dup in (dict(v="vm-a", u=0, e="e1"), dict(v="vm-b", u=0, e="e0")):
+            await conn.execute(insert, {"v": "vm-a", "u": 0, "e": "e0"})
+        for dup in ({"v": "vm-a", "u": 0, "e": "e1"}, {"v": "vm-b", "u": 0, "e": "e0"}):
             with pytest.raises(IntegrityError):
                 async with engine.begin() as conn:
                     await conn.execute(insert, dup)

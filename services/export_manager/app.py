@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from services.export_manager import service
-from services.export_manager.service import EnsureRequest, ListRequest, Selector, Snapshot
+from services.export_manager.service import (
+    EnsureRequest,
+    ListRequest,
+    Selector,
+    Snapshot,
+)
 from shared.db import utcnow
 from shared.plugins import get_backend
 from shared.service import BusRequest, ServiceApp, endpoint
@@ -52,7 +57,7 @@ class ExportManagerService(ServiceApp):
             await asyncio.sleep(interval)
             try:
                 await self.exports.reconcile()
-            except Exception:  # noqa: BLE001 - try again next round
+            except Exception:
                 self.log.exception("periodic reconcile failed")
 
     async def _publish(self, action: str, m: Snapshot) -> None:
@@ -62,7 +67,7 @@ class ExportManagerService(ServiceApp):
                    "vm_name": m.vm_name, "device_path": m.device_path, "action": action}
         try:
             await self.bus.publish_event(Exports.EVT_CHANGED, payload, msg_id=event_id)
-        except Exception:  # noqa: BLE001 - the export is done; a lost event must not undo it
+        except Exception:
             self.log.exception("could not publish export event", extra={"export_name": m.export_name})
 
     async def health(self, req: BusRequest) -> dict[str, Any]:

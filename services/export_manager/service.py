@@ -15,8 +15,9 @@ import os
 import re
 import time
 import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal
+from typing import Any, Literal
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -43,7 +44,7 @@ RELOAD_DURATION = Histogram("oma_nbd_reload_duration_seconds",
                             buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 MISSING_DEVICE = Gauge("oma_exports_missing_device", "Active mappings whose device is absent (last reconcile)")
 
-_EXPORTERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_EXPORTERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class _ExporterCounters:
@@ -88,7 +89,7 @@ class Selector(BaseModel):
     check: bool = False
 
     @model_validator(mode="after")
-    def _one_way(self) -> "Selector":
+    def _one_way(self) -> Selector:
         if self.export_name is None and (self.vm_id is None or self.disk_unit_number is None):
             raise ValueError("give export_name, or vm_id and disk_unit_number")
         return self
@@ -161,7 +162,7 @@ class BatchGate:
     async def wait_idle(self) -> None:
         try:
             await asyncio.wait_for(self._idle.wait(), self.max_wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass                                 # a steady stream of ensures: go anyway
 
 
@@ -207,7 +208,7 @@ class Snapshot:
     updated_at: Any
 
     @classmethod
-    def of(cls, row: VmExportMapping) -> "Snapshot":
+    def of(cls, row: VmExportMapping) -> Snapshot:
         return cls(row.id, row.vm_id, row.disk_unit_number, row.vm_name, row.export_name, row.device_path,
                    row.status or ACTIVE, row.created_at, row.updated_at)
 
@@ -419,16 +420,16 @@ class ExportManager:
 
             async def fix(m: Snapshot) -> None:
                 async with self.locks.hold(m.key):
-                    async with self.gate.busy_stage():
-                        async with self.sessions() as db:
-                            row = await get_by_key(db, *m.key)
-                            now = Snapshot.of(row) if row is not None else None
+                    async with self.gate.busy_stage(), self.sessions() as db:
+                        row = await get_by_key(db, *m.key)
+                        now = Snapshot.of(row) if row is not None else None
                     if now is None or now.status != ACTIVE:
                         return                  # changed meanwhile; the change handled the server
                     await self.gate.wait_idle()
                     current = self.exporter.list_exports().get(now.export_name)
                     try:
-                        await self.exporter.add_export(now.export_name, now.device_path)
+                        if not await self.exporter.add_export(now.export_name, now.device_path):
+                            return              # an ensure served it meanwhile
                     except errors.OmaError as exc:
                         report["failed"].append({"export_name": now.export_name, "error": exc.error,
                                                  "details": exc.details})
