@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     export_backend: str = "nbdkit"
     nbd_port: int = Field(10809, ge=1, le=65535)
     nbd_listen_addr: str = "127.0.0.1"
+    nbd_keep_running: bool = Field(False, description="leave the NBD server (and its connections) up on stop")
+    export_reconcile_interval: float = Field(300.0, ge=0, description="seconds between reconciles; 0 = off")
+    export_batch_wait: float = Field(0.5, ge=0, description="how long an export change waits to share a reload")
 
     # Replication.
     device_resolver: str = "by-id"

@@ -410,15 +410,9 @@ async def test_schema_on_sqlite(make_settings):
 
 
 async def test_keep_running_leaves_open_connections_alone(em_settings, backend, tmp_path, mariadb_name):
-    """With nbd_keep_running (not yet a Settings field: read through getattr), a service restart
-    leaves the NBD server up: a copy streaming through an export survives it, and the next
+    """With nbd_keep_running, a service restart leaves the NBD server up: a copy streaming through an export survives it, and the next
     start attaches to the same server."""
-    from shared.settings import Settings
-
-    class KeepRunning(Settings):
-        nbd_keep_running: bool = True
-
-    settings = KeepRunning(**em_settings(**mariadb_settings(mariadb_name)).model_dump())
+    settings = em_settings(nbd_keep_running=True, **mariadb_settings(mariadb_name))
     vm_id = vm()
     dev = sparse_file(tmp_path / "live.img", 64 * MiB)
     name = f"migration-vm-{vm_id}-disk0"

@@ -32,13 +32,13 @@ class ExportManagerService(ServiceApp):
         self.exporter = get_backend(self.pm, "exporter", self.settings.export_backend).factory(self.settings)
         await self.exporter.start()
         self.exports = service.ExportManager(self.sessions, self.exporter, self._publish, self.log,
-                                             batch_wait=getattr(self.settings, "export_batch_wait", 0.5))
+                                             batch_wait=self.settings.export_batch_wait)
         report = await self.exports.reconcile()       # serve what the table says, nothing else
         self.log.info("exports reconciled at start-up", extra={
             "backend": self.exporter.name, "port": self.exporter.port, "active": report["active"],
             "readded": len(report["readded"]), "removed": len(report["removed"]),
             "missing_devices": len(report["missing_devices"])})
-        interval = float(getattr(self.settings, "export_reconcile_interval", 300.0) or 0)
+        interval = self.settings.export_reconcile_interval
         if interval > 0:
             self._periodic = asyncio.create_task(self._reconcile_every(interval), name="export-reconcile")
 
@@ -50,7 +50,7 @@ class ExportManagerService(ServiceApp):
             self.exports.close()
         if self.exporter is not None:
             # keep_running leaves the server and its open NBD connections up; the next start attaches.
-            await self.exporter.stop(keep_running=bool(getattr(self.settings, "nbd_keep_running", False)))
+            await self.exporter.stop(keep_running=self.settings.nbd_keep_running)
 
     async def _reconcile_every(self, interval: float) -> None:
         while True:
