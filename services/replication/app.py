@@ -1,8 +1,61 @@
 from __future__ import annotations
 
-from shared.service import ServiceApp
+import asyncio
+from pathlib import Path
+
+from services.replication.service import Replicator
+from shared import errors
+from shared.schemas import ProgressReport, ReplicationRequest
+from shared.service import BusRequest, ServiceApp, endpoint
+from shared.subjects import Replication
 
 
 class ReplicationService(ServiceApp):
     name = "replication"
     description = "Replication jobs: volumes, attachments, exports, progress"
+    migrations = Path(__file__).parent / "migrations"
+
+    async def setup(self) -> None:
+        self.jobs = Replicator(self)
+        # In the background: recovery needs the config and export services, which may start after us.
+        self.spawn(self._recover())
+
+    async def _recover(self) -> None:
+        for attempt in range(30):
+            try:
+                await self.jobs.recover()
+                return
+            except errors.Unavailable as exc:  # a service we need is not up yet
+                self.log.info("recovery waits for a service", extra={"attempt": attempt, "reason": str(exc)})
+                await asyncio.sleep(1.0)
+        self.log.error("recovery gave up: services unavailable")
+
+    @staticmethod
+    def _job_id(req: BusRequest) -> str:
+        job_id = str(req.json().get("job_id") or "")
+        if not job_id or len(job_id) > 64:
+            raise errors.BadRequest("Validation failed", "job_id: required, at most 64 characters")
+        return job_id
+
+    @endpoint(Replication.CREATE)
+    async def create(self, req: BusRequest):
+        return await self.jobs.create(req.model(ReplicationRequest))
+
+    @endpoint(Replication.LIST)
+    async def list_jobs(self, req: BusRequest):
+        return await self.jobs.list(req.json())
+
+    @endpoint(Replication.GET)
+    async def get(self, req: BusRequest):
+        return await self.jobs.get(self._job_id(req))
+
+    @endpoint(Replication.PROGRESS)
+    async def progress(self, req: BusRequest):
+        payload = dict(req.json())
+        job_id = self._job_id(req)
+        payload.pop("job_id", None)
+        return await self.jobs.progress(job_id, req.model(ProgressReport, payload))
+
+    @endpoint(Replication.CANCEL)
+    async def cancel(self, req: BusRequest):
+        return await self.jobs.cancel(self._job_id(req))

@@ -1,0 +1,182 @@
+"""The cloud steps of a replication job, for one OSSEA configuration.
+
+Transient CloudStack errors (530, HTTP timeouts, unreachable) are retried with exponential backoff,
+bounded by `cloud_job_timeout` per step; permanent ones (431, 532-535...) are raised at once. Before a
+retry, what the failed attempt may have done is checked in the cloud (a volume created but not
+answered, an attach that went through), so a retry never creates or attaches twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from prometheus_client import Counter
+
+from plugins.ossea.client import CloudParamError, CloudStackError, CloudTimeout, CloudUnreachable
+from shared import errors
+
+log = logging.getLogger("oma.replication.cloud")
+T = TypeVar("T")
+
+CLOUD_CALLS = Counter("oma_replication_cloud_calls_total", "CloudStack operations of replication jobs",
+                      ["command", "result"])
+
+
+def result_label(exc: BaseException | None) -> str:
+    """Bounded: ok, timeout, unreachable, or CloudStack's errorcode (a small fixed set)."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, CloudTimeout):
+        return "timeout"
+    if isinstance(exc, CloudUnreachable):
+        return "unreachable"
+    code = getattr(exc, "errorcode", None)
+    return str(code) if code else "error"
+
+
+def error_text(exc: BaseException) -> str:
+    """What an operator reads on the job and the disk: the CloudStack / exporter error text."""
+    if isinstance(exc, errors.OmaError):
+        return str(exc.details) if exc.details else exc.error
+    return f"{type(exc).__name__}: {exc}"
+
+
+class CloudOps:
+    def __init__(self, client: Any, settings: Any):
+        self.client = client
+        self.step_timeout = float(getattr(settings, "cloud_job_timeout", 120.0))
+        self.attempts = int(getattr(settings, "cloud_retries", 5))
+        self.backoff = float(getattr(settings, "cloud_retry_backoff", 0.2))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _metered(self, command: str, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            result = await fn()
+        except CloudStackError as exc:
+            CLOUD_CALLS.labels(command=command, result=result_label(exc)).inc()
+            raise
+        CLOUD_CALLS.labels(command=command, result="ok").inc()
+        return result
+
+    async def _retrying(self, command: str, fn: Callable[[], Awaitable[T]],
+                        before_retry: Callable[[CloudStackError], Awaitable[T | None]] | None = None) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.step_timeout
+        attempt = 0
+        while True:
+            try:
+                return await self._metered(command, fn)
+            except CloudStackError as exc:
+                attempt += 1
+                delay = self.backoff * 2 ** (attempt - 1)
+                if not exc.retryable or attempt >= self.attempts or loop.time() + delay > deadline:
+                    raise
+                log.info("cloudstack %s failed, retrying", command,
+                         extra={"attempt": attempt, "delay": delay, "reason": exc.error})
+                await asyncio.sleep(delay)
+                if before_retry is not None:
+                    done = await before_retry(exc)
+                    if done is not None:
+                        return done
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    async def placement(self, zone: str) -> tuple[str, str]:
+        """The zone's id (the configuration names it or gives its id) and the customized offering."""
+        zones = await self._metered("listZones", self.client.list_zones)
+        match = next((z for z in zones if zone in (z.get("name"), z.get("id"))), None)
+        if match is None:
+            raise errors.BadGateway("Zone not found", f"zone {zone!r} is not visible to this OSSEA account")
+        offerings = await self._metered("listDiskOfferings", self.client.list_disk_offerings)
+        custom = next((o for o in offerings if o.get("iscustomized")), None)
+        if custom is None:
+            raise errors.BadGateway("No custom disk offering",
+                                    "OSSEA offers no disk offering with iscustomized=true (needed for exact sizes)")
+        return match["id"], custom["id"]
+
+    async def volume(self, volume_id: str) -> dict[str, Any] | None:
+        try:
+            found = await self._metered("listVolumes", lambda: self.client.list_volumes(id=volume_id))
+        except CloudParamError:  # CloudStack answers an unknown id with 431
+            return None
+        return found[0] if found else None
+
+    async def by_name(self, name: str) -> list[dict[str, Any]]:
+        found = await self._metered("listVolumes", lambda: self.client.list_volumes(name=name))
+        return [v for v in found if v.get("name") == name]  # some servers match names partially
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    async def create_volume(self, name: str, zone_id: str, offering_id: str, size_gb: int,
+                            record: Callable[[str], Awaitable[None]]) -> str:
+        """createVolume and wait for its job; `record(id)` runs as soon as the cloud names the volume."""
+        async def attempt() -> str:
+            submitted = await self.client.call("createVolume", name=name, zoneid=zone_id,
+                                               diskofferingid=offering_id, size=size_gb)
+            volume_id = submitted.get("id")
+            if volume_id:
+                await record(volume_id)
+            await self.client.wait_for_job(submitted["jobid"], command="createVolume", resource_id=volume_id)
+            return volume_id
+
+        retried = False
+
+        async def before_retry(exc: CloudStackError) -> str | None:
+            nonlocal retried
+            retried = True
+            if exc.resource_id:  # the job failed: its volume stays allocated; drop it and try again
+                await self._quietly(self.release(exc.resource_id))
+                return None
+            # No answer: the volume may exist all the same. Adopt it rather than create a second one.
+            found = await self.by_name(name)
+            if found:
+                await record(found[0]["id"])
+                return found[0]["id"]
+            return None
+
+        volume_id = await self._retrying("createVolume", attempt, before_retry)
+        if retried:  # a failed attempt whose delete failed, or a second unanswered one
+            await self._quietly(self.sweep(name, keep=volume_id))
+        return volume_id
+
+    async def attach(self, volume_id: str, vm_id: str) -> dict[str, Any]:
+        async def before_retry(exc: CloudStackError) -> dict[str, Any] | None:
+            current = await self.volume(volume_id)
+            return current if current and current.get("virtualmachineid") == vm_id else None
+        return await self._retrying("attachVolume", lambda: self.client.attach_volume(volume_id, vm_id),
+                                    before_retry)
+
+    async def release(self, volume_id: str) -> None:
+        """Detach (if attached) and delete; a volume already gone is fine."""
+        current = await self.volume(volume_id)
+        if current is None:
+            return
+        if current.get("virtualmachineid"):
+            async def detached(exc: CloudStackError) -> dict[str, Any] | None:
+                now = await self.volume(volume_id)
+                return now if not now or not now.get("virtualmachineid") else None
+            await self._retrying("detachVolume", lambda: self.client.detach_volume(volume_id), detached)
+
+        async def gone(exc: CloudStackError) -> bool | None:
+            return True if await self.volume(volume_id) is None else None
+        await self._retrying("deleteVolume", lambda: self.client.delete_volume(volume_id), gone)
+
+    async def sweep(self, name: str, keep: str | None = None) -> list[str]:
+        """Release every volume called `name` except `keep`: what failed or unanswered attempts left."""
+        removed = []
+        for vol in await self.by_name(name):
+            if vol["id"] != keep:
+                await self.release(vol["id"])
+                removed.append(vol["id"])
+        return removed
+
+    @staticmethod
+    async def _quietly(coro: Awaitable[Any]) -> None:
+        try:
+            await coro
+        except Exception as exc:  # noqa: BLE001 - best effort; the name sweep at cleanup catches it
+            log.warning("cloud cleanup step failed", extra={"reason": error_text(exc)})

@@ -1,0 +1,91 @@
+"""`replication_jobs` and their per-disk records `job_volumes`.
+
+A volume lives longer than the job that created it (the next incremental job of the VM reuses it),
+so exactly one `job_volumes` row *holds* each live volume (`holds_volume`): the row of the job that
+created it, then of each job that took it over. The number of holding rows is the number of disks
+the appliance's VM carries (or is about to carry): the capacity count.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import Base, utcnow
+
+# Job statuses (docs/events.md).
+QUEUED, PROVISIONING, READY, REPLICATING = "queued", "provisioning", "ready_for_sync", "replicating"
+COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
+JOB_STATUSES = (QUEUED, PROVISIONING, READY, REPLICATING, COMPLETED, FAILED, CANCELLED)
+IN_FLIGHT = (QUEUED, PROVISIONING, READY, REPLICATING)
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+
+# Disk statuses, in step order; `released` = volume detached and deleted, `handed_over` = a later
+# job of the same VM holds the volume now.
+D_QUEUED, D_PENDING, D_CREATING, D_CREATED, D_ATTACHING = "queued", "pending", "creating", "created", "attaching"
+D_ATTACHED, D_EXPORTING, D_READY, D_FAILED = "attached", "exporting", "ready", "failed"
+D_CANCELLED, D_RELEASED, D_HANDED_OVER = "cancelled", "released", "handed_over"
+
+
+class ReplicationJob(Base):
+    __tablename__ = "replication_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # FIFO order
+    job_id: Mapped[str] = mapped_column(String(64), unique=True)
+    vm_id: Mapped[str] = mapped_column(String(255), index=True)        # source_vm.id (vCenter moref)
+    vm_uuid: Mapped[str | None] = mapped_column(String(64))
+    vm_key: Mapped[str] = mapped_column(String(255), index=True)       # uuid or id: the exports' vm_id
+    vm_name: Mapped[str] = mapped_column(String(255), index=True)
+    ossea_config_id: Mapped[int] = mapped_column(Integer)
+    replication_type: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    progress_percent: Mapped[float] = mapped_column(Float, default=0.0)
+    current_operation: Mapped[str | None] = mapped_column(String(255))
+    bytes_transferred: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    vma_throughput_mbps: Mapped[float | None] = mapped_column(Float)
+    vma_eta_seconds: Mapped[int | None] = mapped_column(Integer)
+    last_report_ts: Mapped[float | None] = mapped_column(Float(precision=53))  # epoch seconds
+    error: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(String(255))
+    source_vm: Mapped[str] = mapped_column(Text)                       # the request's source_vm, JSON
+    seq: Mapped[int] = mapped_column(Integer, default=0)               # last event seq published
+    cleanup_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class JobVolume(Base):
+    __tablename__ = "job_volumes"
+    __table_args__ = (UniqueConstraint("job_id", "unit_number", name="uq_job_volumes_job_unit"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("replication_jobs.job_id", ondelete="CASCADE"),
+                                        index=True)
+    unit_number: Mapped[int] = mapped_column(Integer)
+    disk_id: Mapped[str] = mapped_column(String(255))
+    disk_path: Mapped[str | None] = mapped_column(String(1024))
+    datastore: Mapped[str | None] = mapped_column(String(255))
+    capacity_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    size_gb: Mapped[int] = mapped_column(Integer)                      # rounded up to whole GiB
+    volume_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    volume_name: Mapped[str | None] = mapped_column(String(255), index=True)
+    device_id: Mapped[int | None] = mapped_column(Integer)
+    device_path: Mapped[str | None] = mapped_column(String(255))
+    export_name: Mapped[str | None] = mapped_column(String(255))
+    export_port: Mapped[int | None] = mapped_column(Integer)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by_job: Mapped[bool] = mapped_column(Boolean, default=False)
+    holds_volume: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    status: Mapped[str] = mapped_column(String(20))
+    error: Mapped[str | None] = mapped_column(Text)
+    previous_change_id: Mapped[str | None] = mapped_column(String(255))  # the base of a CBT delta
+    change_id: Mapped[str | None] = mapped_column(String(255))           # reported on completion
+    bytes_transferred: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
