@@ -15,7 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import inspect as sa_inspect, text
 
-from conftest import assert_error_shape, login, mariadb_settings, running
+import orjson
+
+from conftest import assert_error_shape, login, mariadb_settings, running, wait_for
 from shared import bus as busmod, errors
 from shared.plugins import BackendNotFound
 from shared.runner import Appliance
@@ -116,8 +118,6 @@ async def test_not_found_travels_as_seed_404(make_settings):
         probe = ProbeService(settings, await busmod.connect(appliance.nats_url, "probe"), appliance.services["auth"].pm)
         await probe.start()
         try:
-            async with running(settings, ()) as client:
-                pass
             from services.gateway.app import create_app
             app = create_app(settings, appliance.nats_url)
             async with app.router.lifespan_context(app):
@@ -304,3 +304,45 @@ def test_oma_api_process(tmp_path: Path, db: str, request):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_two_oma_service_processes_share_a_queue_group(make_settings, nats_url, tmp_path):
+    """Two `oma-service config` processes on one NATS: both take requests; health stays up while
+    either runs."""
+    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path)}
+    procs = [subprocess.Popen(["oma-service", "config", "-nats-url", nats_url, "-db-type", "memory",
+                               "-metrics-port", "0"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        async with running(make_settings(), ("auth",)) as client:
+            nc = client.app.state.bus.nc
+            from services.gateway.routers.health import _ping_all
+
+            async def both_up():
+                return (await _ping_all(nc, 0.5))["config"] == 2
+            await wait_for(both_up, timeout=60, interval=0.2)
+            headers = await login(client)
+            for _ in range(30):
+                r = await client.post("/api/v1/ossea/config", json={"action": "get"}, headers=headers)
+                assert r.status_code == 200, r.text
+            stats = []
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("$SRV.STATS.config", b"", reply=inbox)
+            for _ in range(2):
+                msg = await sub.next_msg(timeout=2)
+                stats.append(sum(e["num_requests"] for e in orjson.loads(msg.data)["endpoints"]))
+            await sub.unsubscribe()
+            assert len(stats) == 2 and all(n > 0 for n in stats) and sum(stats) >= 30, stats
+            procs[0].send_signal(signal.SIGTERM)
+            procs[0].wait(timeout=10)
+            r = await client.get("/health")
+            assert r.json()["services"]["config"]["status"] == "up"
+            assert r.json()["services"]["config"]["instances"] == 1
+            r = await client.post("/api/v1/ossea/config", json={"action": "get"}, headers=headers)
+            assert r.status_code == 200
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
