@@ -65,10 +65,17 @@ def mariadb_settings(name: str) -> dict[str, Any]:
                 db_user=MARIADB["user"], db_pass=MARIADB["password"])
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, nats_url: str):
     def make(**overrides: Any) -> Settings:
-        base: dict[str, Any] = dict(nats_url=nats_url, data_dir=tmp_path / "data",
+        base: dict[str, Any] = dict(nats_url=nats_url, data_dir=tmp_path / "data", nbd_port=free_port(),
                                     appliance_tokens=f"test-vma={SEED_TOKEN}", startup_timeout=20)
         base.update(overrides)
         return Settings(**base)

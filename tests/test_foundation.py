@@ -105,7 +105,7 @@ async def test_unknown_db_type_names_installed_backends(make_settings):
 
 
 def test_cli_unknown_db_type(tmp_path):
-    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path)}
+    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path), "OMA_NBD_PORT": str(_free_port())}
     r = subprocess.run([sys.executable, "-c", "from shared.cli import oma_api; oma_api()", "-db-type", "oracle",
                         "-port", str(_free_port())], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode != 0 and "mariadb, memory" in r.stderr.strip().splitlines()[-1]
@@ -274,7 +274,7 @@ def test_oma_api_process(tmp_path: Path, db: str, request):
         args += ["-db-host", "127.0.0.1", "-db-name", name, "-db-user", "root"]
         request.addfinalizer(lambda: subprocess.run(["mysql", "-uroot", "-h127.0.0.1", "-e",
                                                      f"DROP DATABASE IF EXISTS {name}"], check=False))
-    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path)}
+    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path), "OMA_NBD_PORT": str(_free_port())}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -309,7 +309,7 @@ def test_oma_api_process(tmp_path: Path, db: str, request):
 async def test_two_oma_service_processes_share_a_queue_group(make_settings, nats_url, tmp_path):
     """Two `oma-service config` processes on one NATS: both take requests; health stays up while
     either runs."""
-    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path)}
+    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path), "OMA_NBD_PORT": str(_free_port())}
     procs = [subprocess.Popen(["oma-service", "config", "-nats-url", nats_url, "-db-type", "memory",
                                "-metrics-port", "0"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(2)]
@@ -346,3 +346,20 @@ async def test_two_oma_service_processes_share_a_queue_group(make_settings, nats
             if p.poll() is None:
                 p.terminate()
                 p.wait(timeout=10)
+
+
+async def test_appliance_comes_up_when_the_nbd_server_cannot(make_settings):
+    """A busy NBD port (or a missing nbdkit) leaves the appliance healthy with a warning;
+    exports answer 503 with the reason instead of the whole appliance failing to start."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        async with running(make_settings(nbd_port=busy.getsockname()[1])) as client:
+            body = (await client.get("/health")).json()
+            assert body["status"] == "healthy"
+            assert any("NBD server not running" in w and "in use" in w for w in body["warnings"])
+            from shared.subjects import Exports
+            with pytest.raises(errors.Unavailable) as exc:
+                await client.app.state.bus.call(Exports.ENSURE, {"vm_id": "x", "disk_unit_number": 0,
+                                                                 "vm_name": "x", "device_path": "/dev/null"})
+            assert "in use" in str(exc.value.details)

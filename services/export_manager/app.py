@@ -14,6 +14,7 @@ from services.export_manager.service import (
     Snapshot,
 )
 from shared.db import utcnow
+from shared.errors import Unavailable
 from shared.plugins import get_backend
 from shared.service import BusRequest, ServiceApp, endpoint
 from shared.subjects import Exports
@@ -27,22 +28,49 @@ class ExportManagerService(ServiceApp):
     exporter: Any = None
     exports: service.ExportManager | None = None
     _periodic: asyncio.Task | None = None
+    _retry: asyncio.Task | None = None
 
     async def setup(self) -> None:
         self.exporter = get_backend(self.pm, "exporter", self.settings.export_backend).factory(self.settings)
-        await self.exporter.start()
         self.exports = service.ExportManager(self.sessions, self.exporter, self._publish, self.log,
                                              batch_wait=self.settings.export_batch_wait)
+        self.exporter_error: str | None = None
+        if not await self._start_exporter():
+            # The appliance still comes up (nbdkit may be installed later, the port freed): exports
+            # answer 503 with the reason, /health shows it, and we keep trying.
+            self._retry = asyncio.create_task(self._retry_start(10.0), name="exporter-retry")
+        interval = self.settings.export_reconcile_interval
+        if interval > 0:
+            self._periodic = asyncio.create_task(self._reconcile_every(interval), name="export-reconcile")
+
+    async def _start_exporter(self) -> bool:
+        try:
+            await self.exporter.start()
+        except Unavailable as exc:
+            self.exporter_error = str(exc.details or exc.error)
+            self.log.error("NBD server not running; exports unavailable", extra={
+                "backend": self.settings.export_backend, "reason": self.exporter_error})
+            return False
+        self.exporter_error = None
         report = await self.exports.reconcile()       # serve what the table says, nothing else
         self.log.info("exports reconciled at start-up", extra={
             "backend": self.exporter.name, "port": self.exporter.port, "active": report["active"],
             "readded": len(report["readded"]), "removed": len(report["removed"]),
             "missing_devices": len(report["missing_devices"])})
-        interval = self.settings.export_reconcile_interval
-        if interval > 0:
-            self._periodic = asyncio.create_task(self._reconcile_every(interval), name="export-reconcile")
+        return True
+
+    async def _retry_start(self, every: float) -> None:
+        while not await self._start_exporter():
+            await asyncio.sleep(every)
+
+    def _exporter_ready(self) -> None:
+        if self.exporter_error is not None:
+            raise Unavailable("NBD server not running", self.exporter_error)
 
     async def teardown(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            await asyncio.gather(self._retry, return_exceptions=True)
         if self._periodic is not None:
             self._periodic.cancel()
             await asyncio.gather(self._periodic, return_exceptions=True)
@@ -56,7 +84,8 @@ class ExportManagerService(ServiceApp):
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.exports.reconcile()
+                if self.exporter_error is None:
+                    await self.exports.reconcile()
             except Exception:
                 self.log.exception("periodic reconcile failed")
 
@@ -73,10 +102,13 @@ class ExportManagerService(ServiceApp):
     async def health(self, req: BusRequest) -> dict[str, Any]:
         body = await super().health(req)
         body["exporter"] = self.exporter.state() if self.exporter is not None else None
+        if self.exporter_error is not None:
+            body["warning"] = f"NBD server not running: {self.exporter_error}"
         return body
 
     @endpoint(Exports.ENSURE)
     async def ensure_export(self, req: BusRequest):
+        self._exporter_ready()
         return await self.exports.ensure(req.model(EnsureRequest))
 
     @endpoint(Exports.LIST)
@@ -97,4 +129,5 @@ class ExportManagerService(ServiceApp):
 
     @endpoint(Exports.RECONCILE)
     async def reconcile_exports(self, req: BusRequest):
+        self._exporter_ready()
         return await self.exports.reconcile()

@@ -69,6 +69,9 @@ async def get_health(request: Request):
     down = [n for n, s in services.items() if s["status"] != "up"]
     db_down = [n for n, s in services.items() if s.get("database") == "disconnected"]
     body.update(bus="connected", services=services, check_ms=round((time.perf_counter() - t0) * 1000, 1))
+    warnings = [f"{n}: {s['warning']}" for n, s in services.items() if s.get("warning")]
+    if warnings:  # the service is up but something it drives is not (e.g. the NBD server)
+        body["warnings"] = warnings
     if db_down:
         body["database"] = "disconnected"
     elif down:
