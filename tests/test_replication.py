@@ -75,14 +75,16 @@ def settings_for(make_settings, tmp: Path, **overrides: Any):
 
 @contextlib.asynccontextmanager
 async def replication_env(make_settings, tmp_path: Path, sim_kw: dict[str, Any] | None = None,
-                          **overrides: Any) -> AsyncIterator[Env]:
+                          services: tuple[str, ...] = SERVICES, **overrides: Any) -> AsyncIterator[Env]:
     """Simulator + auth/config/replication/export_manager + gateway, an OSSEA config pointing at it."""
     (tmp_path / "dev").mkdir(exist_ok=True)
     sim = CloudStackSimulator(API_KEY, SECRET, device_dir=tmp_path / "dev",
                               **{"job_latency": 0.05, **(sim_kw or {})})
     url = await sim.start()
     try:
-        async with running(settings_for(make_settings, tmp_path, **overrides), services=SERVICES) as client:
+        settings = settings_for(make_settings, tmp_path, **overrides)
+        async with running(settings, services=services) as client:
+            client.settings = settings  # type: ignore[attr-defined]
             headers = await login(client)
             r = await client.post("/api/v1/ossea/config", headers=headers, json={"action": "create", "configuration": {
                 "name": "sim", "api_url": url, "api_key": API_KEY, "secret_key": SECRET, "domain": "/",
@@ -92,7 +94,7 @@ async def replication_env(make_settings, tmp_path: Path, sim_kw: dict[str, Any] 
 
             async def on_event(msg) -> None:
                 events.append({"subject": msg.subject, **orjson.loads(msg.data)})
-            bus = client.appliance.services["replication"].bus
+            bus = next(iter(client.appliance.services.values())).bus
             sub = await bus.nc.subscribe("oma.evt.replication.job.>", cb=on_event)
             try:
                 yield Env(client, headers, sim, r.json()["configuration"]["id"], tmp_path, events)

@@ -1,0 +1,245 @@
+"""Replication under faults, against the CloudStack simulator and a real nbdkit exporter: a failing
+attach cleans up the job's other volumes, transient createVolume errors are retried, permanent ones
+are not, a hanging cloud fails the job in time, a SIGKILLed replication service is cleaned up on
+restart, and the disk cap queues jobs FIFO."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from plugins.ossea.simulator import DEFAULT_VM_ID
+from tests.conftest import assert_error_shape, mariadb_settings, wait_for
+from tests.test_replication import Env, metric, replication_env, request, write_and_check
+
+
+def attached(env: Env) -> list[str]:
+    return [v.id for v in env.data_volumes().values() if v.vm_id == DEFAULT_VM_ID]
+
+
+async def only_job(env: Env) -> dict[str, Any]:
+    r = await env.client.get("/api/v1/replication/jobs", headers=env.headers)
+    [job] = r.json()["jobs"]
+    return await env.job(job["job_id"])
+
+
+async def test_attach_failing_on_one_disk_fails_the_job_and_removes_the_others(make_settings, tmp_path):
+    async with replication_env(make_settings, tmp_path) as env:
+        env.sim.fail("attachVolume", 1, errorcode=431, errortext="The specified VM already has the maximum "
+                     "number of data disks (5). Please specify another VM.")
+        exporter = env.client.appliance.services["export_manager"].exporter
+        r = await env.post(request(env.config_id, "faulty", disks=4))
+        body = assert_error_shape(r, 502)
+        job = await only_job(env)
+        assert job["job_id"] in body["details"] and "maximum number of data disks" in body["details"]
+        assert job["status"] == "failed" and "maximum number of data disks" in job["error"]
+        statuses = sorted(d["status"] for d in job["disks"])
+        assert statuses == ["failed", "released", "released", "released"], job["disks"]
+        [bad] = [d for d in job["disks"] if d["status"] == "failed"]
+        assert "maximum number of data disks" in bad["error"] and "431" in bad["error"]
+        assert not env.data_volumes(), "every volume the job created is deleted"
+        assert len(env.commands("createVolume")) == 4 and len(env.commands("deleteVolume")) == 4
+        assert len(env.commands("attachVolume")) == 4, "431 is permanent: no retry"
+        assert len(env.commands("detachVolume")) == 3
+        assert exporter.list_exports() == {}, "exports of the failed job are deactivated"
+        assert metric("oma_attached_disks") == 0
+        mine = [e for e in env.events if e["job_id"] == job["job_id"]]
+        await wait_for(lambda: _true(any(e["subject"].endswith(".failed") for e in env.events)), 5)
+        failed = next(e for e in env.events if e["subject"].endswith(".failed"))
+        assert failed["status"] == "failed" and "maximum number of data disks" in failed["error"]
+        assert mine[0]["seq"] == 1
+
+
+async def _true(value):
+    return value
+
+
+async def _status_is(env: Env, job_id: str, status: str) -> bool:
+    return (await env.job(job_id))["status"] == status
+
+
+async def test_transient_createvolume_errors_are_retried_permanent_ones_not(make_settings, tmp_path):
+    async with replication_env(make_settings, tmp_path) as env:
+        before = metric("oma_replication_cloud_calls_total", command="createVolume", result="530")
+        env.sim.fail("createVolume", 2, errorcode=530)      # the async jobs fail; their volumes stay allocated
+        r = await env.post(request(env.config_id, "flaky", disks=1))
+        assert r.status_code == 201, r.text
+        assert len(env.commands("createVolume")) == 3
+        assert metric("oma_replication_cloud_calls_total", command="createVolume", result="530") == before + 2
+        [vol] = r.json()["created_volumes"]
+        assert list(env.data_volumes()) == [vol["volume_id"]], "the failed attempts' volumes were removed"
+        await write_and_check(env, r.json(), 1024 * 1024)
+
+        env.sim.fail("createVolume", 1, errorcode=530, sync=True)   # HTTP 530, no volume
+        r = await env.post(request(env.config_id, "flaky-sync", disks=2))
+        assert r.status_code == 201, r.text
+        assert len(env.data_volumes()) == 3
+
+        calls = len(env.commands("createVolume"))
+        env.sim.fail("createVolume", 1, errorcode=535, sync=True,
+                     errortext="Maximum number of resources of type 'volume' for account name: admin in "
+                               "domain id=1 has been exceeded.")
+        r = await env.post(request(env.config_id, "limited", disks=1))
+        body = assert_error_shape(r, 502)
+        assert "Maximum number of resources of type 'volume'" in body["details"]
+        assert len(env.commands("createVolume")) == calls + 1, "535 is permanent: sent once"
+        assert len(env.data_volumes()) == 3
+
+
+async def test_hanging_cloud_fails_the_job_within_the_timeout(make_settings, tmp_path):
+    async with replication_env(make_settings, tmp_path, cloud_timeout=1.0, cloud_job_timeout=2.0) as env:
+        env.sim.hang("attachVolume")
+        started = time.monotonic()
+        r = await env.post(request(env.config_id, "hung", disks=2))
+        elapsed = time.monotonic() - started
+        body = assert_error_shape(r, 502)
+        assert "did not answer attachVolume" in body["details"], body
+        # one step may take cloud_job_timeout plus one last request of cloud_timeout, then cleanup
+        assert elapsed < 2.0 + 1.0 + 2.0, elapsed
+        job = await only_job(env)
+        assert job["status"] == "failed"
+        assert not env.data_volumes()
+        env.sim.release()  # the hung attaches now run against deleted volumes: nothing comes back
+        await asyncio.sleep(0.3)
+        assert not env.data_volumes()
+
+
+async def test_capacity_queues_fifo_and_never_half_attaches(make_settings, tmp_path):
+    async with replication_env(make_settings, tmp_path, max_attached_disks=4) as env:
+        a = await env.post(request(env.config_id, "cap-a", disks=3))
+        assert a.status_code == 201, a.text
+        b = await env.post(request(env.config_id, "cap-b", disks=2))
+        assert b.status_code == 202, b.text
+        assert b.json()["status"] == "queued" and b.json()["created_volumes"] == []
+        c = await env.post(request(env.config_id, "cap-c", disks=1))
+        assert c.status_code == 202 and c.json()["status"] == "queued", "FIFO: it waits behind b though it fits"
+        too_big = await env.post(request(env.config_id, "cap-huge", disks=5))
+        assert "at most 4" in assert_error_shape(too_big, 409)["details"]
+        assert len(attached(env)) == 3 and metric("oma_attached_disks") == 3
+
+        # a's completion keeps its disks attached: still no room
+        await env.progress(a.json()["job_id"], {"status": "completed"})
+        await asyncio.sleep(0.3)
+        assert (await env.job(b.json()["job_id"]))["status"] == "queued"
+
+        r = await env.delete(a.json()["job_id"])
+        assert r.status_code == 200 and len(r.json()["released_volumes"]) == 3
+
+        async def ready(job_id: str) -> bool:
+            return (await env.job(job_id))["status"] == "ready_for_sync"
+        await wait_for(lambda: ready(b.json()["job_id"]), 10)
+        await wait_for(lambda: ready(c.json()["job_id"]), 10)
+        assert len(attached(env)) == 3 and metric("oma_attached_disks") == 3
+        detail = await env.job(b.json()["job_id"])
+        assert [e["reused"] for e in detail["nbd_exports"]] == [False, False]
+        await write_and_check(env, detail, 1024 * 1024)
+
+        # a failed job frees its slots too; a cancelled queued job leaves the queue
+        d = await env.post(request(env.config_id, "cap-d", disks=2))
+        e = await env.post(request(env.config_id, "cap-e", disks=1))
+        assert d.status_code == 202 and e.status_code == 202
+        r = await env.delete(e.json()["job_id"])
+        assert r.json()["status"] == "cancelled" and r.json()["previous_status"] == "queued"
+        await env.progress(b.json()["job_id"], {"status": "failed", "error": "VMA lost the source"})
+        await wait_for(lambda: ready(d.json()["job_id"]), 10)
+        assert (await env.job(b.json()["job_id"]))["error"] == "VMA lost the source"
+        assert len(attached(env)) == 3
+        assert (await env.job(e.json()["job_id"]))["status"] == "cancelled"
+
+
+# -- a SIGKILLed replication service ------------------------------------------------------------
+
+def service_env(settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in settings.model_dump().items():
+        if value is not None:
+            env[f"OMA_{key.upper()}"] = str(value)
+    env["OMA_METRICS_PORT"] = "0"
+    return env
+
+
+async def start_replication(settings, log: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from shared.cli import oma_service; oma_service()", "replication",
+        env=service_env(settings), stdout=log.open("ab"), stderr=asyncio.subprocess.STDOUT)
+
+
+async def answering(env: Env) -> bool:
+    r = await env.client.get("/api/v1/replication/jobs", headers=env.headers)
+    return r.status_code == 200
+
+
+async def kill(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
+    if proc.returncode is None:
+        proc.send_signal(sig)
+        await proc.wait()
+
+
+async def _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded: bool) -> None:
+    log = tmp_path / "replication.log"
+    async with replication_env(make_settings, tmp_path, services=("auth", "config", "export_manager"),
+                               provision_wait=0.3, **mariadb_settings(mariadb_name)) as env:
+        settings = env.client.settings
+        proc = await start_replication(settings, log)
+        try:
+            await wait_for(lambda: answering(env), 30)
+            if unrecorded:
+                env.sim.set_latency("createVolume", 1.5)   # the cloud creates them after we die
+            else:
+                env.sim.hang("attachVolume")
+            r = await env.post(request(env.config_id, "killed", disks=4))
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+
+            async def progressed() -> bool:
+                if unrecorded:
+                    return len(env.commands("createVolume")) == 4
+                disks = (await env.job(job_id))["disks"]
+                return sum(d["volume_id"] is not None for d in disks) >= 2 and len(env.data_volumes()) >= 2
+            await wait_for(progressed, 20)
+            await kill(proc)
+            if unrecorded:
+                await wait_for(lambda: _true(len(env.data_volumes()) == 4), 5)
+            else:
+                # the hung attaches may still go through after the death (if the cloud did not notice
+                # the closed connection): volumes attached that no live process knows about
+                env.sim.release()
+                await asyncio.sleep(0.5)
+                assert len(env.data_volumes()) >= 2
+            assert env.data_volumes(), "the kill left volumes in the cloud"
+
+            proc = await start_replication(settings, log)
+            await wait_for(lambda: answering(env), 30)
+
+            async def cleaned() -> bool:
+                job = await env.job(job_id)
+                return job["status"] == "failed" and not env.data_volumes()
+            await wait_for(cleaned, 20)
+            job = await env.job(job_id)
+            assert "interrupted" in job["error"]
+            assert all(d["status"] in ("released", "failed") for d in job["disks"]), job["disks"]
+
+            # and it works again
+            r = await env.post(request(env.config_id, "after-restart", disks=2))
+            assert r.status_code in (201, 202), r.text   # provision_wait is 0.3 s here
+            new_id = r.json()["job_id"]
+            await wait_for(lambda: _status_is(env, new_id, "ready_for_sync"), 10)
+            named = {d["volume_id"] for d in (await env.job(new_id))["disks"]}
+            assert set(env.data_volumes()) == named, "every volume in the cloud is named by a row"
+        finally:
+            env.sim.release()
+            await kill(proc, signal.SIGTERM)
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-3000:]
+
+
+async def test_sigkill_after_volumes_were_created_is_cleaned_up_on_restart(make_settings, tmp_path, mariadb_name):
+    await _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded=False)
+
+
+async def test_sigkill_before_the_cloud_answered_createvolume_finds_volumes_by_name(make_settings, tmp_path,
+                                                                                     mariadb_name):
+    await _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded=True)
