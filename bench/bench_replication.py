@@ -1,0 +1,138 @@
+"""Benchmark of the replication service (a script, not a test).
+
+Against the in-process CloudStack simulator (every async job takes --job-latency, 300 ms by default)
+and a real nbdkit exporter, through the gateway, in one run:
+1. a 1-disk VM and a 16-disk VM (--rounds times, medians): POST -> ready_for_sync time of each, and
+   the ratio 16-disk / 1-disk (target <= 1.5: the disks are provisioned concurrently);
+2. 8 VMs of 4 disks posted concurrently (32 disks = the cap): all ready, none failed, total time;
+   a 9th waits `queued` (202) and becomes ready after one of the 8 is deleted.
+
+    python bench/bench_replication.py [--job-latency 0.3] [--rounds 3]
+
+The simulator's account limits (20 volumes, 200 GiB) are raised for the run. ~30 s on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import httpx  # noqa: E402
+
+from nbdutil import free_port  # noqa: E402
+from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
+from shared.natsserver import EmbeddedNats  # noqa: E402
+from shared.runner import Appliance  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+TOKEN = "vma_bench_token_abc123def456789012345678"
+SERVICES = ("auth", "config", "replication", "export_manager")
+
+
+def vm(name: str, disks: int, config_id: int) -> dict[str, Any]:
+    return {"source_vm": {"id": f"vm-{name}", "name": name, "path": f"/DC/vm/{name}", "datacenter": "DC",
+                          "cpus": 2, "memory_mb": 4096,
+                          "disks": [{"id": f"disk-{i}", "size_gb": 10, "capacity_bytes": 10 * 1024 ** 3,
+                                     "path": f"[ds1] {name}/{name}_{i}.vmdk", "datastore": "ds1"}
+                                    for i in range(disks)]},
+            "ossea_config_id": config_id, "replication_type": "initial"}
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job-latency", type=float, default=0.3)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from services.gateway.app import create_app
+
+    with tempfile.TemporaryDirectory(prefix="oma-bench-repl-") as tmp:
+        tmpdir = Path(tmp)
+        (tmpdir / "dev").mkdir()
+        nats = EmbeddedNats()
+        sim = CloudStackSimulator("bench-key", "bench-secret", device_dir=tmpdir / "dev",
+                                  job_latency=args.job_latency, max_volumes=10_000, max_primary_gb=10_000_000)
+        url = await sim.start()
+        settings = Settings(nats_url=await nats.start(), data_dir=tmpdir / "data", appliance_tokens=f"bench={TOKEN}",
+                            export_backend="nbdkit", nbd_port=free_port(), device_by_id_dir=tmpdir / "dev",
+                            max_attached_disks=32, provision_wait=300, cloud_timeout=10, cloud_job_timeout=60)
+        try:
+            async with Appliance(settings, SERVICES) as appliance:
+                app = create_app(settings, appliance.nats_url)
+                async with app.router.lifespan_context(app), httpx.AsyncClient(
+                        transport=httpx.ASGITransport(app=app), base_url="http://oma", timeout=600) as c:
+                    await run(c, url, args)
+        finally:
+            await sim.stop()
+            await nats.stop()
+
+
+async def run(c: httpx.AsyncClient, url: str, args: argparse.Namespace) -> None:
+    r = await c.post("/api/v1/auth/login", json={"appliance_id": "bench", "token": TOKEN})
+    h = {"Authorization": f"Bearer {r.json()['session_token']}"}
+    r = await c.post("/api/v1/ossea/config", headers=h, json={"action": "create", "configuration": {
+        "name": "sim", "api_url": url, "api_key": "bench-key", "secret_key": "bench-secret",
+        "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})
+    config_id = r.json()["configuration"]["id"]
+
+    async def post(name: str, disks: int) -> tuple[float, httpx.Response]:
+        t = time.monotonic()
+        resp = await c.post("/api/v1/replications", headers=h, json=vm(name, disks, config_id))
+        return time.monotonic() - t, resp
+
+    async def delete(job_id: str) -> None:
+        resp = await c.delete(f"/api/v1/replication/jobs/{job_id}", headers=h)
+        assert resp.status_code == 200, resp.text
+
+    # 1. one disk vs sixteen
+    one, sixteen = [], []
+    for i in range(args.rounds):
+        t1, r1 = await post(f"one-{i}", 1)
+        t16, r16 = await post(f"sixteen-{i}", 16)
+        assert r1.status_code == 201 and r16.status_code == 201, (r1.text, r16.text)
+        assert len(r16.json()["nbd_exports"]) == 16
+        one.append(t1)
+        sixteen.append(t16)
+        await asyncio.gather(delete(r1.json()["job_id"]), delete(r16.json()["job_id"]))
+    m1, m16 = statistics.median(one), statistics.median(sixteen)
+    print(f"async job latency {args.job_latency * 1000:.0f} ms, {args.rounds} rounds (medians)")
+    print(f"  1-disk VM : {m1:6.2f} s   (rounds: {', '.join(f'{x:.2f}' for x in one)})")
+    print(f"  16-disk VM: {m16:6.2f} s   (rounds: {', '.join(f'{x:.2f}' for x in sixteen)})")
+    print(f"  ratio 16-disk / 1-disk: {m16 / m1:.2f}   (target <= 1.5)")
+
+    # 2. eight 4-disk VMs at once: 32 disks, the cap
+    t = time.monotonic()
+    results = await asyncio.gather(*(post(f"batch-{i}", 4) for i in range(8)))
+    total = time.monotonic() - t
+    statuses = [resp.status_code for _, resp in results]
+    ready = sum(resp.status_code == 201 and resp.json()["status"] == "ready_for_sync" for _, resp in results)
+    print(f"8 x 4-disk jobs concurrently: {ready}/8 ready_for_sync, {8 - ready} failed or waiting "
+          f"(HTTP {sorted(set(statuses))}), total {total:.2f} s, slowest {max(x for x, _ in results):.2f} s")
+    r = await c.get("/api/v1/replication/jobs", headers=h, params={"status": "failed"})
+    print(f"  failed jobs in the whole run: {r.json()['total']}")
+
+    t9, r9 = await post("ninth", 4)
+    job9 = r9.json()["job_id"]
+    print(f"9th 4-disk job: HTTP {r9.status_code}, status {r9.json()['status']} (answered in {t9:.2f} s)")
+    t = time.monotonic()
+    await delete(results[0][1].json()["job_id"])
+    while True:
+        r = await c.get(f"/api/v1/replication/jobs/{job9}", headers=h)
+        if r.json()["status"] in ("ready_for_sync", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    print(f"  after deleting one of the 8: {r.json()['status']} in {time.monotonic() - t:.2f} s "
+          f"(delete + provisioning 4 disks)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
