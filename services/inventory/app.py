@@ -33,6 +33,7 @@ class InventoryService(ServiceApp):
         self.source = get_backend(self.pm, "inventory", getattr(self.settings, "inventory_source", "vsphere"))
         self.reads = 0  # vCenter inventory reads made (concurrent discoveries of one vCenter share one)
         self._inflight: dict[str, asyncio.Task] = {}
+        self._publishing: dict[str, asyncio.Task] = {}  # the last event batch of each vCenter
 
     def _source(self, conn: dict[str, Any]) -> Any:
         return self.source.factory({k: conn[k] for k in CONNECTION_FIELDS if conn.get(k) is not None},
@@ -141,8 +142,9 @@ class InventoryService(ServiceApp):
             if skipped:
                 self.log.warning("VMs with a repeated instance UUID skipped", extra={"vcenter": host,
                                                                                      "vms": sorted(skipped)})
-            await self._publish(host, [(vm, vm["change"]) for vm in vms if vm["change"] != "unchanged"]
-                                + [(vm, "gone") for vm in gone])
+            changes = [(vm, vm["change"]) for vm in vms if vm["change"] != "unchanged"] + [(vm, "gone") for vm in gone]
+            if changes:  # after the reply; each vCenter's batches in discovery order
+                self._publishing[host] = self.spawn(self._publish(host, changes, self._publishing.get(host)))
             seconds = time.perf_counter() - started
             summary = {"found": len(vms), "new": res.count("new"), "changed": res.count("changed"),
                        "gone": len(res.gone), "unchanged": res.count("unchanged"), "seconds": round(seconds, 3)}
@@ -160,9 +162,13 @@ class InventoryService(ServiceApp):
             service.DISCOVERIES.labels(result=result).inc()
             service.DISCOVERY_SECONDS.observe(time.perf_counter() - started)
 
-    async def _publish(self, host: str, changes: list[tuple[dict[str, Any], str]]) -> None:
-        """One event per new, changed or gone VM, published concurrently in batches. The store is
-        committed already: a failed publish is logged, not raised."""
+    async def _publish(self, host: str, changes: list[tuple[dict[str, Any], str]],
+                       previous: asyncio.Task | None) -> None:
+        """One event per new, changed or gone VM, published concurrently in batches, once the
+        previous discovery's events are out. The store is committed already: a failed publish is
+        logged, not raised."""
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         failed = 0
         for i in range(0, len(changes), PUBLISH_BATCH):
             events = [service.event(host, vm, change) for vm, change in changes[i:i + PUBLISH_BATCH]]

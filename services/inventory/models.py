@@ -1,5 +1,9 @@
 """Inventory tables: vCenter connections and the source VMs with their disks and NICs.
 
+Disks and NICs are JSON arrays on the VM row (in the API's shape): a VM is always read and
+written whole, and one row per VM keeps both the discovery's upsert and a listing page to a
+couple of set-based statements.
+
 A VM is keyed by (vcenter, uuid): the instance UUID survives renames and moves, MAC addresses
 repeat across VMs, and morefs are only unique within one vCenter. Rows are never deleted by a
 discovery: a VM that vanished keeps its row with status "gone".
@@ -8,13 +12,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import Boolean, DateTime, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base
 
 PRESENT, GONE = "present", "gone"
+JSON_TEXT = Text().with_variant(MEDIUMTEXT(), "mysql")  # TEXT stops at 64 KiB on MariaDB
 
 
 class VCenterConfig(Base):
@@ -65,37 +70,6 @@ class Vm(Base):
     first_seen: Mapped[datetime] = mapped_column(DateTime)
     last_seen: Mapped[datetime] = mapped_column(DateTime)
     gone_at: Mapped[datetime | None] = mapped_column(DateTime)
+    disks: Mapped[str] = mapped_column(JSON_TEXT)  # JSON: [{id, key, unit_number, controller_*, path, size_gb, ...}]
+    nics: Mapped[str] = mapped_column(JSON_TEXT)  # JSON: [{key, network, mac_address, adapter_type, connected}]
 
-
-class VmDisk(Base):
-    __tablename__ = "vm_disks"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
-    position: Mapped[int] = mapped_column(Integer)  # device order in vSphere
-    disk_id: Mapped[str] = mapped_column(String(64))  # "disk-2000"
-    device_key: Mapped[int] = mapped_column(Integer)
-    label: Mapped[str | None] = mapped_column(String(255))
-    unit_number: Mapped[int | None] = mapped_column(Integer)
-    controller_key: Mapped[int | None] = mapped_column(Integer)
-    controller_bus_number: Mapped[int | None] = mapped_column(Integer)
-    controller_type: Mapped[str | None] = mapped_column(String(32))
-    controller_class: Mapped[str | None] = mapped_column(String(64))
-    path: Mapped[str | None] = mapped_column(String(1024))
-    size_gb: Mapped[int] = mapped_column(Integer)
-    capacity_bytes: Mapped[int] = mapped_column(BigInteger)
-    datastore: Mapped[str | None] = mapped_column(String(255))
-    thin_provisioned: Mapped[bool] = mapped_column(Boolean)
-    backing: Mapped[str | None] = mapped_column(String(64))
-    change_id: Mapped[str | None] = mapped_column(String(255))
-
-
-class VmNic(Base):
-    __tablename__ = "vm_nics"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
-    position: Mapped[int] = mapped_column(Integer)
-    device_key: Mapped[int] = mapped_column(Integer)
-    network: Mapped[str | None] = mapped_column(String(255))
-    mac_address: Mapped[str | None] = mapped_column(String(32))
-    adapter_type: Mapped[str | None] = mapped_column(String(32))
-    connected: Mapped[bool | None] = mapped_column(Boolean)

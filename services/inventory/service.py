@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
-from sqlalchemy import delete as sql_delete, func, insert, or_, select, update
+from sqlalchemy import RowMapping, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.inventory.models import GONE, PRESENT, VCenterConfig, Vm, VmDisk, VmNic
+from services.inventory.models import GONE, PRESENT, VCenterConfig, Vm
 from shared import errors
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
@@ -182,9 +182,10 @@ async def delete_config(db: AsyncSession, config_id: int) -> VCenterConfig:
 
 VM_COLUMNS = ("bios_uuid", "name", "path", "datacenter", "cluster", "host", "cpus", "memory_mb", "guest_os",
               "guest_os_full_name", "power_state", "firmware")
-DISK_COLUMNS = ("label", "unit_number", "controller_key", "controller_bus_number", "controller_type",
-                "controller_class", "path", "size_gb", "capacity_bytes", "datastore", "backing", "change_id")
-NIC_COLUMNS = ("network", "mac_address", "adapter_type", "connected")
+DISK_FIELDS = ("id", "key", "label", "unit_number", "controller_key", "controller_bus_number", "controller_type",
+               "controller_class", "path", "size_gb", "capacity_bytes", "datastore", "thin_provisioned", "backing",
+               "change_id")
+NIC_FIELDS = ("key", "network", "mac_address", "adapter_type", "connected")
 
 
 def fingerprint(vm: dict[str, Any]) -> str:
@@ -196,24 +197,20 @@ def vm_key(vm: dict[str, Any]) -> str:
     return vm.get("uuid") or vm["id"]  # instanceUuid is always set by vCenter; the moref is a last resort
 
 
+def disks_of(vm: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{f: d.get(f) for f in DISK_FIELDS} for d in vm.get("disks") or ()]
+
+
+def nics_of(vm: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{f: n.get(f) for f in NIC_FIELDS} for n in vm.get("nics") or ()]
+
+
 def _vm_row(vcenter: str, vm: dict[str, Any], digest: str, now: datetime) -> dict[str, Any]:
     row = {c: vm.get(c) for c in VM_COLUMNS}
     row.update(vcenter=vcenter, moref=vm["id"], uuid=vm_key(vm), cbt_enabled=bool(vm.get("cbt_enabled")),
-               template=bool(vm.get("template")), status=PRESENT, fingerprint=digest, last_seen=now, gone_at=None)
+               template=bool(vm.get("template")), status=PRESENT, fingerprint=digest, last_seen=now, gone_at=None,
+               disks=orjson.dumps(disks_of(vm)).decode(), nics=orjson.dumps(nics_of(vm)).decode())
     return row
-
-
-def _disk_rows(vm_id: int, vm: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for pos, d in enumerate(vm.get("disks") or ()):
-        row = {c: d.get(c) for c in DISK_COLUMNS}
-        row.update(vm_id=vm_id, position=pos, disk_id=d["id"], device_key=d["key"],
-                   thin_provisioned=bool(d.get("thin_provisioned")))
-        yield row
-
-
-def _nic_rows(vm_id: int, vm: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for pos, n in enumerate(vm.get("nics") or ()):
-        yield {**{c: n.get(c) for c in NIC_COLUMNS}, "vm_id": vm_id, "position": pos, "device_key": n["key"]}
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
@@ -247,53 +244,41 @@ def dedupe(vms: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[st
 
 
 async def upsert(db: AsyncSession, vcenter: str, vms: list[dict[str, Any]]) -> UpsertResult:
-    """Store one vCenter's whole inventory with set-based statements (no query per VM):
-    insert the new, rewrite the changed (and their disks and NICs), mark the vanished gone,
-    and touch last_seen of the rest. A VM that was gone and is back counts as new."""
+    """Store one vCenter's whole inventory with set-based statements (no query per VM): one
+    read of what is stored, one multi-row insert of the new, one executemany update of the
+    changed, one update marking the vanished gone and one touching last_seen of the rest.
+    A VM that was gone and is back counts as new."""
     now = utcnow()
     result = UpsertResult(seen_at=now)
     vms, result.duplicates = dedupe(vms)
-    stored = {row[1]: row for row in (await db.execute(
+    stored = {row.uuid: row for row in (await db.execute(
         select(Vm.id, Vm.uuid, Vm.fingerprint, Vm.status, Vm.first_seen).where(Vm.vcenter == vcenter))).all()}
-    inserts, updates, rewrite = [], [], []  # rewrite: (vm id or None, vm) whose devices are written
+    inserts, updates = [], []
     for vm in vms:
         key, digest = vm_key(vm), fingerprint(vm)
         old = stored.get(key)
         if old is None:
             inserts.append(_vm_row(vcenter, vm, digest, now) | {"first_seen": now})
             result.change[key], result.first_seen[key] = "new", now
-            rewrite.append((None, vm))
             continue
         result.first_seen[key] = old.first_seen
         if old.fingerprint != digest or old.status != PRESENT:
             updates.append(_vm_row(vcenter, vm, digest, now) | {"id": old.id})
             result.change[key] = "new" if old.status != PRESENT else "changed"
-            rewrite.append((old.id, vm))
         else:
             result.change[key] = "unchanged"
     gone_ids = []
-    for key, (vm_id, _, _, status, _) in stored.items():
-        if status == PRESENT and key not in result.change:
+    for key, row in stored.items():
+        if row.status == PRESENT and key not in result.change:
             result.gone.append(key)
-            gone_ids.append(vm_id)
+            gone_ids.append(row.id)
 
     for ids in _chunks(gone_ids):
         await db.execute(update(Vm).where(Vm.id.in_(ids)).values(status=GONE, gone_at=now))
     if updates:
         await db.execute(update(Vm), updates)  # executemany, by primary key
-        for ids in _chunks([vm_id for vm_id, _ in rewrite if vm_id is not None]):
-            await db.execute(sql_delete(VmDisk).where(VmDisk.vm_id.in_(ids)))
-            await db.execute(sql_delete(VmNic).where(VmNic.vm_id.in_(ids)))
     if inserts:
         await db.execute(insert(Vm), inserts)
-        ids = dict((await db.execute(select(Vm.uuid, Vm.id).where(Vm.vcenter == vcenter))).all())
-        rewrite = [(vm_id if vm_id is not None else ids[vm_key(vm)], vm) for vm_id, vm in rewrite]
-    disks = [d for vm_id, vm in rewrite for d in _disk_rows(vm_id, vm)]
-    nics = [n for vm_id, vm in rewrite for n in _nic_rows(vm_id, vm)]
-    if disks:
-        await db.execute(insert(VmDisk), disks)
-    if nics:
-        await db.execute(insert(VmNic), nics)
     if result.count("unchanged"):
         await db.execute(update(Vm).where(Vm.vcenter == vcenter, Vm.status == PRESENT, Vm.last_seen < now)
                          .values(last_seen=now))
@@ -306,24 +291,17 @@ async def count_present(db: AsyncSession) -> int:
 
 # -- reading VMs -------------------------------------------------------------------------------
 
-def _disk(d: VmDisk) -> dict[str, Any]:
-    out = {"id": d.disk_id, "key": d.device_key}
-    out.update({c: getattr(d, c) for c in DISK_COLUMNS})
-    out["thin_provisioned"] = d.thin_provisioned
-    return out
+# Reads use Core rows, not ORM objects: building entities costs more than the queries themselves.
+VMS = Vm.__table__
 
 
-def _nic(n: VmNic) -> dict[str, Any]:
-    return {"key": n.device_key, **{c: getattr(n, c) for c in NIC_COLUMNS}}
-
-
-def vm_public(vm: Vm, disks: list[VmDisk], nics: list[VmNic]) -> dict[str, Any]:
+def vm_public(vm: RowMapping) -> dict[str, Any]:
     """A stored VM in the seed's `source_vm` shape (id = moref), with what else we know."""
-    out: dict[str, Any] = {"id": vm.moref, "uuid": vm.uuid}
-    out.update({c: getattr(vm, c) for c in VM_COLUMNS})
-    out.update(cbt_enabled=vm.cbt_enabled, template=vm.template, vcenter=vm.vcenter, status=vm.status,
-               first_seen=iso(vm.first_seen), last_seen=iso(vm.last_seen), gone_at=iso(vm.gone_at),
-               disks=[_disk(d) for d in disks], nics=[_nic(n) for n in nics])
+    out: dict[str, Any] = {"id": vm["moref"], "uuid": vm["uuid"]}
+    out.update({c: vm[c] for c in VM_COLUMNS})
+    out.update(cbt_enabled=vm["cbt_enabled"], template=vm["template"], vcenter=vm["vcenter"], status=vm["status"],
+               first_seen=iso(vm["first_seen"]), last_seen=iso(vm["last_seen"]), gone_at=iso(vm["gone_at"]),
+               disks=orjson.loads(vm["disks"]), nics=orjson.loads(vm["nics"]))
     return out
 
 
@@ -334,39 +312,19 @@ def discovered(vcenter: str, vm: dict[str, Any], change: str, first_seen: dateti
     out.update({c: vm.get(c) for c in VM_COLUMNS})
     out.update(cbt_enabled=bool(vm.get("cbt_enabled")), template=bool(vm.get("template")), vcenter=vcenter,
                status=PRESENT, first_seen=iso(first_seen), last_seen=iso(seen_at), gone_at=None,
-               disks=[{"id": d["id"], "key": d["key"], **{c: d.get(c) for c in DISK_COLUMNS},
-                       "thin_provisioned": bool(d.get("thin_provisioned"))} for d in vm.get("disks") or ()],
-               nics=[{"key": n["key"], **{c: n.get(c) for c in NIC_COLUMNS}} for n in vm.get("nics") or ()],
-               change=change)
+               disks=disks_of(vm), nics=nics_of(vm), change=change)
     return out
 
 
-async def with_devices(db: AsyncSession, vms: Sequence[Vm]) -> list[dict[str, Any]]:
-    """VMs with their disks and NICs: two more queries, whatever the number of VMs."""
-    disks: dict[int, list[VmDisk]] = {vm.id: [] for vm in vms}
-    nics: dict[int, list[VmNic]] = {vm.id: [] for vm in vms}
-    for ids in _chunks(list(disks)):
-        for d in (await db.scalars(select(VmDisk).where(VmDisk.vm_id.in_(ids))
-                                   .order_by(VmDisk.vm_id, VmDisk.position))).all():
-            disks[d.vm_id].append(d)
-        for n in (await db.scalars(select(VmNic).where(VmNic.vm_id.in_(ids))
-                                   .order_by(VmNic.vm_id, VmNic.position))).all():
-            nics[n.vm_id].append(n)
-    return [vm_public(vm, disks[vm.id], nics[vm.id]) for vm in vms]
+async def _mappings(db: AsyncSession, stmt: Any) -> Sequence[RowMapping]:
+    return (await db.execute(stmt)).mappings().all()
 
 
 async def vms_by_key(db: AsyncSession, vcenter: str, keys: Sequence[str]) -> list[dict[str, Any]]:
-    rows: list[Vm] = []
+    rows: list[RowMapping] = []
     for chunk in _chunks(list(keys)):
-        rows += (await db.scalars(select(Vm).where(Vm.vcenter == vcenter, Vm.uuid.in_(chunk)))).all()
-    return await with_devices(db, rows)
-
-
-async def vms_of(db: AsyncSession, vcenter: str) -> list[dict[str, Any]]:
-    """The present VMs of one vCenter, by path (the discovery's reply)."""
-    rows = (await db.scalars(select(Vm).where(Vm.vcenter == vcenter, Vm.status == PRESENT)
-                             .order_by(Vm.path, Vm.id))).all()
-    return await with_devices(db, rows)
+        rows += await _mappings(db, select(VMS).where(VMS.c.vcenter == vcenter, VMS.c.uuid.in_(chunk)))
+    return [vm_public(r) for r in rows]
 
 
 async def list_vms(db: AsyncSession, q: ListRequest, vcenters: Sequence[str] = ()) -> dict[str, Any]:
@@ -385,20 +343,22 @@ async def list_vms(db: AsyncSession, q: ListRequest, vcenters: Sequence[str] = (
     if not q.include_gone:
         where.append(Vm.status == PRESENT)
     total = await db.scalar(select(func.count()).select_from(Vm).where(*where))
-    rows = (await db.scalars(select(Vm).where(*where).order_by(Vm.name, Vm.id)
-                             .limit(q.limit).offset(q.offset))).all()
-    return {"success": True, "vms": await with_devices(db, rows), "total": total or 0,
+    # Late row lookup: the page's ids come from the (status, name) index alone, so a deep offset
+    # skips index entries rather than whole rows; then the page's rows are joined by primary key.
+    page = select(Vm.id).where(*where).order_by(Vm.name, Vm.id).limit(q.limit).offset(q.offset).subquery()
+    rows = await _mappings(db, select(VMS).join(page, page.c.id == VMS.c.id).order_by(VMS.c.name, VMS.c.id))
+    return {"success": True, "vms": [vm_public(r) for r in rows], "total": total or 0,
             "limit": q.limit, "offset": q.offset}
 
 
 async def get_vm(db: AsyncSession, vm_id: str) -> dict[str, Any]:
     """By moref or instance UUID; when several vCenters know it, the present, last seen one."""
-    row = await db.scalar(select(Vm).where(or_(Vm.moref == vm_id, Vm.uuid == vm_id))
-                          .order_by((Vm.status == PRESENT).desc(), Vm.last_seen.desc()).limit(1))
-    if row is None:
+    rows = await _mappings(db, select(VMS).where(or_(VMS.c.moref == vm_id, VMS.c.uuid == vm_id))
+                           .order_by((VMS.c.status == PRESENT).desc(), VMS.c.last_seen.desc()).limit(1))
+    if not rows:
         raise errors.NotFound("VM not found", f"No VM with id or UUID {vm_id!r} in the inventory; "
                                               "run a discovery of its vCenter first")
-    return (await with_devices(db, [row]))[0]
+    return vm_public(rows[0])
 
 
 # -- events ------------------------------------------------------------------------------------

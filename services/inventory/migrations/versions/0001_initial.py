@@ -1,12 +1,15 @@
-"""vcenter_configs, vms, vm_disks, vm_nics
+"""vcenter_configs, vms (disks and NICs as JSON)
 
 Revision ID: inventory_0001
 """
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
 
 revision = "inventory_0001"
 down_revision = None
+
+JSON_TEXT = sa.Text().with_variant(MEDIUMTEXT(), "mysql")
 
 
 def upgrade() -> None:
@@ -50,6 +53,8 @@ def upgrade() -> None:
         sa.Column("first_seen", sa.DateTime, nullable=False),
         sa.Column("last_seen", sa.DateTime, nullable=False),
         sa.Column("gone_at", sa.DateTime, nullable=True),
+        sa.Column("disks", JSON_TEXT, nullable=False),
+        sa.Column("nics", JSON_TEXT, nullable=False),
         sa.UniqueConstraint("vcenter", "uuid", name="uq_vms_vcenter"),
     )
     op.create_index("ix_vms_status_name", "vms", ["status", "name"])
@@ -58,46 +63,8 @@ def upgrade() -> None:
     op.create_index("ix_vms_power_state", "vms", ["power_state"])
     op.create_index("ix_vms_moref", "vms", ["moref"])
     op.create_index("ix_vms_uuid", "vms", ["uuid"])
-    op.create_table(
-        "vm_disks",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("vm_id", sa.Integer, sa.ForeignKey("vms.id", ondelete="CASCADE",
-                                                     name="fk_vm_disks_vm_id_vms"), nullable=False),
-        sa.Column("position", sa.Integer, nullable=False),
-        sa.Column("disk_id", sa.String(64), nullable=False),
-        sa.Column("device_key", sa.Integer, nullable=False),
-        sa.Column("label", sa.String(255), nullable=True),
-        sa.Column("unit_number", sa.Integer, nullable=True),
-        sa.Column("controller_key", sa.Integer, nullable=True),
-        sa.Column("controller_bus_number", sa.Integer, nullable=True),
-        sa.Column("controller_type", sa.String(32), nullable=True),
-        sa.Column("controller_class", sa.String(64), nullable=True),
-        sa.Column("path", sa.String(1024), nullable=True),
-        sa.Column("size_gb", sa.Integer, nullable=False),
-        sa.Column("capacity_bytes", sa.BigInteger, nullable=False),
-        sa.Column("datastore", sa.String(255), nullable=True),
-        sa.Column("thin_provisioned", sa.Boolean, nullable=False),
-        sa.Column("backing", sa.String(64), nullable=True),
-        sa.Column("change_id", sa.String(255), nullable=True),
-    )
-    op.create_index("ix_vm_disks_vm_id", "vm_disks", ["vm_id"])
-    op.create_table(
-        "vm_nics",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("vm_id", sa.Integer, sa.ForeignKey("vms.id", ondelete="CASCADE",
-                                                     name="fk_vm_nics_vm_id_vms"), nullable=False),
-        sa.Column("position", sa.Integer, nullable=False),
-        sa.Column("device_key", sa.Integer, nullable=False),
-        sa.Column("network", sa.String(255), nullable=True),
-        sa.Column("mac_address", sa.String(32), nullable=True),
-        sa.Column("adapter_type", sa.String(32), nullable=True),
-        sa.Column("connected", sa.Boolean, nullable=True),
-    )
-    op.create_index("ix_vm_nics_vm_id", "vm_nics", ["vm_id"])
 
 
 def downgrade() -> None:
-    op.drop_table("vm_nics")
-    op.drop_table("vm_disks")
     op.drop_table("vms")
     op.drop_table("vcenter_configs")
