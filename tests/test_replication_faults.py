@@ -243,3 +243,21 @@ async def test_sigkill_after_volumes_were_created_is_cleaned_up_on_restart(make_
 async def test_sigkill_before_the_cloud_answered_createvolume_finds_volumes_by_name(make_settings, tmp_path,
                                                                                      mariadb_name):
     await _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded=True)
+
+
+async def test_keep_failed_resources_leaves_them_until_the_job_is_deleted(make_settings, tmp_path):
+    async with replication_env(make_settings, tmp_path, keep_failed_resources=True, max_attached_disks=3) as env:
+        env.sim.fail("attachVolume", 1, errorcode=431, errortext="Volume state must be in Allocated")
+        r = await env.post(request(env.config_id, "kept", disks=2))
+        assert_error_shape(r, 502)
+        job = await only_job(env)
+        assert job["status"] == "failed" and len(env.data_volumes()) == 2, "kept for inspection"
+        assert metric("oma_attached_disks") == 2, "kept volumes still hold their slots"
+        queued = await env.post(request(env.config_id, "waiting", disks=2))
+        assert queued.status_code == 202
+        r = await env.delete(job["job_id"])
+        assert r.status_code == 200 and len(r.json()["released_volumes"]) == 2
+        await wait_for(lambda: _status_is(env, queued.json()["job_id"], "ready_for_sync"), 10)
+        assert len(env.data_volumes()) == 2
+        assert not any(job["job_id"] in v.name for v in env.data_volumes().values()), "the failed job's are gone"
+        assert all(queued.json()["job_id"] in v.name for v in env.data_volumes().values())
