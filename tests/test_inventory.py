@@ -298,6 +298,8 @@ async def test_rediscovery_reports_new_changed_gone(make_settings, sim: Vcsim) -
         await asyncio.sleep(0.3)
         assert events == []
         await sub.unsubscribe()
+        assert REGISTRY.get_sample_value("oma_inventory_discovered_vms") == 4
+        assert (REGISTRY.get_sample_value("oma_inventory_discovery_duration_seconds_count") or 0) >= 3
 
 
 async def test_discovery_failures_are_clear(make_settings) -> None:
@@ -461,3 +463,25 @@ async def test_password_never_in_responses_or_logs(make_settings, caplog) -> Non
     for record in caplog.records:
         assert SECRET not in record.getMessage(), record.name
         assert SECRET not in repr(record.__dict__), record.name
+
+
+async def test_a_reply_too_large_for_the_bus_is_cut_down(make_settings) -> None:
+    """The bus refuses messages over the server's max_payload: the discovery reply then lists
+    brief VMs (and, if need be, only the first ones) and says so."""
+    async with running(make_settings(), services=SERVICES) as client:
+        inv = client.appliance.services["inventory"]
+        limit = inv.bus.nc.max_payload
+        vm = {"id": "vm-1", "uuid": "u", "name": "n" * 200, "path": "/DC0/vm/x", "datacenter": "DC0",
+              "power_state": "poweredOn", "change": "new", "disks": [{"id": "disk-1", "path": "p" * 500}] * 4}
+        reply = {"success": True, "vcenter": "vc", "vms": [vm] * (limit // 2000 + 10),
+                 "summary": {"found": limit // 2000 + 10}}
+        assert len(orjson.dumps(reply)) > limit
+        body = orjson.loads(inv._fit(reply))
+        assert len(orjson.dumps(body)) <= limit and "brief" in body["vms_detail"]
+        assert body["vms"] == [{k: vm[k] for k in ("id", "uuid", "name", "path", "datacenter", "power_state",
+                                                   "change")}] * len(reply["vms"])
+        huge = {**reply, "vms": [vm] * (limit // 100), "summary": {"found": limit // 100}}
+        body = orjson.loads(inv._fit(huge))
+        assert 0 < len(body["vms"]) < len(huge["vms"]) and body["vms_detail"].startswith("first ")
+        small = {**reply, "vms": [vm]}
+        assert orjson.loads(inv._fit(small)) == small
