@@ -36,7 +36,7 @@ from shared import errors
 from shared.bus import Bus
 from shared.natsserver import _die_with_parent, find_binary, free_port
 from shared.settings import METRICS_PORTS, SERVICES, Settings
-from shared.subjects import Config, Contexts, health
+from shared.subjects import Config, Contexts, Exports, health
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -495,10 +495,13 @@ async def test_only_the_gateway_calls_public_subjects(stack: Stack):
     await answered(stack, "admin", Contexts.REBUILD)
 
 
-async def test_only_replication_gets_cloud_credentials(stack: Stack):
-    await answered(stack, "replication", Config.CREDENTIALS, {"config_id": 1})
+async def test_only_replication_gets_cloud_credentials_and_exports(stack: Stack):
+    await answered(stack, "replication", Config.CREDENTIALS, {"id": 1})
     for user in ("inventory", "gateway", "export_manager", "context_aggregator", "auth"):
         await denied(stack, user, Config.CREDENTIALS)
+    # replication's other calls: the exports of its jobs.
+    await answered(stack, "replication", Exports.DEACTIVATE, {})
+    await denied(stack, "inventory", Exports.ENSURE)
 
 
 async def test_services_cannot_listen_or_speak_for_others(stack: Stack):
@@ -829,6 +832,9 @@ def test_systemd_units_run_the_console_scripts():
     assert em["ExecStart"][0].split()[1] == "export_manager"
     assert effective("oma-service@config.service").get("KillMode", ["control-group"]) == ["control-group"]
     assert effective("oma-api.service")["KillMode"] == ["process"]  # it runs export_manager too
+    # ...and the service itself leaves the NBD server running when it stops.
+    for name in ("oma-api.service", "oma-service@export_manager.service"):
+        assert "OMA_NBD_KEEP_RUNNING=true" in effective(name)["Environment"], name
     dropin = (SYSTEMD_DIR / "oma-service@export_manager.service.d").glob("*.conf")
     assert any("KillMode=process" in p.read_text() and "#" in p.read_text() for p in dropin)
     example = env_file(SYSTEMD_DIR / "oma.env.example")
