@@ -228,6 +228,10 @@ async def test_incremental_job_reuses_volumes_and_exports_and_carries_change_ids
         assert [d["previous_change_id"] for d in detail["disks"]] == [ids["0"], ids["1"]]
         assert [d["change_id"] for d in detail["disks"]] == [None, None]
         assert metric("oma_attached_disks") == 2  # the volumes stayed attached, counted once
+        # deleting the first job now releases nothing: the second holds its volumes
+        r = await env.delete(first["job_id"])
+        assert r.status_code == 200 and r.json()["released_volumes"] == [], r.text
+        assert len(env.data_volumes()) == 2 and exporter.list_exports() == served
         await write_and_check(env, second, 1 * MiB)
 
         # a third, larger VM layout: the new disk is created, the others reused
@@ -351,7 +355,8 @@ async def test_list_filters_pagination_and_delete(make_settings, tmp_path):
         r = await env.client.get("/api/v1/replication/jobs", headers=env.headers,
                                  params={"status": "ready_for_sync", "since": "2000-01-01T00:00:00Z"})
         assert r.json()["total"] == 3
-        r = await env.client.get("/api/v1/replication/jobs", headers=env.headers, params={"since": "2999-01-01T00:00:00Z"})
+        r = await env.client.get("/api/v1/replication/jobs", headers=env.headers,
+                                 params={"since": "2999-01-01T00:00:00Z"})
         assert r.json()["total"] == 0
         assert_error_shape(await env.client.get("/api/v1/replication/jobs", headers=env.headers,
                                                 params={"status": "sleeping"}), 400)

@@ -261,3 +261,25 @@ async def test_keep_failed_resources_leaves_them_until_the_job_is_deleted(make_s
         assert len(env.data_volumes()) == 2
         assert not any(job["job_id"] in v.name for v in env.data_volumes().values()), "the failed job's are gone"
         assert all(queued.json()["job_id"] in v.name for v in env.data_volumes().values())
+
+
+async def test_delete_while_provisioning_cancels_and_cleans_up(make_settings, tmp_path):
+    async with replication_env(make_settings, tmp_path, provision_wait=0.3, cloud_timeout=10.0,
+                               cloud_job_timeout=20.0) as env:
+        env.sim.hang("attachVolume")
+        r = await env.post(request(env.config_id, "cancel-me", disks=3))
+        assert r.status_code == 202 and r.json()["status"] == "provisioning", r.text
+        job_id = r.json()["job_id"]
+        await wait_for(lambda: _true(len(env.commands("attachVolume")) == 3), 5)
+        started = time.monotonic()
+        r = await env.delete(job_id)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 5, "the cancel does not wait for the hung cloud calls"
+        assert r.json()["status"] == "cancelled" and r.json()["previous_status"] == "provisioning"
+        assert len(r.json()["released_volumes"]) == 3 and not env.data_volumes()
+        env.sim.release()
+        await asyncio.sleep(0.3)
+        assert not env.data_volumes()
+        job = await env.job(job_id)
+        assert job["status"] == "cancelled" and metric("oma_attached_disks") == 0
+        assert_error_shape(await env.progress(job_id, {"status": "replicating"}), 409)

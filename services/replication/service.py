@@ -26,9 +26,29 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.replication import views
 from services.replication.cloud import CloudOps, error_text
 from services.replication.models import (
-    CANCELLED, COMPLETED, D_ATTACHED, D_ATTACHING, D_CANCELLED, D_CREATED, D_CREATING, D_EXPORTING, D_FAILED,
-    D_PENDING, D_QUEUED, D_READY, D_RELEASED, FAILED, FINISHED, IN_FLIGHT, JOB_STATUSES, PROVISIONING, QUEUED,
-    READY, REPLICATING, JobVolume, ReplicationJob,
+    CANCELLED,
+    COMPLETED,
+    D_ATTACHED,
+    D_ATTACHING,
+    D_CANCELLED,
+    D_CREATED,
+    D_CREATING,
+    D_EXPORTING,
+    D_FAILED,
+    D_PENDING,
+    D_QUEUED,
+    D_READY,
+    D_RELEASED,
+    FAILED,
+    FINISHED,
+    IN_FLIGHT,
+    JOB_STATUSES,
+    PROVISIONING,
+    QUEUED,
+    READY,
+    REPLICATING,
+    JobVolume,
+    ReplicationJob,
 )
 from shared import errors
 from shared.bus import Reply
@@ -412,11 +432,15 @@ class Replicator:
                    and (r.created_by_job or not created_only)]
         released: list[str] = []
         if targets:
+            async with self.sessions() as db:  # volumes other jobs hold now (taken over): never touched
+                others = set((await db.scalars(select(JobVolume.volume_id).where(
+                    JobVolume.holds_volume.is_(True), JobVolume.job_id != job_id,
+                    JobVolume.volume_id.is_not(None)))).all())
             own = ops is None
             try:
                 if own:
                     ops = self.cloud(await self.credentials(job.ossea_config_id))
-                outcomes = await asyncio.gather(*(self._release_row(ops, job, r) for r in targets),
+                outcomes = await asyncio.gather(*(self._release_row(ops, job, r, others) for r in targets),
                                                 return_exceptions=True)
             except Exception as exc:  # noqa: BLE001 - e.g. the configuration is gone: retried on restart
                 outcomes = [exc]
@@ -434,17 +458,17 @@ class Replicator:
         await self.refresh_gauges()
         return released
 
-    async def _release_row(self, ops: CloudOps, job: ReplicationJob, row: JobVolume) -> list[str]:
-        if row.export_name or row.status in (D_EXPORTING, D_READY):
+    async def _release_row(self, ops: CloudOps, job: ReplicationJob, row: JobVolume, others: set[str]) -> list[str]:
+        if row.holds_volume and (row.export_name or row.status in (D_EXPORTING, D_READY)):
             target = ({"export_name": row.export_name} if row.export_name
                       else {"vm_id": job.vm_key, "disk_unit_number": row.unit_number})
             try:
                 await self.bus.call(Exports.DEACTIVATE, target)
             except errors.NotFound:
                 pass
-        ids = [row.volume_id] if row.volume_id else []
+        ids = [row.volume_id] if row.volume_id and row.holds_volume else []
         if row.created_by_job and row.volume_name:  # volumes whose id the row never learnt
-            ids += [v["id"] for v in await ops.by_name(row.volume_name) if v["id"] not in ids]
+            ids += [v["id"] for v in await ops.by_name(row.volume_name) if v["id"] not in ids and v["id"] not in others]
         for volume_id in ids:
             await ops.release(volume_id)
         if row.holds_volume:
