@@ -419,6 +419,27 @@ async def test_service_down_raises_the_alert(stack: Stack):
     await poll(lambda: targets_up(stack), 60, "inventory scraped again", diagnostics=stack.logs)
 
 
+async def test_compose_healthchecks_pass_on_running_services(stack: Stack):
+    """The containers' healthcheck commands, run against this run's processes."""
+    for svc in compose_services().values():
+        name = oma_service_of(svc)
+        if not name:
+            continue
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1] == "python", test
+        argv = [sys.executable, *test[2:]]
+        port = stack.procs[name].port
+        if name == "gateway":
+            argv = [a.replace("127.0.0.1:8082", f"127.0.0.1:{port}") for a in argv]
+        env = {**os.environ, "OMA_METRICS_PORT": str(port)}
+        r = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, (name, r.stderr[-1000:])
+        if name != "gateway":  # a port where no OMA service runs is unhealthy
+            env["OMA_METRICS_PORT"] = str(stack.prom_url.rsplit(":", 1)[1])
+            r = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, timeout=30)
+            assert r.returncode != 0, name
+
+
 # ---------------------------------------------------------------------------------------------
 # NATS users and permissions
 
