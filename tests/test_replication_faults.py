@@ -283,3 +283,17 @@ async def test_delete_while_provisioning_cancels_and_cleans_up(make_settings, tm
         job = await env.job(job_id)
         assert job["status"] == "cancelled" and metric("oma_attached_disks") == 0
         assert_error_shape(await env.progress(job_id, {"status": "replicating"}), 409)
+
+
+async def test_unfinished_cleanup_is_retried(make_settings, tmp_path):
+    async with replication_env(make_settings, tmp_path) as env:
+        env.sim.fail("attachVolume", 1, errorcode=431, errortext="Volume state must be in Allocated")
+        env.sim.fail("deleteVolume", 2, errorcode=531, errortext="Account has no permission to delete")
+        r = await env.post(request(env.config_id, "sticky", disks=2))
+        assert_error_shape(r, 502)
+        job = await only_job(env)
+        assert job["status"] == "failed" and len(env.data_volumes()) == 2, "the cloud refused the deletes"
+        assert metric("oma_attached_disks") == 2, "volumes not yet deleted keep their slots"
+        assert await env.replication.jobs.retry_cleanups() == 0
+        assert not env.data_volumes() and metric("oma_attached_disks") == 0
+        assert await env.replication.jobs.retry_cleanups() == 0

@@ -18,17 +18,32 @@ class ReplicationService(ServiceApp):
     async def setup(self) -> None:
         self.jobs = Replicator(self)
         # In the background: recovery needs the config and export services, which may start after us.
-        self.spawn(self._recover())
+        # Not `spawn`ed: shutdown must not wait for its sleeps; teardown cancels it.
+        self._janitor = asyncio.create_task(self._recover())
+
+    async def teardown(self) -> None:
+        self._janitor.cancel()
+        await asyncio.gather(self._janitor, return_exceptions=True)
 
     async def _recover(self) -> None:
+        interval = float(getattr(self.settings, "cleanup_retry_interval", 30.0))
         for attempt in range(30):
             try:
                 await self.jobs.recover()
-                return
+                break
             except errors.Unavailable as exc:  # a service we need is not up yet
                 self.log.info("recovery waits for a service", extra={"attempt": attempt, "reason": str(exc)})
                 await asyncio.sleep(1.0)
-        self.log.error("recovery gave up: services unavailable")
+        # Cleanups that could not finish (cloud or config down) are retried until they do.
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                left = await self.jobs.retry_cleanups()
+            except Exception:  # noqa: BLE001 - keep the janitor alive; it logs and tries again
+                self.log.exception("cleanup retry failed")
+                continue
+            if left:
+                self.log.warning("cleanups still pending", extra={"jobs": left})
 
     @staticmethod
     def _job_id(req: BusRequest) -> str:

@@ -466,6 +466,9 @@ class Replicator:
                 await self.bus.call(Exports.DEACTIVATE, target)
             except errors.NotFound:
                 pass
+            except errors.OmaError as exc:  # the volume still goes; export_manager drops exports of gone devices
+                self.log.warning("could not deactivate an export", extra={"job_id": job.job_id,
+                                                                           "reason": error_text(exc), **target})
         ids = [row.volume_id] if row.volume_id and row.holds_volume else []
         if row.created_by_job and row.volume_name:  # volumes whose id the row never learnt
             ids += [v["id"] for v in await ops.by_name(row.volume_name) if v["id"] not in ids and v["id"] not in others]
@@ -487,10 +490,24 @@ class Replicator:
         for job_id in interrupted:
             self.log.warning("replication job interrupted by a restart", extra={"job_id": job_id})
             await self.fail(job_id, INTERRUPTED, pump=False)
-        for job_id in pending:
+        await self.retry_cleanups(pending)
+        await self.pump()
+
+    async def retry_cleanups(self, job_ids: list[str] | None = None) -> int:
+        """Run the cleanups left unfinished (cloud or config service down); return how many still are."""
+        if job_ids is None:
+            async with self.sessions() as db:
+                job_ids = list((await db.scalars(select(ReplicationJob.job_id).where(
+                    ReplicationJob.cleanup_pending.is_(True), ReplicationJob.status.in_(FINISHED)))).all())
+        for job_id in job_ids:
             job, _ = await self.load(job_id)
             await self.cleanup(job_id, created_only=job.status != COMPLETED)
-        await self.pump()
+        async with self.sessions() as db:
+            left = await db.scalar(select(func.count()).select_from(ReplicationJob).where(
+                ReplicationJob.cleanup_pending.is_(True), ReplicationJob.status.in_(FINISHED)))
+        if job_ids and left < len(job_ids):
+            await self.pump()
+        return left or 0
 
     # -- progress from the VMA ------------------------------------------------------------------
 
