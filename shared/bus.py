@@ -53,7 +53,10 @@ async def connect(url: str, name: str, *, user: str = "", password: str = "",
     while True:
         attempt += 1
         try:
+            # A private reply inbox per user, so the NATS config can keep clients from reading
+            # each other's replies (credentials travel in some).
             opts: dict[str, Any] = dict(servers=[url], name=name, connect_timeout=2,
+                                        inbox_prefix=f"_INBOX_{user or name}",
                                         max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                         allow_reconnect=True)
             if user:

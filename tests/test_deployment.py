@@ -144,6 +144,7 @@ class SecuredNats:
             if errors_seen is not None:
                 errors_seen.append(str(exc))
         return await nats.connect(self.url, user=user, password=self.passwords[user], error_cb=on_error,
+                                  inbox_prefix=f"_INBOX_{user}",  # as shared/bus.py does
                                   allow_reconnect=False, connect_timeout=3)
 
     def stop(self) -> None:
@@ -526,7 +527,8 @@ async def test_only_replication_gets_cloud_credentials_and_exports(stack: Stack)
 
 
 async def test_services_cannot_listen_or_speak_for_others(stack: Stack):
-    for user, subject in (("inventory", "oma.config.>"), ("export_manager", "oma.replication.>")):
+    for user, subject in (("inventory", "oma.config.>"), ("export_manager", "oma.replication.>"),
+                          ("inventory", "_INBOX_replication.>"), ("gateway", "_INBOX.>")):
         seen: list[str] = []
         nc = await stack.nats.connect(user, seen)
         try:
