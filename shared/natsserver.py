@@ -59,9 +59,14 @@ class EmbeddedNats:
         if self._store is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="oma-nats-")
             self._store = Path(self._tmp.name)
-        args = [find_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self._store)]
-        if self.config:
-            args += ["-c", str(self.config)]
+        self._store.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        if config is None:
+            # The default 1 MB payload is too small for a large inventory's reply.
+            config = self._store / "oma-nats.conf"
+            config.write_text("max_payload: 8MB\n")
+        args = [find_binary(), "-c", str(config), "-a", self.host, "-p", str(self.port), "-js",
+                "-sd", str(self._store)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent)
         loop = asyncio.get_running_loop()

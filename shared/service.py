@@ -84,6 +84,7 @@ class ServiceApp:
         self.sessions = None
         self._micro = None
         self._tasks: set[asyncio.Task] = set()
+        self._set_up = False
         self.log = logging.getLogger(f"oma.{self.name}")
 
     # Hooks for subclasses.
@@ -104,6 +105,7 @@ class ServiceApp:
             metrics.DB_UP.labels(service=self.name).set(1)
         await self.bus.ensure_stream()
         await self.setup()
+        self._set_up = True
         self._micro = await add_service(self.bus.nc, ServiceConfig(
             name=self.name, version=VERSION, description=self.description, queue_group=self.name))
         handlers = {fn._oma_subject: fn for fn in (getattr(self, a) for a in dir(type(self)))
@@ -121,7 +123,8 @@ class ServiceApp:
             await self._micro.stop()  # no new requests; pending ones are handed over
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await self.teardown()
+        if self._set_up:  # a start that failed before setup() has nothing of its own to tear down
+            await self.teardown()
         if self.engine is not None:
             await self.engine.dispose()
         metrics.SERVICE_UP.labels(service=self.name).set(0)

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     cloud_backend: str = "ossea"
     cloud_timeout: float = Field(30.0, gt=0)
     cloud_job_timeout: float = Field(120.0, gt=0)
+    cloud_retries: int = Field(5, ge=1, description="attempts of a transient cloud failure (530, timeouts)")
+    cloud_retry_backoff: float = Field(0.2, ge=0, description="first retry delay (seconds), doubled each time")
+    cleanup_retry_interval: float = Field(30.0, gt=0, description="seconds between retries of failed cleanups")
+
+    # Inventory.
+    inventory_source: str = "vsphere"
+    vsphere_timeout: float = Field(60.0, gt=0, description="vCenter login and per-read timeout (seconds)")
 
     # Exports.
     export_backend: str = "nbdkit"

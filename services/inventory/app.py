@@ -30,7 +30,7 @@ class InventoryService(ServiceApp):
     async def setup(self) -> None:
         self.keys = Keyring.from_file(self.settings.secret_key_path)
         # Resolved now, so a misconfigured source name fails at start-up, not at the first discovery.
-        self.source = get_backend(self.pm, "inventory", getattr(self.settings, "inventory_source", "vsphere"))
+        self.source = get_backend(self.pm, "inventory", self.settings.inventory_source)
         self.reads = 0  # vCenter inventory reads made (concurrent discoveries of one vCenter share one)
         self._inflight: dict[str, asyncio.Task] = {}
         self._publishing: dict[str, asyncio.Task] = {}  # the last event batch of each vCenter

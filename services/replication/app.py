@@ -26,7 +26,7 @@ class ReplicationService(ServiceApp):
         await asyncio.gather(self._janitor, return_exceptions=True)
 
     async def _recover(self) -> None:
-        interval = float(getattr(self.settings, "cleanup_retry_interval", 30.0))
+        interval = self.settings.cleanup_retry_interval
         for attempt in range(30):
             try:
                 await self.jobs.recover()

@@ -46,9 +46,9 @@ def error_text(exc: BaseException) -> str:
 class CloudOps:
     def __init__(self, client: Any, settings: Any):
         self.client = client
-        self.step_timeout = float(getattr(settings, "cloud_job_timeout", 120.0))
-        self.attempts = int(getattr(settings, "cloud_retries", 5))
-        self.backoff = float(getattr(settings, "cloud_retry_backoff", 0.2))
+        self.step_timeout = settings.cloud_job_timeout
+        self.attempts = settings.cloud_retries
+        self.backoff = settings.cloud_retry_backoff
 
     async def close(self) -> None:
         await self.client.close()
