@@ -37,13 +37,14 @@ class ContextAggregatorService(ServiceApp):
         s = self.settings
         self.lock = asyncio.Lock()  # the live consumer and REBUILD never write at once
         self.applier = Applier(self.sessions, self.log)
+        self.totals = service.Totals()
         async with self.sessions() as db:
             VM_CONTEXTS.set(await service.count(db))
             position = await service.position(db)
         self.consumer = DurableConsumer(
             self.bus.js, self.applier, self.lock, name=getattr(s, "contexts_consumer", CONSUMER),
             ack_wait=getattr(s, "contexts_ack_wait", 30.0), max_deliver=getattr(s, "contexts_max_deliver", 5),
-            nak_delay=getattr(s, "contexts_nak_delay", 2.0), batch=getattr(s, "contexts_batch", 100),
+            nak_delay=getattr(s, "contexts_nak_delay", 2.0), batch=getattr(s, "contexts_batch", 250),
             deliver_policy=getattr(s, "contexts_deliver_policy", "all"), on_changed=self.publish_updates,
             log=self.log)
         await self.consumer.start(position)
@@ -55,6 +56,7 @@ class ContextAggregatorService(ServiceApp):
 
     async def publish_updates(self, vm_names: set[str]) -> None:
         """Core NATS (not the stream): the gateway's SSE route forwards them to the GUI."""
+        self.totals.clear()
         async with self.sessions() as db:
             bodies = [(name, await service.get_context(db, name)) for name in sorted(vm_names)]
         for name, body in bodies:
@@ -64,7 +66,7 @@ class ContextAggregatorService(ServiceApp):
     async def list_contexts(self, req: BusRequest):
         q = req.model(ListQuery)
         async with self.sessions() as db:
-            return await service.list_contexts(db, q.status, q.limit, q.offset)
+            return await service.list_contexts(db, q.status, q.limit, q.offset, self.totals)
 
     @endpoint(Contexts.GET)
     async def get_context(self, req: BusRequest):
@@ -80,6 +82,7 @@ class ContextAggregatorService(ServiceApp):
                 await service.wipe(db)
             VM_CONTEXTS.set(0)
             applied, failed = await replay(self.bus.js, self.applier)
+            self.totals.clear()
         seconds = round(time.perf_counter() - started, 3)
         self.log.info("read model rebuilt", extra={"events_applied": applied, "events_failed": failed,
                                                    "seconds": seconds})

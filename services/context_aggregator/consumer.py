@@ -28,7 +28,7 @@ from services.context_aggregator.events import Malformed, event_type, parse
 from shared.subjects import EVENTS_STREAM, Inventory, Replication
 
 # Never auth/config/export events, nor our own context.updated (also under oma.evt.).
-FILTERS = [f"{Replication.EVT_PREFIX}.>", Inventory.EVT_DISCOVERED]
+FILTERS = [f"{Replication.EVT_PREFIX}.>", Inventory.EVT_DISCOVERED]  # oma.evt.replication.job.>
 
 EVENTS_APPLIED = Counter("oma_context_events_applied_total", "Events that changed the read model", ["type"])
 EVENTS_SKIPPED = Counter("oma_context_events_skipped_total",

@@ -11,6 +11,7 @@ Rules (docs/vm-contexts.md):
 """
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -211,7 +212,8 @@ async def count(db: AsyncSession) -> int:
 
 
 # --- queries ---------------------------------------------------------------------------------
-def context_dict(c: VmContext) -> dict[str, Any]:
+def context_dict(c: Any) -> dict[str, Any]:
+    """From a VmContext or a row of its table."""
     return {"context_id": c.context_id, "vm_name": c.vm_name, "current_status": c.current_status,
             "total_jobs_run": c.total_jobs_run, "successful_jobs": c.successful_jobs,
             "failed_jobs": c.failed_jobs, "current_job_id": c.current_job_id, "vm_id": c.vm_id,
@@ -235,14 +237,44 @@ def disk_dict(d: ContextDisk) -> dict[str, Any]:
             "device_path": d.device_path, "export_name": d.export_name, "change_id": d.change_id}
 
 
-async def list_contexts(db: AsyncSession, status: str | None, limit: int, offset: int) -> dict[str, Any]:
+class Totals:
+    """`total` of the list per status filter, cached for a moment: dashboards poll the list and
+    COUNT(*) walks an index of every VM. Dropped after each batch this instance applies."""
+
+    def __init__(self, ttl: float = 2.0):
+        self.ttl = ttl
+        self._cache: dict[str | None, tuple[float, int]] = {}
+
+    async def get(self, db: AsyncSession, status: str | None) -> int:
+        hit = self._cache.get(status)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        where = [VmContext.current_status == status] if status else []
+        total = await db.scalar(select(func.count()).select_from(VmContext).where(*where)) or 0
+        if len(self._cache) > 100:  # status is free text: bound the cache
+            self._cache.clear()
+        self._cache[status] = (time.monotonic() + self.ttl, total)
+        return total
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+async def list_contexts(db: AsyncSession, status: str | None, limit: int, offset: int,
+                        totals: Totals | None = None) -> dict[str, Any]:
     where = [VmContext.current_status == status] if status else []
-    total = await db.scalar(select(func.count()).select_from(VmContext).where(*where)) or 0
+    total = await (totals or Totals(0)).get(db, status)
+    # Deferred join: the offset is walked in the (status,) vm_name index alone, then only the
+    # page's rows are read; plain rows, not ORM objects, for the 100-row page.
+    page = (select(VmContext.id).where(*where).order_by(VmContext.vm_name)
+            .limit(limit).offset(offset).subquery())
     rows = await db.execute(
-        select(VmContext, ContextJob.current_operation, ContextJob.progress_percent)
+        select(VmContext.__table__, ContextJob.current_operation, ContextJob.progress_percent)
+        .join(page, page.c.id == VmContext.id)
         .outerjoin(ContextJob, ContextJob.job_id == VmContext.current_job_id)
-        .where(*where).order_by(VmContext.vm_name).limit(limit).offset(offset))
-    contexts = [{**context_dict(c), "current_operation": op, "progress_percent": pct} for c, op, pct in rows]
+        .order_by(VmContext.vm_name))
+    contexts = [{**context_dict(r), "current_operation": r.current_operation, "progress_percent": r.progress_percent}
+                for r in rows]
     return {"success": True, "contexts": contexts, "total": total, "limit": limit, "offset": offset}
 
 
