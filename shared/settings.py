@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     inventory_source: str = "vsphere"
     vsphere_timeout: float = Field(60.0, gt=0, description="vCenter login and per-read timeout (seconds)")
 
+    # VM contexts (the read model's durable consumer).
+    contexts_consumer: str = "context_aggregator-readmodel"
+    contexts_deliver_policy: Literal["all", "new"] = "all"
+    contexts_ack_wait: float = Field(30.0, gt=0)
+    contexts_max_deliver: int = Field(5, ge=1, description="deliveries before an event is dead-lettered")
+    contexts_nak_delay: float = Field(2.0, ge=0)
+    contexts_batch: int = Field(250, ge=1, description="events applied per transaction")
+
     # Exports.
     export_backend: str = "nbdkit"
     nbd_port: int = Field(10809, ge=1, le=65535)

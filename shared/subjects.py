@@ -66,4 +66,5 @@ class Contexts:
     LIST = "oma.context_aggregator.context.list"
     GET = "oma.context_aggregator.context.get"
     REBUILD = "oma.context_aggregator.context.rebuild"
-    EVT_UPDATED = "oma.evt.context_aggregator.context.updated"
+    # Live notifications for SSE: core NATS, outside the stream (a full context per change).
+    EVT_UPDATED = "oma.live.context_aggregator.context.updated"

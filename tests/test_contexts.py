@@ -35,13 +35,9 @@ SUBJECT = {"created": Replication.EVT_CREATED, "status_changed": Replication.EVT
            "failed": Replication.EVT_FAILED}
 
 
-class CtxSettings(Settings):
-    """The aggregator's tunables (read with getattr, so plain Settings work too)."""
-    contexts_consumer: str = "context_aggregator-readmodel"
-    contexts_ack_wait: float = 5.0
-    contexts_max_deliver: int = 5
-    contexts_nak_delay: float = 0.1
-    contexts_batch: int = 100
+# Quicker tunables than production's, for tests.
+TEST_TUNABLES = {"contexts_ack_wait": 5.0, "contexts_max_deliver": 5, "contexts_nak_delay": 0.1,
+                 "contexts_batch": 100}
 
 
 def ts(dt: datetime) -> str:
@@ -143,11 +139,11 @@ async def bus(nats_url):
 
 @pytest.fixture
 def ctx_settings(make_settings, bus):
-    def make(**overrides: Any) -> CtxSettings:
-        ctx = {k: overrides.pop(k) for k in list(overrides) if k.startswith("contexts_")}
-        ctx.setdefault("contexts_consumer", f"context_aggregator-test-{uuid.uuid4().hex[:8]}")
-        bus.consumers.append(ctx["contexts_consumer"])
-        return CtxSettings(**make_settings(**overrides).model_dump(), **ctx)
+    def make(**overrides: Any) -> Settings:
+        overrides = {**TEST_TUNABLES, **overrides}
+        overrides.setdefault("contexts_consumer", f"context_aggregator-test-{uuid.uuid4().hex[:8]}")
+        bus.consumers.append(overrides["contexts_consumer"])
+        return make_settings(**overrides)
     return make
 
 

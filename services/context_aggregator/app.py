@@ -42,10 +42,10 @@ class ContextAggregatorService(ServiceApp):
             VM_CONTEXTS.set(await service.count(db))
             position = await service.position(db)
         self.consumer = DurableConsumer(
-            self.bus.js, self.applier, self.lock, name=getattr(s, "contexts_consumer", CONSUMER),
-            ack_wait=getattr(s, "contexts_ack_wait", 30.0), max_deliver=getattr(s, "contexts_max_deliver", 5),
-            nak_delay=getattr(s, "contexts_nak_delay", 2.0), batch=getattr(s, "contexts_batch", 250),
-            deliver_policy=getattr(s, "contexts_deliver_policy", "all"), on_changed=self.publish_updates,
+            self.bus.js, self.applier, self.lock, name=s.contexts_consumer,
+            ack_wait=s.contexts_ack_wait, max_deliver=s.contexts_max_deliver,
+            nak_delay=s.contexts_nak_delay, batch=s.contexts_batch,
+            deliver_policy=s.contexts_deliver_policy, on_changed=self.publish_updates,
             log=self.log)
         await self.consumer.start(position)
 
