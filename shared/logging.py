@@ -9,7 +9,18 @@ import time
 
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
 
-_STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "correlation_id"}
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_factory(*args, **kwargs) -> logging.LogRecord:
+    # Read the correlation id when the record is made, in the request's own context.
+    record = _base_factory(*args, **kwargs)
+    record.correlation_id = correlation_id.get()
+    return record
+
+
+logging.setLogRecordFactory(_record_factory)
 
 
 class _Formatter(logging.Formatter):
@@ -24,7 +35,7 @@ class _Formatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        cid = correlation_id.get()
+        cid = getattr(record, "correlation_id", None)
         if cid:
             out["correlation_id"] = cid
         out.update({k: v for k, v in record.__dict__.items() if k not in _STD and not k.startswith("_")})

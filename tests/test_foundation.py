@@ -363,3 +363,16 @@ async def test_appliance_comes_up_when_the_nbd_server_cannot(make_settings):
                 await client.app.state.bus.call(Exports.ENSURE, {"vm_id": "x", "disk_unit_number": 0,
                                                                  "vm_name": "x", "device_path": "/dev/null"})
             assert "in use" in str(exc.value.details)
+
+
+async def test_correlation_id_travels_to_the_service(make_settings, caplog):
+    import logging
+    caplog.set_level(logging.INFO)
+    async with running(make_settings(), ("auth",)) as client:
+        r = await client.post("/api/v1/auth/login", json={"appliance_id": "test-vma", "token": "wrong"},
+                              headers={"X-Request-ID": "trace-abc-123"})
+        assert r.status_code == 401 and r.headers["x-request-id"] == "trace-abc-123"
+        assert (await client.get("/health")).headers["x-request-id"]  # generated when absent
+    from shared.logging import _Formatter
+    lines = [_Formatter("json").format(rec) for rec in caplog.records if rec.name == "oma.auth"]
+    assert any('"correlation_id": "trace-abc-123"' in line and "login failed" in line for line in lines), lines

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,6 +17,7 @@ from services.gateway import errors as error_handlers
 from services.gateway.deps import SessionCache, require_session
 from services.gateway.routers import auth, contexts, health, inventory, ossea, replications
 from shared import bus as busmod, metrics
+from shared.logging import correlation_id
 from shared.settings import Settings
 from shared.subjects import Auth
 
@@ -40,10 +42,15 @@ class TimingMiddleware:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = [500]
+        # The correlation id follows the request over the bus (a header) and into every log line.
+        rid = next((v.decode("latin-1")[:64] for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = rid or uuid.uuid4().hex
+        correlation_id.set(rid)
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode("latin-1")))
             await send(message)
 
         try:
