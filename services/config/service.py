@@ -27,10 +27,10 @@ from plugins.ossea.client import (
 )
 from plugins.ossea.plugin import test_connection as cloud_test
 from services.config.models import OsseaConfig
-from shared import errors
+from shared import actions, errors
+from shared.actions import require
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
-from shared.schemas import OsseaConfigFields
 
 REDACTED = "[REDACTED]"
 CREATE_REQUIRED = ("name", "api_url", "api_key", "secret_key", "zone")
@@ -53,17 +53,6 @@ class CredentialsRequest(BaseModel):
     id: StrictInt = Field(ge=1)
 
 
-def not_found(config_id: int) -> errors.NotFound:
-    return errors.NotFound("Configuration not found", f"No OSSEA configuration found with ID: {config_id}")
-
-
-def public(row: OsseaConfig) -> dict[str, Any]:
-    """A configuration as every response shows it: the secret redacted."""
-    return {"id": row.id, "name": row.name, "api_url": row.api_url, "api_key": row.api_key,
-            "secret_key": REDACTED, "domain": row.domain, "zone": row.zone, "oma_vm_id": row.oma_vm_id,
-            "is_active": row.is_active, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
-
-
 def credentials(row: OsseaConfig, keys: Keyring) -> dict[str, Any]:
     """The decrypted configuration, for internal callers only (replication)."""
     try:
@@ -78,24 +67,6 @@ def credentials(row: OsseaConfig, keys: Keyring) -> dict[str, Any]:
             "oma_vm_id": row.oma_vm_id, "is_active": row.is_active}
 
 
-def given(fields: OsseaConfigFields | None) -> dict[str, Any]:
-    """The fields a request set (the gateway drops nulls, so a null means "not given" here too)."""
-    return fields.model_dump(exclude_none=True) if fields is not None else {}
-
-
-def require(values: dict[str, Any], names: tuple[str, ...], action: str) -> None:
-    missing = [n for n in names if not values.get(n)]
-    if missing:
-        raise errors.BadRequest("Missing required fields",
-                                f"{action} needs configuration fields: {', '.join(missing)}")
-
-
-def require_id(config_id: int | None, action: str) -> int:
-    if config_id is None:
-        raise errors.BadRequest("Missing required fields", f"{action} needs id")
-    return config_id
-
-
 def event(row: OsseaConfig, action: str) -> dict[str, Any]:
     """`oma.evt.config.ossea.changed`: what changed, never a secret."""
     now = datetime.now(UTC)
@@ -104,17 +75,6 @@ def event(row: OsseaConfig, action: str) -> dict[str, Any]:
 
 
 # -- storage -----------------------------------------------------------------------------------
-
-async def list_configs(db: AsyncSession) -> list[dict[str, Any]]:
-    return [public(r) for r in (await db.scalars(select(OsseaConfig).order_by(OsseaConfig.id))).all()]
-
-
-async def load(db: AsyncSession, config_id: int) -> OsseaConfig:
-    row = await db.get(OsseaConfig, config_id)
-    if row is None:
-        raise not_found(config_id)
-    return row
-
 
 async def _name_free(db: AsyncSession, name: str, config_id: int | None = None) -> None:
     other = await db.scalar(select(OsseaConfig.id).where(OsseaConfig.name == name))
@@ -137,43 +97,46 @@ async def _flush(db: AsyncSession, name: str) -> None:
         raise duplicate(name) from None
 
 
-async def create(db: AsyncSession, keys: Keyring, values: dict[str, Any]) -> OsseaConfig:
-    require(values, CREATE_REQUIRED, "create")
-    await _name_free(db, values["name"])
-    now = utcnow()
-    row = OsseaConfig(name=values["name"], api_url=values["api_url"], api_key=values["api_key"],
-                      secret_key=keys.encrypt(values["secret_key"]), domain=values.get("domain") or "/",
-                      zone=values["zone"], oma_vm_id=values.get("oma_vm_id") or None,
-                      is_active=values.get("is_active", True), created_at=now, updated_at=now)
-    db.add(row)
-    await _flush(db, row.name)
-    return row
+class Configs(actions.Store[OsseaConfig]):
+    """OSSEA configurations for shared.actions.run_action: the secret encrypted with `keys`."""
+    model = OsseaConfig
+    label = "Configuration"
+    kind = "OSSEA configuration"
 
+    def public(self, row: OsseaConfig) -> dict[str, Any]:
+        """A configuration as every response shows it: the secret redacted."""
+        return {"id": row.id, "name": row.name, "api_url": row.api_url, "api_key": row.api_key,
+                "secret_key": REDACTED, "domain": row.domain, "zone": row.zone, "oma_vm_id": row.oma_vm_id,
+                "is_active": row.is_active, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
 
-async def update(db: AsyncSession, keys: Keyring, config_id: int, values: dict[str, Any]) -> OsseaConfig:
-    """Partial: only the given fields change (and updated_at)."""
-    if not values:
-        raise errors.BadRequest("Missing required fields", "update needs a configuration with at least one field")
-    row = await load(db, config_id)
-    if "name" in values:
-        await _name_free(db, values["name"], config_id)
-    for field, value in values.items():
-        if field == "secret_key":
-            value = keys.encrypt(value)
-        elif field == "domain":
-            value = value or "/"
-        elif field == "oma_vm_id":
-            value = value or None
-        setattr(row, field, value)
-    row.updated_at = utcnow()
-    await _flush(db, row.name)
-    return row
+    async def create(self, db: AsyncSession, values: dict[str, Any]) -> OsseaConfig:
+        require(values, CREATE_REQUIRED, "create")
+        await _name_free(db, values["name"])
+        now = utcnow()
+        row = OsseaConfig(name=values["name"], api_url=values["api_url"], api_key=values["api_key"],
+                          secret_key=self.keys.encrypt(values["secret_key"]), domain=values.get("domain") or "/",
+                          zone=values["zone"], oma_vm_id=values.get("oma_vm_id") or None,
+                          is_active=values.get("is_active", True), created_at=now, updated_at=now)
+        db.add(row)
+        await _flush(db, row.name)
+        return row
 
-
-async def delete(db: AsyncSession, config_id: int) -> OsseaConfig:
-    row = await load(db, config_id)
-    await db.delete(row)
-    return row
+    async def update(self, db: AsyncSession, config_id: int, values: dict[str, Any]) -> OsseaConfig:
+        """Partial: only the given fields (at least one) change, and updated_at."""
+        row = await self.load(db, config_id)
+        if "name" in values:
+            await _name_free(db, values["name"], config_id)
+        for field, value in values.items():
+            if field == "secret_key":
+                value = self.keys.encrypt(value)
+            elif field == "domain":
+                value = value or "/"
+            elif field == "oma_vm_id":
+                value = value or None
+            setattr(row, field, value)
+        row.updated_at = utcnow()
+        await _flush(db, row.name)
+        return row
 
 
 # -- connection test ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any
 from plugins.vsphere.source import VCenterAuthError, VCenterUnreachable
 from services.inventory import service
 from shared import errors
+from shared.actions import given, require, run_action
 from shared.bus import Reply, dumps
 from shared.crypto import Keyring
 from shared.plugins import get_backend
@@ -29,6 +30,7 @@ class InventoryService(ServiceApp):
 
     async def setup(self) -> None:
         self.keys = Keyring.from_file(self.settings.secret_key_path)
+        self.store = service.VCenters(self.keys)
         # Resolved now, so a misconfigured source name fails at start-up, not at the first discovery.
         self.source = get_backend(self.pm, "inventory", self.settings.inventory_source)
         self.reads = 0  # vCenter inventory reads made (concurrent discoveries of one vCenter share one)
@@ -44,35 +46,12 @@ class InventoryService(ServiceApp):
     @endpoint(Inventory.VCENTER_ACTION)
     async def vcenter_action(self, req: BusRequest):
         body = req.model(VCenterRequest)
-        values = service.given(body.configuration)
-        if body.action == "get":
-            async with self.sessions() as db:
-                if body.id is None:
-                    return {"success": True, "configurations": await service.list_configs(db)}
-                return {"success": True, "configuration": service.public(await service.load(db, body.id))}
-        if body.action == "create":
-            if body.id is not None:
-                raise errors.BadRequest("Validation failed", "id: not allowed with create (ids are assigned)")
-            async with self.sessions.begin() as db:
-                row = await service.create(db, self.keys, values)
-            self._changed(row, "create")
-            return Reply({"success": True, "message": "vCenter configuration created successfully",
-                          "configuration": service.public(row)}, status=201)
-        if body.action == "update":
-            async with self.sessions.begin() as db:
-                row = await service.update_config(db, self.keys, service.require_id(body.id, "update"), values)
-            self._changed(row, "update")
-            return {"success": True, "message": "vCenter configuration updated successfully",
-                    "configuration": service.public(row)}
-        if body.action == "delete":
-            async with self.sessions.begin() as db:
-                row = await service.delete_config(db, service.require_id(body.id, "delete"))
-            self._changed(row, "delete")
-            return {"success": True, "message": f"vCenter configuration {row.name!r} (ID {row.id}) deleted",
-                    "id": row.id}
-        return await self._test(body.id, values)
+        values = given(body.configuration)
+        if body.action == "test":
+            return await self._test(body.id, values)
+        return await run_action(self.sessions, self.store, body.action, body.id, values, self._changed)
 
-    def _changed(self, row: Any, action: str) -> None:
+    async def _changed(self, row: Any, action: str) -> None:
         service.CONFIG_CHANGES.labels(action=action).inc()
         self.log.info("vcenter configuration changed", extra={"config_id": row.id, "vcenter": row.host,
                                                               "action": action})
@@ -84,9 +63,9 @@ class InventoryService(ServiceApp):
             raise errors.BadRequest("Missing required fields", "test needs a configuration or an id")
         if config_id is not None:
             async with self.sessions() as db:
-                stored = service.connection(await service.load(db, config_id), self.keys)
+                stored = service.connection(await self.store.load(db, config_id), self.keys)
             values = {**stored, **values}
-        service.require(values, service.CREATE_REQUIRED, "test")
+        require(values, service.CREATE_REQUIRED, "test")
         try:
             found = await self._source(values).test()
         except errors.OmaError as exc:

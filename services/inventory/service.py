@@ -15,15 +15,15 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
-from sqlalchemy import RowMapping, delete as sql_delete, func, insert, or_, select, update
+from sqlalchemy import RowMapping, delete as sql_delete, func, insert, or_, select, update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.inventory.models import GONE, PRESENT, VCenterConfig, Vm
-from shared import errors
+from shared import actions, errors
+from shared.actions import require
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
-from shared.schemas import VCenterFields
 
 REDACTED = "[REDACTED]"
 CREATE_REQUIRED = ("host", "username", "password")
@@ -63,54 +63,15 @@ class GetRequest(BaseModel):
 
 # -- vCenter configurations --------------------------------------------------------------------
 
-def public(row: VCenterConfig) -> dict[str, Any]:
-    """A configuration as every response shows it: the password redacted."""
-    return {"id": row.id, "name": row.name, "host": row.host, "port": row.port, "username": row.username,
-            "password": REDACTED, "datacenter": row.datacenter, "verify_tls": row.verify_tls,
-            "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
-
-
 def connection(row: VCenterConfig, keys: Keyring) -> dict[str, Any]:
     """The decrypted connection fields (a VCenterConnection's keyword arguments)."""
     return {"host": row.host, "port": row.port, "username": row.username, "password": keys.decrypt(row.password),
             "datacenter": row.datacenter, "verify_tls": row.verify_tls}
 
 
-def given(fields: VCenterFields | None) -> dict[str, Any]:
-    """The fields a request set (the gateway drops nulls, so a null means "not given" here too)."""
-    return fields.model_dump(exclude_none=True) if fields is not None else {}
-
-
-def require(values: dict[str, Any], names: Sequence[str], action: str) -> None:
-    missing = [n for n in names if not values.get(n)]
-    if missing:
-        raise errors.BadRequest("Missing required fields", f"{action} needs configuration fields: {', '.join(missing)}")
-
-
-def require_id(config_id: int | None, action: str) -> int:
-    if config_id is None:
-        raise errors.BadRequest("Missing required fields", f"{action} needs id")
-    return config_id
-
-
-def not_found(config_id: int) -> errors.NotFound:
-    return errors.NotFound("vCenter configuration not found", f"No vCenter configuration found with ID: {config_id}")
-
-
 def duplicate(what: str, value: str) -> errors.Conflict:
     return errors.Conflict("vCenter configuration already exists",
                            f"A vCenter configuration with {what} {value!r} already exists; update that one")
-
-
-async def list_configs(db: AsyncSession) -> list[dict[str, Any]]:
-    return [public(r) for r in (await db.scalars(select(VCenterConfig).order_by(VCenterConfig.id))).all()]
-
-
-async def load(db: AsyncSession, config_id: int) -> VCenterConfig:
-    row = await db.get(VCenterConfig, config_id)
-    if row is None:
-        raise not_found(config_id)
-    return row
 
 
 async def find(db: AsyncSession, vcenter: str) -> VCenterConfig | None:
@@ -137,45 +98,48 @@ async def _flush(db: AsyncSession, row: VCenterConfig) -> None:
         raise duplicate("host", row.host) from None
 
 
-async def create(db: AsyncSession, keys: Keyring, values: dict[str, Any]) -> VCenterConfig:
-    require(values, CREATE_REQUIRED, "create")
-    values = {**values, "name": values.get("name") or values["host"]}
-    await _unique(db, values)
-    now = utcnow()
-    row = VCenterConfig(name=values["name"], host=values["host"], port=values.get("port") or 443,
-                        username=values["username"], password=keys.encrypt(values["password"]),
-                        datacenter=values.get("datacenter") or None, verify_tls=values.get("verify_tls", True),
-                        created_at=now, updated_at=now)
-    db.add(row)
-    await _flush(db, row)
-    return row
+class VCenters(actions.Store[VCenterConfig]):
+    """vCenter connections for shared.actions.run_action: the password encrypted with `keys`.
+    A deleted configuration's VMs stay in the inventory (they are the history of migrations)."""
+    model = VCenterConfig
+    label = "vCenter configuration"
+    kind = "vCenter configuration"
 
+    def public(self, row: VCenterConfig) -> dict[str, Any]:
+        """A configuration as every response shows it: the password redacted."""
+        return {"id": row.id, "name": row.name, "host": row.host, "port": row.port, "username": row.username,
+                "password": REDACTED, "datacenter": row.datacenter, "verify_tls": row.verify_tls,
+                "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
 
-async def update_config(db: AsyncSession, keys: Keyring, config_id: int, values: dict[str, Any]) -> VCenterConfig:
-    """Partial: only the given fields change (and updated_at). A new host carries the stored VMs along."""
-    if not values:
-        raise errors.BadRequest("Missing required fields", "update needs a configuration with at least one field")
-    row = await load(db, config_id)
-    await _unique(db, values, config_id)
-    old_host = row.host
-    for name, value in values.items():
-        if name == "password":
-            value = keys.encrypt(value)
-        elif name == "datacenter":
-            value = value or None
-        setattr(row, name, value)
-    row.updated_at = utcnow()
-    await _flush(db, row)
-    if row.host != old_host:
-        await db.execute(update(Vm).where(Vm.vcenter == old_host).values(vcenter=row.host))
-    return row
+    async def create(self, db: AsyncSession, values: dict[str, Any]) -> VCenterConfig:
+        require(values, CREATE_REQUIRED, "create")
+        values = {**values, "name": values.get("name") or values["host"]}
+        await _unique(db, values)
+        now = utcnow()
+        row = VCenterConfig(name=values["name"], host=values["host"], port=values.get("port") or 443,
+                            username=values["username"], password=self.keys.encrypt(values["password"]),
+                            datacenter=values.get("datacenter") or None, verify_tls=values.get("verify_tls", True),
+                            created_at=now, updated_at=now)
+        db.add(row)
+        await _flush(db, row)
+        return row
 
-
-async def delete_config(db: AsyncSession, config_id: int) -> VCenterConfig:
-    """The configuration goes; its VMs stay in the inventory (they are the history of migrations)."""
-    row = await load(db, config_id)
-    await db.delete(row)
-    return row
+    async def update(self, db: AsyncSession, config_id: int, values: dict[str, Any]) -> VCenterConfig:
+        """Partial: only the given fields (at least one) change, and updated_at. A new host carries the stored VMs along."""
+        row = await self.load(db, config_id)
+        await _unique(db, values, config_id)
+        old_host = row.host
+        for name, value in values.items():
+            if name == "password":
+                value = self.keys.encrypt(value)
+            elif name == "datacenter":
+                value = value or None
+            setattr(row, name, value)
+        row.updated_at = utcnow()
+        await _flush(db, row)
+        if row.host != old_host:
+            await db.execute(sql_update(Vm).where(Vm.vcenter == old_host).values(vcenter=row.host))
+        return row
 
 
 # -- discovered VMs ----------------------------------------------------------------------------
@@ -274,7 +238,7 @@ async def upsert(db: AsyncSession, vcenter: str, vms: list[dict[str, Any]]) -> U
             gone_ids.append(row.id)
 
     for ids in _chunks(gone_ids):
-        await db.execute(update(Vm).where(Vm.id.in_(ids)).values(status=GONE, gone_at=now))
+        await db.execute(sql_update(Vm).where(Vm.id.in_(ids)).values(status=GONE, gone_at=now))
     # A changed VM's row is replaced whole, under the same id: a delete and a multi-row insert are
     # two statements, where an executemany UPDATE is one round trip per row on MariaDB.
     for chunk in _chunks(updates):
@@ -284,7 +248,7 @@ async def upsert(db: AsyncSession, vcenter: str, vms: list[dict[str, Any]]) -> U
         if rows:
             await db.execute(insert(Vm.__table__), rows)
     if result.count("unchanged"):
-        await db.execute(update(Vm).where(Vm.vcenter == vcenter, Vm.status == PRESENT, Vm.last_seen < now)
+        await db.execute(sql_update(Vm).where(Vm.vcenter == vcenter, Vm.status == PRESENT, Vm.last_seen < now)
                          .values(last_seen=now))
     return result
 
