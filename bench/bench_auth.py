@@ -1,8 +1,8 @@
 """Authenticated GET through the gateway, with and without the verification cache.
 
-    python bench/bench_auth.py [path] [seconds]
+    python bench/bench_auth.py [path] [seconds] [memory|mariadb]
 
-Starts `oma-api -db-type memory` twice (OMA_AUTH_CACHE_TTL=5, then 0), logs in with the seed's
+Starts `oma-api` (memory, or MariaDB on 127.0.0.1:3306 as root, database oma_bench_auth) twice (OMA_AUTH_CACHE_TTL=5, then 0), logs in with the seed's
 appliance token, and drives `GET path` with wrk (1 thread, 16 connections) for the given seconds.
 Prints requests/s and p99 latency for each. Needs Debian's `wrk`.
 """
@@ -22,13 +22,16 @@ import httpx
 TOKEN = "vma_test_token_abc123def456789012345678"
 
 
-def start(cache_ttl: str) -> tuple[subprocess.Popen, int]:
+def start(cache_ttl: str, db: str) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMA_DATA_DIR": tempfile.mkdtemp(prefix="oma-bench-"), "OMA_AUTH_CACHE_TTL": cache_ttl,
            "OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}"}
-    proc = subprocess.Popen(["oma-api", "-port", str(port), "-db-type", "memory"], env=env,
+    args = ["oma-api", "-port", str(port), "-db-type", db]
+    if db == "mariadb":
+        args += ["-db-host", "127.0.0.1", "-db-user", "root", "-db-name", "oma_bench_auth"]
+    proc = subprocess.Popen(args, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):
         try:
@@ -40,8 +43,8 @@ def start(cache_ttl: str) -> tuple[subprocess.Popen, int]:
     raise SystemExit("oma-api did not become healthy")
 
 
-def run(cache_ttl: str, path: str, seconds: int) -> tuple[float, str]:
-    proc, port = start(cache_ttl)
+def run(cache_ttl: str, path: str, seconds: int, db: str) -> tuple[float, str]:
+    proc, port = start(cache_ttl, db)
     try:
         token = httpx.post(f"http://127.0.0.1:{port}/api/v1/auth/login",
                            json={"appliance_id": "test-vma", "token": TOKEN}).json()["session_token"]
@@ -62,9 +65,10 @@ def run(cache_ttl: str, path: str, seconds: int) -> tuple[float, str]:
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else "/api/v1/vm-contexts?limit=10"
     seconds = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    db = sys.argv[3] if len(sys.argv) > 3 else "memory"
     for label, ttl in (("with cache (5 s)", "5"), ("without cache", "0")):
-        rps, p99 = run(ttl, path, seconds)
-        print(f"GET {path} {label}: {rps:.0f} req/s, p99 {p99} (wrk -t1 -c16 -d{seconds}s)")
+        rps, p99 = run(ttl, path, seconds, db)
+        print(f"GET {path} [{db}] {label}: {rps:.0f} req/s, p99 {p99} (wrk -t1 -c16 -d{seconds}s)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from shared.bus import Bus
 from shared.subjects import Auth
 
 
-def get_bus(request: Request) -> Bus:
+async def get_bus(request: Request) -> Bus:  # async: a plain def would hop to a thread per request
     return request.app.state.bus
 
 
@@ -61,7 +61,7 @@ class SessionCache:
             pass
 
 
-def bearer_token(request: Request) -> str:
+async def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
         raise errors.Unauthorized("Authentication required", "missing Authorization: Bearer <session_token>")
@@ -76,7 +76,7 @@ async def require_session(request: Request) -> dict[str, Any] | None:
     state = request.app.state
     if not state.settings.auth_enabled:
         return None
-    token = bearer_token(request)
+    token = await bearer_token(request)
     cache: SessionCache = state.session_cache
     info = cache.get(token)
     if info is None:
