@@ -61,9 +61,13 @@ async def connect(url: str, name: str, *, user: str = "", password: str = "",
                                         allow_reconnect=True)
             if user:
                 opts.update(user=user, password=password)
-            return await nats.connect(**opts, error_cb=_log_error, disconnected_cb=_disc(name),
-                                      reconnected_cb=_reco(name))
+            # nats-py retries a first connect forever when reconnects are unlimited: bound it here.
+            async with asyncio.timeout(max(0.5, min(2.0, deadline - time.monotonic()))):
+                return await nats.connect(**opts, error_cb=_log_error, disconnected_cb=_disc(name),
+                                          reconnected_cb=_reco(name))
         except Exception as exc:  # noqa: BLE001 - every connect failure means "wait and retry"
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError("no answer")
             if time.monotonic() >= deadline:
                 raise errors.Unavailable("NATS unreachable",
                                          f"could not connect to NATS at {url} after {attempt} attempts: {exc}") from None

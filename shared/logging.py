@@ -55,5 +55,6 @@ def setup_logging(debug: bool = False, fmt: str = "json") -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     # SQL in debug mode only; parameters are hidden by the engines (hide_parameters=True).
     logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO if debug else logging.WARNING)
-    for noisy in ("uvicorn.access", "aiosqlite", "asyncio", "urllib3", "alembic", "asyncmy"):
+    logging.getLogger("asyncmy").setLevel(logging.ERROR)  # server notes such as "database exists"
+    for noisy in ("uvicorn.access", "aiosqlite", "asyncio", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -376,3 +376,16 @@ async def test_correlation_id_travels_to_the_service(make_settings, caplog):
     from shared.logging import _Formatter
     lines = [_Formatter("json").format(rec) for rec in caplog.records if rec.name == "oma.auth"]
     assert any('"correlation_id": "trace-abc-123"' in line and "login failed" in line for line in lines), lines
+
+
+async def test_nats_unreachable_fails_clearly(make_settings, caplog):
+    import logging
+    caplog.set_level(logging.WARNING)
+    port = _free_port()
+    t0 = time.monotonic()
+    with pytest.raises(errors.Unavailable) as exc:
+        async with Appliance(make_settings(nats_url=f"nats://127.0.0.1:{port}", startup_timeout=3), ("auth",)):
+            pass
+    assert time.monotonic() - t0 < 10
+    assert f"nats://127.0.0.1:{port}" in exc.value.details
+    assert any(r.getMessage() == "waiting for NATS" for r in caplog.records)
