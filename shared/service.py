@@ -85,6 +85,7 @@ class ServiceApp:
         self._micro = None
         self._tasks: set[asyncio.Task] = set()
         self._set_up = False
+        self._pinger: asyncio.Task | None = None
         self.log = logging.getLogger(f"oma.{self.name}")
 
     # Hooks for subclasses.
@@ -116,9 +117,24 @@ class ServiceApp:
                 name=subject.replace(".", "_"), subject=subject, handler=self._dispatcher(subject, fn),
                 queue_group=self.name))
         metrics.SERVICE_UP.labels(service=self.name).set(1)
+        if self.engine is not None:
+            # oma_db_up must move when the database goes away, not only when /health is asked.
+            self._pinger = asyncio.create_task(self._ping_database(self.settings.db_ping_interval))
         self.log.info("service started", extra={"service": self.name, "endpoints": len(handlers)})
 
+    async def _ping_database(self, every: float) -> None:
+        up = True
+        while True:
+            await asyncio.sleep(every)
+            now_up = await db.ping(self.engine, self.name)
+            if now_up != up:
+                (self.log.info if now_up else self.log.error)(
+                    "database connection " + ("restored" if now_up else "lost"), extra={"service": self.name})
+            up = now_up
+
     async def stop(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
         if self._micro is not None:
             await self._micro.stop()  # no new requests; pending ones are handed over
         if self._tasks:

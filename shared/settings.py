@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(30.0, gt=0, description="Bus request timeout (seconds)")
     startup_timeout: float = Field(60.0, gt=0, description="How long start-up waits for NATS and the DB")
     log_format: Literal["json", "logfmt"] = "json"
+    db_ping_interval: float = Field(15.0, gt=0, description="seconds between database checks (oma_db_up)")
 
     # Auth.
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")

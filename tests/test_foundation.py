@@ -389,3 +389,20 @@ async def test_nats_unreachable_fails_clearly(make_settings, caplog):
     assert time.monotonic() - t0 < 10
     assert f"nats://127.0.0.1:{port}" in exc.value.details
     assert any(r.getMessage() == "waiting for NATS" for r in caplog.records)
+
+
+async def test_db_up_metric_follows_the_database(make_settings):
+    """oma_db_up drops when the database goes away, without anyone asking /health."""
+    from prometheus_client import REGISTRY
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def db_up(expected: float):
+        return REGISTRY.get_sample_value("oma_db_up", {"service": "auth"}) == expected
+
+    async with Appliance(make_settings(db_ping_interval=0.1), ("auth",)) as a:
+        auth = a.services["auth"]
+        assert await db_up(1)
+        # The database vanishes: the service's engine now points at a port nobody listens on.
+        await auth.engine.dispose()
+        auth.engine = create_async_engine(f"mysql+asyncmy://root@127.0.0.1:{_free_port()}/gone")
+        await wait_for(lambda: db_up(0), timeout=10)
