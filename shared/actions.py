@@ -105,3 +105,16 @@ async def run_action(sessions: async_sessionmaker[AsyncSession], store: Store[An
         await on_changed(row, "delete")
         return {"success": True, "message": f"{store.label} {row.name!r} (ID {row.id}) deleted", "id": row.id}
     raise ValueError(f"run_action does not handle {action!r}")  # `test` is the service's own
+
+
+def merge_for_test(stored: dict[str, Any], given_values: dict[str, Any], endpoint_fields: tuple[str, ...],
+                   secret_field: str) -> dict[str, Any]:
+    """A stored configuration overridden by the fields a `test` gives. A stored secret is only ever
+    sent to its own endpoint: pointing it elsewhere requires giving the secret too."""
+    moved = [f for f in endpoint_fields if f in given_values and given_values[f] != stored.get(f)]
+    if moved and secret_field not in given_values:
+        raise errors.BadRequest(
+            "Validation failed",
+            f"configuration.{secret_field}: required when {', '.join(moved)} differs from the stored "
+            "configuration (a stored secret is only sent to its own endpoint)")
+    return {**stored, **given_values}
