@@ -297,3 +297,30 @@ async def test_unfinished_cleanup_is_retried(make_settings, tmp_path):
         assert await env.replication.jobs.retry_cleanups() == 0
         assert not env.data_volumes() and metric("oma_attached_disks") == 0
         assert await env.replication.jobs.retry_cleanups() == 0
+
+
+async def test_a_failed_incremental_job_does_not_strand_the_volume_it_took_over(make_settings, tmp_path):
+    """Job 1 completes; job 2 (incremental) takes its volume over and fails on it (the device is gone
+    for a moment); job 3 takes the same volume back: no new volume, no stranded disk slot."""
+    async with replication_env(make_settings, tmp_path, device_wait=1.0) as env:
+        body = request(env.config_id, "grow", disks=1, uuid="4205784a-0000-4000-8000-00000000aaaa")
+        r = await env.post(body)
+        assert r.status_code == 201, r.text
+        first = r.json()["job_id"]
+        assert (await env.progress(first, {"status": "completed", "disks": [
+            {"unit_number": 0, "change_id": "c0"}]})).status_code == 200
+        [volume0] = attached(env)
+        link = next((tmp_path / "dev").glob("virtio-*"))
+        target = link.resolve()
+        link.unlink()  # the guest lost the device: the reused disk cannot be exported
+        r = await env.post({**body, "replication_type": "incremental"})
+        assert_error_shape(r, 502)
+        link.symlink_to(target)
+        assert attached(env) == [volume0], "the taken-over volume stays attached"
+        creates = len(env.commands("createVolume"))
+        r = await env.post({**body, "replication_type": "incremental"})
+        assert r.status_code == 201, r.text
+        assert r.json()["nbd_exports"][0]["reused"] is True
+        assert (await env.job(r.json()["job_id"]))["disks"][0]["volume_id"] == volume0
+        assert len(env.commands("createVolume")) == creates and attached(env) == [volume0]
+        assert metric("oma_attached_disks") == 1

@@ -214,15 +214,16 @@ class Replicator:
                     raise errors.Conflict("Too many disks", f"VM {vm.name} needs {needed} new data disks; the "
                                           f"appliance VM holds at most {self.settings.max_attached_disks}")
                 admitted = await self._try_admit(db, job, rows)
-        JOBS.labels(status=job.status).inc()
-        self.log.info("replication job created", extra={"job_id": job_id, "vm_name": vm.name,
-                                                        "disks": len(rows), "status": job.status})
-        await self.emit(job_id, Replication.EVT_CREATED)
+            JOBS.labels(status=job.status).inc()
+            self.log.info("replication job created", extra={"job_id": job_id, "vm_name": vm.name,
+                                                            "disks": len(rows), "status": job.status})
+            await self.emit(job_id, Replication.EVT_CREATED)
+            # Started under the admission lock: a cancel can never slip between admission and start.
+            task = self._start(job_id) if admitted else None
         await self.refresh_gauges()
-        if not admitted:
+        if task is None:
             job, rows = await self.load(job_id)
             return Reply(views.create_reply(job, rows), status=202)
-        task = self._start(job_id)
         await asyncio.wait({task}, timeout=self.settings.provision_wait)
         job, rows = await self.load(job_id)
         if job.status == FAILED:
@@ -233,10 +234,12 @@ class Replicator:
 
     @staticmethod
     async def _holdings(db: AsyncSession, vm_key: str) -> dict[int, JobVolume]:
-        """The VM's live, ready volumes by unit number (the rows that hold them)."""
+        """The VM's live volumes by unit number (the rows that hold them). Whatever the holding row's
+        state: a failed or cancelled incremental job keeps the volumes it took over, and the next job
+        takes them back instead of stranding them on the appliance VM."""
         q = (select(JobVolume).join(ReplicationJob, ReplicationJob.job_id == JobVolume.job_id)
              .where(ReplicationJob.vm_key == vm_key, JobVolume.holds_volume.is_(True),
-                    JobVolume.volume_id.is_not(None), JobVolume.status == D_READY))
+                    JobVolume.volume_id.is_not(None)))
         return {r.unit_number: r for r in (await db.scalars(q)).all()}
 
     async def _try_admit(self, db: AsyncSession, job: ReplicationJob, rows: list[JobVolume]) -> bool:
@@ -276,11 +279,11 @@ class Replicator:
                     if not await self._try_admit(db, job, await self._rows(db, job.job_id)):
                         break
                     started.append(job.job_id)
-        for job_id in started:
-            JOBS.labels(status=PROVISIONING).inc()
-            self.log.info("queued replication job admitted", extra={"job_id": job_id})
-            await self.emit(job_id, Replication.EVT_STATUS)
-            self._start(job_id)
+            for job_id in started:
+                JOBS.labels(status=PROVISIONING).inc()
+                self.log.info("queued replication job admitted", extra={"job_id": job_id})
+                await self.emit(job_id, Replication.EVT_STATUS)
+                self._start(job_id)
         await self.refresh_gauges()
 
     def _start(self, job_id: str) -> asyncio.Task:
@@ -297,6 +300,9 @@ class Replicator:
         ops: CloudOps | None = None
         try:
             job, rows = await self.load(job_id)
+            if job.status != PROVISIONING:  # cancelled before it could start: nothing to create
+                result = "cancelled"
+                return
             creds = await self.credentials(job.ossea_config_id)
             ops = self.cloud(creds)
             placement = await ops.placement(creds["zone"]) if any(r.created_by_job for r in rows) else None
