@@ -13,7 +13,10 @@ import os
 import secrets
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from shared import errors
 
 _PREFIX = "v1:"
 
@@ -57,8 +60,14 @@ class Keyring:
         nonce = secrets.token_bytes(12)
         return _PREFIX + base64.urlsafe_b64encode(nonce + self._aead.encrypt(nonce, plaintext.encode(), None)).decode()
 
-    def decrypt(self, stored: str) -> str:
-        if not stored.startswith(_PREFIX):
-            raise ValueError("not an encrypted value")
-        raw = base64.urlsafe_b64decode(stored[len(_PREFIX):])
-        return self._aead.decrypt(raw[:12], raw[12:], None).decode()
+    def decrypt(self, stored: str, what: str = "a stored secret") -> str:
+        try:
+            if not stored.startswith(_PREFIX):
+                raise ValueError("not an encrypted value")
+            raw = base64.urlsafe_b64decode(stored[len(_PREFIX):])
+            return self._aead.decrypt(raw[:12], raw[12:], None).decode()
+        except (ValueError, InvalidTag):
+            raise errors.OmaError(
+                "Stored secret cannot be decrypted",
+                f"{what} was encrypted with another key file than this appliance's (OMA_SECRET_KEY_FILE); "
+                "restore that file or set the secret again with an update") from None

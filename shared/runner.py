@@ -95,6 +95,8 @@ async def serve_gateway(settings: Settings, nats_url: str) -> None:
 
 
 async def run_all(settings: Settings) -> None:
+    # uvicorn handles SIGTERM/SIGINT while it serves and re-raises the signal when it returns: our
+    # handler then receives it, instead of the default one killing us before the services drain.
     stop = asyncio.Event()
     install_stop_signals(stop)
     async with Appliance(settings) as appliance:

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from cryptography.exceptions import InvalidTag
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from sqlalchemy import select
@@ -55,13 +54,7 @@ class CredentialsRequest(BaseModel):
 
 def credentials(row: OsseaConfig, keys: Keyring) -> dict[str, Any]:
     """The decrypted configuration, for internal callers only (replication)."""
-    try:
-        secret = keys.decrypt(row.secret_key)
-    except (ValueError, InvalidTag):
-        raise errors.OmaError("Stored secret cannot be decrypted",
-                              f"secret_key of OSSEA configuration {row.id} was encrypted with another key "
-                              "file than this appliance's (OMA_SECRET_KEY_FILE); restore that file or set "
-                              "secret_key again with an update") from None
+    secret = keys.decrypt(row.secret_key, f"secret_key of OSSEA configuration {row.id}")
     return {"id": row.id, "name": row.name, "api_url": row.api_url, "api_key": row.api_key,
             "secret_key": secret, "domain": row.domain, "zone": row.zone,
             "oma_vm_id": row.oma_vm_id, "is_active": row.is_active}

@@ -12,7 +12,6 @@ from shared.bus import dumps
 from shared.service import BusRequest, ServiceApp, endpoint
 from shared.subjects import Contexts
 
-CONSUMER = "context_aggregator-readmodel"
 
 
 class ListQuery(BaseModel):

@@ -60,7 +60,12 @@ class ExportManagerService(ServiceApp):
         return True
 
     async def _retry_start(self, every: float) -> None:
-        while not await self._start_exporter():
+        while True:
+            try:
+                if await self._start_exporter():
+                    return
+            except Exception:  # noqa: BLE001 - keep trying; exports answer 503 meanwhile
+                self.log.exception("NBD server start failed")
             await asyncio.sleep(every)
 
     def _exporter_ready(self) -> None:

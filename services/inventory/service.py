@@ -65,7 +65,7 @@ class GetRequest(BaseModel):
 
 def connection(row: VCenterConfig, keys: Keyring) -> dict[str, Any]:
     """The decrypted connection fields (a VCenterConnection's keyword arguments)."""
-    return {"host": row.host, "port": row.port, "username": row.username, "password": keys.decrypt(row.password),
+    return {"host": row.host, "port": row.port, "username": row.username, "password": keys.decrypt(row.password, f"password of vCenter configuration {row.id}"),
             "datacenter": row.datacenter, "verify_tls": row.verify_tls}
 
 

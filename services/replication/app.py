@@ -34,6 +34,9 @@ class ReplicationService(ServiceApp):
             except errors.Unavailable as exc:  # a service we need is not up yet
                 self.log.info("recovery waits for a service", extra={"attempt": attempt, "reason": str(exc)})
                 await asyncio.sleep(1.0)
+            except Exception:  # noqa: BLE001 - e.g. a database hiccup: log, and the cleanup loop goes on
+                self.log.exception("recovery failed; unfinished cleanups are retried below")
+                break
         # Cleanups that could not finish (cloud or config down) are retried until they do.
         while True:
             await asyncio.sleep(interval)

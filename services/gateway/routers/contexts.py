@@ -30,14 +30,19 @@ async def get_context(vm_name: str, bus: BusDep):
 @router.get("/{vm_name}/events", responses={200: {"content": {"text/event-stream": {}}}, **errors_doc(401, 404)})
 async def context_events(vm_name: str, request: Request, bus: BusDep):
     """Server-Sent Events: the VM's context now, then each change as it happens."""
-    first = await bus.call(Contexts.GET, {"vm_name": vm_name})  # 404 before the stream starts
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100)
 
     async def on_update(msg) -> None:
         if orjson.loads(msg.data).get("vm_name") == vm_name and not queue.full():
             queue.put_nowait(msg.data)
 
+    # Subscribe first, then read the snapshot: no update can fall between the two.
     sub = await bus.nc.subscribe(Contexts.EVT_UPDATED, cb=on_update)
+    try:
+        first = await bus.call(Contexts.GET, {"vm_name": vm_name})  # 404 before the stream starts
+    except BaseException:
+        await sub.unsubscribe()
+        raise
 
     async def stream():
         try:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
@@ -12,9 +12,10 @@ router = APIRouter(prefix="/api/v1", tags=["inventory"])
 
 
 @router.post("/vcenter/config", responses=errors_doc(400, 401, 404, 409, 502))
-async def vcenter_config(body: VCenterRequest, bus: BusDep):
+async def vcenter_config(body: VCenterRequest, bus: BusDep, request: Request):
     """vCenter connections, with the same anti-sprawl `action` pattern as the OSSEA endpoint."""
-    return await forward(bus, Inventory.VCENTER_ACTION, body.model_dump(exclude_none=True))
+    timeout = max(bus.timeout, request.app.state.settings.vsphere_timeout + 5)  # `test` logs in to vCenter
+    return await forward(bus, Inventory.VCENTER_ACTION, body.model_dump(exclude_none=True), timeout=timeout)
 
 
 @router.get("/vms/discover", responses=errors_doc(400, 401, 404, 502))

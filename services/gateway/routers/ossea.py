@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
@@ -13,6 +13,8 @@ router = APIRouter(prefix="/api/v1/ossea", tags=["ossea"])
 @router.post("/config", responses={200: {"description": "get/update/delete/test result"},
                                    201: {"description": "created configuration"},
                                    **errors_doc(400, 401, 404, 409, 502)})
-async def ossea_config(body: OsseaConfigRequest, bus: BusDep):
+async def ossea_config(body: OsseaConfigRequest, bus: BusDep, request: Request):
     """The unified OSSEA configuration endpoint: `action` is get, create, update, delete or test."""
-    return await forward(bus, Config.ACTION, body.model_dump(exclude_none=True))
+    # `test` is bounded by cloud_timeout in the service: wait past it, to relay its clear answer.
+    timeout = max(bus.timeout, request.app.state.settings.cloud_timeout + 5)
+    return await forward(bus, Config.ACTION, body.model_dump(exclude_none=True), timeout=timeout)
