@@ -16,7 +16,8 @@ from typing import Any, Awaitable, Callable
 import nats
 import orjson
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import StreamConfig
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
@@ -35,6 +36,12 @@ def dumps(obj: Any) -> bytes:
     if hasattr(obj, "model_dump"):
         obj = obj.model_dump(mode="json")
     return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+
+
+def event_envelope(event_id: str | None = None) -> dict[str, Any]:
+    """The common fields of every event (docs/events.md): a unique id and the time, in ms."""
+    from shared.db import iso_ms, utcnow
+    return {"event_id": event_id or uuid.uuid4().hex, "occurred_at": iso_ms(utcnow())}
 
 
 @dataclass

@@ -21,7 +21,8 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, ServiceConfig
 from pydantic import BaseModel, ValidationError
 
-from shared import bus as busmod, db, errors, metrics
+from shared import bus as busmod
+from shared import db, errors, metrics
 from shared.logging import correlation_id
 from shared.settings import Settings
 from shared.subjects import health

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +26,7 @@ from plugins.ossea.plugin import test_connection as cloud_test
 from services.config.models import OsseaConfig
 from shared import actions, errors
 from shared.actions import require
+from shared.bus import event_envelope
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
 
@@ -62,9 +61,7 @@ def credentials(row: OsseaConfig, keys: Keyring) -> dict[str, Any]:
 
 def event(row: OsseaConfig, action: str) -> dict[str, Any]:
     """`oma.evt.config.ossea.changed`: what changed, never a secret."""
-    now = datetime.now(UTC)
-    return {"event_id": uuid.uuid4().hex, "occurred_at": now.strftime("%Y-%m-%dT%H:%M:%S.")
-            + f"{now.microsecond // 1000:03d}Z", "id": row.id, "name": row.name, "action": action}
+    return {**event_envelope(), "id": row.id, "name": row.name, "action": action}
 
 
 # -- storage -----------------------------------------------------------------------------------

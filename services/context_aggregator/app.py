@@ -7,11 +7,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.context_aggregator import service
-from services.context_aggregator.consumer import VM_CONTEXTS, Applier, DurableConsumer, replay
+from services.context_aggregator.consumer import (
+    VM_CONTEXTS,
+    Applier,
+    DurableConsumer,
+    replay,
+)
 from shared.bus import dumps
 from shared.service import BusRequest, ServiceApp, endpoint
 from shared.subjects import Contexts
-
 
 
 class ListQuery(BaseModel):

@@ -19,7 +19,13 @@ from sqlalchemy import delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.context_aggregator.events import InventoryEvent, JobEvent, Malformed
-from services.context_aggregator.models import CbtRecord, ContextDisk, ContextJob, ReadModelState, VmContext
+from services.context_aggregator.models import (
+    CbtRecord,
+    ContextDisk,
+    ContextJob,
+    ReadModelState,
+    VmContext,
+)
 from shared import errors
 from shared.db import iso
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from services.export_manager.service import (
     Selector,
     Snapshot,
 )
-from shared.db import utcnow
+from shared.bus import event_envelope
 from shared.errors import Unavailable
 from shared.plugins import get_backend
 from shared.service import BusRequest, ServiceApp, endpoint
@@ -95,12 +94,11 @@ class ExportManagerService(ServiceApp):
                 self.log.exception("periodic reconcile failed")
 
     async def _publish(self, action: str, m: Snapshot) -> None:
-        event_id = uuid.uuid4().hex
-        payload = {"event_id": event_id, "occurred_at": utcnow().isoformat(timespec="milliseconds") + "Z",
+        payload = {**event_envelope(),
                    "export_name": m.export_name, "vm_id": m.vm_id, "disk_unit_number": m.disk_unit_number,
                    "vm_name": m.vm_name, "device_path": m.device_path, "action": action}
         try:
-            await self.bus.publish_event(Exports.EVT_CHANGED, payload, msg_id=event_id)
+            await self.bus.publish_event(Exports.EVT_CHANGED, payload, msg_id=payload["event_id"])
         except Exception:
             self.log.exception("could not publish export event", extra={"export_name": m.export_name})
 

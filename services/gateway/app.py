@@ -15,8 +15,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
 from services.gateway.deps import SessionCache, require_session
-from services.gateway.routers import auth, contexts, health, inventory, ossea, replications
-from shared import bus as busmod, metrics
+from services.gateway.routers import (
+    auth,
+    contexts,
+    health,
+    inventory,
+    ossea,
+    replications,
+)
+from shared import bus as busmod
+from shared import metrics
 from shared.logging import correlation_id
 from shared.settings import Settings
 from shared.subjects import Auth

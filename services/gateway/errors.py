@@ -5,11 +5,11 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared import errors
 from services.gateway.proxy import json_response
-from fastapi.responses import Response
+from shared import errors
 from shared.service import validation_details
 
 log = logging.getLogger("oma.gateway")

@@ -6,22 +6,24 @@ Functions take the session they work with; the app owns sessions, the bus and th
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
-from sqlalchemy import RowMapping, delete as sql_delete, func, insert, or_, select, update as sql_update
+from sqlalchemy import RowMapping, func, insert, or_, select
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.inventory.models import GONE, PRESENT, VCenterConfig, Vm
 from shared import actions, errors
 from shared.actions import require
+from shared.bus import event_envelope
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
 
@@ -337,7 +339,4 @@ EVENT_VM_FIELDS = ("id", "uuid", "name", "path", "datacenter", "cluster", "host"
 
 def event(vcenter: str, vm: dict[str, Any], change: str) -> dict[str, Any]:
     """`oma.evt.inventory.vm.discovered` (docs/events.md)."""
-    now = datetime.now(timezone.utc)
-    return {"event_id": uuid.uuid4().hex,
-            "occurred_at": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
-            "vcenter": vcenter, "vm": {k: vm.get(k) for k in EVENT_VM_FIELDS}, "change": change}
+    return {**event_envelope(), "vcenter": vcenter, "vm": {k: vm.get(k) for k in EVENT_VM_FIELDS}, "change": change}

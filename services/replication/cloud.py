@@ -14,7 +14,12 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
-from plugins.ossea.client import CloudParamError, CloudStackError, CloudTimeout, CloudUnreachable
+from plugins.ossea.client import (
+    CloudParamError,
+    CloudStackError,
+    CloudTimeout,
+    CloudUnreachable,
+)
 from shared import errors
 
 log = logging.getLogger("oma.replication.cloud")

@@ -2,20 +2,22 @@
 of docs/events.md. Pure functions of the rows."""
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import orjson
 
-from services.replication.models import COMPLETED, D_READY, QUEUED, READY, JobVolume, ReplicationJob
-from shared.db import iso
+from services.replication.models import (
+    COMPLETED,
+    D_READY,
+    QUEUED,
+    READY,
+    JobVolume,
+    ReplicationJob,
+)
+from shared.bus import event_envelope
+from shared.db import iso, iso_ms
 
 VM_FIELDS = ("id", "uuid", "name", "path", "datacenter", "cpus", "memory_mb")
-
-
-def iso_ms(dt: datetime | None) -> str | None:
-    """RFC 3339 UTC with milliseconds (the events' format)."""
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z" if dt else None
 
 
 def source_vm(job: ReplicationJob) -> dict[str, Any]:
@@ -85,6 +87,5 @@ def detail(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:
 
 def event(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:
     """docs/events.md: the whole job summary, `seq` per job, `event_id` = the Nats-Msg-Id."""
-    from shared.db import utcnow
-    return {"event_id": f"{job.job_id}-{job.seq}", "occurred_at": iso_ms(utcnow()), "seq": job.seq,
+    return {**event_envelope(f"{job.job_id}-{job.seq}"), "seq": job.seq,
             **summary(job, rows, ms=True)}

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Query, Request
 
 from services.gateway.deps import BusDep
