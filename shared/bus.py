@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from shared import errors, metrics
@@ -139,12 +140,18 @@ class Bus:
         return orjson.loads(data) if data else None
 
     async def ensure_stream(self) -> None:
-        """The events stream; idempotent, so every service may call it at start-up."""
-        cfg = StreamConfig(name=EVENTS_STREAM, subjects=[EVENTS_WILDCARD], duplicate_window=120.0)
+        """The events stream, created when missing. An existing stream is left as it is: an operator
+        may have set limits (max_age, max_bytes) that a restart must not undo."""
         try:
-            await self.js.add_stream(cfg)
-        except Exception:  # noqa: BLE001 - exists with another config: update it
-            await self.js.update_stream(cfg)
+            await self.js.stream_info(EVENTS_STREAM)
+            return
+        except NotFoundError:
+            pass
+        try:
+            await self.js.add_stream(StreamConfig(name=EVENTS_STREAM, subjects=[EVENTS_WILDCARD],
+                                                  duplicate_window=120.0))
+        except BadRequestError:  # another service created it in the meantime
+            await self.js.stream_info(EVENTS_STREAM)
 
     async def publish_event(self, subject: str, payload: Any, *, msg_id: str | None = None) -> None:
         """Publish an event to the stream; `msg_id` makes redelivery of one fact harmless."""

@@ -406,3 +406,20 @@ async def test_db_up_metric_follows_the_database(make_settings):
         await auth.engine.dispose()
         auth.engine = create_async_engine(f"mysql+asyncmy://root@127.0.0.1:{_free_port()}/gone")
         await wait_for(lambda: db_up(0), timeout=10)
+
+
+async def test_start_up_keeps_an_operators_stream_limits(make_settings, nats_url):
+    from nats.js.api import StreamConfig
+    from shared.subjects import EVENTS_STREAM, EVENTS_WILDCARD
+    caller = busmod.Bus(await busmod.connect(nats_url, "operator"))
+    try:
+        await caller.ensure_stream()
+        await caller.js.update_stream(StreamConfig(name=EVENTS_STREAM, subjects=[EVENTS_WILDCARD],
+                                                   duplicate_window=120.0, max_age=30 * 86400))
+        async with Appliance(make_settings(), ("auth",)):
+            pass
+        assert (await caller.js.stream_info(EVENTS_STREAM)).config.max_age == 30 * 86400
+    finally:
+        await caller.js.update_stream(StreamConfig(name=EVENTS_STREAM, subjects=[EVENTS_WILDCARD],
+                                                   duplicate_window=120.0, max_age=0))
+        await caller.nc.drain()
