@@ -152,7 +152,7 @@ class ReplicationRequest(BaseModel):
 
 class DiskProgress(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    unit_number: int = Field(ge=0, le=64)
+    unit_number: int = Field(ge=0, le=999)  # 0-64, or a multi-controller slot (replication)
     bytes_transferred: int | None = Field(None, ge=0)
     total_bytes: int | None = Field(None, ge=0)
     change_id: str | None = Field(None, max_length=255)

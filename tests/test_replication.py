@@ -397,3 +397,20 @@ async def test_on_mariadb(make_settings, tmp_path, mariadb_name):
         assert r.json()["progress_percent"] == 50.0 and r.json()["vma_throughput_mbps"] > 0
         assert (await env.delete(job_id)).status_code == 200
         assert not env.data_volumes()
+
+
+async def test_disks_on_two_controllers_with_the_same_unit_get_distinct_slots(make_settings, tmp_path):
+    """scsi0:0 and scsi1:0 (as the inventory lists them) are two disks, not a duplicate."""
+    async with replication_env(make_settings, tmp_path) as env:
+        body = request(env.config_id, "twobus", disks=2, uuid="4205784a-0000-4000-8000-0000000000b2")
+        for bus, disk in enumerate(body["source_vm"]["disks"]):
+            disk.update(unit_number=0, controller_type="scsi", controller_bus_number=bus)
+        r = await env.post(body)
+        assert r.status_code == 201, r.text
+        assert sorted(e["disk_unit_number"] for e in r.json()["nbd_exports"]) == [0, 16]
+        # The same controller twice is still a duplicate.
+        body = request(env.config_id, "dup", disks=2)
+        for disk in body["source_vm"]["disks"]:
+            disk.update(unit_number=0, controller_type="scsi", controller_bus_number=0)
+        detail = assert_error_shape(await env.post(body), 400)["details"]
+        assert "unit_number" in detail

@@ -74,9 +74,29 @@ def new_job_id(now: datetime) -> str:
     return f"job-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+CONTROLLER_OFFSET = {"scsi": 0, "sata": 100, "ide": 200, "nvme": 300}
+
+
+def _slot(disk: Any) -> int | None:
+    """A per-VM disk number from the controller (as the inventory lists it): type, bus, unit."""
+    extra = disk.model_extra or {}
+    kind, bus = extra.get("controller_type"), extra.get("controller_bus_number")
+    if disk.unit_number is None or kind not in CONTROLLER_OFFSET or not isinstance(bus, int):
+        return None
+    return CONTROLLER_OFFSET[kind] + bus * 16 + disk.unit_number
+
+
 def unit_numbers(vm: SourceVM) -> list[int]:
-    """A disk's unit number, else its position; duplicates are a 400 naming the field."""
+    """A disk's unit number, else its position; duplicates are a 400 naming the field.
+
+    vSphere numbers units per controller, so scsi0:0 and scsi1:0 are both unit 0. When the
+    inventory's controller fields tell such disks apart, each gets `type offset + bus * 16 + unit`
+    instead (single-controller VMs, the usual case, keep their plain unit numbers)."""
     units = [d.unit_number if d.unit_number is not None else i for i, d in enumerate(vm.disks)]
+    if len(set(units)) < len(units):
+        slots = [_slot(d) for d in vm.disks]
+        if None not in slots and len(set(slots)) == len(slots):
+            return slots  # type: ignore[return-value]
     first: dict[int, int] = {}
     for i, unit in enumerate(units):
         if unit in first:
