@@ -1,7 +1,7 @@
 """Replication under faults, against the CloudStack simulator and a real nbdkit exporter: a failing
 attach cleans up the job's other volumes, transient createVolume errors are retried, permanent ones
-are not, a hanging cloud fails the job in time, a SIGKILLed replication service is cleaned up on
-restart, and the disk cap queues jobs FIFO."""
+are not, a hanging cloud fails the job in time, a SIGKILLed replication service resumes its job on
+restart (no volume created twice or left unnamed), and the disk cap queues jobs FIFO."""
 from __future__ import annotations
 
 import asyncio
@@ -215,13 +215,16 @@ async def _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded: bool)
             proc = await start_replication(settings, log)
             await wait_for(lambda: answering(env), 30)
 
-            async def cleaned() -> bool:
-                job = await env.job(job_id)
-                return job["status"] == "failed" and not env.data_volumes()
-            await wait_for(cleaned, 20)
+            # The job resumes where it stopped, adopting what the cloud made for it: one volume per
+            # disk, each named by a row, all attached and exported; nothing created twice.
+            await wait_for(lambda: _status_is(env, job_id, "ready_for_sync"), 30)
             job = await env.job(job_id)
-            assert "interrupted" in job["error"]
-            assert all(d["status"] in ("released", "failed") for d in job["disks"]), job["disks"]
+            named = {d["volume_id"] for d in job["disks"]}
+            assert len(named) == 4 and set(env.data_volumes()) == named, (named, set(env.data_volumes()))
+            assert sorted(attached(env)) == sorted(named)
+            assert all(d["export_name"] for d in job["disks"]), job["disks"]
+            r = await env.delete(job_id)
+            assert r.status_code == 200 and not env.data_volumes()
 
             # and it works again
             r = await env.post(request(env.config_id, "after-restart", disks=2))
@@ -236,7 +239,7 @@ async def _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded: bool)
     assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-3000:]
 
 
-async def test_sigkill_after_volumes_were_created_is_cleaned_up_on_restart(make_settings, tmp_path, mariadb_name):
+async def test_sigkill_after_volumes_were_created_resumes_on_restart(make_settings, tmp_path, mariadb_name):
     await _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded=False)
 
 

@@ -61,7 +61,6 @@ GIB = 1024 ** 3
 EWMA_ALPHA = 0.3  # weight of the newest throughput sample
 REUSED_MESSAGE = "Migration workflow started - VM export reused without SIGHUP operation"
 NEW_MESSAGE = "Migration workflow started - VM exports created"
-INTERRUPTED = "interrupted: the replication service stopped while provisioning; created resources were removed"
 
 JOBS = Counter("oma_replication_jobs_total", "Replication jobs entering each status", ["status"])
 PROVISION = Histogram("oma_replication_provision_duration_seconds", "From admission to ready_for_sync or failure",
@@ -348,15 +347,19 @@ class Replicator:
         try:
             if row.created_by_job:
                 assert placement is not None
-                await self._set(row.id, status=D_CREATING)
+                volume_id, current = await self._existing_volume(ops, row)
+                if volume_id is None:
+                    await self._set(row.id, status=D_CREATING)
 
-                async def record(volume_id: str) -> None:
-                    await self._set(row.id, volume_id=volume_id)
-                volume_id = await ops.create_volume(row.volume_name, placement[0], placement[1], row.size_gb, record)
-                await self._set(row.id, volume_id=volume_id, status=D_CREATED)
-                await self._set(row.id, status=D_ATTACHING)
-                volume = await ops.attach(volume_id, oma_vm_id)
-                await self._set(row.id, status=D_ATTACHED, device_id=volume.get("deviceid"))
+                    async def record(volume_id: str) -> None:
+                        await self._set(row.id, volume_id=volume_id)
+                    volume_id = await ops.create_volume(row.volume_name, placement[0], placement[1],
+                                                        row.size_gb, record)
+                    await self._set(row.id, volume_id=volume_id, status=D_CREATED)
+                if not current or current.get("virtualmachineid") != oma_vm_id:
+                    await self._set(row.id, status=D_ATTACHING)
+                    volume = await ops.attach(volume_id, oma_vm_id)
+                    await self._set(row.id, status=D_ATTACHED, device_id=volume.get("deviceid"))
                 path = await self.resolver.resolve(volume_id, self.settings.device_wait)
             else:
                 path = await self._reused_device(ops, row, oma_vm_id)
@@ -371,6 +374,22 @@ class Replicator:
         except Exception as exc:
             await self._set(row.id, status=D_FAILED, error=error_text(exc))
             raise
+
+    async def _existing_volume(self, ops: CloudOps, row: JobVolume) -> tuple[str | None, dict[str, Any] | None]:
+        """What a job resumed after a restart already has in the cloud for this disk: the recorded
+        volume, or one its unanswered createVolume made (found by its unique name). A fresh disk
+        (status pending, no id) costs no cloud call."""
+        if row.volume_id is None and row.status == D_PENDING:
+            return None, None
+        if row.volume_id is None:
+            found = await ops.by_name(row.volume_name)
+            if not found:
+                return None, None
+            await self._set(row.id, volume_id=found[0]["id"])
+            await ops.sweep(row.volume_name, keep=found[0]["id"])  # a second unanswered attempt's
+            return found[0]["id"], found[0]
+        current = await ops.volume(row.volume_id)
+        return (row.volume_id, current) if current is not None else (None, None)
 
     async def _reused_device(self, ops: CloudOps, row: JobVolume, oma_vm_id: str) -> str:
         """The VM's existing volume: normally still attached; re-attached if someone detached it."""
@@ -506,17 +525,18 @@ class Replicator:
         return ids
 
     async def recover(self) -> None:
-        """At start-up: jobs interrupted while provisioning are failed and cleaned up, unfinished
-        cleanups are retried, then the queue moves."""
+        """At start-up: unfinished cleanups are retried, jobs interrupted while provisioning resume
+        (adopting what the cloud already made for them), then the queue moves."""
         async with self.sessions() as db:
             interrupted = (await db.scalars(select(ReplicationJob.job_id)
                                             .where(ReplicationJob.status == PROVISIONING))).all()
             pending = (await db.scalars(select(ReplicationJob.job_id).where(
                 ReplicationJob.cleanup_pending.is_(True), ReplicationJob.status != PROVISIONING))).all()
-        for job_id in interrupted:
-            self.log.warning("replication job interrupted by a restart", extra={"job_id": job_id})
-            await self.fail(job_id, INTERRUPTED, pump=False)
         await self.retry_cleanups(pending)
+        async with self._admission:
+            for job_id in interrupted:  # every step is recorded before it acts: pick up where it stopped
+                self.log.warning("replication job interrupted by a restart; resuming", extra={"job_id": job_id})
+                self._start(job_id)
         await self.pump()
 
     async def retry_cleanups(self, job_ids: list[str] | None = None) -> int:
