@@ -8,47 +8,29 @@ Prints requests/s and p99 latency for each. Needs Debian's `wrk`.
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 
 import httpx
+from common import TOKEN, start_oma_api
 
-TOKEN = "vma_test_token_abc123def456789012345678"
 
-
-def start(cache_ttl: str, db: str) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMA_DATA_DIR": tempfile.mkdtemp(prefix="oma-bench-"), "OMA_AUTH_CACHE_TTL": cache_ttl,
-           "OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}"}
-    args = ["oma-api", "-port", str(port), "-db-type", db]
+def start(cache_ttl: str, db: str) -> tuple[subprocess.Popen, str]:
+    flags = ["-db-type", db]
     if db == "mariadb":
-        args += ["-db-host", "127.0.0.1", "-db-user", "root", "-db-name", "oma_bench_auth"]
-    proc = subprocess.Popen(args, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("oma-api did not become healthy")
+        flags += ["-db-host", "127.0.0.1", "-db-user", "root", "-db-name", "oma_bench_auth"]
+    proc, base, _ = start_oma_api(*flags, env={"OMA_AUTH_CACHE_TTL": cache_ttl})
+    return proc, base
 
 
 def run(cache_ttl: str, path: str, seconds: int, db: str) -> tuple[float, str]:
-    proc, port = start(cache_ttl, db)
+    proc, base = start(cache_ttl, db)
     try:
-        token = httpx.post(f"http://127.0.0.1:{port}/api/v1/auth/login",
+        token = httpx.post(f"{base}/api/v1/auth/login",
                            json={"appliance_id": "test-vma", "token": TOKEN}).json()["session_token"]
-        url = f"http://127.0.0.1:{port}{path}"
+        url = f"{base}{path}"
         assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
         out = subprocess.run(["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", "-H",
                               f"Authorization: Bearer {token}", url], capture_output=True, text=True).stdout

@@ -25,7 +25,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -40,8 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from services.context_aggregator.models import CbtRecord, ContextDisk, ContextJob, VmContext  # noqa: E402
 from shared.bus import Bus  # noqa: E402
-from shared.natsserver import EmbeddedNats, free_port  # noqa: E402
+from shared.natsserver import EmbeddedNats  # noqa: E402
 from shared.subjects import EVENTS_STREAM, Contexts, Replication  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import start_oma_api  # noqa: E402
 
 DB = dict(host=os.environ.get("OMA_TEST_DB_HOST", "127.0.0.1"), port=int(os.environ.get("OMA_TEST_DB_PORT", "3306")),
           user=os.environ.get("OMA_TEST_DB_USER", "root"), password=os.environ.get("OMA_TEST_DB_PASS", ""))
@@ -61,24 +63,10 @@ async def sql(statement: str) -> None:
 
 
 def start_api(db_name: str, nats_url: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "OMA_DATA_DIR": tempfile.mkdtemp(prefix="oma-bench-"),
-           "OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}", "OMA_DB_PASS": DB["password"]}
-    proc = subprocess.Popen(["oma-api", "-port", str(port), "-host", "127.0.0.1", "-db-type", "mariadb",
-                             "-db-host", DB["host"], "-db-port", str(DB["port"]), "-db-name", db_name,
-                             "-db-user", DB["user"], "-nats-url", nats_url],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"oma-api exited with {proc.returncode}")
-        time.sleep(0.1)
-    raise SystemExit("oma-api did not become healthy")
+    proc, base, _ = start_oma_api("-db-type", "mariadb", "-db-host", DB["host"], "-db-port", str(DB["port"]),
+                                  "-db-name", db_name, "-db-user", DB["user"], "-nats-url", nats_url,
+                                  env={"OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}", "OMA_DB_PASS": DB["password"]})
+    return proc, base
 
 
 async def bulk_insert(db_name: str, vms: int, jobs_per_vm: int) -> float:

@@ -7,16 +7,13 @@ appliance became healthy and answered one /health.
 """
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import httpx
+from common import start_oma_api
 
 
 def rss_kib(pid: int) -> int:
@@ -27,21 +24,7 @@ def rss_kib(pid: int) -> int:
 
 
 def one_round() -> tuple[float, int, int, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMA_DATA_DIR": tempfile.mkdtemp(prefix="oma-bench-")}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(["oma-api", "-port", str(port), "-db-type", "memory"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.02)
-    ready = time.perf_counter() - t0
+    proc, _, ready = start_oma_api("-db-type", "memory", timeout=120)
     children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
                                                capture_output=True, text=True).stdout.split()]
     api, nats = rss_kib(proc.pid), sum(rss_kib(c) for c in children)
