@@ -19,7 +19,7 @@ from plugins.ossea.simulator import CUSTOM_OFFERING_ID, DEFAULT_VM_ID, GIB, Volu
 from services.replication.service import parse_volume_name, volume_name
 from tests.conftest import mariadb_settings, wait_for
 from tests.test_replication import Env, metric, replication_env, request, write_and_check
-from tests.test_replication_faults import answering, kill, start_service
+from tests.test_replication_faults import _status_is, _true, answering, kill, start_service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,11 +216,3 @@ def test_gateway_timeouts_derive_from_settings(make_settings):
     for path in (ROOT / "services/gateway").rglob("*.py"):
         text = path.read_text()
         assert "timeout=900" not in text and "timeout=600" not in text, path
-
-
-async def _true(value: Any) -> Any:
-    return value
-
-
-async def _status_is(env: Env, job_id: str, status: str) -> bool:
-    return await status_of(env, job_id) == status

@@ -513,14 +513,14 @@ class Replicator:
         await self.pump()
         job, _ = await self.load(job_id)
         self.log.info("replication job deleted", extra={"job_id": job_id, "was": before, "released": len(released)})
-        what = "cancelled" if before in IN_FLIGHT else f"was {before}; its volumes were released"
-        reply = {"success": True, "job_id": job_id, "status": job.status, "previous_status": before,
-                 "released_volumes": released, "message": f"Job {job_id} {what}",
-                 "cleanup_pending": bool(job.cleanup_pending)}
-        if job.cleanup_pending:
-            reply["message"] = f"Job {job_id} {'cancelled' if before in IN_FLIGHT else 'was ' + before}; " \
-                               f"{job.message}"
-        return reply
+        what = "cancelled" if before in IN_FLIGHT else f"was {before}"
+        if job.cleanup_pending:  # not silently `released_volumes: []`: what is left, and why
+            what += f"; {job.message}"
+        elif before not in IN_FLIGHT:
+            what += "; its volumes were released"
+        return {"success": True, "job_id": job_id, "status": job.status, "previous_status": before,
+                "released_volumes": released, "message": f"Job {job_id} {what}",
+                "cleanup_pending": bool(job.cleanup_pending)}
 
     async def cleanup(self, job_id: str, *, created_only: bool, ops: CloudOps | None = None,
                       sweep: bool = False) -> list[str]:
