@@ -24,6 +24,14 @@ from tests.test_replication_faults import _status_is, _true, answering, kill, st
 ROOT = Path(__file__).resolve().parents[1]
 
 
+async def until_answering(env: Env, log: Path) -> None:
+    """The (re)started replication process answers; if not, the failure shows its log."""
+    try:
+        await wait_for(lambda: answering(env), 60)
+    except AssertionError:
+        raise AssertionError(f"replication does not answer; its log ends:\n{log.read_text()[-3000:]}") from None
+
+
 async def status_of(env: Env, job_id: str) -> str:
     return (await env.job(job_id))["status"]
 
@@ -38,27 +46,27 @@ async def unreferenced(env: Env) -> list[tuple[str, str]]:
 
 
 def slow_cloud(**overrides: Any) -> dict[str, Any]:
-    """Cloud timeouts long enough for a 3 s call, a short in-flight grace, replication alone."""
+    """Cloud timeouts long enough for a 4 s call, a short in-flight grace, replication alone."""
     return dict(services=("auth", "config", "export_manager"), provision_wait=0.3, cloud_timeout=8.0,
-                cloud_job_timeout=10.0, cloud_inflight_grace=5.0, dependency_wait=30.0, **overrides)
+                cloud_job_timeout=10.0, cloud_inflight_grace=6.0, dependency_wait=30.0, **overrides)
 
 
 @pytest.mark.parametrize("command", ["createVolume", "attachVolume"])
 async def test_sigkill_while_the_cloud_still_works_then_restart_duplicates_nothing(
         make_settings, tmp_path, mariadb_name, command):
-    """The cloud takes 3 s to act on each call; replication dies meanwhile and comes straight back.
+    """The cloud takes 4 s to act on each call; replication dies meanwhile and comes straight back.
     The resumed job waits until those calls can no longer land, then adopts what they made."""
     log = tmp_path / "replication.log"
     async with replication_env(make_settings, tmp_path, **slow_cloud(**mariadb_settings(mariadb_name))) as env:
         settings = env.client.settings
         proc = await start_service("replication", settings, log)
         try:
-            await wait_for(lambda: answering(env), 30)
-            env.sim.set_latency(command, 3.0)
+            await until_answering(env, log)
+            env.sim.set_latency(command, 4.0)
             started = time.monotonic()
             r = await env.post(request(env.config_id, f"slow-{command}", disks=3))
             assert r.status_code == 202 and r.json()["status"] == "provisioning", r.text
-            assert time.monotonic() - started < 5, "POST answers after provision_wait, not when the cloud does"
+            assert time.monotonic() - started < 4, "POST answers after provision_wait, not when the cloud does"
             job_id = r.json()["job_id"]
             await wait_for(lambda: _true(len(env.commands(command)) == 3), 15)
             await kill(proc)
@@ -69,7 +77,7 @@ async def test_sigkill_while_the_cloud_still_works_then_restart_duplicates_nothi
                 assert not landed_before_restart, "the kill came before the cloud attached anything"
 
             proc = await start_service("replication", settings, log)
-            await wait_for(lambda: answering(env), 30)
+            await until_answering(env, log)
             await wait_for(lambda: _status_is(env, job_id, "ready_for_sync"), 40)
 
             job = await env.job(job_id)
@@ -101,7 +109,7 @@ async def test_restart_while_export_manager_is_down_resumes_when_it_returns(make
         exporter = await start_service("export_manager", settings, elog)
         proc = await start_service("replication", settings, rlog)
         try:
-            await wait_for(lambda: answering(env), 30)
+            await until_answering(env, rlog)
             env.sim.set_latency("attachVolume", 2.0)
             r = await env.post(request(env.config_id, "late-exporter", disks=2))
             assert r.status_code == 202, r.text
@@ -110,7 +118,7 @@ async def test_restart_while_export_manager_is_down_resumes_when_it_returns(make
             await kill(proc)
             await kill(exporter)
             proc = await start_service("replication", settings, rlog)
-            await wait_for(lambda: answering(env), 30)
+            await until_answering(env, rlog)
             for _ in range(10):  # export_manager stays away 10 s: the job waits, it does not fail
                 await asyncio.sleep(1.0)
                 assert await status_of(env, job_id) == "provisioning"
