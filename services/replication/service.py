@@ -393,7 +393,7 @@ class Replicator:
                 path = await self._reused_device(ops, row, oma_vm_id)
             await self._set(row.id, status=D_EXPORTING, device_path=path)
             export = await self.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
-                                                          "vm_name": job.vm_name, "device_path": path})
+                                                      "vm_name": job.vm_name, "device_path": path})
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
                             export_port=export.get("port"), reused=bool(export.get("reused")),
                             device_path=export.get("device_path") or path)
