@@ -5,7 +5,7 @@ from typing import Any
 
 from services.config import service
 from shared import errors
-from shared.actions import given, merge_for_test, run_action
+from shared.actions import given, run_action
 from shared.crypto import Keyring
 from shared.plugins import get_backend
 from shared.schemas import OsseaConfigRequest
@@ -40,7 +40,7 @@ class ConfigService(ServiceApp):
         if config_id is not None:
             async with self.sessions() as db:
                 stored = service.credentials(await self.store.load(db, config_id), self.keys)
-            values = merge_for_test(stored, values, ("api_url",), "secret_key")
+            values = self.store.merge_for_test(stored, values)
         try:
             return await service.test_connection(lambda creds: self.cloud.factory(creds, self.settings),
                                                  values, self.settings.cloud_timeout)
