@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     nats_url: str = Field("", description="NATS server URL; empty starts an embedded nats-server")
     nats_user: str = ""
     nats_password: str = Field("", repr=False)
+    allow_ephemeral_with_external_nats: bool = Field(
+        False, description="let a memory database run with an external NATS (throwaway tests only)")
     data_dir: Path = Field(default_factory=default_data_dir)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port of a lone service")
     request_timeout: float = Field(30.0, gt=0, description="Bus request timeout (seconds)")

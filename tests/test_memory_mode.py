@@ -1,11 +1,17 @@
-"""Memory mode (SQLite in memory) never hands out a deleted row's id again, as MariaDB's
-AUTO_INCREMENT does not: an old job's `ossea_config_id` must never point at another cloud."""
+"""Memory mode (SQLite in memory): it never hands out a deleted row's id again, as MariaDB's
+AUTO_INCREMENT does not (an old job's `ossea_config_id` must never point at another cloud); and the
+console scripts refuse it with an external NATS, whose stream outlives the database."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 from sqlalchemy import text
 
 from shared.settings import SERVICES
-from tests.conftest import login, running
+from tests.conftest import free_port, login, running
 
 OSSEA = {"api_url": "http://127.0.0.1:9/client/api", "api_key": "k", "secret_key": "s", "zone": "Z"}
 VCENTER = {"username": "administrator@vsphere.local", "password": "p"}
@@ -40,3 +46,16 @@ async def test_delete_then_create_never_reuses_an_id(make_settings):
                         counted.append(table)
         assert {"ossea_configs", "vcenter_configs", "appliances", "sessions", "replication_jobs",
                 "job_volumes"} <= set(counted), counted
+
+
+@pytest.mark.parametrize("argv", [["oma_api"], ["oma_service", "config"], ["oma_service", "replication"]])
+def test_memory_with_external_nats_is_refused_at_start(tmp_path, nats_url, argv):
+    entry, *args = argv
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMA_")}
+    env.update(OMA_DATA_DIR=str(tmp_path), OMA_NBD_PORT=str(free_port()))
+    r = subprocess.run([sys.executable, "-c", f"from shared.cli import {entry}; {entry}()", *args,
+                        "-db-type", "memory", "-nats-url", nats_url, "-port", str(free_port()), "-metrics-port", "0"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    [line] = r.stderr.strip().splitlines()
+    assert "-db-type memory with -nats-url" in line and "OMA_ALLOW_EPHEMERAL_WITH_EXTERNAL_NATS" in line, line
