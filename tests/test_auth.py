@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 
@@ -177,6 +178,7 @@ async def test_appliance_admin_subjects(make_settings):
         from shared.subjects import Auth
         added = await bus.call(Auth.APPLIANCE_ADD, {"name": "vma-2"})
         assert added["token"].startswith("vma_")
+        assert len(base64.urlsafe_b64decode(added["token"].removeprefix("vma_") + "=")) == 32  # 256 random bits
         listed = await bus.call(Auth.APPLIANCE_LIST)
         assert {a["appliance_id"] for a in listed["appliances"]} == {"test-vma", "vma-2"}
         headers = await login(client, "vma-2", added["token"])
