@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")
     appliance_tokens: str = Field("", repr=False, description="name=token,... registered at start-up")
     auth_cache_ttl: float = Field(5.0, ge=0, description="Gateway verification cache (seconds; 0 = off)")
-    login_rate_limit: int = Field(5, ge=1, description="Failed logins a minute per appliance and address (x10 per address) before 429")
+    login_rate_limit: int = Field(5, ge=1, description="Failed logins a minute per appliance+address (x10 per address)")
 
     # Secrets at rest.
     secret_key_file: Path | None = None
