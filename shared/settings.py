@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     nats_url: str = Field("", description="NATS server URL; empty starts an embedded nats-server")
     nats_user: str = ""
     nats_password: str = Field("", repr=False)
+    allow_ephemeral_with_external_nats: bool = Field(
+        False, description="let a memory database run with an external NATS (throwaway tests only)")
     data_dir: Path = Field(default_factory=default_data_dir)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port of a lone service")
     request_timeout: float = Field(30.0, gt=0, description="Bus request timeout (seconds)")
@@ -62,7 +64,7 @@ class Settings(BaseSettings):
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")
     appliance_tokens: str = Field("", repr=False, description="name=token,... registered at start-up")
     auth_cache_ttl: float = Field(5.0, ge=0, description="Gateway verification cache (seconds; 0 = off)")
-    login_rate_limit: int = Field(5, ge=1, description="Failed logins allowed per minute per id/address")
+    login_rate_limit: int = Field(5, ge=1, description="Failed logins a minute per appliance+address (x10 per address)")
 
     # Secrets at rest.
     secret_key_file: Path | None = None

@@ -44,6 +44,7 @@ class Replication:
     GET = "oma.replication.job.get"
     PROGRESS = "oma.replication.job.progress"
     CANCEL = "oma.replication.job.cancel"
+    USING_CONFIG = "oma.replication.job.using_config"  # config asks before deleting a configuration
     EVT_PREFIX = "oma.evt.replication.job"
     EVT_CREATED = "oma.evt.replication.job.created"
     EVT_STATUS = "oma.evt.replication.job.status_changed"

@@ -309,7 +309,8 @@ def test_oma_api_process(tmp_path: Path, db: str, request):
 async def test_two_oma_service_processes_share_a_queue_group(make_settings, nats_url, tmp_path):
     """Two `oma-service config` processes on one NATS: both take requests; health stays up while
     either runs."""
-    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path), "OMA_NBD_PORT": str(_free_port())}
+    env = {**os.environ, "OMA_DATA_DIR": str(tmp_path), "OMA_NBD_PORT": str(_free_port()),
+           "OMA_ALLOW_EPHEMERAL_WITH_EXTERNAL_NATS": "true"}
     procs = [subprocess.Popen(["oma-service", "config", "-nats-url", nats_url, "-db-type", "memory",
                                "-metrics-port", "0"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(2)]

@@ -32,8 +32,7 @@ class AuthService(ServiceApp):
 
     async def setup(self) -> None:
         self.keys = Keyring.from_file(self.settings.secret_key_path)
-        self.limiter = service.RateLimiter(self.settings.login_rate_limit)
-        self.addr_limiter = service.RateLimiter(self.settings.login_rate_limit * 10)
+        self.throttle = service.LoginThrottle(self.settings.login_rate_limit)
         bootstrap = parse_bootstrap(self.settings.appliance_tokens)
         if bootstrap:
             async with self.sessions.begin() as db:
@@ -46,21 +45,15 @@ class AuthService(ServiceApp):
         payload = req.json()
         client = str(payload.pop("client_addr", "") or "")
         body = req.model(LoginRequest, payload)
-        # Per appliance, and per address with a ten times higher limit: every VMA reaches us
-        # through a tunnel (127.0.0.1), so one misconfigured VMA must not lock the others out.
-        ids, addrs = (f"id:{body.appliance_id}",), ((f"addr:{client}",) if client else ())
-        wait = max(self.limiter.retry_after(*ids), self.addr_limiter.retry_after(*addrs))
-        if wait:
-            AUTH_EVENTS.labels(event="login_throttled").inc()
-            self.log.warning("login throttled", extra={"appliance_id": body.appliance_id, "client": client})
-            raise errors.TooManyRequests("Too many failed login attempts", f"retry in {wait} seconds",
-                                         headers={"Retry-After": str(wait)})
-        try:
+        try:  # the token first: the throttle only decides how a failure is answered
             async with self.sessions.begin() as db:
                 result = await service.login(db, self.keys, body.appliance_id, body.token, self.settings.session_ttl)
         except errors.Unauthorized:
-            self.limiter.fail(*ids)
-            self.addr_limiter.fail(*addrs)
+            wait = self.throttle.failed(body.appliance_id, client)
+            if wait:  # counted, not logged: a flood must not flood the log too
+                AUTH_EVENTS.labels(event="login_throttled").inc()
+                raise errors.TooManyRequests("Too many failed login attempts", f"retry in {wait} seconds",
+                                             headers={"Retry-After": str(wait)}) from None
             AUTH_EVENTS.labels(event="login_failed").inc()
             self.log.warning("login failed", extra={"appliance_id": body.appliance_id, "client": client})
             raise
