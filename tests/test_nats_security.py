@@ -125,6 +125,19 @@ def test_oma_admin_rebuilds_contexts_with_no_nats_flags(api: OmaApi):
     assert body["success"] is True and body["events_failed"] == 0, body
 
 
+def test_oma_admin_with_nats_url_uses_the_admin_user_from_the_environment(api: OmaApi):
+    access = natsauth.read_admin_file(api.data_dir)
+    argv = ["oma-admin", "-nats-url", access.url, "contexts", "rebuild"]
+    env = {**clean_env(api.data_dir.parent), "OMA_NATS_USER": "admin"}
+    r = subprocess.run(argv, env={**env, "OMA_NATS_PASSWORD": access.password}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["success"] is True, r.stderr
+    started = time.monotonic()
+    r = subprocess.run(argv, env={**env, "OMA_NATS_PASSWORD": "nwrong"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "refused the credentials" in r.stderr, r.stderr
+    assert time.monotonic() - started < 8, "a refused password is not retried until the timeout"
+
+
 def test_oma_admin_without_a_running_appliance_says_so(tmp_path: Path):
     r = subprocess.run(["oma-admin", "contexts", "rebuild"], env=clean_env(tmp_path),
                        capture_output=True, text=True, timeout=60)
