@@ -156,9 +156,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value: {text!r}")
 
 
-def build_parser(prog: str, extra: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    for flag, help_text in {**FLAGS, **(extra or {})}.items():
+def build_parser(prog: str, extra: dict[str, str] | None = None, only: tuple[str, ...] | None = None,
+                 **kw: Any) -> argparse.ArgumentParser:
+    """The flags of FLAGS (or the `only` ones, for a command that uses a few) and `extra`."""
+    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS, **kw)
+    flags = {k: v for k, v in FLAGS.items() if only is None or k in only}
+    for flag, help_text in {**flags, **(extra or {})}.items():
         names = (f"-{flag}", f"--{flag}")
         if flag in BOOL_FLAGS:
             parser.add_argument(*names, dest=flag.replace("-", "_"), nargs="?", const=True,
@@ -176,11 +179,16 @@ def load_settings(argv: list[str] | None = None, prog: str = "oma-api",
     """
     parser = build_parser(prog)
     for name in positional:
-        parser.add_argument(name, nargs="+" if name == "words" else None)
+        parser.add_argument(name)
     args = vars(parser.parse_intermixed_args(argv))
     pos = {name: args.pop(name) for name in positional}
+    return settings_from_flags(args, prog), pos
+
+
+def settings_from_flags(args: dict[str, Any], prog: str) -> Settings:
+    """Settings from parsed flags (field name -> value); FlagError names a bad one."""
     try:
-        return Settings(**args), pos
+        return Settings(**args)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
