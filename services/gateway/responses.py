@@ -391,7 +391,7 @@ class ContextDisk(Body):
     unit_number: int
     disk_id: str | None = None
     path: str | None = None
-    size_gb: int | None = None
+    size_gb: float | None = Field(None, description="whole GiB (stored as a float today: `40.0`)")
     capacity_bytes: int | None = None
     datastore: str | None = None
     volume_id: str | None = None
