@@ -4,6 +4,8 @@ body for every success answer that the real answers match (a full run against th
 simulator and vcsim, each reply validated against the schema /openapi.json gives for it)."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -95,6 +97,21 @@ async def test_request_bodies_carry_the_seed_examples(doc):
     assert ossea["create"]["configuration"]["zone"] == "OSSEA-Zone"
     assert examples("/api/v1/auth/login")["seed"]["appliance_id"] == "test-vma"
     assert set(examples("/api/v1/replication/jobs/{job_id}/progress")) == {"replicating", "completed"}
+
+
+async def test_docs_cite_only_routes_that_exist(doc):
+    """`GET /api/v1/...` in README.md and docs/*.md: each one an operation of the document."""
+    def shape(path: str) -> str:
+        return re.sub(r"\{[^}]*\}", "{}", path)
+
+    routes = {(m.upper(), shape(p)) for p, m, _ in operations(doc)}
+    repo = Path(__file__).resolve().parent.parent
+    cited = {}
+    for page in [repo / "README.md", *(repo / "docs").glob("*.md")]:
+        for method, path in re.findall(r"\b(GET|POST|PUT|DELETE|PATCH) (/(?:api/v1|health)[^`\s?)]*)", page.read_text()):
+            cited[(method, shape(re.sub(r"\[[^]]*\]", "", path)))] = page.name
+    assert len(cited) >= 10
+    assert {route: page for route, page in cited.items() if route not in routes} == {}
 
 
 class Contract:
