@@ -204,15 +204,21 @@ class EchoedDisk(Body):
     unit_number: int | None = None
 
 
-class EchoedSourceVm(Body):
-    """The request's `source_vm`, as it was sent (unknown keys kept)."""
-    id: str
-    name: str
+class JobVm(Body):
+    """The seed's `source_vm` fields of a job's VM."""
+    id: str | None = None
     uuid: str | None = None
+    name: str | None = None
     path: str | None = None
     datacenter: str | None = None
     cpus: int | None = None
     memory_mb: int | None = None
+
+
+class EchoedSourceVm(JobVm):
+    """The request's `source_vm`, as it was sent (unknown keys kept)."""
+    id: str
+    name: str
     disks: list[EchoedDisk]
 
 
@@ -252,16 +258,6 @@ class ReplicationCreated(Body):
     nbd_exports: list[NbdExport]
     started_at: str | None = None
     message: str | None = None
-
-
-class JobVm(Body):
-    id: str | None = None
-    uuid: str | None = None
-    name: str | None = None
-    path: str | None = None
-    datacenter: str | None = None
-    cpus: int | None = None
-    memory_mb: int | None = None
 
 
 class JobDisk(Body):
@@ -313,13 +309,10 @@ class JobList(Page):
     jobs: list[JobSummary]
 
 
-class JobDetail(JobSummary):
+class JobDetail(JobSummary, ReplicationCreated):
     """The summary, the seed's create reply fields, and `ready_for_sync`."""
+    model_config = ConfigDict(extra="allow", json_schema_extra=None)  # not the create reply's example
     success: Literal[True] = True
-    source_vm: EchoedSourceVm
-    created_volumes: list[CreatedVolume]
-    nbd_exports: list[NbdExport]
-    message: str | None = None
     ready_for_sync: bool
 
 
