@@ -186,9 +186,17 @@ async def test_real_answers_match_the_documented_bodies(doc, make_settings, tmp_
 
             second = check(await env.post(request(env.config_id, "contract-vm2")), "/api/v1/replications", 201)
             check(await env.delete(second["job_id"]), jobs + "/{job_id}", 200)
+            # Errors: the seed's shape, as documented for each status.
+            check(await c.post(url, json={"action": "get", "id": 10 ** 6}, headers=h), url, 404)
+            check(await c.post("/api/v1/ossea/config", json={"action": "nope"}, headers=h),
+                  "/api/v1/ossea/config", 400)
+            check(await c.get(jobs, params={"limit": 0}, headers=h), jobs, 400)
+            check(await c.get(f"{jobs}/job-20000101-000000", headers=h), jobs + "/{job_id}", 404)
+            check(await c.get("/api/v1/vm-contexts"), "/api/v1/vm-contexts", 401)
             check(await c.post("/api/v1/auth/logout", headers=h), "/api/v1/auth/logout", 200)
 
     documented = {(m, p, code) for p, m, op in operations(doc) for code in op["responses"]
                   if code.startswith("2") and not p.endswith("/events")}
     # 202 (queued or still provisioning) depends on timing; its body is the 201's model.
     assert documented - check.checked == {("post", "/api/v1/replications", "202")}
+    assert {code for _, _, code in check.checked} >= {"400", "401", "404"}
