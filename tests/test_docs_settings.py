@@ -63,7 +63,8 @@ def test_docs_name_only_existing_settings(doc: Path):
 
 def test_the_checks_catch_what_they_should():
     assert env_names("set OMA_NBD_GROUP=disk; stream OMA_EVENTS; OMA_TEST_DB_HOST") == {"OMA_NBD_GROUP"}
-    table = "## Configuration\n\n| setting | default |\n|---|---|\n| `nbd_group`, `nbd_port` | root |\n\n| a |\n|---|\n| `x` |"
+    table = ("## Configuration\n\n| setting | default |\n|---|---|\n| `nbd_group`, `nbd_port` | root |\n\n"
+             "| a |\n|---|\n| `x` |")
     assert settings_tables(table) == [("Configuration", 5, ["nbd_group", "nbd_port"])]
     assert settings_tables("## Settings\n| name | default |\n|--|--|\n| `contexts_batch` | 250 |") == \
         [("Settings", 4, ["contexts_batch"])]

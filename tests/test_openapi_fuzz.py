@@ -108,12 +108,13 @@ class BackgroundAppliance:
 
     async def _configure(self, sim_url: str) -> None:
         async with httpx.AsyncClient(base_url=self.base_url) as http:
-            headers = {"Authorization": f"Bearer {(await http.post('/api/v1/auth/login', json=LOGIN)).json()['session_token']}"}
+            token = (await http.post("/api/v1/auth/login", json=LOGIN)).json()["session_token"]
             ids = []
             for name in ("simulator", "decoy"):
-                r = await http.post("/api/v1/ossea/config", headers=headers, json={"action": "create", "configuration": {
-                    "name": name, "api_url": sim_url, "api_key": API_KEY, "secret_key": SECRET, "domain": "/",
-                    "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})
+                config = {"name": name, "api_url": sim_url, "api_key": API_KEY, "secret_key": SECRET,
+                          "domain": "/", "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}
+                r = await http.post("/api/v1/ossea/config", headers={"Authorization": f"Bearer {token}"},
+                                    json={"action": "create", "configuration": config})
                 assert r.status_code == 201, r.text
                 ids.append(r.json()["configuration"]["id"])
         self.config_id, self.decoy_id = ids

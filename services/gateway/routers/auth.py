@@ -18,7 +18,8 @@ async def login(body: LoginRequest, request: Request, bus: BusDep):
     return await forward(bus, Auth.LOGIN, {**body.model_dump(), "client_addr": client})
 
 
-@router.post("/logout", response_model=r.Message, responses={200: {"description": "Session revoked"}, **errors_doc(401)})
+@router.post("/logout", response_model=r.Message,
+             responses={200: {"description": "Session revoked"}, **errors_doc(401)})
 async def logout(request: Request, bus: BusDep, token: str = Depends(bearer_token)):
     """Revoke the bearer's session at once, on every gateway."""
     request.app.state.session_cache.drop(token)

@@ -28,7 +28,8 @@ async def get_context(vm_name: str, bus: BusDep):
     return await forward(bus, Contexts.GET, {"vm_name": vm_name})
 
 
-@router.get("/{vm_name}/events", response_class=StreamingResponse, responses={200: r.EVENT_STREAM, **errors_doc(401, 404)})
+@router.get("/{vm_name}/events", response_class=StreamingResponse,
+            responses={200: r.EVENT_STREAM, **errors_doc(401, 404)})
 async def context_events(vm_name: str, request: Request, bus: BusDep):
     """Server-Sent Events: the VM's context now, then each change as it happens."""
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100)
