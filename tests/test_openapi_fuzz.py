@@ -47,6 +47,7 @@ class BackgroundAppliance:
         self.base_url = ""
         self.config_id = self.decoy_id = 0
         self.headers: dict[str, str] = {}
+        self.sim: CloudStackSimulator | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="fuzz-appliance", daemon=True)
@@ -76,7 +77,7 @@ class BackgroundAppliance:
         nats = EmbeddedNats()
         (self.tmp / "dev").mkdir(exist_ok=True)
         # The simulator's device dir is the appliance's by-id dir: attached volumes appear there.
-        sim = CloudStackSimulator(API_KEY, SECRET, device_dir=self.tmp / "dev", job_latency=0.01)
+        sim = self.sim = CloudStackSimulator(API_KEY, SECRET, device_dir=self.tmp / "dev", job_latency=0.01)
         try:
             sim_url = await sim.start()
             settings = Settings(nats_url=await nats.start(), data_dir=self.tmp / "data", nbd_port=free_port(),
@@ -162,3 +163,10 @@ def test_no_input_gives_a_server_error(case, appliance: BackgroundAppliance):
     response = case.call(headers=headers)
     case.validate_response(response, checks=[not_a_server_error])
 
+
+
+def test_the_requests_reached_the_cloud(appliance: BackgroundAppliance):
+    """The run above is worth something only if replications got as far as the cloud (the seed's
+    example names the simulator's configuration)."""
+    commands = {c["command"] for c in appliance.sim.calls}
+    assert {"createVolume", "attachVolume", "listZones"} <= commands, commands
