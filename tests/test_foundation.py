@@ -216,8 +216,8 @@ async def test_swagger_and_openapi_open(make_settings):
         assert (await client.get("/swagger/static/swagger-ui-bundle.js")).status_code == 200
         spec = (await client.get("/openapi.json")).json()
         assert "/api/v1/ossea/config" in spec["paths"]
-        examples = spec["components"]["schemas"]["OsseaConfigRequest"]["examples"]
-        assert {"action": "delete", "id": 1} in examples
+        media = spec["paths"]["/api/v1/ossea/config"]["post"]["requestBody"]["content"]["application/json"]
+        assert {"action": "delete", "id": 1} in [e["value"] for e in media["examples"].values()]
 
 
 # --- migrations ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
+from services.gateway import openapi
 from services.gateway.deps import SessionCache, require_session
 from services.gateway.routers import (
     auth,
@@ -92,7 +93,7 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
 
     app = FastAPI(title="OMA API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.openapi_version = "3.0.3"  # what the bundled Swagger UI 4 renders
+    openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
     error_handlers.install(app)

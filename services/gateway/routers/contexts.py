@@ -8,12 +8,13 @@ from fastapi.responses import StreamingResponse
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
+from services.gateway import responses as r
 from shared.subjects import Contexts
 
 router = APIRouter(prefix="/api/v1/vm-contexts", tags=["vm-contexts"])
 
 
-@router.get("", responses=errors_doc(400, 401))
+@router.get("", response_model=r.VmContextList, responses=errors_doc(400, 401))
 async def list_contexts(bus: BusDep, status: str | None = Query(None, max_length=32),
                         limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
     """Dashboard overview: every VM with its status, job statistics and current operation."""
@@ -21,13 +22,14 @@ async def list_contexts(bus: BusDep, status: str | None = Query(None, max_length
     return await forward(bus, Contexts.LIST, q)
 
 
-@router.get("/{vm_name}", responses=errors_doc(401, 404))
+@router.get("/{vm_name}", response_model=r.VmContextDetail, responses=errors_doc(401, 404))
 async def get_context(vm_name: str, bus: BusDep):
     """Everything about one VM: context, current job, last 10 jobs, disks, last 20 CBT records."""
     return await forward(bus, Contexts.GET, {"vm_name": vm_name})
 
 
-@router.get("/{vm_name}/events", responses={200: {"content": {"text/event-stream": {}}}, **errors_doc(401, 404)})
+@router.get("/{vm_name}/events", response_class=StreamingResponse,
+            responses={200: r.EVENT_STREAM, **errors_doc(401, 404)})
 async def context_events(vm_name: str, request: Request, bus: BusDep):
     """Server-Sent Events: the VM's context now, then each change as it happens."""
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100)

@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 
+from services.gateway import responses as r
 from services.gateway.proxy import json_response
 from shared import db, errors
 from shared.settings import SERVICES
@@ -43,7 +44,8 @@ async def _ping_all(nc: Any, timeout: float) -> dict[str, int]:
     return counts
 
 
-@router.get("/health", responses={503: {"description": "degraded: a service, the bus or a database is down"}})
+@router.get("/health", response_model=r.Health,
+            responses={503: {"model": r.Health, "description": "degraded: a service, the bus or a database is down"}})
 async def get_health(request: Request):
     """The seed's health shape, plus the bus and each service (found through `$SRV.PING`)."""
     bus = request.app.state.bus

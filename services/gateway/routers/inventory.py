@@ -4,26 +4,29 @@ from fastapi import APIRouter, Query, Request
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
+from services.gateway import responses as r
 from shared.schemas import VCenterRequest
 from shared.subjects import Inventory
 
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
 
 
-@router.post("/vcenter/config", responses=errors_doc(400, 401, 404, 409, 502))
+@router.post("/vcenter/config", response_model=r.VCenterConfigResult,
+             responses={201: {"model": r.VCenterConfigResult, "description": "created configuration"},
+                        **errors_doc(400, 401, 404, 409, 502, 504)})
 async def vcenter_config(body: VCenterRequest, bus: BusDep, request: Request):
     """vCenter connections, with the same anti-sprawl `action` pattern as the OSSEA endpoint."""
     timeout = max(bus.timeout, request.app.state.settings.vsphere_timeout + 5)  # `test` logs in to vCenter
     return await forward(bus, Inventory.VCENTER_ACTION, body.model_dump(exclude_none=True), timeout=timeout)
 
 
-@router.get("/vms/discover", responses=errors_doc(400, 401, 404, 502))
+@router.get("/vms/discover", response_model=r.Discovery, responses=errors_doc(400, 401, 404, 502, 504))
 async def discover(bus: BusDep, vcenter: str = Query(min_length=1, max_length=255)):
     """Read the vCenter's inventory now, store it, and return the VMs with a summary."""
     return await forward(bus, Inventory.DISCOVER, {"vcenter": vcenter}, timeout=600)
 
 
-@router.get("/vms", responses=errors_doc(400, 401))
+@router.get("/vms", response_model=r.VmList, responses=errors_doc(400, 401))
 async def list_vms(bus: BusDep, vcenter: str | None = Query(None, max_length=255),
                    datacenter: str | None = Query(None, max_length=255),
                    name: str | None = Query(None, max_length=255),
@@ -37,7 +40,7 @@ async def list_vms(bus: BusDep, vcenter: str | None = Query(None, max_length=255
     return await forward(bus, Inventory.LIST, q)
 
 
-@router.get("/vms/{vm_id}", responses=errors_doc(401, 404))
+@router.get("/vms/{vm_id}", response_model=r.VmDetail, responses=errors_doc(401, 404))
 async def get_vm(vm_id: str, bus: BusDep):
     """One VM with its disks and NICs, by moref (`vm-42`) or instance UUID."""
     return await forward(bus, Inventory.GET, {"id": vm_id})

@@ -4,21 +4,23 @@ from fastapi import APIRouter, Query
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
+from services.gateway import responses as r
 from shared.schemas import ProgressReport, ReplicationRequest
 from shared.subjects import Replication
 
 router = APIRouter(prefix="/api/v1", tags=["replication"])
 
 
-@router.post("/replications", status_code=201,
-             responses={201: {"description": "ready_for_sync"}, 202: {"description": "queued or still provisioning"},
-                        **errors_doc(400, 401, 404, 409, 502)})
+@router.post("/replications", status_code=201, response_model=r.ReplicationCreated,
+             responses={201: {"description": "ready_for_sync"},
+                        202: {"model": r.ReplicationCreated, "description": "queued or still provisioning"},
+                        **errors_doc(400, 401, 404, 409, 502, 504)})
 async def create_replication(body: ReplicationRequest, bus: BusDep):
     """Create volumes, attach them, and publish NBD exports for every disk of `source_vm`."""
     return await forward(bus, Replication.CREATE, body.model_dump(mode="json"), timeout=900)
 
 
-@router.get("/replication/jobs", responses=errors_doc(400, 401))
+@router.get("/replication/jobs", response_model=r.JobList, responses=errors_doc(400, 401))
 async def list_jobs(bus: BusDep, status: str | None = Query(None, max_length=32),
                     vm_name: str | None = Query(None, max_length=255),
                     since: str | None = Query(None, max_length=40, description="RFC 3339 time"),
@@ -28,18 +30,19 @@ async def list_jobs(bus: BusDep, status: str | None = Query(None, max_length=32)
     return await forward(bus, Replication.LIST, q)
 
 
-@router.get("/replication/jobs/{job_id}", responses=errors_doc(401, 404))
+@router.get("/replication/jobs/{job_id}", response_model=r.JobDetail, responses=errors_doc(401, 404))
 async def get_job(job_id: str, bus: BusDep):
     return await forward(bus, Replication.GET, {"job_id": job_id})
 
 
-@router.post("/replication/jobs/{job_id}/progress", responses=errors_doc(400, 401, 404, 409))
+@router.post("/replication/jobs/{job_id}/progress", response_model=r.ProgressAccepted,
+             responses=errors_doc(400, 401, 404, 409))
 async def report_progress(job_id: str, body: ProgressReport, bus: BusDep):
     """Progress from the VMA: bytes, status, and the new CBT change id per disk on completion."""
     return await forward(bus, Replication.PROGRESS, {"job_id": job_id, **body.model_dump(exclude_none=True)})
 
 
-@router.delete("/replication/jobs/{job_id}", responses=errors_doc(401, 404, 409))
+@router.delete("/replication/jobs/{job_id}", response_model=r.JobCancelled, responses=errors_doc(401, 404, 409))
 async def cancel_job(job_id: str, bus: BusDep):
     """Cancel a job in flight and clean up what it created."""
     return await forward(bus, Replication.CANCEL, {"job_id": job_id}, timeout=600)
