@@ -345,3 +345,68 @@ def test_disk_content_is_deterministic_and_cbt_exact(tmp_path):
     assert a.changed_since(second) == []
     reopened = DiskImage.open(tmp_path / "a.img", 0, "")
     assert reopened.change_id == a.change_id and reopened.changed_since(first) == a.changed_since(first)
+
+
+def test_command_line_serves_and_stops_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "plugins.vma.simulator", "--port", "0", "--data-dir",
+                             str(tmp_path), "--disk-scale", "1/1024"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
+        health = httpx.get(f"{url}/api/v1/health", timeout=5).json()
+        assert health["status"] == "healthy" and "uptime" in health
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+async def test_transient_refusal_is_retried_4xx_is_not(sim, vcsim, caplog):
+    caplog.set_level(logging.WARNING, logger="oma.vma.client")
+    async with HttpVmaClient(sim.url, retries=5, backoff=0.1) as patient:
+        await sim.refuse(0.3)  # back after 0.3 s; the client waits 0.1 + 0.2 + 0.4 s at most
+        assert (await patient.health()).status == "healthy"
+        assert "retrying" in caplog.text
+        caplog.clear()
+        with pytest.raises(VmaRejected):
+            await patient.discover(DiscoverRequest(**creds(vcsim, password="wrong")))
+        assert "retrying" not in caplog.text
+
+
+async def test_change_ids_go_to_a_real_oma_as_its_appliance(vcsim, exporter, tmp_path, make_settings):
+    """The simulator logs in to the real gateway with an appliance token and makes the copier's calls."""
+    import uvicorn
+    from conftest import SEED_TOKEN, running
+    async with running(make_settings(), ("auth",)) as oma:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(oma.app, host="127.0.0.1", port=port, lifespan="off",
+                                               log_config=None))
+        serving = asyncio.create_task(server.serve())
+        try:
+            while not server.started:
+                await asyncio.sleep(0.02)
+            async with VmaSimulator(tmp_path / "vma", disk_scale=SCALE, verify_tls=False, appliance_id="test-vma",
+                                    appliance_token=SEED_TOKEN) as own, \
+                    HttpVmaClient(own.url, backoff=0.01) as client:
+                vm, _ = await discover_src(client, vcsim)
+                targets, files = await make_targets(exporter, tmp_path, vm)
+                job_id = f"job-{next(_ids)}"
+                await client.replicate(ReplicateRequest(job_id=job_id, vm_paths=[vm.path], nbd_targets=targets,
+                                                        oma_url=f"http://127.0.0.1:{port}", **creds(vcsim)))
+                done = await wait_finished(client, job_id)
+                assert done.status == "completed"
+                calls = own.reporter.calls
+                # One lookup per disk (no previous_change_id given), then one record per disk.
+                assert [c["method"] for c in calls] == ["GET", "GET", "POST", "POST"]
+                assert all(c["sent"] and c["status"] not in (None, 401) for c in calls), calls
+                assert {c["params"]["disk_id"] for c in calls[:2]} == {d.id for d in vm.disks}
+                assert calls[2]["body"]["change_id"].endswith("/0")
+        finally:
+            server.should_exit = True
+            await serving

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import tempfile
 import time
@@ -30,6 +31,7 @@ from plugins.ossea.simulator import _loopback_only_control
 from plugins.vsphere.source import VCenterAuthError, VCenterConnection, VSphereSource
 from plugins.vma.client import redact_url
 from shared.errors import BadRequest, Conflict, NotFound, OmaError
+from shared.logging import setup_logging
 from shared.vma import (API_PREFIX, CbtStatusResponse, CleanupRequest, CleanupResponse, DiscoverRequest,
                         DiscoverResponse, HealthResponse, PowerRequest, PowerResponse, PowerStateResponse,
                         ProgressUpdate, ReplicateRequest, ReplicateResponse, VCenterCredentials, VCenterInfo)
@@ -560,8 +562,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    import os
-    from shared.logging import setup_logging
     setup_logging(debug=args.debug)
     sim = VmaSimulator(args.data_dir, disk_scale=args.disk_scale, disk_size=args.disk_size, density=args.density,
                        verify_tls=not args.insecure_vcenter, appliance_id=args.appliance_id,
