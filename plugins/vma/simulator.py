@@ -279,7 +279,8 @@ class VmaSimulator:
     def disk_size_for(self, capacity: int) -> int:
         return self.disk_size or int(capacity * self.disk_scale)
 
-    async def _image(self, vcenter: str, vm: dict[str, Any], disk: dict[str, Any]) -> DiskImage:
+    async def source_disk(self, vcenter: str, vm: dict[str, Any], disk: dict[str, Any]) -> DiskImage:
+        """The simulated disk of a VM as the vSphere source reads it, created on first use."""
         path = self.disk_path(vcenter, vm["path"], disk["key"])
         if path not in self._disks:
             seed = f"{vm.get('uuid') or vm['path']}/{disk['key']}"
@@ -341,7 +342,7 @@ class VmaSimulator:
         for t in body.nbd_targets:
             d = by_key[t.vmware_disk_key]
             disks.append(DiskTransfer(disk_id=d["id"], label=d.get("label"),
-                                      image=await self._image(body.vcenter, vm, d),
+                                      image=await self.source_disk(body.vcenter, vm, d),
                                       target=self._target(t.device_path), previous_change_id=t.previous_change_id))
         job = ReplicationJob(body.job_id, vm, disks, body.oma_url, self.reporter, self.faults)
         self.jobs[body.job_id] = job
