@@ -23,7 +23,7 @@ from plugins.vma.simulator import VmaSimulator
 from shared.plugins import get_backend, get_plugin_manager
 from shared.vma import (CleanupRequest, DiscoverRequest, NbdTarget, PowerRequest, ProgressResponse,
                         ReplicateRequest, VCenterCredentials, VmaClient, VmaNotFound, VmaRejected,
-                        VmaRemoteError, VmaUnreachable)
+                        VmaRemoteError, VmaTimeout, VmaUnreachable)
 from vcsim import DiskSpec, NicSpec, create_vm, find_by_name, running_vcsim
 
 VC_USER, VC_PASS = "vma-admin", "Vc-Secret-4711"
@@ -410,3 +410,19 @@ async def test_change_ids_go_to_a_real_oma_as_its_appliance(vcsim, exporter, tmp
         finally:
             server.should_exit = True
             await serving
+
+
+async def test_a_timeout_is_reported_not_retried(caplog):
+    """A VMA that accepts the connection but does not answer in time: VmaTimeout at once."""
+    caplog.set_level(logging.WARNING, logger="oma.vma.client")
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with HttpVmaClient(f"http://127.0.0.1:{port}", timeout=0.3, retries=3, backoff=0.01) as slow:
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(VmaTimeout) as err:
+                await slow.progress("job-1")
+            assert asyncio.get_running_loop().time() - t0 < 1.0 and err.value.status == 504
+            assert "no answer within 0.3 s" in err.value.details and "retrying" not in caplog.text
+    finally:
+        server.close()

@@ -3,8 +3,9 @@
 Each call has a total timeout. Transient failures are retried with a short exponential backoff:
 a refused connection always (nothing reached the VMA), a reset connection or a 502/503/504 only
 for calls that are safe to repeat (everything but `replicate`, which could start a copy twice).
-A 4xx is never retried. Only redacted URLs are logged: the original's cbt-status takes the
-vCenter credentials in the query string, and bodies (which carry them too) are never logged.
+A 4xx is never retried, nor is a timeout (the caller's next poll is the retry). Only redacted
+URLs are logged: the original's cbt-status takes the vCenter credentials in the query string,
+and bodies (which carry them too) are never logged.
 """
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ class HttpVmaClient:
             await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
 
     def _may_retry(self, exc: VmaError, attempt: int, idempotent: bool) -> bool:
-        if attempt > self.retries or not exc.retryable:
+        # A timeout is not retried here: the VMA may be busy, and waiting retries x timeout helps
+        # no one; the caller's next poll is the retry.
+        if attempt > self.retries or not exc.retryable or isinstance(exc, VmaTimeout):
             return False
         # A refused connection never reached the VMA; anything else may have started the work.
         return idempotent or getattr(exc, "before_send", False)

@@ -30,7 +30,6 @@ log = logging.getLogger("oma.vma.sim")
 CHUNK = 4 << 20  # bytes per NBD write
 ZERO_CHUNK = 64 << 20  # bytes per NBD zero request (holes)
 MB = 1_000_000
-PHASES = ("initializing", "snapshot", "transfer", "record_change_ids", "cleanup")
 
 
 def now_iso() -> str:
@@ -148,7 +147,9 @@ class DiskTransfer:
 
     def progress(self) -> DiskProgress:
         return DiskProgress(disk_id=self.disk_id, label=self.label, bytes_transferred=self.bytes_transferred,
-                            total_bytes=self.total_bytes, percent=_percent(self.bytes_transferred, self.total_bytes),
+                            total_bytes=self.total_bytes,
+                            percent=100.0 if self.status == "completed" else
+                            _percent(self.bytes_transferred, self.total_bytes),
                             throughput_mbps=round(_rate(self.samples) / MB, 3), status=self.status)
 
 
