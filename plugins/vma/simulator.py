@@ -227,7 +227,7 @@ class VmaSimulator:
     async def _listen(self) -> None:
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
-        self.port = self._site._server.sockets[0].getsockname()[1]  # the chosen port when 0
+        self.port = self._runner.addresses[0][1]  # the chosen port when 0; kept when listening again
 
     async def stop(self) -> None:
         self.faults.set_hang(False)
