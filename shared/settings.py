@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     export_reconcile_interval: float = Field(300.0, ge=0, description="seconds between reconciles; 0 = off")
     export_batch_wait: float = Field(0.5, ge=0, description="how long an export change waits to share a reload")
 
+    # The VMA's API (through the reverse tunnel).
+    vma_timeout: float = Field(30.0, gt=0, description="VMA API request timeout (seconds)")
+    vma_retries: int = Field(3, ge=0, description="retries of a transient VMA failure (refused, 502/503/504)")
+
     # Replication.
     device_resolver: str = "by-id"
     device_by_id_dir: Path = Path("/dev/disk/by-id")
