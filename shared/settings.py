@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     header_timeout: float = Field(5.0, gt=0, description="seconds a client has to send a complete request head")
     max_connections: int = Field(4096, ge=1, description="open HTTP connections; beyond, 503 at once")
     health_cache_ttl: float = Field(1.0, ge=0, description="seconds /health reuses its last service check")
+    health_max_rate: float = Field(500.0, gt=0, description="/health answers per second; callers beyond wait")
 
     # Secrets at rest.
     secret_key_file: Path | None = None

@@ -256,3 +256,12 @@ async def test_health_degraded_service_gives_503_with_its_reason(make_settings):
 async def test_every_api_path_but_login_needs_a_session(make_settings, path):
     async with running(make_settings(), ("auth",)) as client:
         assert_error_shape(await client.post(path, json={}), 401)
+
+
+async def test_health_answers_are_paced(make_settings):
+    """Beyond health_max_rate a second, /health callers wait their turn (lower bound only)."""
+    async with running(make_settings(health_max_rate=20), ("auth",)) as client:
+        t0 = time.monotonic()
+        replies = await asyncio.gather(*(client.get("/health") for _ in range(11)))
+        assert {r.status_code for r in replies} == {503}  # only auth runs: degraded, and still paced
+        assert time.monotonic() - t0 >= 0.5 - 0.01

@@ -96,7 +96,7 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     app.openapi_version = "3.0.3"  # what the bundled Swagger UI 4 renders
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
-    app.state.health = health.HealthCache(settings.health_cache_ttl)
+    app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
     # Outermost first: the timing sees the guard's 401/413 too.
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)

@@ -95,15 +95,26 @@ async def check_services(bus: Any) -> tuple[int, dict[str, Any]]:
 
 class HealthCache:
     """/health is public: concurrent callers share one fan-out (single flight) and its answer is
-    reused for `ttl` seconds, so a crowd of health checkers costs the bus one check a second."""
+    reused for `ttl` seconds, so a crowd of health checkers costs the bus one check a second.
 
-    def __init__(self, ttl: float):
+    Answers are also paced to `rate` a second: a crowd asking back to back would otherwise keep the
+    event loop busy with /health and make every logged-in request wait its turn behind it. Beyond
+    the rate, callers wait for their slot (a monitor polling every few seconds never notices)."""
+
+    def __init__(self, ttl: float, rate: float):
         self.ttl = ttl
+        self.interval = 1.0 / rate
         self._answer: tuple[int, bytes] | None = None
         self._until = 0.0
         self._inflight: asyncio.Future[tuple[int, bytes]] | None = None
+        self._next_slot = 0.0
 
     async def get(self, bus: Any) -> tuple[int, bytes]:
+        now = time.monotonic()
+        slot = max(self._next_slot, now)
+        self._next_slot = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
         if self._answer is not None and time.monotonic() < self._until:
             return self._answer
         if self._inflight is None:
