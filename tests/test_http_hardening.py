@@ -82,6 +82,7 @@ async def test_200mb_bodies_refused_while_streaming_without_growing_rss():
                 if status == 413:
                     assert body["error"] == "Request too large" and str(MiB) in body["details"], body
             assert grown < 50 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"
+            print(f"\nfour parallel 200 MiB bodies refused; RSS {before / MiB:.0f} MiB, grew {grown / MiB:.1f} MiB")
             # The connection and the server are fine afterwards, and a body under the limit passes.
             r = await client.post("/api/v1/ossea/config", json={"action": "get", "name": "x" * (MiB // 2)},
                                   headers=auth)
