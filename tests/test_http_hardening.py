@@ -192,6 +192,29 @@ async def test_connections_beyond_the_cap_get_a_clear_503():
             assert (await client.get("/health")).status_code == 200
 
 
+async def test_a_refused_upload_cannot_keep_streaming():
+    """401 before the body is read; the rest is discarded for header_timeout at most, then cut."""
+    timeout = 2.0
+    with oma_api(header_timeout=str(timeout)) as (_, base):
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(base.rsplit(":", 1)[1]))
+        writer.write(b"POST /api/v1/replications HTTP/1.1\r\nHost: oma\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        answered = time.monotonic()
+        with pytest.raises((ConnectionError, BrokenPipeError)):
+            while time.monotonic() - answered < timeout + 5:  # trickle a chunk every 0.2 s
+                writer.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                if reader.at_eof():
+                    raise ConnectionError("closed by the server")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(reader.read(65536), 0.01)
+        assert timeout - 0.3 <= time.monotonic() - answered < timeout + 1.5
+        writer.close()
+
+
 def test_file_limit_raised_and_cap_fits_it():
     from services.gateway.server import FD_RESERVE, connection_cap, raise_file_limit
     from shared.settings import Settings

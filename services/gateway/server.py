@@ -45,8 +45,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     The deadline starts when the connection is accepted (a client that connects and sends nothing is
     the cheapest attack) and again at the first byte of each later request; it ends when the head is
-    complete, so slow bodies and long responses (SSE) are not affected. A connection beyond the cap
-    gets a 503 in the seed's shape at once and is closed."""
+    complete, so slow bodies and long responses (SSE) are not affected. A body refused before it was
+    read (401, 413) gets the same time to end. A connection beyond the cap gets a 503 in the seed's
+    shape at once and is closed."""
 
     _last_cap_warning = 0.0
 
@@ -54,7 +55,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
         self.max_connections = max_connections
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the head deadline, or a refused body's
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -77,7 +78,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # request unread would reset the connection and could destroy the 503 before it is read.
         if transport.can_write_eof():
             transport.write_eof()
-        self._head_timer = self.loop.call_later(REFUSE_LINGER, transport.close)
+        self._timer = self.loop.call_later(REFUSE_LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
         if not self._refused:
@@ -89,33 +90,45 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._stop_timer()
         if self._refused:
             return
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_timer is None:
+        if self._timer is None:
             self._arm()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._stop_timer()
         super().on_headers_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            # Answered before its body was read (401, 413): uvicorn reads on and discards the rest,
+            # for header_timeout at most, so a refused upload cannot keep streaming forever.
+            self._stop_timer()
+            self._timer = self.loop.call_later(self.header_timeout, self._time_out, "refused body not ended")
+
+    def on_message_complete(self) -> None:
+        if self.cycle is not None and self.cycle.response_complete:
+            self._stop_timer()  # the refused body has ended: the connection may serve the next request
+        super().on_message_complete()
+
     def _arm(self) -> None:
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+        self._timer = self.loop.call_later(self.header_timeout, self._time_out, "request head not complete")
 
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
+    def _time_out(self, why: str) -> None:
+        self._timer = None
         if not self.transport.is_closing():
-            log.debug("request head not complete in time: connection closed",
-                      extra={"client": self.client[0] if self.client else None})
+            log.debug("%s in time: connection closed", why, extra={"client": self.client[0] if self.client else None})
             self.transport.close()
 
 
