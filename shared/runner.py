@@ -110,10 +110,9 @@ async def serve_gateway(settings: Settings, nats_url: str) -> None:
     import uvicorn
 
     from services.gateway.app import create_app
+    from services.gateway.server import uvicorn_config
 
-    config = uvicorn.Config(create_app(settings, nats_url), host=settings.host, port=settings.port,
-                            log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings, nats_url), settings))
     await server.serve()
     if not server.started:
         raise SystemExit(f"gateway could not listen on {settings.host}:{settings.port}")

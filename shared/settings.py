@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     auth_cache_ttl: float = Field(5.0, ge=0, description="Gateway verification cache (seconds; 0 = off)")
     login_rate_limit: int = Field(5, ge=1, description="Failed logins a minute per appliance+address (x10 per address)")
 
+    # HTTP hardening (the gateway's server; see docs/deployment.md).
+    max_body_bytes: int = Field(1 << 20, ge=0, description="largest request body accepted (bytes); 413 beyond")
+    trusted_proxies: str = Field("", description="comma-separated proxy addresses/CIDRs whose X-Forwarded-* "
+                                                 "headers are believed; empty = none, the socket peer is the client")
+    header_timeout: float = Field(5.0, gt=0, description="seconds a client has to send a complete request head")
+    max_connections: int = Field(4096, ge=1, description="open HTTP connections; beyond, 503 at once")
+    health_cache_ttl: float = Field(1.0, ge=0, description="seconds /health reuses its last service check")
+    health_max_rate: float = Field(500.0, gt=0, description="/health answers per second; callers beyond wait")
+
     # Secrets at rest.
     secret_key_file: Path | None = None
 

@@ -196,7 +196,7 @@ async def test_two_instances_share_requests(make_settings, nats_url):
 
 # --- health ----------------------------------------------------------------------------------
 async def test_health_healthy_then_degraded(make_settings):
-    async with running(make_settings()) as client:
+    async with running(make_settings(health_cache_ttl=0)) as client:  # no reuse of the healthy answer
         r = await client.get("/health")
         body = r.json()
         assert r.status_code == 200 and body["status"] == "healthy" and body["database"] == "connected"

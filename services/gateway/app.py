@@ -7,7 +7,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
@@ -15,7 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
 from services.gateway import openapi
-from services.gateway.deps import SessionCache, require_session
+from services.gateway.deps import SessionCache
+from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
     auth,
     contexts,
@@ -96,14 +97,17 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
+    app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
+    # Outermost first: the timing sees the guard's 401/413 too.
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     app.add_middleware(TimingMiddleware)
 
-    protected = [Depends(require_session)]
     app.include_router(health.router)
     app.include_router(auth.router)
+    # Every /api/v1 route but login is checked by RequestGuard, before its body is read.
     for router in (ossea.router, inventory.router, replications.router, contexts.router):
-        app.include_router(router, dependencies=protected, responses={401: {"description": "Unauthorized"}})
+        app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)
 

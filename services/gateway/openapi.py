@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.dependencies.models import Dependant
 from fastapi import routing
 from fastapi.openapi.utils import get_openapi
 
-from services.gateway.deps import bearer_token, require_session
+from services.gateway.guard import is_protected
 
 BEARER = "bearerAuth"
 SECURITY_SCHEME = {"type": "http", "scheme": "bearer", "bearerFormat": "session token",
@@ -48,7 +47,7 @@ def build(app: FastAPI) -> dict[str, Any]:
     for route in _api_routes(app):
         for method in route.methods:
             op = doc["paths"][route.path_format][method.lower()]
-            if _needs_bearer(route.dependant):
+            if is_protected(route.path_format):  # the one rule RequestGuard enforces
                 op["security"] = [{BEARER: []}]
             responses = op["responses"]
             if responses.pop("422", None) is not None:  # FastAPI adds it where a request is validated
@@ -75,10 +74,6 @@ def _api_routes(app: FastAPI) -> list[Any]:
     iterate = getattr(routing, "iter_route_contexts", None)
     routes = iterate(app.routes) if iterate else app.routes
     return [r for r in routes if isinstance(getattr(r, "original_route", r), routing.APIRoute) and r.include_in_schema]
-
-
-def _needs_bearer(dependant: Dependant) -> bool:
-    return any(d.call in (require_session, bearer_token) or _needs_bearer(d) for d in dependant.dependencies)
 
 
 def _body_examples(op: dict[str, Any], schemas: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ class Health(Body):
     check_ms: float | None = None
     warnings: list[str] | None = None
     down: list[str] | None = None
+    reasons: list[str] | None = None
 
 
 # --- OSSEA and vCenter configurations (the `action` endpoints) ---------------------------------
