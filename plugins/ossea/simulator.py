@@ -665,15 +665,16 @@ class CloudStackSimulator:
         if volume.type == "ROOT":
             return _Submit(volume.id, _raising(ApiError(431, "Please specify a data volume.")))
         if volume.vm_id is None:
-            return _Submit(volume.id, _raising(ApiError(431, "The specified volume is not attached to a VM.")))
-        vm_id = volume.vm_id  # fixed now: the job detaches from this VM, whenever its turn comes
+            error = ApiError(431, "The specified volume is not attached to a VM.")
+            return _Submit(volume.id, _raising(error))
+        vm_id, asked = volume.vm_id, _now()  # the job detaches from this VM, whenever its turn comes
 
         def work() -> dict[str, Any]:
             current = self._existing(volume.id)
-            if current.vm_id not in (vm_id, None):
-                self._straggler(current, vm_id)  # the disk stays plugged where it is
-            else:
-                self._unplug(current)
+            if current.attached is not None and current.attached > asked:  # attached after we were asked
+                self._straggler(current, vm_id)
+            if current.vm_id == vm_id:
+                self._unplug(current)  # elsewhere, the disk stays plugged where it is
             current.vm_id = current.device_id = current.attached = None  # VolumeDao.detachVolume
             return {"volume": self.volume_json(current)}
         return _Submit(volume.id, work, vm_id=vm_id)
@@ -681,16 +682,17 @@ class CloudStackSimulator:
     def _straggler(self, volume: Volume, detached_from: str) -> None:
         """apache/cloudstack #14214: a detach queued on VM A runs after the volume was detached and
         attached to VM B. CloudStack sends the detach to A (nothing to do there) and clears the
-        volume's attachment in its database: B's attach is forgotten while B's libvirt domain still
-        holds the disk. The job succeeds; the simulator does the same, and records the hazard."""
+        volume's attachment in its database: B's attach is forgotten while B's libvirt domain
+        still holds the disk (an orphan). The job succeeds; the simulator does the same, and
+        records the hazard. (On A itself the FIFO queue runs a newer attach after the detach.)"""
         attached_to = volume.vm_id
         assert attached_to is not None
-        self.orphans.setdefault(attached_to, set()).add(volume.id)
+        if attached_to != detached_from:
+            self.orphans.setdefault(attached_to, set()).add(volume.id)
         self._record_hazard(STRAGGLER_DETACH, volume_id=volume.id, detached_from=detached_from,
                             attached_to=attached_to, device_id=volume.device_id,
-                            detail=f"a detach queued on VM {detached_from} cleared the attachment of "
-                                   f"volume {volume.id} to VM {attached_to}; the disk stays in that "
-                                   "VM's domain")
+                            detail=f"a detach queued on VM {detached_from} before the volume was "
+                                   f"attached to VM {attached_to} cleared that attachment")
 
     def _delete_volume(self, args: _Args) -> dict[str, Any]:
         volume: Volume = args.entity(self.volumes, "id")
