@@ -11,7 +11,7 @@ nbdkit exporter, through the gateway, in one run:
 
     python bench/bench_replication.py [--job-latency 0.3] [--rounds 3]
 
-The simulator's account limits (20 volumes, 200 GiB) are raised for the run. ~30 s on 2 cores.
+The simulator's account limits (20 volumes, 200 GiB) are raised for the run. ~60 s on 2 cores.
 """
 from __future__ import annotations
 

@@ -338,7 +338,8 @@ async def test_concurrent_attaches_past_the_limit_run_out_of_device_ids(http: ai
         for failed in jobs[7:]:
             assert failed["jobresultcode"] == 530
             assert failed["jobresult"]["errortext"] == f"All device Ids are used by vm {DEFAULT_VM_ID}"
-        assert sim._data_disks(DEFAULT_VM_ID) == 10
+        attached = await api.ok("listVolumes", virtualmachineid=DEFAULT_VM_ID, type="DATADISK")
+        assert attached["count"] == 10
 
 
 async def test_pci_slot_limit_fails_in_the_hypervisor(http: aiohttp.ClientSession) -> None:
