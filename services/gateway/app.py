@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
+from services.gateway.content_type import JsonBodies
 from services.gateway.deps import SessionCache, require_session
 from services.gateway.routers import (
     auth,
@@ -96,6 +97,7 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
     error_handlers.install(app)
+    app.add_middleware(JsonBodies)
     app.add_middleware(TimingMiddleware)
 
     protected = [Depends(require_session)]
