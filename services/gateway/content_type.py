@@ -3,7 +3,7 @@
 `curl -d '{...}'` sends `Content-Type: application/x-www-form-urlencoded`; FastAPI would then
 refuse a valid JSON body. A body sent without a Content-Type or as a form is read as JSON (and is
 a 400 "Invalid JSON" when it is not JSON); any other non-JSON media type is a 415 that names the
-header. docs/deployment.md ("Request bodies").
+header (README, "The services").
 """
 from __future__ import annotations
 
