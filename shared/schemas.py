@@ -24,7 +24,7 @@ OFFSET_MAX = INT32_MAX            # pagination offsets
 Id = Annotated[int, Field(strict=True, ge=1, le=INT64_MAX)]
 ByteCount = Annotated[int, Field(ge=0, le=INT64_MAX)]
 MAX_DISK_GB = 65536               # CloudStack's custom offerings stop well below 64 TiB
-SOURCE_VM_EXTRA_MAX = 16 * 1024   # serialized bytes of the unknown keys kept from source_vm (all disks too)
+SOURCE_VM_EXTRA_MAX = 32 * 1024   # serialized unknown keys kept from source_vm and its disks (a 64-disk VM as listed)
 SOURCE_VM_MAX = 65535             # the whole source_vm as stored (a TEXT column)
 # A VM's export key (uuid, else id) goes into export and volume names: no path characters.
 VM_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
