@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
 from services.gateway import openapi
+from services.gateway.content_type import JsonBodies
 from services.gateway.deps import SessionCache
 from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
@@ -99,7 +100,9 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
     app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
-    # Outermost first: the timing sees the guard's 401/413 too.
+    # The last added runs first: timing sees everything, the guard checks the bearer before any
+    # body is read, and JsonBodies (headers only) runs for the requests the guard let in.
+    app.add_middleware(JsonBodies)
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     app.add_middleware(TimingMiddleware)
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
 from services.gateway import responses as r
-from shared.schemas import VCenterRequest
+from shared.schemas import OFFSET_MAX, VCenterRequest
 from shared.subjects import Inventory
 
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
@@ -32,7 +34,7 @@ async def list_vms(bus: BusDep, vcenter: str | None = Query(None, max_length=255
                    name: str | None = Query(None, max_length=255),
                    power_state: str | None = Query(None, max_length=32),
                    cbt: bool | None = None, include_gone: bool = False,
-                   limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+                   limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=OFFSET_MAX)):
     """The stored inventory, filtered and paginated."""
     q = {k: v for k, v in dict(vcenter=vcenter, datacenter=datacenter, name=name, power_state=power_state,
                                cbt=cbt, include_gone=include_gone, limit=limit, offset=offset).items()
@@ -41,6 +43,6 @@ async def list_vms(bus: BusDep, vcenter: str | None = Query(None, max_length=255
 
 
 @router.get("/vms/{vm_id}", response_model=r.VmDetail, responses=errors_doc(401, 404))
-async def get_vm(vm_id: str, bus: BusDep):
+async def get_vm(vm_id: Annotated[str, Path(min_length=1, max_length=255)], bus: BusDep):
     """One VM with its disks and NICs, by moref (`vm-42`) or instance UUID."""
     return await forward(bus, Inventory.GET, {"id": vm_id})

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
 from services.gateway import responses as r
-from shared.schemas import ProgressReport, ReplicationRequest
+from shared.schemas import OFFSET_MAX, ProgressReport, ReplicationRequest
 from shared.subjects import Replication
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="e.g. job-20250812-080802")]
 
 router = APIRouter(prefix="/api/v1", tags=["replication"])
 
@@ -24,25 +28,25 @@ async def create_replication(body: ReplicationRequest, bus: BusDep):
 async def list_jobs(bus: BusDep, status: str | None = Query(None, max_length=32),
                     vm_name: str | None = Query(None, max_length=255),
                     since: str | None = Query(None, max_length=40, description="RFC 3339 time"),
-                    limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+                    limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=OFFSET_MAX)):
     q = {k: v for k, v in dict(status=status, vm_name=vm_name, since=since, limit=limit, offset=offset).items()
          if v is not None}
     return await forward(bus, Replication.LIST, q)
 
 
 @router.get("/replication/jobs/{job_id}", response_model=r.JobDetail, responses=errors_doc(401, 404))
-async def get_job(job_id: str, bus: BusDep):
+async def get_job(job_id: JobId, bus: BusDep):
     return await forward(bus, Replication.GET, {"job_id": job_id})
 
 
 @router.post("/replication/jobs/{job_id}/progress", response_model=r.ProgressAccepted,
              responses=errors_doc(400, 401, 404, 409))
-async def report_progress(job_id: str, body: ProgressReport, bus: BusDep):
+async def report_progress(job_id: JobId, body: ProgressReport, bus: BusDep):
     """Progress from the VMA: bytes, status, and the new CBT change id per disk on completion."""
     return await forward(bus, Replication.PROGRESS, {"job_id": job_id, **body.model_dump(exclude_none=True)})
 
 
 @router.delete("/replication/jobs/{job_id}", response_model=r.JobCancelled, responses=errors_doc(401, 404, 409))
-async def cancel_job(job_id: str, bus: BusDep):
+async def cancel_job(job_id: JobId, bus: BusDep):
     """Cancel a job in flight and clean up what it created."""
     return await forward(bus, Replication.CANCEL, {"job_id": job_id}, timeout=600)
