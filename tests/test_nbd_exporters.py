@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 
@@ -21,6 +20,7 @@ from plugins.nbd import nbdserver
 from plugins.nbd.base import parse_version
 from plugins.nbd.plugin import oma_register_exporters
 from shared.errors import BadGateway, BadRequest, NotFound
+from shared.settings import Settings
 
 BACKENDS = {"nbdkit": NbdkitExporter, "nbd-server": NbdServerExporter}
 # reloads one batch of additions costs, per backend
@@ -64,7 +64,7 @@ async def test_write_64mib_through_export(exporter, tmp_path):
     assert await exporter.add_export("vm-1-disk0", str(dev)) is True
     assert exporter.list_exports() == {"vm-1-disk0": str(dev)}
     assert await exporter.check_export("vm-1-disk0") == 128 * MiB
-    info = await probe.export_info("127.0.0.1", exporter.port, "vm-1-disk0")
+    info = await probe.export_info(exporter.uri("vm-1-disk0"))
     assert info["can_flush"] is True and info["can_fua"] is True
 
     src = random_file(tmp_path / "src.bin", 64 * MiB)
@@ -273,12 +273,53 @@ def test_plugin_registers_both_backends(tmp_path):
         registered[name] = (factory, description)
     oma_register_exporters(register)
     assert set(registered) == {"nbdkit", "nbd-server"}
-    settings = SimpleNamespace(nbd_port=12345, nbd_listen_addr="127.0.0.2", data_dir=str(tmp_path))
+    settings = Settings(nbd_port=12345, nbd_listen_addr="127.0.0.2", data_dir=tmp_path, nbd_group="disk",
+                        nbd_watchdog_interval=0.5)
     for name, (factory, description) in registered.items():
         exp = factory(settings)
         assert description
         assert isinstance(exp, Exporter) and exp.name == name
         assert (exp.port, exp.host) == (12345, "127.0.0.2")
         assert exp.config.state_dir == tmp_path / "exports"
-    default = registered["nbdkit"][0](SimpleNamespace())
+        assert (exp.config.group, exp.config.watchdog_interval, exp.config.tls) == ("disk", 0.5, False)
+    default = registered["nbdkit"][0](Settings(data_dir=tmp_path))
     assert (default.port, default.host) == (10809, "127.0.0.1")
+
+
+def test_every_nbd_env_variable_reaches_the_exporter(tmp_path, monkeypatch):
+    """OMA_NBD_* are Settings fields: OMA_NBD_GROUP=disk is no longer silently ignored, an unknown
+    one is refused, and nbd-server's rendered config carries user and group."""
+    env = {"OMA_NBD_GROUP": "disk", "OMA_NBD_USER": "nbd", "OMA_NBD_WATCHDOG_INTERVAL": "2.5",
+           "OMA_NBD_RELOAD_DEBOUNCE": "0.2", "OMA_NBD_BINARY": "/usr/sbin/nbd-server",
+           "OMA_NBD_ATTACH_PIDFILE": str(tmp_path / "x.pid"), "OMA_NBD_BASE_CONFIG": str(tmp_path / "b.conf"),
+           "OMA_NBD_TLS": "true", "OMA_NBD_TLS_USERNAME": "vma", "OMA_NBD_TLS_CLIENT_PSK_FILE": "/etc/vma/k.psk",
+           "OMA_DATA_DIR": str(tmp_path)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = ExporterConfig.from_settings(Settings())
+    assert (cfg.group, cfg.user, cfg.watchdog_interval, cfg.reload_debounce) == ("disk", "nbd", 2.5, 0.2)
+    assert (cfg.binary, cfg.attach_pidfile, cfg.base_config) == ("/usr/sbin/nbd-server", tmp_path / "x.pid",
+                                                                 tmp_path / "b.conf")
+    assert (cfg.tls, cfg.tls_username, cfg.tls_client_psk_file) == (True, "vma", "/etc/vma/k.psk")
+    assert cfg.tls_psk_file == tmp_path / "exports" / "nbd-tls.psk"
+    monkeypatch.setenv("OMA_NBD_TLS", "false")
+    monkeypatch.delenv("OMA_NBD_BASE_CONFIG")
+    rendered = NbdServerExporter(ExporterConfig.from_settings(Settings())).render_config()
+    assert "group = disk" in rendered and "user = nbd" in rendered
+
+
+def test_docs_name_only_existing_nbd_settings():
+    """Every nbd_* / OMA_NBD_* / export_* name in the exporter docs is a Settings field, and every
+    nbd_* field is documented in docs/exporters.md."""
+    import re
+    from pathlib import Path
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    fields = set(Settings.model_fields)
+    exporters = (docs / "exporters.md").read_text()
+    for page in ("exporters.md", "export-manager.md"):
+        text = (docs / page).read_text()
+        named = {m.lower() for m in re.findall(r"\bOMA_((?:NBD|EXPORT)_[A-Z_]+)", text)}
+        named |= set(re.findall(r"`((?:nbd|export)_[a-z_]+)`", text))
+        named -= {"nbd_connect_uri", "nbd_server"}     # libnbd's call, nbd-server's syslog ident
+        assert named and named <= fields, (page, named - fields)
+    assert {f for f in fields if f.startswith("nbd_")} <= set(re.findall(r"`(nbd_[a-z_]+)`", exporters))

@@ -200,6 +200,8 @@ class Replicator:
             raise errors.Conflict("OSSEA configuration incomplete",
                                   f"OSSEA configuration {req.ossea_config_id} has no oma_vm_id: volumes need a VM "
                                   "to attach to")
+        # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager).
+        await self.bus.call(Exports.READY, {})
         key = vm.uuid or vm.id
         now = utcnow()
         job_id = new_job_id(now)
