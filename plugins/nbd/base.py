@@ -313,7 +313,7 @@ class ProcessExporter:
 
     def _warn_if_exposed(self) -> None:
         try:
-            loopback = ipaddress.ip_address(self.connect_host).is_loopback
+            loopback = ipaddress.ip_address(self.host).is_loopback
         except ValueError:                      # a host name: cannot tell, say it
             loopback = False
         if not loopback and not self.config.tls:
