@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -323,3 +324,87 @@ def test_docs_name_only_existing_nbd_settings():
             named |= set(re.findall(r"`((?:nbd|export)_[a-z_]+)`", row))
         assert named and named <= fields, (page, named - fields)
     assert {f for f in fields if f.startswith("nbd_")} <= set(re.findall(r"`(nbd_[a-z_]+)`", exporters))
+
+
+# Run in a child process: it lowers its own RLIMIT_NOFILE (a real resource limit) and may become the
+# subreaper of the daemonized nbdkit, neither of which the test process should do to itself.
+EMFILE_SCENARIO = r'''
+import asyncio, ctypes, json, logging, os, resource, signal, sys
+from plugins.nbd import ExporterConfig, NbdkitExporter
+from plugins.nbd.base import pid_alive
+
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+logger = logging.getLogger("oma.nbd")
+logger.addHandler(Keep())
+logger.setLevel(logging.INFO)
+port, state, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+# PR_SET_CHILD_SUBREAPER: the daemonized server becomes our child, so whether its pid is reaped
+# ("reaped": gone) or stays a zombie ("zombie") is up to this script, not to PID 1.
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+
+async def main():
+    exp = NbdkitExporter(ExporterConfig(port=port, state_dir=state, watchdog_interval=0.05,
+                                        watchdog_max_backoff=0.4))
+    await exp.start()
+    async with exp._lock:                       # the watchdog skips its rounds meanwhile
+        pid = exp.pid
+        os.kill(pid, signal.SIGKILL)
+        if mode == "reaped":
+            os.waitpid(pid, 0)
+        while pid_alive(pid):                   # zombie mode: dead, but /proc must be read to know it
+            await asyncio.sleep(0.01)
+        fd = os.open("/dev/null", os.O_RDONLY)  # the lowest free descriptor number...
+        os.close(fd)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))   # ...is now over the limit: EMFILE
+        records.clear()
+    await asyncio.sleep(2.0)
+    out = {"limited": list(records), "failures": exp.watchdog_failures, "restarts": exp.restarts,
+           "last_error": exp.last_error, "serving_error": await exp.serving_error()}
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    records.clear()
+    for _ in range(200):
+        if exp.restarts:
+            break
+        await asyncio.sleep(0.05)
+    out.update(after=list(records), restarts_after=exp.restarts, serving_after=await exp.serving_error())
+    await exp.stop()
+    print(json.dumps(out))
+
+asyncio.run(main())
+'''
+
+
+@pytest.mark.parametrize("mode", ["reaped", "zombie"])
+def test_watchdog_tells_emfile_from_process_gone_and_backs_off(mode, tmp_path):
+    """Out of file descriptors (a real RLIMIT_NOFILE), the watchdog says so: 'cannot spawn' when the
+    server's pid is gone, 'cannot check' when it cannot even read /proc; it never reads EMFILE as a
+    dead server, retries with a doubling delay (not every interval), and restarts the server once
+    descriptors are available again."""
+    import json
+    import re
+    proc = subprocess.run([sys.executable, "-c", EMFILE_SCENARIO, str(free_port()), str(tmp_path / "s"), mode],
+                          capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    limited = "\n".join(out["limited"])
+    if mode == "reaped":
+        assert re.fullmatch(r"nbdkit \(pid \d+\) is gone; restarting it", out["limited"][0]), limited
+        assert limited.count("is gone") == 1, limited
+        assert "watchdog: cannot spawn: cannot spawn nbdkit: Too many open files (EMFILE)" in limited
+        assert out["last_error"].startswith("cannot spawn:")
+    else:
+        assert "is gone" not in limited, "EMFILE must not be read as a dead server"
+        assert "watchdog: cannot check the server: Too many open files (EMFILE)" in limited
+        assert out["last_error"].startswith("cannot check the server:")
+        assert any("is gone; restarting it" in line for line in out["after"]), out["after"]
+    assert "restarted" not in limited and out["restarts"] == 0
+    assert out["serving_error"] == out["last_error"]
+    # 2 s at a 0.05 s interval would be ~40 tries; doubling up to 0.4 s gives about 7
+    assert 3 <= out["failures"] <= 10, out["failures"]
+    assert "next try in 0.4s" in limited
+    assert out["restarts_after"] == 1 and out["serving_after"] is None
+    assert any("restarted (pid" in line for line in out["after"]), out["after"]

@@ -223,6 +223,7 @@ class ProcessExporter:
         self.last_error: str | None = None      # why the watchdog could not bring the server back
         self.last_reload_seconds = 0.0
         self._unanswered = 0                    # handshakes in a row the live server did not answer
+        self._reported_gone = False             # "is gone" logged once per death, not once per retry
         self.pid: int | None = None
         self.attached = False
         self.version: tuple[int, ...] = ()
@@ -509,12 +510,13 @@ class ProcessExporter:
                 log.warning("%s serving again (pid %s)", self.backend, self.pid)
                 self.last_error = None
             return
-        if self.last_error is None:
+        if not self._reported_gone:
             log.warning("%s (pid %s) is gone; restarting it", self.backend, self.pid)
+            self._reported_gone = True
         self._unanswered = 0
         await self._spawn()
         self.restarts += 1
-        self.last_error = None
+        self.last_error, self._reported_gone = None, False
         log.warning("%s restarted (pid %s)", self.backend, self.pid)
 
     # ----- reload coalescing
