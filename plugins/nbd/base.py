@@ -119,7 +119,7 @@ class Exporter(Protocol):
     def list_exports(self) -> dict[str, str]: ...
     async def check_export(self, name: str) -> int: ...
     def uri(self, name: str, *, client: bool = False) -> str: ...
-    async def serving_error(self) -> str | None: ...
+    async def serving_error(self, handshake: bool = True) -> str | None: ...
     def state(self) -> dict[str, Any]: ...
 
 
@@ -322,19 +322,26 @@ class ProcessExporter:
                         "every export; listen on loopback (the VMA's tunnel) or set OMA_NBD_TLS=true",
                         self.backend, self.host, self.port)
 
-    async def serving_error(self) -> str | None:
-        """None when our server runs and answers the NBD handshake on its port; otherwise why not
-        (for health and the export_manager's ready check). A process that squats the port and is
-        not ours does not count."""
+    async def serving_error(self, handshake: bool = True) -> str | None:
+        """None when our server runs and (with `handshake`) answers the NBD handshake on its port;
+        otherwise why not (for health and the export_manager's ready check). A process that squats
+        the port is not ours. While a reload or restart replaces the server (lock held), it counts
+        as serving: a failure of that operation is reported by the operation and `last_error`."""
         if self.last_error is not None:
             return self.last_error
         if not self._started:
             return f"{self.backend} is not started"
+        if self._lock.locked():
+            return None
         try:
             if not self.running():
                 return f"{self.backend} (pid {self.pid}) is not running"
-            if not await probe.handshake(self.connect_host, self.port, timeout=1.0):
-                return f"no NBD server answers on {self.host}:{self.port}"
+            if handshake:
+                generation = (self.pid, self.reloads, self.restarts)
+                if not await probe.handshake(self.connect_host, self.port, timeout=1.0):
+                    if self._lock.locked() or generation != (self.pid, self.reloads, self.restarts):
+                        return None     # replaced by a reload while we knocked
+                    return f"no NBD server answers on {self.host}:{self.port}"
         except OSError as exc:
             return f"cannot check {self.backend}: {describe_oserror(exc)}"
         return None

@@ -67,15 +67,16 @@ class ExportManagerService(ServiceApp):
                 self.log.exception("NBD server start failed")
             await asyncio.sleep(every)
 
-    async def exporter_problem(self) -> str | None:
-        """Why the NBD server does not serve (start failed, watchdog failing, no NBD answer on its
-        port), or None. Probed for real: a process squatting the port is not our server."""
+    async def exporter_problem(self, handshake: bool = True) -> str | None:
+        """Why the NBD server does not serve (start failed, watchdog failing, process gone, no NBD
+        answer on its port), or None. With `handshake` probed for real: a process squatting the port
+        is not our server. Ensures skip the handshake (a burst of them would knock once each)."""
         if self.exporter_error is not None:
             return self.exporter_error
-        return await self.exporter.serving_error()
+        return await self.exporter.serving_error(handshake)
 
-    async def _exporter_ready(self) -> dict[str, Any]:
-        problem = await self.exporter_problem()
+    async def _exporter_ready(self, handshake: bool = True) -> dict[str, Any]:
+        problem = await self.exporter_problem(handshake)
         if problem is not None:
             raise Unavailable("NBD exporter not serving", problem)
         return {"serving": True, "backend": self.exporter.name, "port": self.exporter.port,
@@ -128,7 +129,7 @@ class ExportManagerService(ServiceApp):
 
     @endpoint(Exports.ENSURE)
     async def ensure_export(self, req: BusRequest):
-        await self._exporter_ready()
+        await self._exporter_ready(handshake=False)
         return await self.exports.ensure(req.model(EnsureRequest))
 
     @endpoint(Exports.LIST)
