@@ -17,6 +17,7 @@ from plugins.nbd import ExporterConfig, ExporterStartError, NbdkitExporter, NbdS
 from services.export_manager import service as em
 from shared.runner import Appliance
 from shared.subjects import Exports
+from tests.test_replication import replication_env, request
 
 PSK_LINE = re.compile(r"^oma:[0-9a-f]{64}\n$")
 
@@ -158,3 +159,29 @@ async def test_export_manager_hands_out_the_tls_uri(make_settings, tmp_path):
         rc, out = await nbdinfo("--size", f"nbd://127.0.0.1:{settings.nbd_port}/{name}")
         assert rc != 0, out
         assert os.stat(psk).st_mode & 0o077 == 0
+
+
+async def test_replication_hands_the_vma_an_nbds_uri_that_writes_into_the_volume(make_settings, tmp_path):
+    """POST /api/v1/replications with TLS on: every nbd_exports entry carries the nbds:// URI (the
+    VMA's PSK path), which opens with the key and lands in the cloud volume; a plain URI is refused."""
+    vma_copy = tmp_path / "vma" / "oma-nbd.psk"
+    async with replication_env(make_settings, tmp_path, nbd_tls=True, nbd_tls_client_psk_file=str(vma_copy)) as env:
+        r = await env.post(request(env.config_id, "tls-vm", disks=2, size_gb=0.01))
+        assert r.status_code == 201, r.text
+        reply = r.json()
+        server_psk = env.client.settings.data_dir / "exports" / "nbd-tls.psk"
+        vma_copy.parent.mkdir()
+        vma_copy.write_bytes(server_psk.read_bytes())          # the operator's out-of-band copy
+        vma_copy.chmod(0o600)
+        detail = await env.job(reply["job_id"])
+        by_unit = {d["unit_number"]: d for d in detail["disks"]}
+        assert [e["uri"] for e in detail["nbd_exports"]] == [e["uri"] for e in reply["nbd_exports"]]
+        for exp in reply["nbd_exports"]:
+            assert exp["uri"] == (f"nbds://oma@127.0.0.1:{exp['port']}/{exp['export_name']}"
+                                  f"?tls-psk-file={vma_copy}")
+            src = random_file(tmp_path / f"{exp['export_name']}.bin", MiB)
+            await nbdcopy(src, exp["uri"], "--flush")
+            volume_id = by_unit[exp["disk_unit_number"]]["volume_id"]
+            assert digest(env.sim.backing_path(volume_id), MiB) == digest(src)
+            rc, out = await nbdinfo("--size", probe.nbd_uri("127.0.0.1", exp["port"], exp["export_name"]))
+            assert rc != 0 and "requires TLS" in out, out

@@ -369,7 +369,8 @@ class Replicator:
             export = await self.bus.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
                                                           "vm_name": job.vm_name, "device_path": path})
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
-                            export_port=export.get("port"), reused=bool(export.get("reused")),
+                            export_port=export.get("port"), export_uri=export.get("uri"),
+                            reused=bool(export.get("reused")),
                             device_path=export.get("device_path") or path)
         except asyncio.CancelledError:
             raise
