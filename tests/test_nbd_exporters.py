@@ -6,11 +6,14 @@ nbdkit, nbdinfo or nbdcopy makes these tests FAIL, never skip.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -312,8 +315,6 @@ def test_every_nbd_env_variable_reaches_the_exporter(tmp_path, monkeypatch):
 def test_docs_name_only_existing_nbd_settings():
     """Every nbd_* / OMA_NBD_* / export_* name in the exporter docs is a Settings field, and every
     nbd_* field is documented in docs/exporters.md."""
-    import re
-    from pathlib import Path
     docs = Path(__file__).resolve().parents[1] / "docs"
     fields = set(Settings.model_fields)
     exporters = (docs / "exporters.md").read_text()
@@ -384,8 +385,6 @@ def test_watchdog_tells_emfile_from_process_gone_and_backs_off(mode, tmp_path):
     server's pid is gone, 'cannot check' when it cannot even read /proc; it never reads EMFILE as a
     dead server, retries with a doubling delay (not every interval), and restarts the server once
     descriptors are available again."""
-    import json
-    import re
     proc = subprocess.run([sys.executable, "-c", EMFILE_SCENARIO, str(free_port()), str(tmp_path / "s"), mode],
                           capture_output=True, text=True, timeout=60, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr

@@ -98,21 +98,15 @@ async def test_psk_file_is_kept_across_restarts_and_checked(tmp_path):
     async with tls_exporter(tmp_path) as exp:
         assert exp.config.tls_psk_file.read_text() == first, "an existing key is reused, not replaced"
 
-    loose = tmp_path / "loose.psk"
-    loose.write_text(f"oma:{'00' * 32}\n")
-    loose.chmod(0o644)
-    with pytest.raises(ExporterStartError) as exc:
-        async with tls_exporter(tmp_path, tls_psk_file=loose):
-            pass
-    assert "readable by others" in str(exc.value.details)
-
-    other = tmp_path / "other.psk"
-    other.write_text(f"someone:{'00' * 32}\n")
-    other.chmod(0o600)
-    with pytest.raises(ExporterStartError) as exc:
-        async with tls_exporter(tmp_path, tls_psk_file=other):
-            pass
-    assert "no key for user 'oma'" in str(exc.value.details)
+    for line, mode, refusal in ((f"oma:{'00' * 32}", 0o644, "readable by others"),
+                                (f"someone:{'00' * 32}", 0o600, "no key for user 'oma'")):
+        bad = tmp_path / f"bad-{mode:o}.psk"
+        bad.write_text(line + "\n")
+        bad.chmod(mode)
+        with pytest.raises(ExporterStartError) as exc:
+            async with tls_exporter(tmp_path, tls_psk_file=bad):
+                pass
+        assert refusal in str(exc.value.details)
 
 
 async def test_client_uri_names_the_vma_copy_and_nbd_server_refuses_tls(tmp_path):
