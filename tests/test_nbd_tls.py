@@ -38,7 +38,8 @@ async def nbdinfo(*args: str) -> tuple[int, str]:
 
 @contextlib.asynccontextmanager
 async def tls_exporter(tmp_path, **kw):
-    cfg = ExporterConfig(port=free_port(), state_dir=tmp_path / "state", watchdog_interval=0.2, tls=True, **kw)
+    kw.setdefault("port", free_port())
+    cfg = ExporterConfig(state_dir=tmp_path / "state", watchdog_interval=0.2, tls=True, **kw)
     exp = NbdkitExporter(cfg)
     await exp.start()
     try:
@@ -107,6 +108,28 @@ async def test_psk_file_is_kept_across_restarts_and_checked(tmp_path):
             async with tls_exporter(tmp_path, tls_psk_file=bad):
                 pass
         assert refusal in str(exc.value.details)
+
+
+async def test_tls_turned_on_replaces_a_plain_server_left_running(tmp_path):
+    """nbd_keep_running leaves the server up across service restarts; turning TLS on must not
+    attach to the old plain server."""
+    dev = sparse_file(tmp_path / "k.img", MiB)
+    cfg = ExporterConfig(port=free_port(), state_dir=tmp_path / "state", watchdog_interval=0)
+    plain = NbdkitExporter(cfg)
+    await plain.start()
+    await plain.add_export("d0", str(dev))
+    old_pid = plain.pid
+    await plain.stop(keep_running=True)
+    async with tls_exporter(tmp_path, port=cfg.port) as exp:
+        assert not exp.attached and exp.pid != old_pid
+        rc, out = await nbdinfo("--size", probe.nbd_uri("127.0.0.1", exp.port, "d0"))
+        assert rc != 0 and "requires TLS" in out, out
+        assert await exp.check_export("d0") == MiB
+        await exp.stop(keep_running=True)
+        again = NbdkitExporter(exp.config)      # same options: attaches, no restart
+        await again.start()
+        assert again.attached and again.pid == exp.pid
+        await again.stop()
 
 
 async def test_client_uri_names_the_vma_copy_and_nbd_server_refuses_tls(tmp_path):

@@ -11,14 +11,18 @@ nbdkit.pid, nbdkit.start.log.
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import signal
 import stat
 import uuid
 from pathlib import Path
 
 from .base import ExporterStartError, ProcessExporter, _Batch, validate_device_path, validate_export_name
 from .probe import _run
+
+log = logging.getLogger("oma.nbd")
 
 
 def ensure_psk_file(path: Path, username: str) -> None:
@@ -65,6 +69,20 @@ class NbdkitExporter(ProcessExporter):
         return [self.binary, "--port", str(self.port), "--ip-addr", self.host,
                 "--pidfile", str(self.pidfile), "--log=syslog", *tls,
                 "file", f"dir={self.export_dir}"]
+
+    async def _after_attach(self) -> None:
+        """A server left running (nbd_keep_running) with other options than configured, e.g. before
+        TLS was turned on, is replaced: attaching would keep serving the old way."""
+        try:
+            running = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")[1:-1]
+        except OSError:
+            running = []
+        wanted = [arg.encode() for arg in self._argv()[1:]]
+        if running != wanted:
+            log.warning("nbdkit pid %s runs with other options than configured (TLS %s); restarting it",
+                        self.pid, "on" if self.config.tls else "off")
+            await self._terminate(signal.SIGTERM)
+            await self._spawn()
 
     async def _detect_version(self) -> str:
         rc, out, err = await _run([self.binary, "--version"], 10)
