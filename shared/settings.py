@@ -98,11 +98,27 @@ class Settings(BaseSettings):
     contexts_nak_delay: float = Field(2.0, ge=0)
     contexts_batch: int = Field(250, ge=1, description="events applied per transaction")
 
-    # Exports.
+    # Exports: every OMA_NBD_* / exporter variable (plugins/nbd reads only these; docs/exporters.md).
     export_backend: str = "nbdkit"
     nbd_port: int = Field(10809, ge=1, le=65535)
-    nbd_listen_addr: str = "127.0.0.1"
+    nbd_listen_addr: str = Field("127.0.0.1", description="NBD listen address; beyond loopback only with nbd_tls")
     nbd_keep_running: bool = Field(False, description="leave the NBD server (and its connections) up on stop")
+    nbd_binary: str | None = Field(None, description="NBD server command; default nbdkit / nbd-server on PATH")
+    nbd_user: str = Field("root", description="nbd-server: user that opens the devices ('' = none)")
+    nbd_group: str = Field("root", description="nbd-server: group that opens the devices (production: disk)")
+    nbd_base_config: Path | None = Field(None, description="nbd-server: config template (ops/nbd/nbd-server.conf)")
+    nbd_attach_pidfile: Path | None = Field(None, description="attach to a server already running with this pid file")
+    nbd_watchdog_interval: float = Field(1.0, ge=0, description="seconds between liveness checks; 0 disables")
+    nbd_watchdog_max_backoff: float = Field(30.0, gt=0, description="longest wait between failed restarts")
+    nbd_reload_debounce: float = Field(0.05, ge=0, description="changes within this window share one reload")
+    nbd_start_timeout: float = Field(10.0, gt=0, description="how long a start waits for the NBD handshake")
+    nbd_check_timeout: float = Field(10.0, gt=0, description="timeout of a real NBD_OPT_GO export check")
+    nbd_tls: bool = Field(False, description="nbdkit: require TLS with a pre-shared key (--tls=require --tls-psk)")
+    nbd_tls_username: str = Field("oma", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="PSK identity")
+    nbd_tls_psk_file: Path | None = Field(None, description="PSK file (username:hexkey); default "
+                                          "DATA_DIR/exports/nbd-tls.psk, generated 0600 when missing")
+    nbd_tls_client_psk_file: str | None = Field(None, description="where the VMA keeps its copy of the PSK "
+                                                "file (tls-psk-file in export URIs); default: nbd_tls_psk_file")
     export_reconcile_interval: float = Field(300.0, ge=0, description="seconds between reconciles; 0 = off")
     export_batch_wait: float = Field(0.5, ge=0, description="how long an export change waits to share a reload")
 

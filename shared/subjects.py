@@ -60,6 +60,7 @@ class Exports:
     DEACTIVATE = "oma.export_manager.export.deactivate"
     REMOVE = "oma.export_manager.export.remove"
     RECONCILE = "oma.export_manager.export.reconcile"
+    READY = "oma.export_manager.export.ready"   # 503 unless the NBD server serves (replication's pre-flight)
     EVT_CHANGED = "oma.evt.export_manager.export.changed"
 
 

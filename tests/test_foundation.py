@@ -350,15 +350,17 @@ async def test_two_oma_service_processes_share_a_queue_group(make_settings, nats
 
 
 async def test_appliance_comes_up_when_the_nbd_server_cannot(make_settings):
-    """A busy NBD port (or a missing nbdkit) leaves the appliance healthy with a warning;
-    exports answer 503 with the reason instead of the whole appliance failing to start."""
+    """A busy NBD port (or a missing nbdkit) leaves the appliance up but /health 503 degraded with
+    the reason; exports answer 503 with the reason instead of the whole appliance failing to start."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         async with running(make_settings(nbd_port=busy.getsockname()[1])) as client:
-            body = (await client.get("/health")).json()
-            assert body["status"] == "healthy"
-            assert any("NBD server not running" in w and "in use" in w for w in body["warnings"])
+            r = await client.get("/health")
+            body = r.json()
+            assert r.status_code == 503 and body["status"] == "degraded" and body["down"] == ["export_manager"]
+            reason = body["services"]["export_manager"]["reason"]
+            assert reason.startswith("NBD exporter not serving: ") and "in use" in reason
             from shared.subjects import Exports
             with pytest.raises(errors.Unavailable) as exc:
                 await client.app.state.bus.call(Exports.ENSURE, {"vm_id": "x", "disk_unit_number": 0,

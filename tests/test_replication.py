@@ -156,7 +156,8 @@ async def test_seed_request_gives_seed_reply_and_writes_land_in_the_volume(make_
         assert env.sim.volumes[vol["volume_id"]].size == 40 * GIB
         assert env.sim.volumes[vol["volume_id"]].vm_id == DEFAULT_VM_ID
         [exp] = reply["nbd_exports"]
-        assert set(exp) == {"export_name", "device_path", "port", "reused", "vm_id", "disk_unit_number"}
+        assert set(exp) == {"export_name", "device_path", "port", "uri", "reused", "vm_id", "disk_unit_number"}
+        assert exp["uri"] == f"nbd://127.0.0.1:{exp['port']}/{exp['export_name']}"
         assert exp["vm_id"] == "vm-143233" and exp["disk_unit_number"] == 0 and exp["reused"] is False
         assert exp["export_name"] == "migration-vm-vm-143233-disk0"
         assert exp["device_path"] == str(env.sim.backing_path(vol["volume_id"]).resolve())

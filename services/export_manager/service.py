@@ -243,8 +243,8 @@ class ExportManager:
     def describe(self, m: Snapshot, **extra: Any) -> dict[str, Any]:
         return {"id": m.id, "vm_id": m.vm_id, "disk_unit_number": m.disk_unit_number, "vm_name": m.vm_name,
                 "export_name": m.export_name, "device_path": m.device_path, "status": m.status,
-                "port": self.exporter.port, "created_at": iso(m.created_at), "updated_at": iso(m.updated_at),
-                **extra}
+                "port": self.exporter.port, "uri": self.exporter.uri(m.export_name, client=True),
+                "created_at": iso(m.created_at), "updated_at": iso(m.updated_at), **extra}
 
     def note_reloads(self) -> None:
         """Observe the reload duration once per reload seen since the last look."""
@@ -281,7 +281,7 @@ class ExportManager:
         }
         self.log.info("export ensured", extra={"export_name": name, "action": action, "device_path": device})
         return {"export_name": name, "device_path": device, "port": self.exporter.port,
-                "reused": action == "reused", "vm_id": req.vm_id, "disk_unit_number": req.disk_unit_number,
+                "uri": self.exporter.uri(name, client=True), "reused": action == "reused", "vm_id": req.vm_id, "disk_unit_number": req.disk_unit_number,
                 "action": action, "message": messages[action]}
 
     async def _ensure_locked(self, req: EnsureRequest, name: str, device: str):

@@ -169,6 +169,8 @@ class Replicator:
             raise errors.Conflict("OSSEA configuration incomplete",
                                   f"OSSEA configuration {req.ossea_config_id} has no oma_vm_id: volumes need a VM "
                                   "to attach to")
+        # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager).
+        await self.bus.call(Exports.READY, {})
         key = vm.uuid or vm.id
         now = utcnow()
         async with self._admission:
@@ -349,7 +351,8 @@ class Replicator:
             export = await self.bus.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
                                                           "vm_name": job.vm_name, "device_path": path})
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
-                            export_port=export.get("port"), reused=bool(export.get("reused")),
+                            export_port=export.get("port"), export_uri=export.get("uri"),
+                            reused=bool(export.get("reused")),
                             device_path=export.get("device_path") or path)
         except asyncio.CancelledError:
             raise
