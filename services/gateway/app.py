@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
+from services.gateway import ui
 from services.gateway.deps import SessionCache, require_session
 from services.gateway.routers import (
     auth,
@@ -105,6 +106,8 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
         app.include_router(router, dependencies=protected, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)
+    app.include_router(ui.router)  # the operator GUI (its own cookie sessions)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():
