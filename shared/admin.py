@@ -30,7 +30,7 @@ COMMANDS = """commands:
   user list                   list the web GUI operators
   user passwd NAME            set an operator's password (asked); their sessions end now
   user remove NAME            remove an operator; their sessions end now
-Passwords are read from the terminal, or from the first line of standard input when it is not one.
+The password is asked on the terminal, or read from the first line of standard input.
 """
 COMMAND_KEYS = ("command", "action", "name", "token", "role")
 

@@ -164,3 +164,27 @@ async def test_cookie_is_secure_over_https(make_settings):
             r = await sign_in(https, "olivia", GOOD)
         cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("oma_ui_session="))
         assert "secure" in cookie.lower()
+
+
+async def test_gateway_may_call_the_operator_subjects_on_the_secured_bus(tmp_path):
+    """The embedded NATS with shared/natsauth.py's permissions: the gateway is answered, another
+    service's user may not even ask."""
+    from conftest import SEED_TOKEN, free_port
+    from shared import bus as busmod
+    from shared import errors
+    from shared.runner import Appliance
+    from shared.settings import Settings
+    from shared.subjects import Auth
+
+    settings = Settings(nats_url="", data_dir=tmp_path / "data", nbd_port=free_port(),
+                        appliance_tokens=f"test-vma={SEED_TOKEN}", startup_timeout=20)
+    async with Appliance(settings, ("auth",)) as appliance:
+        for user, answered in (("gateway", True), ("inventory", False)):
+            name, password = appliance.nats_credentials(user)
+            nc = await busmod.connect(appliance.nats_url, user, user=name, password=password, timeout=10)
+            try:
+                with pytest.raises(errors.OmaError) as caught:
+                    await busmod.Bus(nc, timeout=2.0).call(Auth.USER_VERIFY, {"token": "oma_ui_nope"})
+                assert (caught.value.status == 401) is answered, caught.value
+            finally:
+                await nc.close()
