@@ -285,6 +285,12 @@ async def test_every_screen_is_accessible_and_stays_on_its_origin(gui: Gui, brow
         await _check(page, axe, "dashboard-empty-filter")
         await page.goto(gui.url + "/ui/?sort=-name")
         await expect(page.locator("th[aria-sort]")).to_have_attribute("aria-sort", "descending")
+        await page.get_by_label("Name contains").fill("GUI-")
+        await page.get_by_label("Name contains").press("Enter")  # keeps the order
+        await expect(page.get_by_role("rowheader")).to_have_text(["gui-gamma", "gui-beta", "gui-alpha"])
+        await page.get_by_role("button", name="Name").click()  # the sorted column's button flips it
+        await expect(page.get_by_role("rowheader")).to_have_text(["gui-alpha", "gui-beta", "gui-gamma"])
+        await expect(page.get_by_role("columnheader", name="Name")).to_have_attribute("aria-sort", "ascending")
         await page.goto(gui.url + "/ui/vms/gui-gamma")
         await expect(page.get_by_role("heading", name="gui-gamma", level=1)).to_be_visible()
         await _check(page, axe, None)

@@ -188,3 +188,21 @@ async def test_gateway_may_call_the_operator_subjects_on_the_secured_bus(tmp_pat
                 assert (caught.value.status == 401) is answered, caught.value
             finally:
                 await nc.close()
+
+
+async def test_every_gui_route_but_sign_in_needs_a_session(make_settings):
+    from services.gateway.ui import router
+
+    async with running(make_settings(), ("auth",)) as client:
+        routes = [(m, r.path.replace("{vm_name:path}", "x")) for r in router.routes
+                  if r.path != "/ui/login" for m in r.methods]
+        assert len(routes) >= 7, routes
+        for method, path in routes:
+            r = await client.request(method, path)
+            assert (r.status_code, r.headers.get("location")) == (303, "/ui/login"), (method, path)
+            r = await client.request(method, path, headers={"HX-Request": "true",
+                                                            "cookie": "oma_ui_session=oma_ui_forged"})
+            assert_error_shape(r, 401)
+            assert r.headers["hx-redirect"] == "/ui/login"
+        r = await client.get("/ui/static/vendor/htmx-2.0.11.min.js")  # assets need none
+        assert r.status_code == 200 and "javascript" in r.headers["content-type"]
