@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 from urllib.parse import quote, urlparse

@@ -120,8 +120,7 @@ class AuthService(ServiceApp):
         if not wait:
             try:
                 async with self.sessions.begin() as db:
-                    result = await operators.login(db, self.keys, username, password[:operators.MAX_PASSWORD],
-                                                   self.settings.session_ttl)
+                    result = await operators.login(db, self.keys, username, password, self.settings.session_ttl)
             except errors.Unauthorized:
                 wait = self.throttle.failed(throttle_key, client)
                 if not wait:

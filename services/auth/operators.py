@@ -110,7 +110,8 @@ async def set_password(db: AsyncSession, username: str, password: str) -> None:
 
 async def login(db: AsyncSession, keys: Keyring, username: str, password: str, ttl: float) -> dict:
     row = await db.scalar(select(Operator).where(Operator.username == username))
-    ok = await asyncio.to_thread(check_password, password, row.password_hash if row else _dummy())
+    ok = len(password) <= MAX_PASSWORD and await asyncio.to_thread(
+        check_password, password, row.password_hash if row else _dummy())
     if not ok or row is None:
         raise errors.Unauthorized("Authentication failed", "invalid username or password")
     now = utcnow()
@@ -142,8 +143,8 @@ async def verify(db: AsyncSession, keys: Keyring, token: str, idle: float, touch
     role = await db.scalar(select(Operator.role).where(Operator.username == row.username))
     if role is None:
         raise errors.Unauthorized("Not signed in", "operator removed")
-    if touch:
-        row.last_seen_at = now
+    if touch and now - row.last_seen_at >= timedelta(seconds=min(30.0, idle / 20)):
+        row.last_seen_at = now  # not on every request: a page view is one read, not one write
     return {"session_id": row.id, "username": row.username, "role": role, "csrf_token": row.csrf_token,
             "expires_at": iso(row.expires_at)}
 

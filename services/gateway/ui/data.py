@@ -5,11 +5,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from services.gateway.ui.render import STATUS, vm_view
 from shared import errors
 from shared.bus import Bus
 from shared.subjects import Config, Contexts, Inventory, Replication
-
-from services.gateway.ui.render import STATUS, vm_view
 
 PAGE_SIZES = (25, 50, 100)
 # The list request pages by name only; a name filter or another order reads the whole list,

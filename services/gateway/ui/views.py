@@ -98,12 +98,12 @@ async def start_replications(request: Request, user: sess.Operator,
                              vm: Annotated[list[str], Form(max_length=255)] = [],  # noqa: B006 (FastAPI copies it)
                              config_id: Annotated[int | None, Form()] = None):
     """Start an initial replication of each selected VM; the answer goes to the status region."""
-    if not vm:
-        raise errors.BadRequest("Nothing selected", "select at least one VM")
+    if not vm or len(vm) > 100:
+        raise errors.BadRequest("Nothing selected" if not vm else "Too many VMs", "select 1 to 100 VMs")
     if config_id is None:
         raise errors.BadRequest("No target", "add an OSSEA configuration first (POST /api/v1/ossea/config)")
     bus = request.app.state.bus
-    results = await asyncio.gather(*(data.start_replication(bus, name, config_id) for name in vm[:100]),
+    results = await asyncio.gather(*(data.start_replication(bus, name, config_id) for name in vm),
                                    return_exceptions=True)
     failed = [(name, r) for name, r in zip(vm, results) if isinstance(r, BaseException)]
     for _, exc in failed:
