@@ -149,6 +149,12 @@ class Watch:
         page.on("request", on_request)
         page.on("dialog", on_dialog)
 
+    def expect_error(self, status: str) -> None:
+        """Chromium's own console line for a response with this status, expected once."""
+        seen = [e for e in self.errors if f"status of {status}" in e]
+        assert len(seen) == 1, self.errors
+        self.errors.remove(seen[0])
+
     def assert_clean(self) -> None:
         assert (self.errors, self.dialogs, self.foreign) == ([], [], [])
 
@@ -273,7 +279,7 @@ async def test_every_screen_is_accessible_and_stays_on_its_origin(gui: Gui, brow
         await page.get_by_label("Password").fill("wrong password!")
         await page.get_by_role("button", name="Sign in").click()
         await expect(page.get_by_role("alert").filter(has_text="Wrong username or password")).to_be_visible()
-        watch.errors.clear()  # the 401 of the failed sign-in is logged by Chromium
+        watch.expect_error("401")  # Chromium logs the failed sign-in's status
         await page.get_by_label("Password").fill(PASSWORDS["olivia"])
         await page.get_by_role("button", name="Sign in").click()
         await expect(page.get_by_role("heading", name="Dashboard", level=1)).to_be_visible()
@@ -293,6 +299,11 @@ async def test_every_screen_is_accessible_and_stays_on_its_origin(gui: Gui, brow
         await page.goto(gui.url + "/ui/vms/gui-gamma")
         await expect(page.get_by_role("heading", name="gui-gamma", level=1)).to_be_visible()
         await _check(page, axe, None)
+        r = await page.goto(gui.url + "/ui/vms/no-such-vm")  # an HTML page for a browser
+        assert r.status == 404
+        await expect(page.get_by_role("heading", name="VM context not found", level=1)).to_be_visible()
+        await _check(page, axe, None)
+        watch.expect_error("404")  # Chromium logs the 404 itself
         await page.goto(gui.url + "/ui/health")
         await expect(page.get_by_role("table", name="Services")).to_contain_text("context_aggregator")
         await _check(page, axe, "health")

@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
+from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.gateway.routers.health import get_health
@@ -15,9 +17,34 @@ from services.gateway.ui import data
 from services.gateway.ui import session as sess
 from services.gateway.ui.render import STATUS, SECURITY_HEADERS, fragment, render, vm_view
 from shared import errors
+from shared.service import validation_details
 from shared.subjects import Auth, Contexts
 
-router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+class PageRoute(APIRoute):
+    """A browser's page view that fails gets an HTML page with the error's status; forms, htmx
+    requests and API clients keep the seed's JSON error body."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except (errors.OmaError, RequestValidationError) as exc:
+                if (request.method != "GET" or request.headers.get("hx-request")
+                        or "text/html" not in request.headers.get("accept", "")):
+                    raise
+                if isinstance(exc, RequestValidationError):
+                    exc = errors.BadRequest("Validation failed", validation_details(exc.errors()))
+                if exc.status < 400:  # the sign-in redirect
+                    raise exc
+                return render(request, "error.html", exc.status, error=exc)
+        return route
+
+
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
 UPDATE_INTERVAL = 1.0  # a VM's row changes at most once a second on screen
 CELLS = ("status", "phase", "progress", "rate", "eta", "sync")  # the dashboard row's live cells
 REVERIFY = 60.0        # an open event stream re-checks its session this often
