@@ -26,8 +26,13 @@ COMMANDS = """commands:
   appliance list              list the registered appliances
   appliance revoke NAME       revoke an appliance; its sessions end now
   contexts rebuild            replay OMA_EVENTS into the VM-context read model
+  user add NAME [--role R]    add a web GUI operator (role viewer or operator); password asked
+  user list                   list the web GUI operators
+  user passwd NAME            set an operator's password (asked); their sessions end now
+  user remove NAME            remove an operator; their sessions end now
+The password is asked on the terminal, or read from the first line of standard input.
 """
-COMMAND_KEYS = ("command", "action", "name", "token")
+COMMAND_KEYS = ("command", "action", "name", "token", "role")
 
 
 def build_admin_parser() -> argparse.ArgumentParser:
@@ -52,6 +57,14 @@ def build_admin_parser() -> argparse.ArgumentParser:
         "name", help="appliance id")
     contexts_cmd = group(commands.add_parser("contexts", help="the VM-context read model"), "action")
     leaf(contexts_cmd, "rebuild", "replay OMA_EVENTS into the VM-context read model")
+    user_cmd = group(commands.add_parser("user", help="people who may sign in to the web GUI"), "action")
+    user_add = leaf(user_cmd, "add", "add a web GUI operator; the password is asked")
+    user_add.add_argument("name", help="username")
+    user_add.add_argument("--role", choices=("viewer", "operator"), default="viewer",
+                          help="viewer: looks only; operator: may also start replications (default viewer)")
+    leaf(user_cmd, "list", "list the web GUI operators")
+    leaf(user_cmd, "passwd", "set an operator's password; their sessions end now").add_argument("name", help="username")
+    leaf(user_cmd, "remove", "remove an operator; their sessions end now").add_argument("name", help="username")
     return parser
 
 
@@ -96,6 +109,44 @@ async def appliance(settings: Settings, action: str, name: str = "", token: str 
     return 0
 
 
+def read_password() -> str:
+    """Never from argv (other users see it in `ps`): the terminal, asked twice, or stdin's first line."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise FlagError("oma-admin: the passwords differ")
+    return first
+
+
+async def user(settings: Settings, action: str, name: str = "", role: str = "viewer") -> int:
+    from services.auth import operators
+
+    if action in ("add", "passwd"):  # validated before asking, so a bad name fails at once
+        operators.validate(name)
+        password = read_password()
+    engine, sessions = await _auth_db(settings)
+    try:
+        async with sessions.begin() as db:
+            if action == "add":
+                await operators.add_operator(db, name, password, role)
+                print(f"operator {name} added with role {role}")
+            elif action == "list":
+                for row in await operators.list_operators(db):
+                    print(json.dumps(row))
+            elif action == "passwd":
+                await operators.set_password(db, name, password)
+                print(f"password of {name} set; their sessions end now")
+            else:  # remove
+                await operators.remove_operator(db, name)
+                print(f"operator {name} removed; their sessions end now")
+    finally:
+        await engine.dispose()
+    return 0
+
+
 def admin_bus(settings: Settings) -> natsauth.AdminAccess:
     """-nats-url with the settings' user, else the running oma-api's embedded server."""
     if settings.nats_url:
@@ -134,7 +185,7 @@ def main(argv: list[str]) -> None:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     setup_logging(settings.debug, settings.log_format)
-    commands = {"appliance": appliance, "contexts": contexts}
+    commands = {"appliance": appliance, "contexts": contexts, "user": user}
     try:
         sys.exit(asyncio.run(commands[words.pop("command")](settings, **words)))
     except FlagError as exc:

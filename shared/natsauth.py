@@ -60,7 +60,7 @@ def _service(name: str, *extra: str, comment: str = "") -> Permissions:
 def permissions() -> dict[str, Permissions]:
     perms = {
         "gateway": Permissions(
-            publish=["oma.auth.session.>", "oma.config.ossea.>", "oma.inventory.>", "oma.replication.>",
+            publish=["oma.auth.session.>", "oma.auth.user.>", "oma.config.ossea.>", "oma.inventory.>", "oma.replication.>",
                      Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
             deny_publish=["oma.config.credentials.>"],
             # Replies, session revocations (cache eviction) and context updates (live views).

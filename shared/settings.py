@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     appliance_tokens: str = Field("", repr=False, description="name=token,... registered at start-up")
     auth_cache_ttl: float = Field(5.0, ge=0, description="Gateway verification cache (seconds; 0 = off)")
     login_rate_limit: int = Field(5, ge=1, description="Failed logins a minute per appliance+address (x10 per address)")
+    ui_idle_timeout: float = Field(1800, gt=0, description="Web GUI sessions end after this many idle seconds")
 
     # HTTP hardening (the gateway's server; see docs/deployment.md).
     max_body_bytes: int = Field(1 << 20, ge=0, description="largest request body accepted (bytes); 413 beyond")

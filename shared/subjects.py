@@ -20,6 +20,10 @@ class Auth:
     APPLIANCE_ADD = "oma.auth.appliance.add"
     APPLIANCE_LIST = "oma.auth.appliance.list"
     APPLIANCE_REVOKE = "oma.auth.appliance.revoke"
+    # Operators (people, web GUI): the gateway logs in, verifies and logs out; oma-admin manages them.
+    USER_LOGIN = "oma.auth.user.login"
+    USER_VERIFY = "oma.auth.user.verify"
+    USER_LOGOUT = "oma.auth.user.logout"
     EVT_SESSION_REVOKED = "oma.evt.auth.session.revoked"
     EVT_APPLIANCE_REVOKED = "oma.evt.auth.appliance.revoked"
 

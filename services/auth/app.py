@@ -4,7 +4,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from services.auth import service
+from services.auth import operators, service
 from shared import errors
 from shared.crypto import Keyring
 from shared.schemas import LoginRequest
@@ -108,3 +108,43 @@ class AuthService(ServiceApp):
         AUTH_EVENTS.labels(event="appliance_revoked").inc()
         self.log.info("appliance revoked", extra={"appliance_id": name})
         return {"success": True, "message": f"Appliance {name} revoked"}
+
+    # --- operators (people using the web GUI) ------------------------------------------------
+    @endpoint(Auth.USER_LOGIN)
+    async def user_login(self, req: BusRequest):
+        data = req.json()
+        username, password = str(data.get("username") or ""), str(data.get("password") or "")
+        client = str(data.get("client_addr") or "")
+        throttle_key = f"user:{username}"  # shares the per-address budget with appliance logins
+        wait = self.throttle.waiting(throttle_key, client)
+        if not wait:
+            try:
+                async with self.sessions.begin() as db:
+                    result = await operators.login(db, self.keys, username, password, self.settings.session_ttl)
+            except errors.Unauthorized:
+                wait = self.throttle.failed(throttle_key, client)
+                if not wait:
+                    AUTH_EVENTS.labels(event="user_login_failed").inc()
+                    self.log.warning("operator login failed", extra={"username": username, "client": client})
+                    raise
+        if wait:
+            AUTH_EVENTS.labels(event="login_throttled").inc()
+            raise errors.TooManyRequests("Too many failed login attempts", f"retry in {wait} seconds",
+                                         headers={"Retry-After": str(wait)})
+        AUTH_EVENTS.labels(event="user_login_ok").inc()
+        self.log.info("operator login ok", extra={"username": username, "client": client})
+        return result
+
+    @endpoint(Auth.USER_VERIFY)
+    async def user_verify(self, req: BusRequest):
+        data = req.json()
+        async with self.sessions.begin() as db:
+            return await operators.verify(db, self.keys, str(data.get("token") or ""),
+                                          self.settings.ui_idle_timeout, touch=bool(data.get("touch", True)))
+
+    @endpoint(Auth.USER_LOGOUT)
+    async def user_logout(self, req: BusRequest):
+        async with self.sessions.begin() as db:
+            await operators.logout(db, self.keys, str(req.json().get("token") or ""))
+        AUTH_EVENTS.labels(event="user_logout").inc()
+        return {"success": True, "message": "Signed out"}

@@ -65,6 +65,11 @@ class LoginThrottle:
     def __init__(self, limit: int):
         self.pairs, self.addrs = RateLimiter(limit), RateLimiter(limit * 10)
 
+    def waiting(self, name: str, client: str) -> int:
+        """Seconds the client must still wait, recording nothing (operators' passwords are
+        guessable, unlike tokens: a throttled client is refused before its password is checked)."""
+        return max(self.pairs.retry_after(f"{client}\0{name}"), self.addrs.retry_after(*((client,) if client else ())))
+
     def failed(self, appliance_id: str, client: str) -> int:
         """Record a failure; the seconds to ask the client to wait (0: answer 401)."""
         pair, addr = (f"{client}\0{appliance_id}",), ((client,) if client else ())

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
-from services.gateway import openapi
+from services.gateway import openapi, ui
 from services.gateway.content_type import JsonBodies
 from services.gateway.deps import SessionCache
 from services.gateway.guard import RequestGuard
@@ -113,6 +113,8 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
         app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)
+    app.include_router(ui.router)  # the operator GUI (its own cookie sessions)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():
