@@ -48,7 +48,7 @@ from shared.settings import Settings  # noqa: E402
 
 TOKEN = "vma_bench_token_abc123def456789012345678"
 DB = dict(host="127.0.0.1", port=3306, user="root", password="")
-JOB_ID = re.compile(r"job-\d{8}-\d{6}-[0-9a-f]{6}")
+JOB_ID = re.compile(r"job-\d{8}-\d{6}(?:-\d+)?")
 KILLABLE = ("replication", "export_manager")
 TERMINAL = ("ready_for_sync", "failed", "cancelled")
 PERMANENT = "Volume state must be in Allocated"  # the text of the injected permanent attach failure

@@ -7,6 +7,7 @@ Per backend, in the same run:
 - add N new exports concurrently and time until every one answers a real NBD_OPT_GO.
 
     python bench/bench_nbd.py [--size-mib 1024] [--exports 100] [--backend nbdkit --backend nbd-server]
+    python bench/bench_nbd.py --backend nbdkit --tls      # the same through TLS-PSK (nbds:// URIs)
 
 Scratch files live under /var/tmp (or --dir) and are deleted at the end. ~1 minute on loopback.
 """
@@ -39,8 +40,9 @@ def timed(argv: list[str]) -> float:
     return time.monotonic() - t
 
 
-async def bench_backend(name: str, work: Path, src: Path, size: int, n_exports: int, rounds: int) -> dict:
-    exp = BACKENDS[name](ExporterConfig(port=free_port(), state_dir=work / f"state-{name}"))
+async def bench_backend(name: str, work: Path, src: Path, size: int, n_exports: int, rounds: int,
+                        tls: bool = False) -> dict:
+    exp = BACKENDS[name](ExporterConfig(port=free_port(), state_dir=work / f"state-{name}", tls=tls))
     await exp.start()
     try:
         local_times, nbd_times = [], []
@@ -69,7 +71,7 @@ async def bench_backend(name: str, work: Path, src: Path, size: int, n_exports: 
         sizes = await asyncio.gather(*(check(i) for i in range(n_exports)))
         t_connectable = time.monotonic() - t0
         assert sizes == [16 * MiB] * n_exports
-        return {"backend": name, "version": exp.version_string, "local_mbs": size / 1e6 / t_local,
+        return {"backend": name + (" tls" if tls else ""), "version": exp.version_string, "local_mbs": size / 1e6 / t_local,
                 "nbd_mbs": size / 1e6 / t_nbd,
                 "rounds": [f"{size / 1e6 / a:.0f}/{size / 1e6 / b:.0f}" for a, b in zip(local_times, nbd_times)], "ratio": t_local / t_nbd, "verified": ok,
                 "exports": n_exports, "added_s": t_added, "connectable_s": t_connectable,
@@ -85,6 +87,7 @@ async def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="write rounds per backend; medians are printed")
     ap.add_argument("--backend", action="append", choices=list(BACKENDS))
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--tls", action="store_true", help="nbdkit with TLS-PSK (--tls=require)")
     args = ap.parse_args()
     if missing := missing_tools():
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
@@ -98,8 +101,8 @@ async def main() -> int:
               f"{os.cpu_count()} CPUs")
         results = []
         for name in args.backend or list(BACKENDS):
-            results.append(r := await bench_backend(name, work, src, size, args.exports, args.rounds))
-            print(f"{r['backend']:<10} local dd {r['local_mbs']:7.0f} MB/s | nbdcopy --flush {r['nbd_mbs']:7.0f} MB/s"
+            results.append(r := await bench_backend(name, work, src, size, args.exports, args.rounds, args.tls))
+            print(f"{r['backend']:<11} local dd {r['local_mbs']:7.0f} MB/s | nbdcopy --flush {r['nbd_mbs']:7.0f} MB/s"
                   f" | ratio {r['ratio']:.2f} {'OK' if r['ratio'] >= 0.6 else 'BELOW 0.6'}"
                   f" | bytes {'verified' if r['verified'] else 'MISMATCH'}"
                   f" | {r['exports']} exports added in {r['added_s']:.2f}s ({r['reloads']} reloads),"

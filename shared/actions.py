@@ -43,6 +43,9 @@ class Store(Generic[Row]):
     model: type[Row]
     label: str  # starts every message: "Configuration created successfully"
     kind: str  # names it in a 404's details: "No OSSEA configuration found with ID: 9"
+    # Where the stored secret is sent (a boolean one: TLS verification), and the secret's field.
+    endpoint_fields: tuple[str, ...]
+    secret_field: str
 
     def __init__(self, keys: Keyring) -> None:
         self.keys = keys  # for the secret each kind stores encrypted
@@ -74,6 +77,23 @@ class Store(Generic[Row]):
         await db.delete(row)
         return row
 
+    def keep_secret_home(self, stored: Row | dict[str, Any], values: dict[str, Any]) -> None:
+        """A stored secret is only ever sent to its own endpoint: a request (`update` or `test`)
+        that points it elsewhere, or turns TLS verification off, must give the secret too."""
+        old = stored if isinstance(stored, dict) else {f: getattr(stored, f) for f in self.endpoint_fields}
+        moved = [f for f in self.endpoint_fields
+                 if f in values and values[f] != old.get(f) and values[f] is not True]
+        if moved and self.secret_field not in values:
+            raise errors.BadRequest(
+                "Validation failed",
+                f"configuration.{self.secret_field}: required when {', '.join(moved)} differs from the stored "
+                "configuration (a stored secret is only sent to its own endpoint)")
+
+    def merge_for_test(self, stored: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """A stored configuration overridden by the fields a `test` gives."""
+        self.keep_secret_home(stored, values)
+        return {**stored, **values}
+
 
 async def run_action(sessions: async_sessionmaker[AsyncSession], store: Store[Any], action: str,
                      config_id: int | None, values: dict[str, Any], on_changed: OnChanged) -> dict[str, Any] | Reply:
@@ -96,6 +116,7 @@ async def run_action(sessions: async_sessionmaker[AsyncSession], store: Store[An
         if not values:
             raise errors.BadRequest("Missing required fields", "update needs a configuration with at least one field")
         async with sessions.begin() as db:
+            store.keep_secret_home(await store.load(db, config_id), values)
             row = await store.update(db, config_id, values)
         await on_changed(row, "update")
         return {"success": True, "message": f"{store.label} updated successfully", "configuration": store.public(row)}
@@ -106,15 +127,3 @@ async def run_action(sessions: async_sessionmaker[AsyncSession], store: Store[An
         return {"success": True, "message": f"{store.label} {row.name!r} (ID {row.id}) deleted", "id": row.id}
     raise ValueError(f"run_action does not handle {action!r}")  # `test` is the service's own
 
-
-def merge_for_test(stored: dict[str, Any], given_values: dict[str, Any], endpoint_fields: tuple[str, ...],
-                   secret_field: str) -> dict[str, Any]:
-    """A stored configuration overridden by the fields a `test` gives. A stored secret is only ever
-    sent to its own endpoint: pointing it elsewhere requires giving the secret too."""
-    moved = [f for f in endpoint_fields if f in given_values and given_values[f] != stored.get(f)]
-    if moved and secret_field not in given_values:
-        raise errors.BadRequest(
-            "Validation failed",
-            f"configuration.{secret_field}: required when {', '.join(moved)} differs from the stored "
-            "configuration (a stored secret is only sent to its own endpoint)")
-    return {**stored, **given_values}

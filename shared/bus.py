@@ -58,6 +58,13 @@ async def connect(url: str, name: str, *, user: str = "", password: str = "",
     """Connect with bounded retries, logging what we wait for."""
     deadline = time.monotonic() + timeout
     attempt = 0
+    refused: list[str] = []  # an authorization violation: retrying cannot help
+
+    async def on_error(exc: Exception) -> None:
+        if "authorization violation" in str(exc).lower():
+            refused.append(str(exc))
+        await _log_error(exc)
+
     while True:
         attempt += 1
         try:
@@ -71,9 +78,12 @@ async def connect(url: str, name: str, *, user: str = "", password: str = "",
                 opts.update(user=user, password=password)
             # nats-py retries a first connect forever when reconnects are unlimited: bound it here.
             async with asyncio.timeout(max(0.5, min(2.0, deadline - time.monotonic()))):
-                return await nats.connect(**opts, error_cb=_log_error, disconnected_cb=_disc(name),
+                return await nats.connect(**opts, error_cb=on_error, disconnected_cb=_disc(name),
                                           reconnected_cb=_reco(name))
         except Exception as exc:  # noqa: BLE001 - every connect failure means "wait and retry"
+            if refused:
+                raise errors.Unavailable("NATS refused the credentials",
+                                         f"{url}: authorization violation for user {user or '(anonymous)'}") from None
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError("no answer")
             if time.monotonic() >= deadline:

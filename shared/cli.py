@@ -14,6 +14,13 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+EPHEMERAL_WITH_EXTERNAL_NATS = (
+    "-db-type memory with -nats-url: the memory database is lost at exit while the external NATS keeps "
+    "the event stream, so after a restart the read model would show jobs the services no longer have; "
+    "use -db-type mariadb, or no -nats-url (an embedded NATS that is as ephemeral), or set "
+    "OMA_ALLOW_EPHEMERAL_WITH_EXTERNAL_NATS=true for a throwaway test")
+
+
 def _event_loop_run(coro) -> None:
     """uvloop when installed (uvicorn[standard] brings it): ~1.4x requests/s through the bus."""
     try:
@@ -30,6 +37,9 @@ def _run(coro_factory, prog: str, argv: list[str] | None, positional: tuple[str,
     except FlagError as exc:
         _fail(exc.message)
         return
+    if (settings.db_type == "memory" and settings.nats_url and pos.get("name") != "gateway"  # no database
+            and not settings.allow_ephemeral_with_external_nats):
+        _fail(f"{prog}: {EPHEMERAL_WITH_EXTERNAL_NATS}")
     setup_logging(settings.debug, settings.log_format)
     try:
         _event_loop_run(coro_factory(settings, **pos))

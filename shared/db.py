@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,16 +63,17 @@ def _upgrade(sync_conn: Any, script_location: str, version_table: str) -> None:
     command.upgrade(cfg, "head")
 
 
-_migration_lock: asyncio.Lock | None = None
+# One lock per event loop (an asyncio.Lock belongs to the loop it first waited on; a test may run an
+# appliance on a second loop in a thread once the first is idle).
+_migration_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 async def run_migrations(engine: AsyncEngine, service: str, script_location: Path) -> None:
     """Apply the service's Alembic migrations (own version table); a second run is a no-op."""
-    global _migration_lock
     # Alembic's `context` is a module-global proxy: services in one process migrate one at a time.
-    _migration_lock = _migration_lock or asyncio.Lock()
+    lock = _migration_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
     try:
-        async with _migration_lock, engine.begin() as conn:
+        async with lock, engine.begin() as conn:
             await conn.run_sync(_upgrade, str(script_location), f"alembic_version_{service}")
     except Exception:
         metrics.MIGRATIONS.labels(service=service, result="failure").inc()

@@ -45,5 +45,11 @@ def oma_register_device_resolvers(register: Register) -> None:
     `DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached volume's device path."""
 
 
+@hookspec
+def oma_register_vma_clients(register: Register) -> None:
+    """Register VMA clients: `register(name, factory)`; `factory(api_url, settings)` returns a
+    `VmaClient` (shared.vma) that talks to the appliance next to vCenter."""
+
+
 def _all() -> list[Callable[..., Any]]:
     return [v for k, v in globals().items() if k.startswith("oma_")]

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shared import natsauth
+
 log = logging.getLogger("oma.nats")
 
 
@@ -42,13 +44,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 class EmbeddedNats:
+    """A nats-server child process. With `passwords` (user -> password, see shared/natsauth.py) it
+    has the appliance's users and permissions and refuses anonymous clients; without, it is open
+    (test fixtures and benchmarks only: oma-api always passes them)."""
+
     def __init__(self, store_dir: Path | None = None, host: str = "127.0.0.1", port: int | None = None,
-                 config: Path | None = None):
+                 config: Path | None = None, passwords: dict[str, str] | None = None):
         self.host = host
         self.port = port or free_port(host)
         self._store = store_dir
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.config = config
+        self.passwords = passwords
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -62,12 +69,14 @@ class EmbeddedNats:
         self._store.mkdir(parents=True, exist_ok=True)
         config = self.config
         if config is None:
-            # The default 1 MB payload is too small for a large inventory's reply.
             config = self._store / "oma-nats.conf"
-            config.write_text("max_payload: 8MB\n")
+            config.write_text(natsauth.render_embedded_conf(secured=self.passwords is not None))
         args = [find_binary(), "-c", str(config), "-a", self.host, "-p", str(self.port), "-js",
                 "-sd", str(self._store)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # The configuration names $NATS_PASSWORD_<USER>: the passwords reach the server through its
+        # environment only, never a file or the command line.
+        env = {**os.environ, **natsauth.password_env(self.passwords)} if self.passwords else None
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                      preexec_fn=_die_with_parent)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

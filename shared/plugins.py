@@ -16,6 +16,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "nbd": "plugins.nbd.plugin",
     "vsphere": "plugins.vsphere.plugin",
     "device": "plugins.device",
+    "vma": "plugins.vma.plugin",
 }
 
 KINDS = {
@@ -24,6 +25,7 @@ KINDS = {
     "inventory": "oma_register_inventory_sources",
     "exporter": "oma_register_exporters",
     "device-resolver": "oma_register_device_resolvers",
+    "vma": "oma_register_vma_clients",
 }
 
 

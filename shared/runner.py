@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from shared import bus as busmod
+from shared import natsauth
 from shared.natsserver import EmbeddedNats
 from shared.plugins import get_plugin_manager
 from shared.service import ServiceApp
@@ -40,7 +41,21 @@ class Appliance:
         self.names = services
         self.services: dict[str, ServiceApp] = {}
         self.nats_url = settings.nats_url
+        # user -> password of the embedded server's users (generated on each start); None with an
+        # external NATS, whose user and password come from the settings.
+        self.nats_passwords: dict[str, str] | None = None
         self._stack = AsyncExitStack()
+
+    def nats_credentials(self, client: str) -> tuple[str, str]:
+        """The NATS user and password a client (a service, the gateway) connects with."""
+        if self.nats_passwords is not None:
+            return client, self.nats_passwords[client]
+        return self.settings.nats_user, self.settings.nats_password
+
+    def client_settings(self, client: str) -> Settings:
+        """The settings with this client's NATS user (for code that reads them, the gateway)."""
+        user, password = self.nats_credentials(client)
+        return self.settings.model_copy(update={"nats_user": user, "nats_password": password})
 
     async def __aenter__(self) -> "Appliance":
         try:
@@ -53,14 +68,12 @@ class Appliance:
     async def _start(self) -> None:
         s = self.settings
         if not self.nats_url:
-            store = s.data_dir / "nats" if s.db_type != "memory" else None
-            nats = EmbeddedNats(store_dir=store)
-            self.nats_url = await nats.start()
-            self._stack.push_async_callback(nats.stop)
+            await self._start_embedded_nats()
         pm = get_plugin_manager()
 
         async def start_one(name: str) -> None:
-            nc = await busmod.connect(self.nats_url, name, user=s.nats_user, password=s.nats_password,
+            user, password = self.nats_credentials(name)
+            nc = await busmod.connect(self.nats_url, name, user=user, password=password,
                                       timeout=s.startup_timeout)
             app = service_class(name)(s, nc, pm)
             self._stack.push_async_callback(nc.drain)
@@ -70,6 +83,18 @@ class Appliance:
 
         # Sequential registration of cleanups, concurrent start-up.
         await asyncio.gather(*(start_one(n) for n in self.names))
+
+    async def _start_embedded_nats(self) -> None:
+        """Always secured: a user per client with a fresh password (shared/natsauth.py). oma-admin
+        finds the URL and its own password in the data dir's nats-admin.json while we run."""
+        s = self.settings
+        store = s.data_dir / "nats" if s.db_type != "memory" else None
+        self.nats_passwords = natsauth.generate_passwords()
+        nats = EmbeddedNats(store_dir=store, passwords=self.nats_passwords)
+        self.nats_url = await nats.start()
+        self._stack.push_async_callback(nats.stop)
+        natsauth.write_admin_file(s.data_dir, self.nats_url, self.nats_passwords[natsauth.ADMIN])
+        self._stack.callback(natsauth.remove_admin_file, s.data_dir, self.nats_url)
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._stack.aclose()
@@ -85,10 +110,9 @@ async def serve_gateway(settings: Settings, nats_url: str) -> None:
     import uvicorn
 
     from services.gateway.app import create_app
+    from services.gateway.server import uvicorn_config
 
-    config = uvicorn.Config(create_app(settings, nats_url), host=settings.host, port=settings.port,
-                            log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings, nats_url), settings))
     await server.serve()
     if not server.started:
         raise SystemExit(f"gateway could not listen on {settings.host}:{settings.port}")
@@ -101,7 +125,8 @@ async def run_all(settings: Settings) -> None:
     install_stop_signals(stop)
     async with Appliance(settings) as appliance:
         log.info("services started", extra={"nats": appliance.nats_url, "services": list(appliance.services)})
-        await serve_gateway(settings, appliance.nats_url)  # returns on SIGTERM/SIGINT
+        # returns on SIGTERM/SIGINT
+        await serve_gateway(appliance.client_settings("gateway"), appliance.nats_url)
     log.info("stopped")
 
 

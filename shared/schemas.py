@@ -5,12 +5,31 @@ Field names are the seed's. Strings are bounded by their database columns, so ov
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from shared.disk_slot import CONTROLLER_TYPES, UNITS_PER_BUS, BusNumber, DiskSlot, SlotNumber, slot_number
 
 Name = Field(min_length=1, max_length=255)
+
+# Numeric bounds: what a BIGINT column, SQLite and the JSON encoder all hold.
+INT64_MAX = 2 ** 63 - 1
+INT32_MAX = 2 ** 31 - 1           # an INT column (counts, seconds)
+OFFSET_MAX = INT32_MAX            # pagination offsets
+Id = Annotated[int, Field(strict=True, ge=1, le=INT64_MAX)]
+ByteCount = Annotated[int, Field(ge=0, le=INT64_MAX)]
+MAX_DISK_GB = 65536               # CloudStack's custom offerings stop well below 64 TiB
+SOURCE_VM_EXTRA_MAX = 32 * 1024   # serialized unknown keys kept from source_vm and its disks (a 64-disk VM as listed)
+SOURCE_VM_MAX = 65535             # the whole source_vm as stored (a TEXT column)
+# A VM's export key (uuid, else id) goes into export and volume names: no path characters.
+VM_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+VM_KEY_MAX = 36
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"   # names and paths: printable, on one line
 
 
 class Strict(BaseModel):
@@ -87,7 +106,7 @@ class OsseaConfigRequest(Strict):
         {"action": "test", "configuration": {k: OSSEA_EXAMPLE[k] for k in
                                              ("api_url", "api_key", "secret_key", "domain", "zone")}}]})
     action: Literal["get", "create", "update", "delete", "test"]
-    id: StrictInt | None = Field(None, ge=1)
+    id: Id | None = None
     configuration: OsseaConfigFields | None = None
 
 
@@ -108,31 +127,83 @@ class VCenterRequest(Strict):
                                                "password": "secret", "datacenter": "DatabanxDC"}},
         {"action": "get"}, {"action": "test", "id": 1}]})
     action: Literal["get", "create", "update", "delete", "test"]
-    id: StrictInt | None = Field(None, ge=1)
+    id: Id | None = None
     configuration: VCenterFields | None = None
 
 
 # --- replication -----------------------------------------------------------------------------
+def _fail(text: str) -> PydanticCustomError:
+    """An error whose text is the message itself (no "Value error, " prefix); pydantic adds the field."""
+    return PydanticCustomError("value_error", "{text}", {"text": text})
+
+
 class SourceDisk(BaseModel):
+    """One disk as the inventory lists it. With `controller_type` the disk's slot is its controller's
+    (shared/disk_slot.py), else `unit_number` is the slot itself (SCSI bus 0), else its position."""
     model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1, max_length=255)
-    path: str | None = Field(None, max_length=1024)
-    size_gb: float = Field(gt=0, le=65536)
-    datastore: str | None = Field(None, max_length=255)
-    capacity_bytes: int | None = Field(None, gt=0)
-    unit_number: int | None = Field(None, ge=0, le=64)
+    id: str = Field(min_length=1, max_length=255, pattern=NO_CONTROL)
+    path: str | None = Field(None, max_length=1024, pattern=NO_CONTROL)
+    size_gb: float = Field(gt=0, le=MAX_DISK_GB)
+    datastore: str | None = Field(None, max_length=255, pattern=NO_CONTROL)
+    capacity_bytes: int | None = Field(None, gt=0, le=MAX_DISK_GB * 1024 ** 3)
+    unit_number: SlotNumber | None = None
+    controller_type: Literal[CONTROLLER_TYPES] | None = None  # type: ignore[valid-type]
+    controller_bus_number: BusNumber | None = None
+
+    @model_validator(mode="after")
+    def _unit_on_controller(self) -> SourceDisk:
+        if self.controller_type and self.unit_number is not None and self.unit_number >= UNITS_PER_BUS:
+            raise _fail(f"unit_number: at most {UNITS_PER_BUS - 1} on a {self.controller_type} controller")
+        return self
+
+    @field_serializer("size_gb")
+    def _whole(self, v: float) -> float | int:  # 40, as the seed writes it, not 40.0
+        return int(v) if v.is_integer() else v
 
 
 class SourceVM(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1, max_length=255)
-    name: str = Field(min_length=1, max_length=255)
-    uuid: str | None = Field(None, max_length=64)
-    path: str | None = Field(None, max_length=1024)
-    datacenter: str | None = Field(None, max_length=255)
-    cpus: int | None = Field(None, ge=0)
-    memory_mb: int | None = Field(None, ge=0)
+    id: str = Field(min_length=1, max_length=255, pattern=NO_CONTROL)
+    name: str = Field(min_length=1, max_length=255, pattern=NO_CONTROL)
+    uuid: str | None = Field(None, max_length=VM_KEY_MAX, pattern=VM_KEY_PATTERN)
+    path: str | None = Field(None, max_length=1024, pattern=NO_CONTROL)
+    datacenter: str | None = Field(None, max_length=255, pattern=NO_CONTROL)
+    cpus: int | None = Field(None, ge=0, le=4096)
+    memory_mb: int | None = Field(None, ge=0, le=INT32_MAX)
     disks: list[SourceDisk] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _checks(self) -> SourceVM:
+        if self.uuid is None and (len(self.id) > VM_KEY_MAX or not re.match(VM_KEY_PATTERN, self.id)):
+            raise _fail(f"id: without a uuid the id names the VM's exports: at most {VM_KEY_MAX} letters, "
+                              "digits, '.', '_' or '-' (or give uuid)")
+        extras = [self.model_extra or {}] + [d.model_extra or {} for d in self.disks]
+        try:
+            extra_size = sum(len(orjson.dumps(e)) for e in extras if e)
+            size = len(orjson.dumps(self.model_dump(mode="json", exclude_none=True)))
+        except TypeError:  # e.g. an integer beyond 64 bits among the unknown keys
+            raise _fail("unknown keys must hold JSON the appliance can store "
+                        "(integers within 64 bits)") from None
+        if extra_size > SOURCE_VM_EXTRA_MAX:
+            raise _fail(f"unknown keys take {extra_size} bytes serialized; at most {SOURCE_VM_EXTRA_MAX} "
+                        "are kept")
+        if size > SOURCE_VM_MAX:
+            raise _fail(f"{size} bytes serialized; at most {SOURCE_VM_MAX}")
+        self.disk_slots()
+        return self
+
+    def disk_slots(self) -> list[int]:
+        """Each disk's slot (shared/disk_slot.py); two disks in one slot are refused, naming both."""
+        first: dict[int, int] = {}
+        slots = []
+        for i, d in enumerate(self.disks):
+            slot = slot_number(d.controller_type, d.controller_bus_number, d.unit_number, i)
+            if slot in first:
+                raise _fail(f"disks.{i}.unit_number: slot {slot} ({DiskSlot.from_number(slot)}) is also "
+                            f"the slot of disks.{first[slot]}")
+            first[slot] = i
+            slots.append(slot)
+        return slots
 
 
 REPLICATION_EXAMPLE = {
@@ -146,15 +217,15 @@ REPLICATION_EXAMPLE = {
 class ReplicationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [REPLICATION_EXAMPLE]})
     source_vm: SourceVM
-    ossea_config_id: StrictInt = Field(ge=1)
+    ossea_config_id: Id
     replication_type: Literal["initial", "incremental"] = "initial"
 
 
 class DiskProgress(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    unit_number: int = Field(ge=0, le=999)  # 0-64, or a multi-controller slot (replication)
-    bytes_transferred: int | None = Field(None, ge=0)
-    total_bytes: int | None = Field(None, ge=0)
+    unit_number: SlotNumber  # the disk's slot: disk_unit_number of its export
+    bytes_transferred: ByteCount | None = None
+    total_bytes: ByteCount | None = None
     change_id: str | None = Field(None, max_length=255)
 
 
@@ -166,7 +237,7 @@ class ProgressReport(BaseModel):
          "disks": [{"unit_number": 0, "change_id": "52 3c ec 1b 3a 0e 4b 8e-1e 7d 0c 5a 6d 2a 4f 10/42"}]}]})
     status: Literal["replicating", "completed", "failed"]
     current_operation: str | None = Field(None, max_length=255)
-    bytes_transferred: int | None = Field(None, ge=0)
-    total_bytes: int | None = Field(None, ge=0)
+    bytes_transferred: ByteCount | None = None
+    total_bytes: ByteCount | None = None
     disks: list[DiskProgress] | None = Field(None, max_length=64)
     error: str | None = Field(None, max_length=2000)

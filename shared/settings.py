@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     nats_url: str = Field("", description="NATS server URL; empty starts an embedded nats-server")
     nats_user: str = ""
     nats_password: str = Field("", repr=False)
+    allow_ephemeral_with_external_nats: bool = Field(
+        False, description="let a memory database run with an external NATS (throwaway tests only)")
     data_dir: Path = Field(default_factory=default_data_dir)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port of a lone service")
     request_timeout: float = Field(30.0, gt=0, description="Bus request timeout (seconds)")
@@ -62,7 +64,17 @@ class Settings(BaseSettings):
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")
     appliance_tokens: str = Field("", repr=False, description="name=token,... registered at start-up")
     auth_cache_ttl: float = Field(5.0, ge=0, description="Gateway verification cache (seconds; 0 = off)")
-    login_rate_limit: int = Field(5, ge=1, description="Failed logins allowed per minute per id/address")
+    login_rate_limit: int = Field(5, ge=1, description="Failed logins a minute per appliance+address (x10 per address)")
+    ui_idle_timeout: float = Field(1800, gt=0, description="Web GUI sessions end after this many idle seconds")
+
+    # HTTP hardening (the gateway's server; see docs/deployment.md).
+    max_body_bytes: int = Field(1 << 20, ge=0, description="largest request body accepted (bytes); 413 beyond")
+    trusted_proxies: str = Field("", description="comma-separated proxy addresses/CIDRs whose X-Forwarded-* "
+                                                 "headers are believed; empty = none, the socket peer is the client")
+    header_timeout: float = Field(5.0, gt=0, description="seconds a client has to send a complete request head")
+    max_connections: int = Field(4096, ge=1, description="open HTTP connections; beyond, 503 at once")
+    health_cache_ttl: float = Field(1.0, ge=0, description="seconds /health reuses its last service check")
+    health_max_rate: float = Field(500.0, gt=0, description="/health answers per second; callers beyond wait")
 
     # Secrets at rest.
     secret_key_file: Path | None = None
@@ -87,13 +99,33 @@ class Settings(BaseSettings):
     contexts_nak_delay: float = Field(2.0, ge=0)
     contexts_batch: int = Field(250, ge=1, description="events applied per transaction")
 
-    # Exports.
+    # Exports: every OMA_NBD_* / exporter variable (plugins/nbd reads only these; docs/exporters.md).
     export_backend: str = "nbdkit"
     nbd_port: int = Field(10809, ge=1, le=65535)
-    nbd_listen_addr: str = "127.0.0.1"
+    nbd_listen_addr: str = Field("127.0.0.1", description="NBD listen address; beyond loopback only with nbd_tls")
     nbd_keep_running: bool = Field(False, description="leave the NBD server (and its connections) up on stop")
+    nbd_binary: str | None = Field(None, description="NBD server command; default nbdkit / nbd-server on PATH")
+    nbd_user: str = Field("root", description="nbd-server: user that opens the devices ('' = none)")
+    nbd_group: str = Field("root", description="nbd-server: group that opens the devices (production: disk)")
+    nbd_base_config: Path | None = Field(None, description="nbd-server: config template (ops/nbd/nbd-server.conf)")
+    nbd_attach_pidfile: Path | None = Field(None, description="attach to a server already running with this pid file")
+    nbd_watchdog_interval: float = Field(1.0, ge=0, description="seconds between liveness checks; 0 disables")
+    nbd_watchdog_max_backoff: float = Field(30.0, gt=0, description="longest wait between failed restarts")
+    nbd_reload_debounce: float = Field(0.05, ge=0, description="changes within this window share one reload")
+    nbd_start_timeout: float = Field(10.0, gt=0, description="how long a start waits for the NBD handshake")
+    nbd_check_timeout: float = Field(10.0, gt=0, description="timeout of a real NBD_OPT_GO export check")
+    nbd_tls: bool = Field(False, description="nbdkit: require TLS with a pre-shared key (--tls=require --tls-psk)")
+    nbd_tls_username: str = Field("oma", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="PSK identity")
+    nbd_tls_psk_file: Path | None = Field(None, description="PSK file (username:hexkey); default "
+                                          "DATA_DIR/exports/nbd-tls.psk, generated 0600 when missing")
+    nbd_tls_client_psk_file: str | None = Field(None, description="where the VMA keeps its copy of the PSK "
+                                                "file (tls-psk-file in export URIs); default: nbd_tls_psk_file")
     export_reconcile_interval: float = Field(300.0, ge=0, description="seconds between reconciles; 0 = off")
     export_batch_wait: float = Field(0.5, ge=0, description="how long an export change waits to share a reload")
+
+    # The VMA's API (through the reverse tunnel).
+    vma_timeout: float = Field(30.0, gt=0, description="VMA API request timeout (seconds)")
+    vma_retries: int = Field(3, ge=0, description="retries of a transient VMA failure (refused, 502/503/504)")
 
     # Replication.
     device_resolver: str = "by-id"
@@ -161,9 +193,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value: {text!r}")
 
 
-def build_parser(prog: str, extra: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    for flag, help_text in {**FLAGS, **(extra or {})}.items():
+def build_parser(prog: str, extra: dict[str, str] | None = None, only: tuple[str, ...] | None = None,
+                 **kw: Any) -> argparse.ArgumentParser:
+    """The flags of FLAGS (or the `only` ones, for a command that uses a few) and `extra`."""
+    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS, **kw)
+    flags = {k: v for k, v in FLAGS.items() if only is None or k in only}
+    for flag, help_text in {**flags, **(extra or {})}.items():
         names = (f"-{flag}", f"--{flag}")
         if flag in BOOL_FLAGS:
             parser.add_argument(*names, dest=flag.replace("-", "_"), nargs="?", const=True,
@@ -181,11 +216,16 @@ def load_settings(argv: list[str] | None = None, prog: str = "oma-api",
     """
     parser = build_parser(prog)
     for name in positional:
-        parser.add_argument(name, nargs="+" if name == "words" else None)
+        parser.add_argument(name)
     args = vars(parser.parse_intermixed_args(argv))
     pos = {name: args.pop(name) for name in positional}
+    return settings_from_flags(args, prog), pos
+
+
+def settings_from_flags(args: dict[str, Any], prog: str) -> Settings:
+    """Settings from parsed flags (field name -> value); FlagError names a bad one."""
     try:
-        return Settings(**args), pos
+        return Settings(**args)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"

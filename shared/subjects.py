@@ -20,6 +20,10 @@ class Auth:
     APPLIANCE_ADD = "oma.auth.appliance.add"
     APPLIANCE_LIST = "oma.auth.appliance.list"
     APPLIANCE_REVOKE = "oma.auth.appliance.revoke"
+    # Operators (people, web GUI): the gateway logs in, verifies and logs out; oma-admin manages them.
+    USER_LOGIN = "oma.auth.user.login"
+    USER_VERIFY = "oma.auth.user.verify"
+    USER_LOGOUT = "oma.auth.user.logout"
     EVT_SESSION_REVOKED = "oma.evt.auth.session.revoked"
     EVT_APPLIANCE_REVOKED = "oma.evt.auth.appliance.revoked"
 
@@ -44,6 +48,7 @@ class Replication:
     GET = "oma.replication.job.get"
     PROGRESS = "oma.replication.job.progress"
     CANCEL = "oma.replication.job.cancel"
+    USING_CONFIG = "oma.replication.job.using_config"  # config asks before deleting a configuration
     EVT_PREFIX = "oma.evt.replication.job"
     EVT_CREATED = "oma.evt.replication.job.created"
     EVT_STATUS = "oma.evt.replication.job.status_changed"
@@ -59,6 +64,7 @@ class Exports:
     DEACTIVATE = "oma.export_manager.export.deactivate"
     REMOVE = "oma.export_manager.export.remove"
     RECONCILE = "oma.export_manager.export.reconcile"
+    READY = "oma.export_manager.export.ready"   # 503 unless the NBD server serves (replication's pre-flight)
     EVT_CHANGED = "oma.evt.export_manager.export.changed"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 
@@ -96,25 +97,36 @@ async def test_no_plaintext_tokens_in_database(make_settings, mariadb_name):
     assert session_token.removeprefix("oma_session_") not in dump
 
 
-async def test_failed_logins_are_rate_limited(make_settings):
+async def test_failed_logins_are_throttled_but_never_lock_out_a_correct_token(make_settings):
+    """Failures are answered 429 after `login_rate_limit` a minute per (appliance, address), or ten
+    times that per address; a correct token logs in regardless, from any address."""
     async with running(make_settings(login_rate_limit=5), ("auth",)) as client:
-        for _ in range(5):
-            r = await client.post("/api/v1/auth/login", json={"appliance_id": "test-vma", "token": "wrong"})
-            assert r.status_code == 401
-        r = await client.post("/api/v1/auth/login", json={"appliance_id": "test-vma", "token": SEED_TOKEN})
-        assert_error_shape(r, 429)
-        assert 1 <= int(r.headers["retry-after"]) <= 60
-        # Another appliance from the same address (every VMA comes through the tunnel) still gets in.
         bus = client.app.state.bus
         from shared.subjects import Auth
-        other = await bus.call(Auth.APPLIANCE_ADD, {"name": "vma-other"})
-        await login(client, "vma-other", other["token"])
-        # The address limit is ten times higher: 50 failures across appliances from one address.
-        for i in range(45):
-            r = await client.post("/api/v1/auth/login", json={"appliance_id": f"guess-{i % 9}", "token": "x"})
-            assert r.status_code in (401, 429)
-        r = await client.post("/api/v1/auth/login", json={"appliance_id": "vma-other", "token": other["token"]})
+        tokens = {"test-vma": SEED_TOKEN}
+        for name in ("vma-2", "vma-3"):
+            tokens[name] = (await bus.call(Auth.APPLIANCE_ADD, {"name": name}))["token"]
+        ids = [*tokens, "guess-1", "guess-2"]
+
+        async def attempt(appliance_id: str, token: str, via: httpx.AsyncClient = client) -> httpx.Response:
+            return await via.post("/api/v1/auth/login", json={"appliance_id": appliance_id, "token": token})
+
+        # Five wrong tokens for one appliance: answered 401; the sixth is throttled.
+        for _ in range(5):
+            assert (await attempt("test-vma", "wrong")).status_code == 401
+        r = await attempt("test-vma", "wrong")
         assert_error_shape(r, 429)
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        # 50 failures in all from 127.0.0.1 (the tunnel's address) across several ids.
+        statuses = [(await attempt(ids[i % len(ids)], f"wrong-{i}")).status_code for i in range(44)]
+        assert set(statuses) <= {401, 429} and statuses[-1] == 429
+        assert_error_shape(await attempt("never-tried", "wrong"), 429)  # the address is throttled now
+        transport = httpx.ASGITransport(app=client.app, client=("127.0.0.2", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://oma") as other:
+            assert_error_shape(await attempt("vma-2", "wrong", other), 401)  # another address is not
+            for name, token in tokens.items():
+                await login(client, name, token)
+                await login(other, name, token)
 
 
 async def test_logout_seen_by_every_gateway(make_settings):
@@ -166,6 +178,7 @@ async def test_appliance_admin_subjects(make_settings):
         from shared.subjects import Auth
         added = await bus.call(Auth.APPLIANCE_ADD, {"name": "vma-2"})
         assert added["token"].startswith("vma_")
+        assert len(base64.urlsafe_b64decode(added["token"].removeprefix("vma_") + "=")) == 32  # 256 random bits
         listed = await bus.call(Auth.APPLIANCE_LIST)
         assert {a["appliance_id"] for a in listed["appliances"]} == {"test-vma", "vma-2"}
         headers = await login(client, "vma-2", added["token"])

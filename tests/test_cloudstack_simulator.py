@@ -23,8 +23,11 @@ from plugins.ossea.simulator import (
     FIXED_OFFERING_ID,
     GIB,
     NOT_ATTACHED_TEXT,
+    STRAGGLER_DETACH,
     CloudStackSimulator,
+    data_disk_limit_text,
     disk_serial,
+    pci_slots_text,
 )
 
 KEY, SECRET = "sim-key", "sim-secret"
@@ -84,9 +87,14 @@ class Api:
                                   diskofferingid=CUSTOM_OFFERING_ID, size=size, **extra)
         return (await self.job(submitted["jobid"]))["jobresult"]["volume"]
 
-    async def attach(self, volume_id: str) -> dict[str, Any]:
-        submitted = await self.ok("attachVolume", "POST", id=volume_id, virtualmachineid=DEFAULT_VM_ID)
-        return await self.job(submitted["jobid"])
+    async def submit(self, command: str, **params: Any) -> str:
+        return (await self.ok(command, "POST", **params))["jobid"]
+
+    async def attach(self, volume_id: str, vm_id: str = DEFAULT_VM_ID) -> dict[str, Any]:
+        return await self.job(await self.submit("attachVolume", id=volume_id, virtualmachineid=vm_id))
+
+    async def detach(self, volume_id: str) -> dict[str, Any]:
+        return await self.job(await self.submit("detachVolume", id=volume_id))
 
 
 @pytest.fixture
@@ -241,6 +249,159 @@ async def test_device_symlink_lifecycle(tmp_path) -> None:
         assert not sim.backing_path(volume["id"]).exists()
 
 
+# -- per-VM work queue, data-disk limits, hazards -------------------------------------------------
+
+@pytest.fixture
+async def queue_api(http: aiohttp.ClientSession) -> AsyncIterator[Api]:
+    """A simulator whose jobs take long enough to see how they line up, with a second VM."""
+    async with CloudStackSimulator(KEY, SECRET, job_latency=0.15) as s:
+        s.add_vm("target-vm", OTHER_VM)
+        yield Api(s, http)
+
+
+OTHER_VM = "0be1e5e0-0000-4000-8000-00000000b0b0"
+
+
+def intervals(sim: CloudStackSimulator, vm_id: str) -> list[tuple[float, float]]:
+    return sorted((j["started"], j["finished"]) for j in sim.job_log() if j["vm_id"] == vm_id)
+
+
+async def test_attaches_to_one_vm_run_one_at_a_time_two_vms_overlap(queue_api: Api) -> None:
+    api, sim = queue_api, queue_api.sim
+    volumes = [(await api.create())["id"] for _ in range(6)]
+    sim.calls.clear()
+    sim.jobs.clear()  # only the attaches in the job log
+    submitted = await asyncio.gather(*(
+        api.submit("attachVolume", id=v, virtualmachineid=DEFAULT_VM_ID if i < 3 else OTHER_VM)
+        for i, v in enumerate(volumes)))
+    jobs = [await api.job(j) for j in submitted]
+    assert [j["jobstatus"] for j in jobs] == [1] * 6
+
+    for vm in (DEFAULT_VM_ID, OTHER_VM):
+        spans = intervals(sim, vm)
+        assert len(spans) == 3
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start >= end  # the next job of the VM starts only when the last one ended
+        assert spans[-1][1] - spans[0][0] >= 3 * 0.15
+    oma, other = intervals(sim, DEFAULT_VM_ID)[0], intervals(sim, OTHER_VM)[0]
+    assert oma[0] < other[1] and other[0] < oma[1]  # the two VMs' queues ran side by side
+    async with api.http.get(f"{sim.base_url}/sim/job-log") as r:
+        assert {j["jobid"] for j in await r.json()} == set(submitted)
+
+
+async def test_vm_queue_keeps_submission_order(queue_api: Api) -> None:
+    api, sim = queue_api, queue_api.sim
+    volumes = [(await api.create())["id"] for _ in range(3)]
+    await api.attach(volumes[0])
+    sim.jobs.clear()
+    submitted = [await api.submit("detachVolume", id=volumes[0])]
+    submitted += [await api.submit("attachVolume", id=v, virtualmachineid=DEFAULT_VM_ID) for v in volumes[1:]]
+    done = [await api.job(j) for j in submitted]
+    assert [j["jobstatus"] for j in done] == [1] * 3
+    started = sorted(sim.job_log(), key=lambda j: j["started"])
+    assert [j["jobid"] for j in started] == submitted
+
+
+async def test_data_volume_limit_counts_pre_attached_disks(http: aiohttp.ClientSession) -> None:
+    async with CloudStackSimulator(KEY, SECRET, job_latency=0, max_data_disks=10) as sim:
+        api = Api(sim, http)
+        async with http.post(f"{sim.base_url}/sim/pre-attach", json={"count": 3}) as r:
+            assert r.status == 200 and len(await r.json()) == 3
+        listed = await api.ok("listVolumes", virtualmachineid=DEFAULT_VM_ID, type="DATADISK")
+        assert listed["count"] == 3 and {v["deviceid"] for v in listed["volume"]} == {1, 2, 4}
+
+        volumes = [(await api.create(1))["id"] for _ in range(8)]
+        for v in volumes[:7]:
+            assert (await api.attach(v))["jobstatus"] == 1
+        refused = await api.attach(volumes[7])
+        assert (refused["jobstatus"], refused["jobresultcode"]) == (2, 431)
+        assert refused["jobresult"]["errortext"] == (
+            "The specified VM already has the maximum number of data disks (10) attached. "
+            "Please specify another VM.") == data_disk_limit_text(10)
+        assert sim.volumes[volumes[7]].vm_id is None and sim.volumes[volumes[7]].state == "Allocated"
+
+        await api.detach(volumes[0])  # a slot frees up, the refused disk fits
+        assert (await api.attach(volumes[7]))["jobstatus"] == 1
+        async with http.post(f"{sim.base_url}/sim/pre-attach", json={"count": 1}) as r:
+            assert r.status == 400 and "exceed the limit of 10" in await r.text()
+
+
+async def test_concurrent_attaches_past_the_limit_run_out_of_device_ids(http: aiohttp.ClientSession) -> None:
+    """CloudStack counts before queueing: a burst all passes the count, the surplus fails in the queue."""
+    async with CloudStackSimulator(KEY, SECRET, job_latency=0.02, max_data_disks=10, pre_attached=3) as sim:
+        api = Api(sim, http)
+        volumes = [(await api.create(1))["id"] for _ in range(9)]
+        submitted = await asyncio.gather(*(
+            api.submit("attachVolume", id=v, virtualmachineid=DEFAULT_VM_ID) for v in volumes))
+        jobs = [await api.job(j) for j in submitted]
+        assert [j["jobstatus"] for j in jobs] == [1] * 7 + [2] * 2  # in submission order
+        for failed in jobs[7:]:
+            assert failed["jobresultcode"] == 530
+            assert failed["jobresult"]["errortext"] == f"All device Ids are used by vm {DEFAULT_VM_ID}"
+        attached = await api.ok("listVolumes", virtualmachineid=DEFAULT_VM_ID, type="DATADISK")
+        assert attached["count"] == 10
+
+
+async def test_pci_slot_limit_fails_in_the_hypervisor(http: aiohttp.ClientSession) -> None:
+    async with CloudStackSimulator(KEY, SECRET, job_latency=0, pci_slots=3, pre_attached=1) as sim:
+        api = Api(sim, http)
+        volumes = [await api.create(1) for _ in range(3)]
+        assert [(await api.attach(v["id"]))["jobstatus"] for v in volumes[:2]] == [1, 1]
+        failed = await api.attach(volumes[2]["id"])
+        assert (failed["jobstatus"], failed["jobresultcode"]) == (2, 530)
+        assert failed["jobresult"]["errortext"] == pci_slots_text("d", "oma-appliance") == (
+            "Failed to attach volume d to VM oma-appliance; org.libvirt.LibvirtException: "
+            "internal error: No more available PCI slots")
+        assert sim.volumes[volumes[2]["id"]].vm_id is None  # created on storage, not attached
+        assert sim.volumes[volumes[2]["id"]].state == "Ready"
+        await api.detach(volumes[0]["id"])
+        assert (await api.attach(volumes[2]["id"]))["jobstatus"] == 1
+
+
+async def test_straggler_detach_clears_a_newer_attach_elsewhere_and_is_recorded(queue_api: Api) -> None:
+    """apache/cloudstack #14214: a client retries a detach without waiting, then attaches the volume
+    to another VM as soon as the first detach is done; the retry, still queued on the old VM, runs
+    last and clears the new attachment while the disk stays in the other VM."""
+    api, sim = queue_api, queue_api.sim
+    volume = (await api.create())["id"]
+    fillers = [(await api.create())["id"] for _ in range(4)]
+    assert (await api.attach(volume))["jobstatus"] == 1
+
+    first = await api.submit("detachVolume", id=volume)
+    for f in fillers:  # the OMA VM has other work queued: the retry waits behind it
+        await api.submit("attachVolume", id=f, virtualmachineid=DEFAULT_VM_ID)
+    retry = await api.submit("detachVolume", id=volume)
+    assert (await api.job(first))["jobstatus"] == 1
+    moved = await api.attach(volume, OTHER_VM)
+    assert moved["jobresult"]["volume"]["virtualmachineid"] == OTHER_VM
+    assert (await api.ok("queryAsyncJobResult", jobid=retry))["jobstatus"] == 0  # still queued
+
+    straggler = await api.job(retry)
+    assert straggler["jobstatus"] == 1  # CloudStack reports success
+    shown = (await api.ok("listVolumes", id=volume))["volume"][0]
+    assert "virtualmachineid" not in shown  # the attach to the other VM is forgotten...
+    assert sim.orphans[OTHER_VM] == {volume}  # ...while its libvirt domain still holds the disk
+    async with api.http.get(f"{sim.base_url}/sim/hazards") as r:
+        hazards = await r.json()
+    assert hazards == sim.hazards and len(hazards) == 1
+    assert {k: hazards[0][k] for k in ("kind", "jobid", "volume_id", "detached_from", "attached_to")} == {
+        "kind": STRAGGLER_DETACH, "jobid": retry, "volume_id": volume,
+        "detached_from": DEFAULT_VM_ID, "attached_to": OTHER_VM}
+
+
+async def test_detach_confirmed_before_attach_elsewhere_leaves_no_hazard(queue_api: Api) -> None:
+    api, sim = queue_api, queue_api.sim
+    volume = (await api.create())["id"]
+    await api.attach(volume)
+    detach = await api.submit("detachVolume", id=volume)
+    early = await api.attach(volume, OTHER_VM)  # not waiting: still attached when asked, refused
+    assert early["jobstatus"] == 2 and early["jobresult"]["errortext"] == NOT_ATTACHED_TEXT
+    assert (await api.job(detach))["jobstatus"] == 1
+    assert (await api.attach(volume, OTHER_VM))["jobstatus"] == 1
+    assert (await api.detach(volume))["jobstatus"] == 1
+    assert sim.hazards == [] and not any(sim.orphans.values())
+
+
 # -- control endpoint and fault injection ---------------------------------------------------------
 
 async def test_control_endpoint_fail_calls_and_volumes(api: Api, http: aiohttp.ClientSession) -> None:
@@ -296,14 +457,19 @@ async def test_job_latency_and_latency(api: Api) -> None:
 async def test_command_line_prints_its_url_when_ready(http: aiohttp.ClientSession) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "plugins.ossea.simulator", "--port", "0", "--api-key", KEY,
-        "--secret-key", SECRET, "--zone-name", "Zone-CLI", stdout=asyncio.subprocess.PIPE)
+        "--secret-key", SECRET, "--zone-name", "Zone-CLI", "--pre-attached", "2",
+        "--max-data-disks", "4", "--pci-slots", "3", stdout=asyncio.subprocess.PIPE)
     try:
         url = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
         assert url.startswith("http://127.0.0.1:") and url.endswith("/client/api")
-        query = signed_query({"command": "listZones"}, KEY, SECRET,
-                             datetime.now(UTC) + timedelta(minutes=5))
-        async with http.get(url, params=query) as r:
-            assert (await r.json())["listzonesresponse"]["zone"][0]["name"] == "Zone-CLI"
+
+        async def call(command: str, **params: str) -> dict[str, Any]:
+            query = signed_query({"command": command, **params}, KEY, SECRET,
+                                 datetime.now(UTC) + timedelta(minutes=5))
+            async with http.get(url, params=query) as r:
+                return (await r.json())[f"{command.lower()}response"]
+        assert (await call("listZones"))["zone"][0]["name"] == "Zone-CLI"
+        assert (await call("listVolumes", virtualmachineid=DEFAULT_VM_ID, type="DATADISK"))["count"] == 2
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0

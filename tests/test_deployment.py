@@ -198,7 +198,8 @@ def service_proc(name: str, nats_: SecuredNats, tmp: Path) -> Proc:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMA_")}
     env.update(OMA_NATS_USER=name, OMA_NATS_PASSWORD=nats_.passwords[name], OMA_DB_TYPE="memory",
-               OMA_LOG_FORMAT="json", OMA_STARTUP_TIMEOUT="30", OMA_NBD_PORT=str(free_port()))
+               OMA_LOG_FORMAT="json", OMA_STARTUP_TIMEOUT="30", OMA_NBD_PORT=str(free_port()),
+               OMA_ALLOW_EPHEMERAL_WITH_EXTERNAL_NATS="true")
     if name == "auth":
         env["OMA_APPLIANCE_TOKENS"] = f"test-vma={SEED_TOKEN}"
     argv = [console_script("oma-service"), name, "-nats-url", nats_.url, "-host", "127.0.0.1",

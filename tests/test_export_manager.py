@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import signal
+import socket
 import uuid
 from pathlib import Path
 
@@ -23,10 +25,12 @@ from nbdutil import (
     nbdcopy,
     random_file,
     sparse_file,
+    wait_until,
 )
 from prometheus_client import REGISTRY
 from sqlalchemy import inspect
 
+from plugins.nbd.base import pid_alive
 from services.export_manager import service as em
 from shared import db, errors
 from shared.plugins import get_backend, get_plugin_manager
@@ -98,7 +102,8 @@ async def test_ensure_writes_through_export_then_reuses(em_settings, backend, tm
 
         r = await call(svc, Exports.ENSURE, ensure_body(vm_id, 0, dev))
         name = f"migration-vm-{vm_id}-disk0"
-        assert r == {"export_name": name, "device_path": str(dev), "port": exp.port, "reused": False,
+        assert r == {"export_name": name, "device_path": str(dev), "port": exp.port,
+                     "uri": f"nbd://127.0.0.1:{exp.port}/{name}", "reused": False,
                      "vm_id": vm_id, "disk_unit_number": 0, "action": "created", "message": r["message"]}
         assert exp.reloads == RELOADS_PER_BATCH[backend]
 
@@ -127,7 +132,7 @@ async def test_ensure_writes_through_export_then_reuses(em_settings, backend, tm
         assert (await call(svc, Exports.LIST, {"status": "inactive"}))["count"] == 0
 
         h = await call(svc, health("export_manager"))
-        assert h["status"] == "up" and h["database"] == "connected"
+        assert h["status"] == "up" and h["database"] == "connected" and "reason" not in h
         assert h["exporter"]["backend"] == backend and h["exporter"]["running"] is True
         assert h["exporter"]["exports"] == 1 and h["exporter"]["port"] == exp.port
 
@@ -449,3 +454,69 @@ async def test_keep_running_leaves_open_connections_alone(em_settings, backend, 
             await proc.wait()
         await latest.stop()         # nobody supervises it any more: end the server we started
     assert not latest.state()["running"]
+
+
+def squat(port: int = 0) -> socket.socket:
+    """Another process's listener on the NBD port: accepts connections, never speaks NBD."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
+async def squat_when_free(port: int) -> socket.socket:
+    # a killed multi-threaded server shows as a zombie before its last thread closed the socket
+    for _ in range(100):
+        try:
+            return squat(port)
+        except OSError:
+            await asyncio.sleep(0.01)
+    return squat(port)
+
+
+async def assert_not_serving(svc, dev: Path, because: str) -> None:
+    """Health degraded with the reason; ready and ensure 503 in the seed's shape; no mapping written."""
+    h = await call(svc, health("export_manager"))
+    assert h["status"] == "degraded", h
+    assert h["reason"].startswith("NBD exporter not serving: ") and because in h["reason"], h["reason"]
+    for subject, body in ((Exports.READY, {}), (Exports.ENSURE, ensure_body(vm(), 0, dev))):
+        with pytest.raises(errors.Unavailable) as exc:
+            await call(svc, subject, body)
+        assert exc.value.status == 503 and because in exc.value.details
+        assert exc.value.body() == {"success": False, "error": "NBD exporter not serving",
+                                    "details": exc.value.details}
+    assert (await call(svc, Exports.LIST))["count"] == 0
+
+
+async def test_port_squatted_at_start_degrades_health_and_refuses_exports(em_settings, tmp_path):
+    dev = sparse_file(tmp_path / "sq.img", MiB)
+    with squat() as s:
+        async with manager(em_settings(nbd_port=s.getsockname()[1])) as svc:
+            await assert_not_serving(svc, dev, "already in use")
+
+
+async def test_server_killed_and_port_squatted_then_freed(em_settings, backend, tmp_path):
+    """The server dies and another process takes its port: the watchdog cannot restart it (logged,
+    backing off), health and exports say so; once the port is free the watchdog brings it back."""
+    dev = sparse_file(tmp_path / "sq.img", 4 * MiB)
+    async with manager(em_settings(nbd_watchdog_interval=0.1, nbd_watchdog_max_backoff=0.4)) as svc:
+        exp = svc.exporter
+        assert await call(svc, Exports.READY) == {"serving": True, "backend": backend, "port": exp.port,
+                                                  "tls": False}
+        async with exp._lock:                   # the watchdog waits while the port changes hands
+            pid = exp.pid
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: not pid_alive(pid), what="server death")
+            s = await squat_when_free(exp.port)
+        with s:
+            await wait_until(lambda: exp.last_error and "already in use" in exp.last_error, what="watchdog failure")
+            await assert_not_serving(svc, dev, "already in use")
+            assert exp.restarts == 0
+        await wait_until(lambda: exp.restarts == 1, timeout=10, what="restart once the port is free")
+        assert (await call(svc, Exports.READY))["serving"] is True
+        assert (await call(svc, health("export_manager")))["status"] == "up"
+        r = await call(svc, Exports.ENSURE, ensure_body(vm(), 0, dev))
+        src = random_file(tmp_path / "src.bin", MiB)
+        await nbdcopy(src, r["uri"], "--flush")
+        assert digest(dev, MiB) == digest(src)

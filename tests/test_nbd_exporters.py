@@ -6,11 +6,14 @@ nbdkit, nbdinfo or nbdcopy makes these tests FAIL, never skip.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
-from types import SimpleNamespace
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +24,7 @@ from plugins.nbd import nbdserver
 from plugins.nbd.base import parse_version
 from plugins.nbd.plugin import oma_register_exporters
 from shared.errors import BadGateway, BadRequest, NotFound
+from shared.settings import Settings
 
 BACKENDS = {"nbdkit": NbdkitExporter, "nbd-server": NbdServerExporter}
 # reloads one batch of additions costs, per backend
@@ -64,7 +68,7 @@ async def test_write_64mib_through_export(exporter, tmp_path):
     assert await exporter.add_export("vm-1-disk0", str(dev)) is True
     assert exporter.list_exports() == {"vm-1-disk0": str(dev)}
     assert await exporter.check_export("vm-1-disk0") == 128 * MiB
-    info = await probe.export_info("127.0.0.1", exporter.port, "vm-1-disk0")
+    info = await probe.export_info(exporter.uri("vm-1-disk0"))
     assert info["can_flush"] is True and info["can_fua"] is True
 
     src = random_file(tmp_path / "src.bin", 64 * MiB)
@@ -273,12 +277,133 @@ def test_plugin_registers_both_backends(tmp_path):
         registered[name] = (factory, description)
     oma_register_exporters(register)
     assert set(registered) == {"nbdkit", "nbd-server"}
-    settings = SimpleNamespace(nbd_port=12345, nbd_listen_addr="127.0.0.2", data_dir=str(tmp_path))
+    settings = Settings(nbd_port=12345, nbd_listen_addr="127.0.0.2", data_dir=tmp_path, nbd_group="disk",
+                        nbd_watchdog_interval=0.5)
     for name, (factory, description) in registered.items():
         exp = factory(settings)
         assert description
         assert isinstance(exp, Exporter) and exp.name == name
         assert (exp.port, exp.host) == (12345, "127.0.0.2")
         assert exp.config.state_dir == tmp_path / "exports"
-    default = registered["nbdkit"][0](SimpleNamespace())
+        assert (exp.config.group, exp.config.watchdog_interval, exp.config.tls) == ("disk", 0.5, False)
+    default = registered["nbdkit"][0](Settings(data_dir=tmp_path))
     assert (default.port, default.host) == (10809, "127.0.0.1")
+
+
+def test_every_nbd_env_variable_reaches_the_exporter(tmp_path, monkeypatch):
+    """OMA_NBD_* are Settings fields: OMA_NBD_GROUP=disk is no longer silently ignored, an unknown
+    one is refused, and nbd-server's rendered config carries user and group."""
+    env = {"OMA_NBD_GROUP": "disk", "OMA_NBD_USER": "nbd", "OMA_NBD_WATCHDOG_INTERVAL": "2.5",
+           "OMA_NBD_RELOAD_DEBOUNCE": "0.2", "OMA_NBD_BINARY": "/usr/sbin/nbd-server",
+           "OMA_NBD_ATTACH_PIDFILE": str(tmp_path / "x.pid"), "OMA_NBD_BASE_CONFIG": str(tmp_path / "b.conf"),
+           "OMA_NBD_TLS": "true", "OMA_NBD_TLS_USERNAME": "vma", "OMA_NBD_TLS_CLIENT_PSK_FILE": "/etc/vma/k.psk",
+           "OMA_DATA_DIR": str(tmp_path)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = ExporterConfig.from_settings(Settings())
+    assert (cfg.group, cfg.user, cfg.watchdog_interval, cfg.reload_debounce) == ("disk", "nbd", 2.5, 0.2)
+    assert (cfg.binary, cfg.attach_pidfile, cfg.base_config) == ("/usr/sbin/nbd-server", tmp_path / "x.pid",
+                                                                 tmp_path / "b.conf")
+    assert (cfg.tls, cfg.tls_username, cfg.tls_client_psk_file) == (True, "vma", "/etc/vma/k.psk")
+    assert cfg.tls_psk_file == tmp_path / "exports" / "nbd-tls.psk"
+    monkeypatch.setenv("OMA_NBD_TLS", "false")
+    monkeypatch.delenv("OMA_NBD_BASE_CONFIG")
+    rendered = NbdServerExporter(ExporterConfig.from_settings(Settings())).render_config()
+    assert "group = disk" in rendered and "user = nbd" in rendered
+
+
+def test_docs_name_only_existing_nbd_settings():
+    """Every nbd_* / OMA_NBD_* / export_* name in the exporter docs is a Settings field, and every
+    nbd_* field is documented in docs/exporters.md."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    fields = set(Settings.model_fields)
+    exporters = (docs / "exporters.md").read_text()
+    for page in ("exporters.md", "export-manager.md"):
+        text = (docs / page).read_text()
+        named = {m.lower() for m in re.findall(r"\bOMA_((?:NBD|EXPORT)_[A-Z_]+)", text)}
+        for row in re.findall(r"^\| ([^|]+) \|", text, re.M):          # first cells of the settings tables
+            named |= set(re.findall(r"`((?:nbd|export)_[a-z_]+)`", row))
+        assert named and named <= fields, (page, named - fields)
+    assert {f for f in fields if f.startswith("nbd_")} <= set(re.findall(r"`(nbd_[a-z_]+)`", exporters))
+
+
+# Run in a child process: it lowers its own RLIMIT_NOFILE (a real resource limit) and may become the
+# subreaper of the daemonized nbdkit, neither of which the test process should do to itself.
+EMFILE_SCENARIO = r'''
+import asyncio, ctypes, json, logging, os, resource, signal, sys
+from plugins.nbd import ExporterConfig, NbdkitExporter
+from plugins.nbd.base import pid_alive
+
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+logger = logging.getLogger("oma.nbd")
+logger.addHandler(Keep())
+logger.setLevel(logging.INFO)
+port, state, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+# PR_SET_CHILD_SUBREAPER: the daemonized server becomes our child, so whether its pid is reaped
+# ("reaped": gone) or stays a zombie ("zombie") is up to this script, not to PID 1.
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+
+async def main():
+    exp = NbdkitExporter(ExporterConfig(port=port, state_dir=state, watchdog_interval=0.05,
+                                        watchdog_max_backoff=0.4))
+    await exp.start()
+    async with exp._lock:                       # the watchdog skips its rounds meanwhile
+        pid = exp.pid
+        os.kill(pid, signal.SIGKILL)
+        if mode == "reaped":
+            os.waitpid(pid, 0)
+        while pid_alive(pid):                   # zombie mode: dead, but /proc must be read to know it
+            await asyncio.sleep(0.01)
+        fd = os.open("/dev/null", os.O_RDONLY)  # the lowest free descriptor number...
+        os.close(fd)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))   # ...is now over the limit: EMFILE
+        records.clear()
+    await asyncio.sleep(2.0)
+    out = {"limited": list(records), "failures": exp.watchdog_failures, "restarts": exp.restarts,
+           "last_error": exp.last_error, "serving_error": await exp.serving_error()}
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    records.clear()
+    for _ in range(200):
+        if exp.restarts:
+            break
+        await asyncio.sleep(0.05)
+    out.update(after=list(records), restarts_after=exp.restarts, serving_after=await exp.serving_error())
+    await exp.stop()
+    print(json.dumps(out))
+
+asyncio.run(main())
+'''
+
+
+@pytest.mark.parametrize("mode", ["reaped", "zombie"])
+def test_watchdog_tells_emfile_from_process_gone_and_backs_off(mode, tmp_path):
+    """Out of file descriptors (a real RLIMIT_NOFILE), the watchdog says so: 'cannot spawn' when the
+    server's pid is gone, 'cannot check' when it cannot even read /proc; it never reads EMFILE as a
+    dead server, retries with a doubling delay (not every interval), and restarts the server once
+    descriptors are available again."""
+    proc = subprocess.run([sys.executable, "-c", EMFILE_SCENARIO, str(free_port()), str(tmp_path / "s"), mode],
+                          capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    limited = "\n".join(out["limited"])
+    if mode == "reaped":
+        assert re.fullmatch(r"nbdkit \(pid \d+\) is gone; restarting it", out["limited"][0]), limited
+        assert limited.count("is gone") == 1, limited
+        assert "watchdog: cannot spawn: cannot spawn nbdkit: Too many open files (EMFILE)" in limited
+        assert out["last_error"].startswith("cannot spawn:")
+    else:
+        assert "is gone" not in limited, "EMFILE must not be read as a dead server"
+        assert "watchdog: cannot check the server: Too many open files (EMFILE)" in limited
+        assert out["last_error"].startswith("cannot check the server:")
+        assert any("is gone; restarting it" in line for line in out["after"]), out["after"]
+    assert "restarted" not in limited and out["restarts"] == 0
+    assert out["serving_error"] == out["last_error"]
+    # 2 s at a 0.05 s interval would be ~40 tries; doubling up to 0.4 s gives about 7
+    assert 3 <= out["failures"] <= 10, out["failures"]
+    assert "next try in 0.4s" in limited
+    assert out["restarts_after"] == 1 and out["serving_after"] is None
+    assert any("restarted (pid" in line for line in out["after"]), out["after"]

@@ -24,7 +24,7 @@ from tests.nbdutil import digest, free_port, nbdcopy, random_file
 
 API_KEY, SECRET = "sim-key", "sim-secret"
 SERVICES = ("auth", "config", "replication", "export_manager")
-JOB_ID = re.compile(r"^job-\d{8}-\d{6}-[0-9a-f]{4,6}$")
+JOB_ID = re.compile(r"^job-\d{8}-\d{6}$")  # the seed's format
 GIB = 1024 ** 3
 MiB = 1 << 20
 SEED_REPLY_KEYS = {"job_id", "status", "progress_percent", "source_vm", "created_volumes", "nbd_exports",
@@ -156,7 +156,8 @@ async def test_seed_request_gives_seed_reply_and_writes_land_in_the_volume(make_
         assert env.sim.volumes[vol["volume_id"]].size == 40 * GIB
         assert env.sim.volumes[vol["volume_id"]].vm_id == DEFAULT_VM_ID
         [exp] = reply["nbd_exports"]
-        assert set(exp) == {"export_name", "device_path", "port", "reused", "vm_id", "disk_unit_number"}
+        assert set(exp) == {"export_name", "device_path", "port", "uri", "reused", "vm_id", "disk_unit_number"}
+        assert exp["uri"] == f"nbd://127.0.0.1:{exp['port']}/{exp['export_name']}"
         assert exp["vm_id"] == "vm-143233" and exp["disk_unit_number"] == 0 and exp["reused"] is False
         assert exp["export_name"] == "migration-vm-vm-143233-disk0"
         assert exp["device_path"] == str(env.sim.backing_path(vol["volume_id"]).resolve())
@@ -177,7 +178,7 @@ async def test_multi_disk_vm_with_uuid_and_unit_numbers(make_settings, tmp_path)
         body["source_vm"]["disks"][0]["unit_number"] = 2   # explicit; the others take their position (1, 2 -> clash)
         r = await env.post(body)
         assert_error_shape(r, 400)
-        assert "source_vm.disks.2.unit_number" in r.json()["details"]
+        assert "source_vm: disks.2.unit_number" in r.json()["details"]
 
         body["source_vm"]["disks"][0]["unit_number"] = 5
         r = await env.post(body)
@@ -320,7 +321,7 @@ async def test_validation_and_conflicts(make_settings, tmp_path):
         assert "size_gb" in str(assert_error_shape(await env.post(zero), 400)["details"])
         dup = request(env.config_id, "pgtest5", disks=2)
         dup["source_vm"]["disks"][1]["unit_number"] = 0
-        assert "source_vm.disks.1.unit_number" in assert_error_shape(await env.post(dup), 400)["details"]
+        assert "source_vm: disks.1.unit_number" in assert_error_shape(await env.post(dup), 400)["details"]
         assert_error_shape(await env.post({**body, "ossea_config_id": 999}), 404)
         assert not env.commands("createVolume")
 
@@ -407,7 +408,7 @@ async def test_disks_on_two_controllers_with_the_same_unit_get_distinct_slots(ma
             disk.update(unit_number=0, controller_type="scsi", controller_bus_number=bus)
         r = await env.post(body)
         assert r.status_code == 201, r.text
-        assert sorted(e["disk_unit_number"] for e in r.json()["nbd_exports"]) == [0, 16]
+        assert sorted(e["disk_unit_number"] for e in r.json()["nbd_exports"]) == [0, 64]  # scsi0:0, scsi1:0
         # The same controller twice is still a duplicate.
         body = request(env.config_id, "dup", disks=2)
         for disk in body["source_vm"]["disks"]:

@@ -161,8 +161,9 @@ async def test_orphan_sweep_releases_only_volumes_provably_oma_and_unused(make_s
         late = _orphan(env, volume_name("gone", 0, cancelled))          # landed after the cancel
         duplicate = _orphan(env, volume_name("kept", 0, ready))         # a second copy of a ready disk
         adoptable = _orphan(env, volume_name("busy", 0, busy))          # its job may still adopt it
-        foreign = _orphan(env, volume_name("x", 0, "job-20200101-000000-abcdef"))  # not our database's job
+        foreign = _orphan(env, volume_name("x", 0, "job-20200101-000000"))  # not our database's job
         unrelated = _orphan(env, "data-disk-of-someone")
+        renamed = _orphan(env, volume_name("not-gone", 0, cancelled))     # our job id, another VM's name
         env.sim.vms["another-vm"] = {**env.sim.vms[DEFAULT_VM_ID], "id": "another-vm"}
         elsewhere = _orphan(env, volume_name("gone", 1, cancelled), vm_id="another-vm")  # someone uses it
         assert parse_volume_name(env.sim.volumes[late].name) == (cancelled, 0)
@@ -170,7 +171,7 @@ async def test_orphan_sweep_releases_only_volumes_provably_oma_and_unused(make_s
 
         await wait_for(lambda: _true(late not in env.sim.volumes and duplicate not in env.sim.volumes), 10)
         await asyncio.sleep(1.5)  # three more sweeps
-        for keep in (held, adoptable, foreign, unrelated, elsewhere):
+        for keep in (held, adoptable, foreign, unrelated, renamed, elsewhere):
             assert keep in env.sim.volumes, env.sim.volumes[keep].name
         assert metric("oma_replication_orphans_swept_total") == swept_before + 2
         assert (await env.job(ready))["disks"][0]["volume_id"] == held

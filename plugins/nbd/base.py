@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -23,9 +24,9 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from shared.errors import BadRequest, NotFound, Unavailable
 
 from . import probe
-from .probe import ExportCheckError
+from .probe import ExportCheckError, describe_oserror, resource_error
 
-__all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError", "ProcessExporter",
+__all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError", "SpawnError", "ProcessExporter",
            "validate_export_name", "validate_device_path", "parse_version", "pid_alive"]
 
 log = logging.getLogger("oma.nbd")
@@ -39,6 +40,12 @@ class ExporterStartError(Unavailable):
     error = "NBD server failed to start"
 
 
+class SpawnError(ExporterStartError):
+    """The server process could not even be created: this process is out of file descriptors or
+    processes (EMFILE, ENFILE, EAGAIN), or exec failed. Says nothing about a running server."""
+    error = "NBD server cannot be spawned"
+
+
 @dataclass
 class ExporterConfig:
     port: int = 10809
@@ -46,6 +53,7 @@ class ExporterConfig:
     state_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR) / "exports")
     binary: str | None = None                   # default: the backend's command found on PATH
     watchdog_interval: float = 1.0              # seconds between liveness checks; 0 disables
+    watchdog_max_backoff: float = 30.0          # longest wait between failed restarts
     reload_debounce: float = 0.05               # changes within this window share one reload
     attach_pidfile: Path | None = None          # attach to a server already running with this pid file
     user: str | None = "root"                   # nbd-server only: must be able to open the devices
@@ -53,6 +61,10 @@ class ExporterConfig:
     base_config: Path | None = None             # nbd-server only: template, default ops/nbd/nbd-server.conf
     start_timeout: float = 10.0
     check_timeout: float = 10.0
+    tls: bool = False                           # nbdkit only: --tls=require with a pre-shared key
+    tls_username: str = "oma"
+    tls_psk_file: Path | None = None            # default STATE_DIR/nbd-tls.psk, generated when missing
+    tls_client_psk_file: str | None = None      # the VMA's copy, named in export URIs; default tls_psk_file
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -61,27 +73,32 @@ class ExporterConfig:
             self.attach_pidfile = Path(self.attach_pidfile)
         if self.base_config is not None:
             self.base_config = Path(self.base_config)
+        self.tls_psk_file = Path(self.tls_psk_file) if self.tls_psk_file else self.state_dir / "nbd-tls.psk"
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> "ExporterConfig":
-        """Read `nbd_port`, `nbd_listen_addr`, `data_dir` (state in DATA_DIR/exports) and the
-        optional `nbd_binary`, `nbd_user`, `nbd_group`, `nbd_watchdog_interval`,
-        `nbd_reload_debounce`, `nbd_attach_pidfile`, `nbd_base_config`; absent ones take defaults."""
-        def get(attr: str, default: Any) -> Any:
-            value = getattr(settings, attr, None)
-            return default if value is None else value
-        d = cls()
+        """The `nbd_*` block of shared.settings.Settings (state in DATA_DIR/exports)."""
+        if settings is None:
+            from shared.settings import Settings
+            settings = Settings()
         return cls(
-            port=int(get("nbd_port", d.port)),
-            host=str(get("nbd_listen_addr", d.host)),
-            state_dir=Path(get("data_dir", DEFAULT_DATA_DIR)) / "exports",
-            binary=get("nbd_binary", None),
-            watchdog_interval=float(get("nbd_watchdog_interval", d.watchdog_interval)),
-            reload_debounce=float(get("nbd_reload_debounce", d.reload_debounce)),
-            attach_pidfile=get("nbd_attach_pidfile", None),
-            user=get("nbd_user", d.user),
-            group=get("nbd_group", d.group),
-            base_config=get("nbd_base_config", None),
+            port=settings.nbd_port,
+            host=settings.nbd_listen_addr,
+            state_dir=Path(settings.data_dir) / "exports",
+            binary=settings.nbd_binary,
+            watchdog_interval=settings.nbd_watchdog_interval,
+            watchdog_max_backoff=settings.nbd_watchdog_max_backoff,
+            reload_debounce=settings.nbd_reload_debounce,
+            attach_pidfile=settings.nbd_attach_pidfile,
+            user=settings.nbd_user or None,
+            group=settings.nbd_group or None,
+            base_config=settings.nbd_base_config,
+            start_timeout=settings.nbd_start_timeout,
+            check_timeout=settings.nbd_check_timeout,
+            tls=settings.nbd_tls,
+            tls_username=settings.nbd_tls_username,
+            tls_psk_file=settings.nbd_tls_psk_file,
+            tls_client_psk_file=settings.nbd_tls_client_psk_file,
         )
 
 
@@ -101,7 +118,8 @@ class Exporter(Protocol):
     async def remove_export(self, name: str) -> bool: ...
     def list_exports(self) -> dict[str, str]: ...
     async def check_export(self, name: str) -> int: ...
-    def uri(self, name: str) -> str: ...
+    def uri(self, name: str, *, client: bool = False) -> str: ...
+    async def serving_error(self, handshake: bool = True) -> str | None: ...
     def state(self) -> dict[str, Any]: ...
 
 
@@ -134,9 +152,17 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 def pid_alive(pid: int | None, command: str | None = None) -> bool:
     """True if `pid` runs and is not a zombie (killed daemons are reparented to a PID 1 that may
-    never reap them); with `command`, argv[0] must also end with that name (pid reuse)."""
+    never reap them); with `command`, argv[0] must also end with that name (pid reuse).
+    Raises OSError when it cannot tell (EMFILE: no descriptor left to read /proc), never
+    answering "gone" for "cannot look"."""
     if not pid:
         return False
+    try:
+        os.kill(pid, 0)                         # needs no descriptor
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                                    # exists; another user's (pid reuse): argv tells
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
@@ -145,7 +171,11 @@ def pid_alive(pid: int | None, command: str | None = None) -> bool:
             argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
             return os.path.basename(argv0) == os.path.basename(command)
         return True
-    except (OSError, IndexError):
+    except OSError as exc:
+        if resource_error(exc):
+            raise
+        return False
+    except IndexError:
         return False
 
 
@@ -189,7 +219,11 @@ class ProcessExporter:
         self.host = self.config.host
         self.reloads = 0
         self.restarts = 0
+        self.watchdog_failures = 0              # failed watchdog rounds (cannot spawn / check / restart)
+        self.last_error: str | None = None      # why the watchdog could not bring the server back
         self.last_reload_seconds = 0.0
+        self._unanswered = 0                    # handshakes in a row the live server did not answer
+        self._reported_gone = False             # "is gone" logged once per death, not once per retry
         self.pid: int | None = None
         self.attached = False
         self.version: tuple[int, ...] = ()
@@ -239,8 +273,14 @@ class ProcessExporter:
         """Where clients on this machine connect (a wildcard listen address means loopback)."""
         return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
 
-    def uri(self, name: str = "") -> str:
-        return probe.nbd_uri(self.connect_host, self.port, name)
+    def uri(self, name: str = "", *, client: bool = False) -> str:
+        """Where a libnbd client connects to export `name`. With TLS: an nbds:// URI naming the PSK
+        identity and file; `client=True` names the VMA's copy of the file (tls_client_psk_file)."""
+        cfg = self.config
+        if not cfg.tls:
+            return probe.nbd_uri(self.connect_host, self.port, name)
+        psk = (cfg.tls_client_psk_file or cfg.tls_psk_file) if client else cfg.tls_psk_file
+        return probe.nbd_uri(self.connect_host, self.port, name, tls_username=cfg.tls_username, psk_file=psk)
 
     def running(self) -> bool:
         return pid_alive(self.pid, self.binary if self._binary else self.command)
@@ -265,10 +305,46 @@ class ProcessExporter:
             else:
                 await self._spawn()
         self._started = True
+        self.last_error = None
+        self._warn_if_exposed()
         if self.config.watchdog_interval > 0:
             self._watchdog = asyncio.create_task(self._watch(), name=f"nbd-watchdog-{self.backend}-{self.port}")
         log.info("%s serving on %s:%s (pid %s, version %s%s)", self.backend, self.host, self.port, self.pid,
                  self.version_string, ", attached" if self.attached else "")
+
+    def _warn_if_exposed(self) -> None:
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:                      # a host name: cannot tell, say it
+            loopback = False
+        if not loopback and not self.config.tls:
+            log.warning("%s listens on %s without TLS: whoever reaches port %s can list, read and write "
+                        "every export; listen on loopback (the VMA's tunnel) or set OMA_NBD_TLS=true",
+                        self.backend, self.host, self.port)
+
+    async def serving_error(self, handshake: bool = True) -> str | None:
+        """None when our server runs and (with `handshake`) answers the NBD handshake on its port;
+        otherwise why not (for health and the export_manager's ready check). A process that squats
+        the port is not ours. While a reload or restart replaces the server (lock held), it counts
+        as serving: a failure of that operation is reported by the operation and `last_error`."""
+        if self.last_error is not None:
+            return self.last_error
+        if not self._started:
+            return f"{self.backend} is not started"
+        if self._lock.locked():
+            return None
+        try:
+            if not self.running():
+                return f"{self.backend} (pid {self.pid}) is not running"
+            if handshake:
+                generation = (self.pid, self.reloads, self.restarts)
+                if not await probe.handshake(self.connect_host, self.port, timeout=1.0):
+                    if self._lock.locked() or generation != (self.pid, self.reloads, self.restarts):
+                        return None     # replaced by a reload while we knocked
+                    return f"no NBD server answers on {self.host}:{self.port}"
+        except OSError as exc:
+            return f"cannot check {self.backend}: {describe_oserror(exc)}"
+        return None
 
     async def stop(self, keep_running: bool = False) -> None:
         """Stop supervising; unless keep_running, terminate the server (SIGTERM, then SIGKILL)."""
@@ -317,7 +393,11 @@ class ProcessExporter:
     def _read_pidfile(self) -> int | None:
         try:
             return int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
+        except OSError as exc:
+            if resource_error(exc):
+                raise
+            return None
+        except ValueError:
             return None
 
     async def _try_attach(self) -> bool:
@@ -330,7 +410,14 @@ class ProcessExporter:
         return False
 
     async def _spawn(self) -> None:
-        """Start the server and wait until it answers on its port. Caller holds self._lock."""
+        """Start the server and wait until it answers on its port. Caller holds self._lock.
+        An OSError on our side (out of descriptors or processes) is a SpawnError."""
+        try:
+            await self._spawn_server()
+        except OSError as exc:
+            raise SpawnError(details=f"cannot spawn {self.backend}: {describe_oserror(exc)}") from exc
+
+    async def _spawn_server(self) -> None:
         self.attached = False
         if port_in_use(self.host, self.port):
             raise ExporterStartError(details=f"port {self.host}:{self.port} is already in use; "
@@ -383,11 +470,13 @@ class ProcessExporter:
 
     # ----- supervision
     async def _watch(self) -> None:
-        """Restart the server when its pid dies, or when it stops answering the handshake."""
+        """Restart the server when its process is gone or stops answering. A round that fails is
+        logged with its kind (cannot spawn / cannot check / restart failed) and the next one waits
+        twice as long, up to watchdog_max_backoff: no tight restart loop while the cause lasts."""
         interval = self.config.watchdog_interval
-        tick = failures = 0
+        delay, tick = interval, 0
         while self._started:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             tick += 1
             if self._lock.locked():
                 continue                        # a reload is replacing the server right now
@@ -395,24 +484,47 @@ class ProcessExporter:
                 async with self._lock:
                     if not self._started:
                         return
-                    alive = self.running()
-                    if alive and tick % 5 == 0:
-                        failures = 0 if await probe.handshake(self.connect_host, self.port) else failures + 1
-                        if failures >= 3:
-                            log.error("%s pid %s stopped answering on port %s; killing it",
-                                      self.backend, self.pid, self.port)
-                            await self._terminate(signal.SIGKILL)
-                            alive = False
-                    if not alive:
-                        log.warning("%s (pid %s) is not running; restarting", self.backend, self.pid)
-                        failures = 0
-                        await self._spawn()
-                        self.restarts += 1
-                        log.warning("%s restarted (pid %s)", self.backend, self.pid)
+                    await self._check(tick)
+                delay = interval
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("%s watchdog: restart failed; retrying in %ss", self.backend, interval)
+            except Exception as exc:  # noqa: BLE001 - the watchdog must outlive any failure
+                delay = min(delay * 2, max(self.config.watchdog_max_backoff, interval))
+                self.watchdog_failures += 1
+                if isinstance(exc, SpawnError):
+                    kind, reason = "cannot spawn", str(exc.details)
+                elif isinstance(exc, ExporterStartError):
+                    kind, reason = "restart failed", str(exc.details or exc.error)
+                elif isinstance(exc, OSError):
+                    kind, reason = "cannot check the server", describe_oserror(exc)
+                else:
+                    kind, reason = "watchdog error", repr(exc)
+                self.last_error = f"{kind}: {reason}"
+                log.error("%s watchdog: %s: %s; next try in %.1fs", self.backend, kind, reason, delay)
+
+    async def _check(self, tick: int) -> None:
+        """One watchdog round (lock held): restart a server whose process is gone or that stopped
+        answering. Raises what prevented the check or the restart."""
+        alive = self.running()
+        if alive and tick % 5 == 0:
+            self._unanswered = 0 if await probe.handshake(self.connect_host, self.port) else self._unanswered + 1
+            if self._unanswered >= 3:
+                log.error("%s pid %s stopped answering on port %s; killing it", self.backend, self.pid, self.port)
+                await self._terminate(signal.SIGKILL)
+                alive = False
+        if alive:
+            if self.last_error is not None:
+                log.warning("%s serving again (pid %s)", self.backend, self.pid)
+                self.last_error = None
+            return
+        if not self._reported_gone:
+            log.warning("%s (pid %s) is gone; restarting it", self.backend, self.pid)
+            self._reported_gone = True
+        self._unanswered = 0
+        await self._spawn()
+        self.restarts += 1
+        self.last_error, self._reported_gone = None, False
+        log.warning("%s restarted (pid %s)", self.backend, self.pid)
 
     # ----- reload coalescing
     async def _apply(self, name: str, kind: str) -> None:
@@ -471,7 +583,7 @@ class ProcessExporter:
     async def check_export(self, name: str) -> int:
         """Size in bytes of export `name`, proven by a real NBD_OPT_GO; ExportCheckError otherwise."""
         validate_export_name(name)
-        return await probe.export_size(self.connect_host, self.port, name, timeout=self.config.check_timeout)
+        return await probe.export_size(self.uri(name), timeout=self.config.check_timeout)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -484,6 +596,9 @@ class ProcessExporter:
             "version": self.version_string,
             "reloads": self.reloads,
             "restarts": self.restarts,
+            "watchdog_failures": self.watchdog_failures,
+            "last_error": self.last_error,
+            "tls": self.config.tls,
             "last_reload_seconds": self.last_reload_seconds,
             "exports": len(self.list_exports()),
             "state_dir": str(self.dir),

@@ -77,6 +77,9 @@ class NbdServerExporter(ProcessExporter):
 
     def __init__(self, config=None):
         super().__init__(config)
+        if self.config.tls:
+            raise ExporterStartError(details="OMA_NBD_TLS (TLS with a pre-shared key) is supported by the "
+                                     "nbdkit backend only; set OMA_EXPORT_BACKEND=nbdkit or OMA_NBD_TLS=false")
         self.conf = self.dir / "nbd-server.conf"
         self.confd = self.dir / "conf.d"
         self.placeholder = self.dir / "placeholder.img"

@@ -12,10 +12,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
+from urllib.parse import quote
 
 from shared.errors import BadGateway
 
@@ -31,14 +34,35 @@ REP_SERVER = 2
 REP_FLAG_ERROR = 1 << 31
 
 
+# OSError numbers that mean "this process may not open another descriptor / process right now",
+# not "the peer is gone": callers must not read them as a dead or silent server.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS})
+
+
+def resource_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
+
+def describe_oserror(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc} ({code})" if code else str(exc)
+
+
 class ExportCheckError(BadGateway):
     """An export could not be opened through a real NBD connection (nbdinfo's error in details)."""
     error = "NBD export check failed"
 
 
-def nbd_uri(host: str, port: int, name: str = "") -> str:
+def nbd_uri(host: str, port: int, name: str = "", *, tls_username: str | None = None,
+            psk_file: str | os.PathLike | None = None) -> str:
+    """An NBD URI (NetworkBlockDevice/nbd doc/uri.md) that libnbd's nbd_connect_uri understands.
+    With a PSK file: `nbds://USER@HOST:PORT/NAME?tls-psk-file=FILE` (TLS required; the PSK identity
+    in the userinfo, as the spec says; libnbd 1.14 ignores a `tls-username` query parameter)."""
     h = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"nbd://{h}:{port}/{name}"
+    if psk_file is None:
+        return f"nbd://{h}:{port}/{quote(name)}"
+    user = f"{quote(tls_username, safe='')}@" if tls_username else ""
+    return f"nbds://{user}{h}:{port}/{quote(name)}?tls-psk-file={quote(os.fspath(psk_file))}"
 
 
 def require_tool(tool: str) -> str:
@@ -62,14 +86,13 @@ async def _run(argv: list[str], timeout: float | None, stdin: int | None = None)
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-async def export_size(host: str, port: int, name: str, timeout: float = 10.0) -> int:
-    """Size in bytes of export `name`, through a real NBD_OPT_GO (`nbdinfo --size`).
+async def export_size(uri: str, timeout: float = 10.0) -> int:
+    """Size in bytes of the export at `uri`, through a real NBD_OPT_GO (`nbdinfo --size`).
 
     Raises ExportCheckError carrying nbdinfo's message: "server has no export named ..."
     (unknown export), "server policy prevents NBD_OPT_GO" (nbd-server: device does not open),
     "Connection refused" (server down).
     """
-    uri = nbd_uri(host, port, name)
     try:
         rc, out, err = await _run([require_tool("nbdinfo"), "--size", uri], timeout)
     except asyncio.TimeoutError:
@@ -82,9 +105,8 @@ async def export_size(host: str, port: int, name: str, timeout: float = 10.0) ->
         raise ExportCheckError(details=f"{uri}: unexpected nbdinfo output {out!r}") from None
 
 
-async def export_info(host: str, port: int, name: str, timeout: float = 10.0) -> dict:
+async def export_info(uri: str, timeout: float = 10.0) -> dict:
     """`nbdinfo --json` of one export (size, can_flush, can_fua, ...); ExportCheckError on failure."""
-    uri = nbd_uri(host, port, name)
     rc, out, err = await _run([require_tool("nbdinfo"), "--json", uri], timeout)
     if rc != 0:
         raise ExportCheckError(details=f"{uri}: {err.strip()}")
@@ -113,7 +135,8 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 async def handshake(host: str, port: int, timeout: float = 2.0) -> bool:
-    """True when an NBD server greets us on host:port (then NBD_OPT_ABORT). Never raises."""
+    """True when an NBD server greets us on host:port (then NBD_OPT_ABORT). Raises only a
+    resource OSError (EMFILE, ...): running out of descriptors says nothing about the server."""
     async def go() -> None:
         reader, writer = await asyncio.open_connection(host, port)
         try:
@@ -124,7 +147,9 @@ async def handshake(host: str, port: int, timeout: float = 2.0) -> bool:
     try:
         await asyncio.wait_for(go(), timeout)
         return True
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        if resource_error(exc):
+            raise
         return False
 
 

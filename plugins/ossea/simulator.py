@@ -3,8 +3,11 @@
 It verifies signatures exactly, keeps CloudStack's envelope and error rules, runs async jobs
 with a controllable lifetime, models volumes (states, deviceids skipping 3, the data-disk cap,
 custom-size offerings, account limits) and offers fault injection, in the spirit of
-CloudStack's own `configureSimulator`. With `device_dir`, an attached volume also appears as a
-`virtio-<serial>` symlink to a sparse file, standing in for /dev/disk/by-id.
+CloudStack's own `configureSimulator`. Like CloudStack, it runs the work of each VM (attach,
+detach) one job at a time, VMs in parallel, and reproduces what that allows: a straggler detach
+that clears a newer attach elsewhere (apache/cloudstack #14214), recorded as a hazard. With
+`device_dir`, a volume attached to the OMA VM also appears as a `virtio-<serial>` symlink to a
+sparse file, standing in for /dev/disk/by-id.
 
     python -m plugins.ossea.simulator --port 8080 --api-key K --secret-key S   # prints its URL
 """
@@ -14,8 +17,10 @@ import argparse
 import asyncio
 import ipaddress
 import signal
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +45,7 @@ MAX_CUSTOM_GB = 1024  # custom.diskoffering.size.max
 CDROM_DEVICE_ID = 3
 AUTH_ERROR = "unable to verify user credentials and/or request signature"
 NOT_ATTACHED_TEXT = "Please specify a volume that is not attached to any VM."
+STRAGGLER_DETACH = "straggler_detach"  # the hazard kind of apache/cloudstack #14214
 JOB_CMD_PACKAGE = "org.apache.cloudstack.api.command.user.volume"
 ASYNC_COMMANDS = frozenset({"createVolume", "attachVolume", "detachVolume"})
 # CSExceptionErrorCode of the Java exception that usually carries each API errorcode.
@@ -101,11 +107,16 @@ class Job:
     command: str
     instance_id: str
     work: Callable[[], dict[str, Any]]  # runs when the job completes; returns jobresult or raises
+    vm_id: str | None = None  # the VM whose work queue runs it; None: runs at once
     created: datetime = field(default_factory=_now)
     status: int = 0
     resultcode: int = 0
     result: dict[str, Any] | None = None
     completed: datetime | None = None
+    # monotonic seconds: submitted, its turn on the VM's queue came, done (the job log)
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -119,13 +130,57 @@ class Job:
                         completed=format_date(self.completed or self.created))
         return body
 
+    def log_entry(self) -> dict[str, Any]:
+        """The simulator-only view of the job's life, for ordering and overlap checks."""
+        return {"jobid": self.id, "command": self.command, "instance_id": self.instance_id,
+                "vm_id": self.vm_id, "jobstatus": self.status, "submitted": self.submitted_at,
+                "started": self.started_at, "finished": self.finished_at}
+
 
 @dataclass
 class _Submit:
-    """What an async command hands back: the job's work and extra response fields (createVolume's id)."""
+    """What an async command hands back: the job's work, the VM whose work queue runs it (None:
+    no VM, or refused before queueing) and extra response fields (createVolume's id)."""
     instance_id: str
     work: Callable[[], dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    vm_id: str | None = None
+
+
+class VmWorkQueues:
+    """CloudStack's VM work job queue: the jobs of one VM run one at a time, in submission order,
+    each holding the VM for its whole duration; jobs of different VMs run in parallel
+    (VmWorkJobDispatcher; "serialized per VM, not per volume", apache/cloudstack #14214)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @asynccontextmanager
+    async def turn(self, vm_id: str | None) -> AsyncIterator[None]:
+        if vm_id is None:
+            yield
+            return
+        async with self._locks.setdefault(vm_id, asyncio.Lock()):  # asyncio.Lock is FIFO
+            yield
+
+
+def data_disk_limit_text(limit: int) -> str:
+    """VolumeApiServiceImpl.checkNumberOfAttachedVolumes (hypervisor_capabilities.max_data_volumes_limit)."""
+    return (f"The specified VM already has the maximum number of data disks ({limit}) attached. "
+            "Please specify another VM.")
+
+
+def pci_slots_text(volume_name: str, vm_name: str) -> str:
+    """A KVM hot-plug the guest's PCI bus has no slot for: libvirt's error, as the attach job reports it."""
+    return (f"Failed to attach volume {volume_name} to VM {vm_name}; org.libvirt.LibvirtException: "
+            "internal error: No more available PCI slots")
+
+
+def _vm_row(vm_id: str, name: str, zone_name: str) -> dict[str, Any]:
+    return {"id": vm_id, "name": name, "displayname": name, "state": "Running",
+            "zoneid": DEFAULT_ZONE_ID, "zonename": zone_name, "hypervisor": "KVM",
+            "account": "admin", "domainid": DOMAIN_ID, "domain": "ROOT",
+            "cpunumber": 4, "memory": 8192, "serviceofferingname": "Large Instance"}
 
 
 class _Args:
@@ -178,25 +233,26 @@ class CloudStackSimulator:
                  zone_name: str = DEFAULT_ZONE_NAME, oma_vm_id: str = DEFAULT_VM_ID,
                  oma_vm_name: str = "oma-appliance", device_dir: str | Path | None = None,
                  job_latency: float = 0.3, job_expiry: float = 86400.0, max_data_disks: int = 32,
+                 pci_slots: int | None = None, pre_attached: int = 0,
                  max_volumes: int = 20, max_primary_gb: int = 200, root_disk_gb: int = 8):
         self.api_key = api_key
         self._secret = secret_key
         self.device_dir = Path(device_dir) if device_dir else None
         self.job_latency = job_latency
         self.job_expiry = job_expiry
-        self.max_data_disks = max_data_disks
+        self.max_data_disks = max_data_disks  # per VM, checked before the job queues (431)
+        self.pci_slots = pci_slots  # data disks a VM's PCI bus can take, checked by the hypervisor (530)
         self.max_volumes = max_volumes
         self.max_primary_gb = max_primary_gb
+        self.oma_vm_id = oma_vm_id
         self.calls: list[dict[str, Any]] = []
+        self.hazards: list[dict[str, Any]] = []  # inconsistent states CloudStack would be left in
+        self.orphans: dict[str, set[str]] = {}  # vm id -> volumes still in its libvirt domain, not in the DB
         self.zones = {DEFAULT_ZONE_ID: {
             "id": DEFAULT_ZONE_ID, "name": zone_name, "networktype": "Advanced",
             "allocationstate": "Enabled", "securitygroupsenabled": False,
             "localstorageenabled": False, "dhcpprovider": "VirtualRouter", "tags": []}}
-        self.vms = {oma_vm_id: {
-            "id": oma_vm_id, "name": oma_vm_name, "displayname": oma_vm_name, "state": "Running",
-            "zoneid": DEFAULT_ZONE_ID, "zonename": zone_name, "hypervisor": "KVM",
-            "account": "admin", "domainid": DOMAIN_ID, "domain": "ROOT",
-            "cpunumber": 4, "memory": 8192, "serviceofferingname": "Large Instance"}}
+        self.vms = {oma_vm_id: _vm_row(oma_vm_id, oma_vm_name, zone_name)}
         self.offerings = {o["id"]: o for o in (
             {"id": FIXED_OFFERING_ID, "name": "Medium", "displaytext": "Medium Disk, 20 GB",
              "disksize": 20, "iscustomized": False, "storagetype": "shared",
@@ -212,7 +268,9 @@ class CloudStackSimulator:
         self._latency: dict[str, float] = {}
         self._job_latency: dict[str, float] = {}
         self._hangs: dict[str, asyncio.Event] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}  # pending jobs, by job id
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # pending jobs, by job id
+        self._queues = VmWorkQueues()
+        self._running: Job | None = None  # the job whose work is running (work is synchronous)
         self._handlers: dict[str, Callable[[_Args], dict[str, Any] | _Submit]] = {
             "listZones": self._list_zones, "listVirtualMachines": self._list_virtual_machines,
             "listDiskOfferings": self._list_disk_offerings, "listVolumes": self._list_volumes,
@@ -222,6 +280,7 @@ class CloudStackSimulator:
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
         self.port = 0
+        self.pre_attach(pre_attached)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -233,6 +292,10 @@ class CloudStackSimulator:
         app.router.add_delete("/sim/calls", self._ctl_clear_calls)
         app.router.add_get("/sim/volumes", self._ctl_volumes)
         app.router.add_get("/sim/jobs", self._ctl_jobs)
+        app.router.add_get("/sim/job-log", self._ctl_job_log)
+        app.router.add_get("/sim/hazards", self._ctl_hazards)
+        app.router.add_post("/sim/vms", self._ctl_add_vm)
+        app.router.add_post("/sim/pre-attach", self._ctl_pre_attach)
         app.router.add_post("/sim/fail", self._ctl_fail)
         app.router.add_post("/sim/latency", self._ctl_latency)
         app.router.add_post("/sim/job-latency", self._ctl_job_latency)
@@ -250,9 +313,9 @@ class CloudStackSimulator:
 
     async def stop(self) -> None:
         self.release()  # let hung requests answer so the server can shut down
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -312,6 +375,41 @@ class CloudStackSimulator:
         self._latency.clear()
         self._job_latency.clear()
 
+    # -- set-up and records (simulator-only; the /sim/ endpoints call these) ----------------------
+
+    def add_vm(self, name: str, vm_id: str | None = None) -> str:
+        """Another running KVM VM in the zone (a failover target, a second appliance)."""
+        vm_id = vm_id or _uuid()
+        self.vms[vm_id] = _vm_row(vm_id, name, self.zones[DEFAULT_ZONE_ID]["name"])
+        return vm_id
+
+    def pre_attach(self, count: int, vm_id: str | None = None, size_gb: int = 1) -> list[Volume]:
+        """Attach `count` new Ready data volumes to a VM (the OMA's by default) at once, without a
+        job, as if they were there before: they count against every limit like any volume."""
+        vm_id = vm_id or self.oma_vm_id
+        if vm_id not in self.vms:
+            raise ValueError(f"no VM {vm_id}")
+        if self._data_disks(vm_id) + count > self.max_data_disks:
+            raise ValueError(f"{count} more data disks exceed the limit of {self.max_data_disks}")
+        added = []
+        for _ in range(count):
+            volume = Volume(_uuid(), f"pre-attached-{len(self.volumes)}", size_gb * GIB,
+                            self.offerings[CUSTOM_OFFERING_ID], state="Ready", vm_id=vm_id,
+                            attached=_now())
+            volume.device_id = self._device_id(vm_id, None)
+            self.volumes[volume.id] = volume
+            self._plug(volume)
+            added.append(volume)
+        return added
+
+    def job_log(self) -> list[dict[str, Any]]:
+        """Every job still known, in submission order, with monotonic submit/start/finish times."""
+        return [job.log_entry() for job in self.jobs.values()]
+
+    def _record_hazard(self, kind: str, **detail: Any) -> None:
+        job = self._running.id if self._running else None
+        self.hazards.append({"kind": kind, "jobid": job, "at": format_date(_now()), **detail})
+
     # -- devices --------------------------------------------------------------------------------
 
     def backing_path(self, volume_id: str) -> Path:
@@ -327,7 +425,7 @@ class CloudStackSimulator:
         return self.device_dir
 
     def _plug(self, volume: Volume) -> None:
-        if self.device_dir is None:
+        if self.device_dir is None or volume.vm_id != self.oma_vm_id:  # device_dir is the OMA's /dev
             return
         backing = self.backing_path(volume.id)
         backing.parent.mkdir(parents=True, exist_ok=True)
@@ -388,12 +486,22 @@ class CloudStackSimulator:
         result = handler(args)
         if not isinstance(result, _Submit):
             return result
-        work = result.work if fault is None else _failing(fault)
-        job = Job(_uuid(), command, result.instance_id, work)
+        work = result.work if fault is None else _raising(ApiError(fault.errorcode, fault.errortext))
+        job = Job(_uuid(), command, result.instance_id, work, vm_id=result.vm_id)
         self.jobs[job.id] = job
         latency = self._job_latency.get(command, self.job_latency)
-        self._timers[job.id] = asyncio.get_running_loop().call_later(latency, self._run_job, job)
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._execute(job, latency))
         return {**result.extra, "jobid": job.id}
+
+    async def _execute(self, job: Job, latency: float) -> None:
+        """Wait for the job's turn on its VM's queue, hold the VM for the job's latency, then run it."""
+        try:
+            async with self._queues.turn(job.vm_id):
+                job.started_at = time.monotonic()
+                await asyncio.sleep(latency)
+                self._run_job(job)
+        finally:
+            self._tasks.pop(job.id, None)
 
     def _take_fault(self, command: str) -> Fault | None:
         queue = self._faults.get(command)
@@ -406,7 +514,7 @@ class CloudStackSimulator:
         return fault
 
     def _run_job(self, job: Job) -> None:
-        self._timers.pop(job.id, None)
+        self._running = job
         try:
             job.result, job.status = job.work(), 1
         except ApiError as error:
@@ -414,7 +522,9 @@ class CloudStackSimulator:
         except Exception as exc:  # a simulator bug or a broken device_dir: fail the job, as CloudStack would
             error = ApiError(530, f"Internal error executing command: {exc}")
             job.result, job.status, job.resultcode = error.body(), 2, 530
-        job.completed = _now()
+        finally:
+            self._running = None
+        job.completed, job.finished_at = _now(), time.monotonic()
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -492,31 +602,53 @@ class CloudStackSimulator:
         return (f"Maximum number of resources of type '{resource}' for account name: admin "
                 "in domain id=1 has been exceeded.")
 
+    # attach and detach run as CloudStack does: the API job checks the request at once (and fails
+    # without queueing), then the VM work job runs on the VM's queue and re-reads the volume.
+
     def _attach_volume(self, args: _Args) -> _Submit:
         volume: Volume = args.entity(self.volumes, "id")
         vm = args.entity(self.vms, "virtualmachineid")
         wanted = args.integer("deviceid")
+        refusal = self._attach_refusal(volume, vm["id"], wanted)
+        if refusal is not None:
+            return _Submit(volume.id, _raising(refusal))
 
         def work() -> dict[str, Any]:
             current = self._existing(volume.id)
-            if current.vm_id is not None:
-                raise ApiError(431, NOT_ATTACHED_TEXT)
-            if current.state not in ("Allocated", "Ready"):
-                raise ApiError(431, "Volume state must be in Allocated, Ready or in Uploaded state")
-            current.device_id = self._device_id(vm["id"], wanted)
-            current.vm_id, current.state, current.attached = vm["id"], "Ready", _now()
+            if current.vm_id is not None:  # orchestrateAttachVolumeToVM: attached meanwhile
+                raise ApiError(530, "This volume is already attached to a VM.")
+            current.state = "Ready"  # created on primary storage before the hypervisor is asked
+            device_id = self._device_id(vm["id"], wanted)
+            if self.pci_slots is not None and self._domain_disks(vm["id"]) >= self.pci_slots:
+                raise ApiError(530, pci_slots_text(current.name, vm["name"]))
+            current.vm_id, current.device_id, current.attached = vm["id"], device_id, _now()
             self._plug(current)
             return {"volume": self.volume_json(current)}
-        return _Submit(volume.id, work)
+        return _Submit(volume.id, work, vm_id=vm["id"])
+
+    def _attach_refusal(self, volume: Volume, vm_id: str, wanted: int | None) -> ApiError | None:
+        """VolumeApiServiceImpl.attachVolumeToVM's checks, made before the job joins the VM's queue:
+        concurrent attaches all pass the count check, the surplus then runs out of device ids."""
+        if volume.vm_id is not None:
+            return ApiError(431, NOT_ATTACHED_TEXT)
+        if volume.state not in ("Allocated", "Ready"):
+            return ApiError(431, "Volume state must be in Allocated, Ready or in Uploaded state")
+        if wanted != 0 and self._data_disks(vm_id) >= self.max_data_disks:
+            return ApiError(431, data_disk_limit_text(self.max_data_disks))
+        return None
+
+    def _data_disks(self, vm_id: str) -> int:
+        """The VM's data disks as the database has them (what the count limit checks)."""
+        return sum(v.vm_id == vm_id and v.type == "DATADISK" for v in self.volumes.values())
+
+    def _domain_disks(self, vm_id: str) -> int:
+        """The data disks in the VM's libvirt domain: the database's plus any orphaned there."""
+        return self._data_disks(vm_id) + len(self.orphans.get(vm_id, ()))
 
     def _device_id(self, vm_id: str, wanted: int | None) -> int:
         """VolumeApiServiceImpl.getDeviceId: lowest free of 1, 2, 4, 5, ... (3 is the CD-ROM)."""
-        attached = [v for v in self.volumes.values() if v.vm_id == vm_id]
-        if sum(v.type == "DATADISK" for v in attached) >= self.max_data_disks:
-            raise ApiError(431, f"The specified VM already has the maximum number of data disks "
-                                f"({self.max_data_disks}). Please specify another VM.")
         max_device_id = self.max_data_disks + 1  # + root and cdrom, counted from 0
-        used = {v.device_id for v in attached}
+        used = {v.device_id for v in self.volumes.values() if v.vm_id == vm_id}
         if wanted is not None:
             if not 0 < wanted <= max_device_id:
                 raise ApiError(431, f"deviceId should be 1 ~ {max_device_id}")
@@ -525,27 +657,52 @@ class CloudStackSimulator:
             if wanted in used:
                 raise ApiError(431, f"deviceId {wanted} is used by vm {vm_id}")
             return wanted
-        return next(i for i in range(1, max_device_id + 1) if i != CDROM_DEVICE_ID and i not in used)
+        free = [i for i in range(1, max_device_id + 1) if i != CDROM_DEVICE_ID and i not in used]
+        if not free:
+            raise ApiError(530, f"All device Ids are used by vm {vm_id}")
+        return free[0]
 
     def _detach_volume(self, args: _Args) -> _Submit:
         volume: Volume = args.entity(self.volumes, "id")
+        if volume.type == "ROOT":
+            return _Submit(volume.id, _raising(ApiError(431, "Please specify a data volume.")))
+        if volume.vm_id is None:
+            error = ApiError(431, "The specified volume is not attached to a VM.")
+            return _Submit(volume.id, _raising(error))
+        vm_id, asked = volume.vm_id, _now()  # the job detaches from this VM, whenever its turn comes
 
         def work() -> dict[str, Any]:
             current = self._existing(volume.id)
-            if current.type == "ROOT":
-                raise ApiError(431, "Please specify a data volume.")
-            if current.vm_id is None:
-                raise ApiError(431, "The specified volume is not attached to a VM.")
-            current.vm_id = current.device_id = current.attached = None
-            self._unplug(current)
+            if current.attached is not None and current.attached > asked:  # attached after we were asked
+                self._straggler(current, vm_id)
+            if current.vm_id == vm_id:
+                self._unplug(current)  # elsewhere, the disk stays plugged where it is
+            current.vm_id = current.device_id = current.attached = None  # VolumeDao.detachVolume
             return {"volume": self.volume_json(current)}
-        return _Submit(volume.id, work)
+        return _Submit(volume.id, work, vm_id=vm_id)
+
+    def _straggler(self, volume: Volume, detached_from: str) -> None:
+        """apache/cloudstack #14214: a detach queued on VM A runs after the volume was detached and
+        attached to VM B. CloudStack sends the detach to A (nothing to do there) and clears the
+        volume's attachment in its database: B's attach is forgotten while B's libvirt domain
+        still holds the disk (an orphan). The job succeeds; the simulator does the same, and
+        records the hazard. (On A itself the FIFO queue runs a newer attach after the detach.)"""
+        attached_to = volume.vm_id
+        assert attached_to is not None
+        if attached_to != detached_from:
+            self.orphans.setdefault(attached_to, set()).add(volume.id)
+        self._record_hazard(STRAGGLER_DETACH, volume_id=volume.id, detached_from=detached_from,
+                            attached_to=attached_to, device_id=volume.device_id,
+                            detail=f"a detach queued on VM {detached_from} before the volume was "
+                                   f"attached to VM {attached_to} cleared that attachment")
 
     def _delete_volume(self, args: _Args) -> dict[str, Any]:
         volume: Volume = args.entity(self.volumes, "id")
         if volume.vm_id is not None:
             raise ApiError(431, NOT_ATTACHED_TEXT)
         del self.volumes[volume.id]
+        for orphaned in self.orphans.values():
+            orphaned.discard(volume.id)
         self._unplug(volume, destroy=True)
         return {"success": True}
 
@@ -604,6 +761,24 @@ class CloudStackSimulator:
     async def _ctl_jobs(self, request: web.Request) -> web.Response:
         return web.json_response([j.to_json() for j in self.jobs.values()])
 
+    async def _ctl_job_log(self, request: web.Request) -> web.Response:
+        return web.json_response(self.job_log())
+
+    async def _ctl_hazards(self, request: web.Request) -> web.Response:
+        return web.json_response(self.hazards)
+
+    async def _ctl_add_vm(self, request: web.Request) -> web.Response:
+        spec = await _json_body(request, "name")
+        return web.json_response({"id": self.add_vm(str(spec["name"]), spec.get("id"))})
+
+    async def _ctl_pre_attach(self, request: web.Request) -> web.Response:
+        spec = await _json_body(request, "count")
+        try:
+            added = self.pre_attach(int(spec["count"]), spec.get("vm_id"))
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        return web.json_response([self.volume_json(v) for v in added])
+
     async def _ctl_fail(self, request: web.Request) -> web.Response:
         spec = await _json_body(request, "command")
         self.fail(spec["command"], int(spec.get("count", 1)), int(spec.get("errorcode", 530)),
@@ -635,9 +810,10 @@ class CloudStackSimulator:
         return web.json_response({"ok": True})
 
 
-def _failing(fault: Fault) -> Callable[[], dict[str, Any]]:
+def _raising(error: ApiError) -> Callable[[], dict[str, Any]]:
+    """The work of a job that fails with `error` (an injected fault, a refused request)."""
     def work() -> dict[str, Any]:
-        raise ApiError(fault.errorcode, fault.errortext)
+        raise error
     return work
 
 
@@ -668,19 +844,38 @@ async def _loopback_only_control(request: web.Request, handler: Callable[..., An
 
 # -- command line -------------------------------------------------------------------------------
 
+_EPILOG = """\
+Attach and detach jobs run on their VM's work queue, one at a time per VM (each holds the VM for
+--job-latency seconds), VMs in parallel, as CloudStack does. Simulator-only endpoints (unsigned,
+loopback only): GET /sim/calls, /sim/volumes, /sim/jobs, /sim/job-log (submit/start/finish times),
+/sim/hazards (e.g. a straggler detach that cleared a newer attach); POST /sim/vms {"name"},
+/sim/pre-attach {"count", "vm_id"?}, /sim/fail, /sim/latency, /sim/job-latency, /sim/hang,
+/sim/release, /sim/reset. See docs/cloudstack-simulator.md."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oma-cloudstack-sim", description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p = argparse.ArgumentParser(prog="oma-cloudstack-sim", description=__doc__.split("\n\n")[0],
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port (default: %(default)s)")
     p.add_argument("--api-key", default="sim-api-key")
     p.add_argument("--secret-key", default="sim-secret-key")
     p.add_argument("--zone-name", default=DEFAULT_ZONE_NAME)
-    p.add_argument("--oma-vm-id", default=DEFAULT_VM_ID)
+    p.add_argument("--oma-vm-id", default=DEFAULT_VM_ID, help="the appliance VM volumes attach to")
     p.add_argument("--device-dir", help="create virtio-<serial> symlinks to sparse files here on attach")
-    p.add_argument("--job-latency", type=float, default=0.3, help="seconds a job stays pending")
-    p.add_argument("--max-data-disks", type=int, default=32)
-    p.add_argument("--max-volumes", type=int, default=20)
-    p.add_argument("--max-primary-gb", type=int, default=200)
+    p.add_argument("--job-latency", type=float, default=0.3,
+                   help="seconds a job runs; jobs of one VM queue behind each other (default: %(default)s)")
+    p.add_argument("--max-data-disks", type=int, default=32,
+                   help="data disks per VM, its own included (hypervisor_capabilities."
+                        "max_data_volumes_limit; default: %(default)s); more -> 431 \"... (N) attached\"")
+    p.add_argument("--pci-slots", type=int, default=None,
+                   help="data disks a VM's PCI bus can hot-plug (default: no cap); more -> 530 "
+                        "\"No more available PCI slots\"")
+    p.add_argument("--pre-attached", type=int, default=0,
+                   help="data volumes already attached to the OMA VM at start (default: %(default)s)")
+    p.add_argument("--max-volumes", type=int, default=20, help="account volume limit (default: %(default)s)")
+    p.add_argument("--max-primary-gb", type=int, default=200,
+                   help="account primary storage limit in GiB (default: %(default)s)")
     p.add_argument("--latency", action="append", default=[], metavar="COMMAND=SECONDS",
                    help="delay every call of COMMAND (e.g. createVolume=6, attachVolume=3); repeatable")
     return p
@@ -701,8 +896,8 @@ async def _serve(args: argparse.Namespace) -> None:
     sim = CloudStackSimulator(
         args.api_key, args.secret_key, zone_name=args.zone_name, oma_vm_id=args.oma_vm_id,
         device_dir=args.device_dir, job_latency=args.job_latency,
-        max_data_disks=args.max_data_disks, max_volumes=args.max_volumes,
-        max_primary_gb=args.max_primary_gb)
+        max_data_disks=args.max_data_disks, pci_slots=args.pci_slots, pre_attached=args.pre_attached,
+        max_volumes=args.max_volumes, max_primary_gb=args.max_primary_gb)
     for command, seconds in _latencies(args.latency).items():
         sim.set_latency(command, seconds)
     stop = asyncio.Event()

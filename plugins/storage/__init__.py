@@ -11,12 +11,25 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.schema import CreateTable
 
 from shared import errors
 from shared.hookspecs import hookimpl
 
 log = logging.getLogger("oma.db")
+
+
+@compiles(CreateTable, "sqlite")
+def _ids_never_reused(create: CreateTable, compiler: Any, **kw: Any) -> str:
+    """Every SQLite table (memory mode; the migrations and Alembic's batch copies alike) gets
+    AUTOINCREMENT on its integer primary key: without it SQLite hands a deleted row's id out again
+    (delete configuration 1, create another: id 1), so an old job's `ossea_config_id` would point
+    at another cloud. MariaDB's AUTO_INCREMENT never reuses one either. SQLite applies it only
+    to a single integer key column; other tables are unchanged."""
+    create.element.dialect_options["sqlite"]["autoincrement"] = True
+    return compiler.visit_create_table(create, **kw)
 
 
 class MemoryStorage:

@@ -99,7 +99,7 @@ class VSphereSource:
         # The login is bounded as a whole (pyvmomi's version probe has no socket timeout);
         # later calls are bounded per socket operation by httpConnectionTimeout.
         try:
-            si = await asyncio.wait_for(asyncio.to_thread(self._connect), self.timeout)
+            si = await asyncio.wait_for(asyncio.to_thread(self._guard, self._connect), self.timeout)
         except asyncio.TimeoutError:
             raise VCenterUnreachable(
                 details=f"no answer from vCenter {self.connection.address} "
@@ -150,6 +150,11 @@ class VSphereSource:
                 details=f"vCenter {self.connection.address}: {_fault_text(exc)}") from None
         except (OSError, http.client.HTTPException) as exc:  # socket, TLS, dropped connection
             raise self._unreachable(exc) from None
+        except Exception as exc:  # the server answered, but not as vCenter does (HTML, bad XML, a proxy)
+            log.warning("unexpected answer from vCenter %s", self.connection.address, exc_info=True)
+            raise VCenterError(
+                details=f"vCenter {self.connection.address} answered unexpectedly ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); is it a vCenter or ESXi SDK endpoint?") from None
 
     def _unreachable(self, exc: BaseException) -> VCenterUnreachable:
         where = f"vCenter {self.connection.address}"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from services.auth import service
+from services.auth import operators, service
 from shared import errors
 from shared.crypto import Keyring
 from shared.schemas import LoginRequest
@@ -32,8 +32,7 @@ class AuthService(ServiceApp):
 
     async def setup(self) -> None:
         self.keys = Keyring.from_file(self.settings.secret_key_path)
-        self.limiter = service.RateLimiter(self.settings.login_rate_limit)
-        self.addr_limiter = service.RateLimiter(self.settings.login_rate_limit * 10)
+        self.throttle = service.LoginThrottle(self.settings.login_rate_limit)
         bootstrap = parse_bootstrap(self.settings.appliance_tokens)
         if bootstrap:
             async with self.sessions.begin() as db:
@@ -46,21 +45,15 @@ class AuthService(ServiceApp):
         payload = req.json()
         client = str(payload.pop("client_addr", "") or "")
         body = req.model(LoginRequest, payload)
-        # Per appliance, and per address with a ten times higher limit: every VMA reaches us
-        # through a tunnel (127.0.0.1), so one misconfigured VMA must not lock the others out.
-        ids, addrs = (f"id:{body.appliance_id}",), ((f"addr:{client}",) if client else ())
-        wait = max(self.limiter.retry_after(*ids), self.addr_limiter.retry_after(*addrs))
-        if wait:
-            AUTH_EVENTS.labels(event="login_throttled").inc()
-            self.log.warning("login throttled", extra={"appliance_id": body.appliance_id, "client": client})
-            raise errors.TooManyRequests("Too many failed login attempts", f"retry in {wait} seconds",
-                                         headers={"Retry-After": str(wait)})
-        try:
+        try:  # the token first: the throttle only decides how a failure is answered
             async with self.sessions.begin() as db:
                 result = await service.login(db, self.keys, body.appliance_id, body.token, self.settings.session_ttl)
         except errors.Unauthorized:
-            self.limiter.fail(*ids)
-            self.addr_limiter.fail(*addrs)
+            wait = self.throttle.failed(body.appliance_id, client)
+            if wait:  # counted, not logged: a flood must not flood the log too
+                AUTH_EVENTS.labels(event="login_throttled").inc()
+                raise errors.TooManyRequests("Too many failed login attempts", f"retry in {wait} seconds",
+                                             headers={"Retry-After": str(wait)}) from None
             AUTH_EVENTS.labels(event="login_failed").inc()
             self.log.warning("login failed", extra={"appliance_id": body.appliance_id, "client": client})
             raise
@@ -115,3 +108,43 @@ class AuthService(ServiceApp):
         AUTH_EVENTS.labels(event="appliance_revoked").inc()
         self.log.info("appliance revoked", extra={"appliance_id": name})
         return {"success": True, "message": f"Appliance {name} revoked"}
+
+    # --- operators (people using the web GUI) ------------------------------------------------
+    @endpoint(Auth.USER_LOGIN)
+    async def user_login(self, req: BusRequest):
+        data = req.json()
+        username, password = str(data.get("username") or ""), str(data.get("password") or "")
+        client = str(data.get("client_addr") or "")
+        throttle_key = f"user:{username}"  # shares the per-address budget with appliance logins
+        wait = self.throttle.waiting(throttle_key, client)
+        if not wait:
+            try:
+                async with self.sessions.begin() as db:
+                    result = await operators.login(db, self.keys, username, password, self.settings.session_ttl)
+            except errors.Unauthorized:
+                wait = self.throttle.failed(throttle_key, client)
+                if not wait:
+                    AUTH_EVENTS.labels(event="user_login_failed").inc()
+                    self.log.warning("operator login failed", extra={"username": username, "client": client})
+                    raise
+        if wait:
+            AUTH_EVENTS.labels(event="login_throttled").inc()
+            raise errors.TooManyRequests("Too many failed login attempts", f"retry in {wait} seconds",
+                                         headers={"Retry-After": str(wait)})
+        AUTH_EVENTS.labels(event="user_login_ok").inc()
+        self.log.info("operator login ok", extra={"username": username, "client": client})
+        return result
+
+    @endpoint(Auth.USER_VERIFY)
+    async def user_verify(self, req: BusRequest):
+        data = req.json()
+        async with self.sessions.begin() as db:
+            return await operators.verify(db, self.keys, str(data.get("token") or ""),
+                                          self.settings.ui_idle_timeout, touch=bool(data.get("touch", True)))
+
+    @endpoint(Auth.USER_LOGOUT)
+    async def user_logout(self, req: BusRequest):
+        async with self.sessions.begin() as db:
+            await operators.logout(db, self.keys, str(req.json().get("token") or ""))
+        AUTH_EVENTS.labels(event="user_logout").inc()
+        return {"success": True, "message": "Signed out"}

@@ -23,11 +23,12 @@ def new_session_token() -> str:
 
 
 def new_appliance_token() -> str:
-    return "vma_" + secrets.token_urlsafe(32)
+    return "vma_" + secrets.token_urlsafe(32)  # 256 bits
 
 
 class RateLimiter:
-    """Failed attempts per key in a sliding window."""
+    """Failed attempts per key in a sliding window; a key holds at most `limit` of them, so a
+    flood costs no memory beyond that."""
 
     def __init__(self, limit: int, window: float = 60.0):
         self.limit, self.window = limit, window
@@ -47,10 +48,35 @@ class RateLimiter:
     def fail(self, *keys: str) -> None:
         now = time.monotonic()
         for k in keys:
-            self._trim(k, now).append(now)
+            if len(q := self._trim(k, now)) < self.limit:
+                q.append(now)
         if len(self._hits) > 10_000:  # forget idle keys
             for k in [k for k, q in self._hits.items() if not q]:
                 del self._hits[k]
+
+
+class LoginThrottle:
+    """How failed logins are answered: 401 until a client has failed `limit` times a minute for
+    one appliance (or ten times that for any appliance) from its address, then 429 with
+    Retry-After. It is asked only after a token failed: a correct token always logs in, so nobody
+    can lock the real VMA out, not even from its own address (every tunnelled VMA is 127.0.0.1).
+    Tokens are 256-bit random, so this limits load, not guessing."""
+
+    def __init__(self, limit: int):
+        self.pairs, self.addrs = RateLimiter(limit), RateLimiter(limit * 10)
+
+    def waiting(self, name: str, client: str) -> int:
+        """Seconds the client must still wait, recording nothing (operators' passwords are
+        guessable, unlike tokens: a throttled client is refused before its password is checked)."""
+        return max(self.pairs.retry_after(f"{client}\0{name}"), self.addrs.retry_after(*((client,) if client else ())))
+
+    def failed(self, appliance_id: str, client: str) -> int:
+        """Record a failure; the seconds to ask the client to wait (0: answer 401)."""
+        pair, addr = (f"{client}\0{appliance_id}",), ((client,) if client else ())
+        wait = max(self.pairs.retry_after(*pair), self.addrs.retry_after(*addr))
+        self.pairs.fail(*pair)
+        self.addrs.fail(*addr)
+        return wait
 
 
 async def upsert_appliance(db: AsyncSession, keys: Keyring, name: str, token: str) -> None:

@@ -5,12 +5,14 @@ from typing import Any
 
 from services.config import service
 from shared import errors
-from shared.actions import given, merge_for_test, run_action
+from shared.actions import given, run_action
 from shared.crypto import Keyring
 from shared.plugins import get_backend
 from shared.schemas import OsseaConfigRequest
 from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Config
+from shared.subjects import Config, Replication
+
+MAX_JOBS_NAMED = 20  # in a 409's details
 
 
 class ConfigService(ServiceApp):
@@ -30,6 +32,8 @@ class ConfigService(ServiceApp):
         values = given(body.configuration)
         if body.action == "test":
             return await self._test(body.id, values)
+        if body.action == "delete" and body.id is not None:
+            await self._refuse_if_used(body.id)
         return await run_action(self.sessions, self.store, body.action, body.id, values, self._changed)
 
     async def _test(self, config_id: int | None, values: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +44,7 @@ class ConfigService(ServiceApp):
         if config_id is not None:
             async with self.sessions() as db:
                 stored = service.credentials(await self.store.load(db, config_id), self.keys)
-            values = merge_for_test(stored, values, ("api_url",), "secret_key")
+            values = self.store.merge_for_test(stored, values)
         try:
             return await service.test_connection(lambda creds: self.cloud.factory(creds, self.settings),
                                                  values, self.settings.cloud_timeout)
@@ -48,6 +52,26 @@ class ConfigService(ServiceApp):
             self.log.info("ossea connection test failed", extra={"config_id": config_id, "status": exc.status,
                                                                  "error": exc.error})
             raise
+
+    async def _refuse_if_used(self, config_id: int) -> None:
+        """409 while a job needs the configuration: cleaning up a job (detaching and deleting its
+        volumes) needs the cloud's credentials. Replication keeps the jobs, so it is asked; when it
+        cannot answer, nothing is deleted. An unknown id is a 404 first."""
+        async with self.sessions() as db:
+            await self.store.load(db, config_id)
+        try:
+            reply = await self.bus.call(Replication.USING_CONFIG, {"ossea_config_id": config_id})
+        except (errors.Unavailable, errors.UpstreamTimeout) as exc:
+            raise errors.Unavailable("Cannot check whether jobs use the configuration",
+                                     f"{exc.details}; a configuration is deleted only once the replication "
+                                     "service confirms that no job uses it") from None
+        jobs = reply["job_ids"]
+        if jobs:
+            named = ", ".join(jobs[:MAX_JOBS_NAMED]) + (
+                f" and {len(jobs) - MAX_JOBS_NAMED} more" if len(jobs) > MAX_JOBS_NAMED else "")
+            raise errors.Conflict("Configuration in use",
+                                  f"OSSEA configuration {config_id} is used by replication jobs: {named}; delete "
+                                  "them first (DELETE /api/v1/replication/jobs/{job_id}), which releases their volumes")
 
     async def _changed(self, row: Any, action: str) -> None:
         service.CHANGES.labels(action=action).inc()

@@ -92,6 +92,8 @@ class Configs(actions.Store[OsseaConfig]):
     model = OsseaConfig
     label = "Configuration"
     kind = "OSSEA configuration"
+    endpoint_fields = ("api_url",)
+    secret_field = "secret_key"
 
     def public(self, row: OsseaConfig) -> dict[str, Any]:
         """A configuration as every response shows it: the secret redacted."""

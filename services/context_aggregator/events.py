@@ -8,6 +8,7 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shared.disk_slot import SlotNumber, slot_number
 from shared.service import validation_details
 from shared.subjects import Inventory, Replication
 
@@ -45,8 +46,11 @@ class EventVm(BaseModel):
 
 
 class EventDisk(BaseModel):
+    """A job's disk (`unit_number` is its slot) or an inventory disk (a unit on its controller)."""
     model_config = ConfigDict(extra="ignore")
-    unit_number: int | None = Field(None, ge=0, le=64)
+    unit_number: SlotNumber | None = None
+    controller_type: str | None = Field(None, max_length=64)      # inventory only
+    controller_bus_number: int | None = Field(None, ge=0, le=1024)  # inventory only
     disk_id: str | None = Field(None, max_length=255)
     id: str | None = Field(None, max_length=255)  # inventory's name for disk_id
     path: str | None = Field(None, max_length=1024)
@@ -57,6 +61,10 @@ class EventDisk(BaseModel):
     device_path: str | None = Field(None, max_length=255)
     export_name: str | None = Field(None, max_length=255)
     change_id: str | None = Field(None, max_length=255)
+
+    def slot(self, position: int) -> int:
+        """The disk's slot, as replication numbers it (shared/disk_slot.py)."""
+        return slot_number(self.controller_type, self.controller_bus_number, self.unit_number, position)
 
 
 class JobEvent(_Event):

@@ -11,6 +11,7 @@ Rules (docs/vm-contexts.md):
 """
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from typing import Any
@@ -182,7 +183,7 @@ async def apply_inventory(b: Batch, ev: InventoryEvent) -> bool:
         ctx.current_status = status
         units = set()
         for i, d in enumerate(ev.disks):
-            unit = d.unit_number if d.unit_number is not None else i
+            unit = d.slot(i)
             units.add(unit)
             b.set_disk(name, unit, disk_id=d.disk_id or d.id, path=d.path, size_gb=d.size_gb,
                        capacity_bytes=d.capacity_bytes, datastore=d.datastore)
@@ -238,7 +239,8 @@ def job_dict(j: ContextJob) -> dict[str, Any]:
 
 
 def disk_dict(d: ContextDisk) -> dict[str, Any]:
-    return {"unit_number": d.unit_number, "disk_id": d.disk_id, "path": d.path, "size_gb": d.size_gb,
+    size_gb = math.ceil(d.size_gb) if d.size_gb is not None else None  # whole GiB, as the job shows it
+    return {"unit_number": d.unit_number, "disk_id": d.disk_id, "path": d.path, "size_gb": size_gb,
             "capacity_bytes": d.capacity_bytes, "datastore": d.datastore, "volume_id": d.volume_id,
             "device_path": d.device_path, "export_name": d.export_name, "change_id": d.change_id}
 

@@ -67,9 +67,20 @@ class ExportManagerService(ServiceApp):
                 self.log.exception("NBD server start failed")
             await asyncio.sleep(every)
 
-    def _exporter_ready(self) -> None:
+    async def exporter_problem(self, handshake: bool = True) -> str | None:
+        """Why the NBD server does not serve (start failed, watchdog failing, process gone, no NBD
+        answer on its port), or None. With `handshake` probed for real: a process squatting the port
+        is not our server. Ensures skip the handshake (a burst of them would knock once each)."""
         if self.exporter_error is not None:
-            raise Unavailable("NBD server not running", self.exporter_error)
+            return self.exporter_error
+        return await self.exporter.serving_error(handshake)
+
+    async def _exporter_ready(self, handshake: bool = True) -> dict[str, Any]:
+        problem = await self.exporter_problem(handshake)
+        if problem is not None:
+            raise Unavailable("NBD exporter not serving", problem)
+        return {"serving": True, "backend": self.exporter.name, "port": self.exporter.port,
+                "tls": self.exporter.config.tls}
 
     async def teardown(self) -> None:
         if self._retry is not None:
@@ -105,13 +116,20 @@ class ExportManagerService(ServiceApp):
     async def health(self, req: BusRequest) -> dict[str, Any]:
         body = await super().health(req)
         body["exporter"] = self.exporter.state() if self.exporter is not None else None
-        if self.exporter_error is not None:
-            body["warning"] = f"NBD server not running: {self.exporter_error}"
+        problem = await self.exporter_problem() if self.exporter is not None else "no exporter"
+        if problem is not None:  # the gateway counts any status but "up" as down: /health 503
+            body.update(status="degraded", reason=f"NBD exporter not serving: {problem}")
         return body
+
+    @endpoint(Exports.READY)
+    async def exporter_ready(self, req: BusRequest):
+        """200 when the NBD server serves, else 503 with the reason: replication asks this before
+        its first cloud call, so a job never provisions volumes nobody could stream into."""
+        return await self._exporter_ready()
 
     @endpoint(Exports.ENSURE)
     async def ensure_export(self, req: BusRequest):
-        self._exporter_ready()
+        await self._exporter_ready(handshake=False)
         return await self.exports.ensure(req.model(EnsureRequest))
 
     @endpoint(Exports.LIST)
@@ -132,5 +150,5 @@ class ExportManagerService(ServiceApp):
 
     @endpoint(Exports.RECONCILE)
     async def reconcile_exports(self, req: BusRequest):
-        self._exporter_ready()
+        await self._exporter_ready()
         return await self.exports.reconcile()

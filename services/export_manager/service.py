@@ -29,10 +29,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.export_manager.models import ACTIVE, INACTIVE, VmExportMapping
 from shared import errors
 from shared.db import iso
+from shared.disk_slot import SlotNumber
+from shared.schemas import VM_KEY_MAX, VM_KEY_PATTERN
 
 EXPORT_PREFIX = "migration-vm-"
 EXPORT_NAME_RE = re.compile(r"migration-vm-(?P<vm_id>.+)-disk(?P<unit>\d+)")
-VM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"      # a VMware UUID; safe inside an export name
 OUTCOMES = ("created", "reused", "repointed", "reactivated", "failed")
 
 EXPORTS_ACTIVE = Gauge("oma_exports_active", "Export mappings with status active")
@@ -74,8 +75,8 @@ REGISTRY.register(_ExporterCounters())
 
 class EnsureRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    vm_id: str = Field(min_length=1, max_length=36, pattern=VM_ID_PATTERN)
-    disk_unit_number: int = Field(ge=0, le=9999)
+    vm_id: str = Field(min_length=1, max_length=VM_KEY_MAX, pattern=VM_KEY_PATTERN)  # safe in an export name
+    disk_unit_number: SlotNumber
     vm_name: str = Field(min_length=1, max_length=255)
     device_path: str = Field(min_length=2, max_length=255, pattern=r"^/[^\n]*$")
 
@@ -85,7 +86,7 @@ class Selector(BaseModel):
     model_config = ConfigDict(extra="ignore")
     export_name: str | None = Field(None, min_length=1, max_length=255)
     vm_id: str | None = Field(None, min_length=1, max_length=36)
-    disk_unit_number: int | None = Field(None, ge=0)
+    disk_unit_number: SlotNumber | None = None
     check: bool = False
 
     @model_validator(mode="after")
@@ -242,8 +243,8 @@ class ExportManager:
     def describe(self, m: Snapshot, **extra: Any) -> dict[str, Any]:
         return {"id": m.id, "vm_id": m.vm_id, "disk_unit_number": m.disk_unit_number, "vm_name": m.vm_name,
                 "export_name": m.export_name, "device_path": m.device_path, "status": m.status,
-                "port": self.exporter.port, "created_at": iso(m.created_at), "updated_at": iso(m.updated_at),
-                **extra}
+                "port": self.exporter.port, "uri": self.exporter.uri(m.export_name, client=True),
+                "created_at": iso(m.created_at), "updated_at": iso(m.updated_at), **extra}
 
     def note_reloads(self) -> None:
         """Observe the reload duration once per reload seen since the last look."""
@@ -280,7 +281,7 @@ class ExportManager:
         }
         self.log.info("export ensured", extra={"export_name": name, "action": action, "device_path": device})
         return {"export_name": name, "device_path": device, "port": self.exporter.port,
-                "reused": action == "reused", "vm_id": req.vm_id, "disk_unit_number": req.disk_unit_number,
+                "uri": self.exporter.uri(name, client=True), "reused": action == "reused", "vm_id": req.vm_id, "disk_unit_number": req.disk_unit_number,
                 "action": action, "message": messages[action]}
 
     async def _ensure_locked(self, req: EnsureRequest, name: str, device: str):

@@ -7,14 +7,17 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
-from services.gateway.deps import SessionCache, require_session
+from services.gateway import openapi, ui
+from services.gateway.content_type import JsonBodies
+from services.gateway.deps import SessionCache
+from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
     auth,
     contexts,
@@ -92,19 +95,26 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
 
     app = FastAPI(title="OMA API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.openapi_version = "3.0.3"  # what the bundled Swagger UI 4 renders
+    openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
+    app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
+    # The last added runs first: timing sees everything, the guard checks the bearer before any
+    # body is read, and JsonBodies (headers only) runs for the requests the guard let in.
+    app.add_middleware(JsonBodies)
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     app.add_middleware(TimingMiddleware)
 
-    protected = [Depends(require_session)]
     app.include_router(health.router)
     app.include_router(auth.router)
+    # Every /api/v1 route but login is checked by RequestGuard, before its body is read.
     for router in (ossea.router, inventory.router, replications.router, contexts.router):
-        app.include_router(router, dependencies=protected, responses={401: {"description": "Unauthorized"}})
+        app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)
+    app.include_router(ui.router)  # the operator GUI (its own cookie sessions)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():

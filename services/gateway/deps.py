@@ -73,6 +73,7 @@ async def bearer_token(request: Request) -> str:
 
 
 async def require_session(request: Request) -> dict[str, Any] | None:
+    """Called by RequestGuard for every protected route, before the body is read."""
     state = request.app.state
     if not state.settings.auth_enabled:
         return None
@@ -84,6 +85,3 @@ async def require_session(request: Request) -> dict[str, Any] | None:
         cache.put(token, info, float(info.get("expires_in", 0)))
     request.state.session = info
     return info
-
-
-SessionDep = Annotated[dict[str, Any] | None, Depends(require_session)]

@@ -14,7 +14,7 @@ from shared.service import validation_details
 
 log = logging.getLogger("oma.gateway")
 
-_HTTP_TEXT = {404: "Not found", 405: "Method not allowed", 413: "Request too large"}
+HTTP_TEXT = {404: "Not found", 405: "Method not allowed", 413: "Request too large"}
 
 
 def error_response(exc: errors.OmaError) -> Response:
@@ -38,7 +38,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        text = _HTTP_TEXT.get(exc.status_code, "Request failed")
+        text = HTTP_TEXT.get(exc.status_code, "Request failed")
         details = (f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405)
                    else exc.detail)
         return error_response(errors.OmaError(text, details, status=exc.status_code,

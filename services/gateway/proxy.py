@@ -25,5 +25,5 @@ def errors_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer."""
     text = {400: "Bad request", 401: "Unauthorized (missing, invalid, expired or revoked session)",
             404: "Not found", 409: "Conflict", 429: "Too many failed attempts", 502: "Upstream failure",
-            503: "Service unavailable"}
+            503: "Service unavailable", 504: "Upstream timeout"}
     return {c: {"model": ErrorBody, "description": text.get(c, "Error")} for c in codes}

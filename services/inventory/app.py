@@ -8,7 +8,7 @@ from typing import Any
 from plugins.vsphere.source import VCenterAuthError, VCenterUnreachable
 from services.inventory import service
 from shared import errors
-from shared.actions import given, merge_for_test, require, run_action
+from shared.actions import given, require, run_action
 from shared.bus import Reply, dumps
 from shared.crypto import Keyring
 from shared.plugins import get_backend
@@ -64,7 +64,7 @@ class InventoryService(ServiceApp):
         if config_id is not None:
             async with self.sessions() as db:
                 stored = service.connection(await self.store.load(db, config_id), self.keys)
-            values = merge_for_test(stored, values, ("host", "port", "verify_tls"), "password")
+            values = self.store.merge_for_test(stored, values)
         require(values, service.CREATE_REQUIRED, "test")
         try:
             found = await self._source(values).test()

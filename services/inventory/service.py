@@ -106,6 +106,8 @@ class VCenters(actions.Store[VCenterConfig]):
     model = VCenterConfig
     label = "vCenter configuration"
     kind = "vCenter configuration"
+    endpoint_fields = ("host", "port", "verify_tls")
+    secret_field = "password"
 
     def public(self, row: VCenterConfig) -> dict[str, Any]:
         """A configuration as every response shows it: the password redacted."""

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from sqlalchemy import or_, select
 
+from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
 from services.replication.service import Replicator
 from shared import errors
 from shared.schemas import ProgressReport, ReplicationRequest
@@ -120,3 +122,18 @@ class ReplicationService(ServiceApp):
     @endpoint(Replication.CANCEL)
     async def cancel(self, req: BusRequest):
         return await self.jobs.cancel(self._job_id(req))
+
+    @endpoint(Replication.USING_CONFIG)
+    async def using_config(self, req: BusRequest):
+        """The jobs that still need OSSEA configuration N: in flight, holding volumes (and their
+        exports), or with a cleanup left to do. The config service refuses to delete it while any do."""
+        config_id = req.json().get("ossea_config_id")
+        if type(config_id) is not int:
+            raise errors.BadRequest("Validation failed", "ossea_config_id: an integer is required")
+        holding = select(JobVolume.job_id).where(JobVolume.holds_volume.is_(True))
+        async with self.sessions() as db:
+            jobs = (await db.scalars(select(ReplicationJob.job_id).where(
+                ReplicationJob.ossea_config_id == config_id,
+                or_(ReplicationJob.status.in_(IN_FLIGHT), ReplicationJob.cleanup_pending.is_(True),
+                    ReplicationJob.job_id.in_(holding))).order_by(ReplicationJob.id))).all()
+        return {"success": True, "job_ids": list(jobs)}

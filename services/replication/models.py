@@ -88,6 +88,7 @@ class JobVolume(Base):
     device_path: Mapped[str | None] = mapped_column(String(255))
     export_name: Mapped[str | None] = mapped_column(String(255))
     export_port: Mapped[int | None] = mapped_column(Integer)
+    export_uri: Mapped[str | None] = mapped_column(String(1024))       # nbd:// or nbds://...?tls-psk-file=
     reused: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by_job: Mapped[bool] = mapped_column(Boolean, default=False)
     holds_volume: Mapped[bool] = mapped_column(Boolean, default=False, index=True)

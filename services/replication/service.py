@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import secrets
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -54,11 +53,12 @@ from shared import errors
 from shared.bus import Reply
 from shared.db import utcnow
 from shared.plugins import get_backend
-from shared.schemas import ProgressReport, ReplicationRequest, SourceVM
+from shared.schemas import INT32_MAX, ProgressReport, ReplicationRequest
 from shared.subjects import Config, Exports, Replication
 
 GIB = 1024 ** 3
 EWMA_ALPHA = 0.3  # weight of the newest throughput sample
+ETA_MAX = INT32_MAX  # vma_eta_seconds is an INT column (68 years)
 REUSED_MESSAGE = "Migration workflow started - VM export reused without SIGHUP operation"
 NEW_MESSAGE = "Migration workflow started - VM exports created"
 
@@ -70,40 +70,9 @@ ATTACHED = Gauge("oma_attached_disks", "Data disks the appliance VM holds (or is
 SWEPT = Counter("oma_replication_orphans_swept_total", "OMA volumes no row holds, removed by the sweep")
 
 
-def new_job_id(now: datetime) -> str:
-    return f"job-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
-CONTROLLER_OFFSET = {"scsi": 0, "sata": 100, "ide": 200, "nvme": 300}
-
-
-def _slot(disk: Any) -> int | None:
-    """A per-VM disk number from the controller (as the inventory lists it): type, bus, unit."""
-    extra = disk.model_extra or {}
-    kind, bus = extra.get("controller_type"), extra.get("controller_bus_number")
-    if disk.unit_number is None or kind not in CONTROLLER_OFFSET or not isinstance(bus, int):
-        return None
-    return CONTROLLER_OFFSET[kind] + bus * 16 + disk.unit_number
-
-
-def unit_numbers(vm: SourceVM) -> list[int]:
-    """A disk's unit number, else its position; duplicates are a 400 naming the field.
-
-    vSphere numbers units per controller, so scsi0:0 and scsi1:0 are both unit 0. When the
-    inventory's controller fields tell such disks apart, each gets `type offset + bus * 16 + unit`
-    instead (single-controller VMs, the usual case, keep their plain unit numbers)."""
-    units = [d.unit_number if d.unit_number is not None else i for i, d in enumerate(vm.disks)]
-    if len(set(units)) < len(units):
-        slots = [_slot(d) for d in vm.disks]
-        if None not in slots and len(set(slots)) == len(slots):
-            return slots  # type: ignore[return-value]
-    first: dict[int, int] = {}
-    for i, unit in enumerate(units):
-        if unit in first:
-            raise errors.BadRequest("Validation failed", f"source_vm.disks.{i}.unit_number: unit number {unit} "
-                                    f"is also the unit of source_vm.disks.{first[unit]}")
-        first[unit] = i
-    return units
+def job_id_base(now: datetime) -> str:
+    """The seed's `job-YYYYMMDD-HHMMSS`; `create` adds `-2`, `-3`... only when that second is taken."""
+    return f"job-{now:%Y%m%d-%H%M%S}"
 
 
 def rounded_gb(disk: Any) -> int:
@@ -120,7 +89,7 @@ def volume_name(vm_name: str, unit: int, job_id: str) -> str:
     return f"migration-{safe}-disk-{unit}-{job_id}"
 
 
-VOLUME_NAME_RE = re.compile(r"^migration-.+-disk-(?P<unit>\d+)-(?P<job_id>job-\d{8}-\d{6}-[0-9a-f]{6})$")
+VOLUME_NAME_RE = re.compile(r"^migration-.+-disk-(?P<unit>\d+)-(?P<job_id>job-\d{8}-\d{6}(?:-\d+)?)$")
 
 
 def parse_volume_name(name: str) -> tuple[str, int] | None:
@@ -217,7 +186,7 @@ class Replicator:
     async def create(self, req: ReplicationRequest) -> Reply:
         entered = time.monotonic()
         vm = req.source_vm
-        units = unit_numbers(vm)
+        units = vm.disk_slots()  # the request was validated: no two disks share a slot
         creds = await self.credentials(req.ossea_config_id, wait=False)  # 404 for an unknown id
         if not creds.get("is_active", True):
             raise errors.Conflict("OSSEA configuration inactive",
@@ -226,11 +195,13 @@ class Replicator:
             raise errors.Conflict("OSSEA configuration incomplete",
                                   f"OSSEA configuration {req.ossea_config_id} has no oma_vm_id: volumes need a VM "
                                   "to attach to")
+        # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager).
+        await self.bus.call(Exports.READY, {})
         key = vm.uuid or vm.id
         now = utcnow()
-        job_id = new_job_id(now)
         async with self._admission:
             async with self.sessions.begin() as db:
+                job_id = await self._free_job_id(db, job_id_base(now))
                 busy = await db.scalar(select(ReplicationJob).where(
                     or_(ReplicationJob.vm_id == vm.id, ReplicationJob.vm_key == key),
                     ReplicationJob.status.in_(IN_FLIGHT)).limit(1))
@@ -277,6 +248,19 @@ class Replicator:
         if job.status == CANCELLED:
             raise errors.Conflict("Replication job cancelled", f"job {job_id} was cancelled while provisioning")
         return Reply(views.create_reply(job, rows), status=201 if job.status == READY else 202)
+
+    @staticmethod
+    async def _free_job_id(db: AsyncSession, base: str) -> str:
+        """`base`, else the first free `base-N` (N from 2): ids stay unique when jobs share a second.
+        Called under the admission lock, so two creates never pick the same one."""
+        taken = set((await db.scalars(select(ReplicationJob.job_id).where(
+            or_(ReplicationJob.job_id == base, ReplicationJob.job_id.like(base + "-%"))))).all())
+        n = 1
+        job_id = base
+        while job_id in taken:
+            n += 1
+            job_id = f"{base}-{n}"
+        return job_id
 
     @staticmethod
     async def _holdings(db: AsyncSession, vm_key: str) -> dict[int, JobVolume]:
@@ -395,7 +379,8 @@ class Replicator:
             export = await self.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
                                                       "vm_name": job.vm_name, "device_path": path})
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
-                            export_port=export.get("port"), reused=bool(export.get("reused")),
+                            export_port=export.get("port"), export_uri=export.get("uri"),
+                            reused=bool(export.get("reused")),
                             device_path=export.get("device_path") or path)
         except asyncio.CancelledError:
             raise
@@ -624,10 +609,10 @@ class Replicator:
 
     async def sweep_orphans(self) -> list[str]:
         """Release the cloud volumes this appliance made that no row holds: a createVolume that landed
-        after its job was cancelled, failed or killed. A volume is touched only when its name proves it
-        OMA's (`parse_volume_name`) and names a job of this database, on the same configuration, that
-        can no longer adopt it (not queued, not provisioning, no cleanup of its own pending), and it is
-        attached to no VM but ours. Unknown job ids (another appliance, a wiped database) are left."""
+        after its job was cancelled, failed or killed. A volume is touched only when its whole name is the
+        one `volume_name` gives a job of this database (VM, disk, job id), on the same configuration,
+        that can no longer adopt it (not queued, not provisioning, no cleanup of its own pending), and
+        it is attached to no VM but ours. Unknown job ids (another appliance, a wiped database) are left."""
         async with self.sessions() as db:
             config_ids = (await db.scalars(select(ReplicationJob.ossea_config_id).distinct())).all()
         swept: list[str] = []
@@ -661,6 +646,7 @@ class Replicator:
         for volume_id, (vol, (job_id, unit)) in named.items():
             job = jobs.get(job_id)
             if (job is None or job.ossea_config_id != config_id or volume_id in held
+                    or vol["name"] != volume_name(job.vm_name, unit, job.job_id)  # the whole name, VM too
                     or job.status in (QUEUED, PROVISIONING) or job.cleanup_pending
                     or vol.get("virtualmachineid") not in (None, oma_vm_id)):
                 continue
@@ -759,7 +745,8 @@ class Replicator:
         if job.total_bytes:
             job.progress_percent = min(100.0, 100.0 * b / job.total_bytes)
             if job.vma_throughput_mbps:
-                job.vma_eta_seconds = math.ceil(max(job.total_bytes - b, 0) / (job.vma_throughput_mbps * 1e6))
+                eta = max(job.total_bytes - b, 0) / (job.vma_throughput_mbps * 1e6)
+                job.vma_eta_seconds = math.ceil(min(eta, ETA_MAX))  # a trickle of bytes: years, not an overflow
         return False
 
     async def _after_vma_failure(self, job_id: str) -> None:

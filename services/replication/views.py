@@ -68,7 +68,7 @@ def created_volumes(rows: list[JobVolume]) -> list[dict[str, Any]]:
 
 def nbd_exports(job: ReplicationJob, rows: list[JobVolume]) -> list[dict[str, Any]]:
     return [{"export_name": r.export_name, "device_path": r.device_path, "port": r.export_port,
-             "reused": r.reused, "vm_id": job.vm_key, "disk_unit_number": r.unit_number}
+             "uri": r.export_uri, "reused": r.reused, "vm_id": job.vm_key, "disk_unit_number": r.unit_number}
             for r in rows if r.export_name and r.status == D_READY]
 
 

@@ -5,9 +5,10 @@ import time
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
-from services.gateway.proxy import json_response
+from services.gateway import responses as r
+from services.gateway.proxy import JSON
 from shared import db, errors
 from shared.settings import SERVICES
 from shared.subjects import health
@@ -43,16 +44,28 @@ async def _ping_all(nc: Any, timeout: float) -> dict[str, int]:
     return counts
 
 
-@router.get("/health", responses={503: {"description": "degraded: a service, the bus or a database is down"}})
-async def get_health(request: Request):
-    """The seed's health shape, plus the bus and each service (found through `$SRV.PING`)."""
-    bus = request.app.state.bus
+# What /health tells anyone about a service: no pids, paths or addresses, and never a secret,
+# whatever a service puts in its health reply.
+PUBLIC_FIELDS = ("status", "database", "reason", "warning")
+PUBLIC_EXPORTER = ("backend", "running", "exports")
+
+
+def _public(result: dict[str, Any], instances: int) -> dict[str, Any]:
+    out = {k: result[k] for k in PUBLIC_FIELDS if k in result}
+    if isinstance(result.get("exporter"), dict):
+        out["exporter"] = {k: result["exporter"][k] for k in PUBLIC_EXPORTER if k in result["exporter"]}
+    out["instances"] = instances
+    return out
+
+
+async def check_services(bus: Any) -> tuple[int, dict[str, Any]]:
+    """One fan-out: `$SRV.PING` plus each service's health check; the status and the seed's body."""
     body: dict[str, Any] = {"status": "healthy", "timestamp": db.iso(db.utcnow()), "database": "connected",
                             "version": VERSION}
     if not bus.nc.is_connected:
         body.update(status="degraded", database="unknown", bus="disconnected",
-                    services={n: {"status": "unknown"} for n in SERVICES})
-        return json_response(body, 503)
+                    services={n: {"status": "unknown"} for n in SERVICES}, reasons=["bus: disconnected"])
+        return 503, body
 
     async def check(name: str) -> dict[str, Any]:
         try:
@@ -62,10 +75,7 @@ async def get_health(request: Request):
 
     t0 = time.perf_counter()
     pings, *checks = await asyncio.gather(_ping_all(bus.nc, 2.0), *(check(n) for n in SERVICES))
-    services = {}
-    for name, result in zip(SERVICES, checks):
-        result.pop("service", None)
-        services[name] = {**result, "instances": pings[name]}
+    services = {name: _public(result, pings[name]) for name, result in zip(SERVICES, checks)}
     down = [n for n, s in services.items() if s["status"] != "up"]
     db_down = [n for n, s in services.items() if s.get("database") == "disconnected"]
     body.update(bus="connected", services=services, check_ms=round((time.perf_counter() - t0) * 1000, 1))
@@ -77,6 +87,56 @@ async def get_health(request: Request):
     elif down:
         body["database"] = "unknown" if len(down) == len(SERVICES) else "connected"
     if down or db_down:
-        body.update(status="degraded", down=sorted(set(down + db_down)))
-        return json_response(body, 503)
-    return json_response(body)
+        reasons = [f"{n}: {services[n].get('reason') or services[n]['status']}" for n in down]
+        reasons += [f"{n}: database disconnected" for n in db_down]
+        body.update(status="degraded", down=sorted(set(down + db_down)), reasons=reasons)
+        return 503, body
+    return 200, body
+
+
+class HealthCache:
+    """/health is public: concurrent callers share one fan-out (single flight) and its answer is
+    reused for `ttl` seconds, so a crowd of health checkers costs the bus one check a second.
+
+    Answers are also paced to `rate` a second: a crowd asking back to back would otherwise keep the
+    event loop busy with /health and make every logged-in request wait its turn behind it. Beyond
+    the rate, callers wait for their slot (a monitor polling every few seconds never notices)."""
+
+    def __init__(self, ttl: float, rate: float):
+        self.ttl = ttl
+        self.interval = 1.0 / rate
+        self._answer: tuple[int, bytes] | None = None
+        self._until = 0.0
+        self._inflight: asyncio.Future[tuple[int, bytes]] | None = None
+        self._next_slot = 0.0
+
+    async def get(self, bus: Any) -> tuple[int, bytes]:
+        now = time.monotonic()
+        slot = max(self._next_slot, now)
+        self._next_slot = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+        if self._answer is not None and time.monotonic() < self._until:
+            return self._answer
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._refresh(bus))
+        # shield: a caller that goes away must not cancel the check the others wait for.
+        return await asyncio.shield(self._inflight)
+
+    async def _refresh(self, bus: Any) -> tuple[int, bytes]:
+        try:
+            status, body = await check_services(bus)
+            self._answer = (status, orjson.dumps(body))
+            self._until = time.monotonic() + self.ttl
+            return self._answer
+        finally:
+            self._inflight = None
+
+
+@router.get("/health", response_model=r.Health,
+            responses={503: {"model": r.Health, "description": "degraded: a service, the bus or a database is "
+                                                                "down; `reasons` says why"}})
+async def get_health(request: Request):
+    """The seed's health shape, plus the bus and each service (found through `$SRV.PING`)."""
+    status, body = await request.app.state.health.get(request.app.state.bus)
+    return Response(content=body, status_code=status, media_type=JSON)

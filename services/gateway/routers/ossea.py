@@ -4,15 +4,17 @@ from fastapi import APIRouter, Request
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
+from services.gateway import responses as r
 from shared.schemas import OsseaConfigRequest
 from shared.subjects import Config
 
 router = APIRouter(prefix="/api/v1/ossea", tags=["ossea"])
 
 
-@router.post("/config", responses={200: {"description": "get/update/delete/test result"},
-                                   201: {"description": "created configuration"},
-                                   **errors_doc(400, 401, 404, 409, 502)})
+@router.post("/config", response_model=r.OsseaConfigResult,
+             responses={200: {"description": "get/update/delete/test result"},
+                        201: {"model": r.OsseaConfigResult, "description": "created configuration"},
+                        **errors_doc(400, 401, 404, 409, 502, 504)})
 async def ossea_config(body: OsseaConfigRequest, bus: BusDep, request: Request):
     """The unified OSSEA configuration endpoint: `action` is get, create, update, delete or test."""
     # `test` is bounded by cloud_timeout in the service: wait past it, to relay its clear answer.

@@ -1,0 +1,172 @@
+"""The operator GUI at scale (a script, not a test).
+
+    python bench/bench_gui.py [--vms 10000] [--requests 200] [--live-vms 100] [--seconds 10] [--rate 5]
+
+1. Page time: a fresh MariaDB database, `oma-api -db-type mariadb` as a subprocess (real uvicorn
+   gateway, every service, its own nats-server started here), --vms VMs with 2 jobs each inserted
+   into the read model (bench_contexts.bulk_insert), an operator from `oma-admin user add`, signed
+   in through /ui/login. Sequential GETs, one client: the dashboard's first page (the service's own
+   paging), a status-filtered page, a name filter and a sort by progress (both read the whole list
+   in the gateway); prints p50/p99 (target: first page < 300 ms).
+2. Live stream: one /ui/events stream watching --live-vms VMs while --rate context updates per VM
+   per second are published for --seconds on the live subject; prints the events received, the
+   most any VM got in one second (target: at most 1 row update per VM per second) and whether
+   every VM's last update arrived (the stream did not fall behind).
+
+The database is dropped at the end. Needs MariaDB on 127.0.0.1:3306 (root, no password; or the
+OMA_TEST_DB_* variables).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import nats
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_contexts import DB, bulk_insert, measure, sql, start_api  # noqa: E402
+
+from services.gateway.ui.render import vm_key  # noqa: E402
+from shared.natsserver import EmbeddedNats  # noqa: E402
+from shared.subjects import Contexts  # noqa: E402
+
+PASSWORD = "bench operator password"
+
+
+def add_operator(db_name: str) -> None:
+    flags = ["-db-type", "mariadb", "-db-host", DB["host"], "-db-port", str(DB["port"]), "-db-name", db_name,
+             "-db-user", DB["user"]]
+    r = subprocess.run(["oma-admin", *flags, "user", "add", "bench", "--role", "operator"], input=PASSWORD + "\n",
+                       capture_output=True, text=True, env={**os.environ, "OMA_DB_PASS": DB["password"]}, timeout=120)
+    if r.returncode:
+        raise SystemExit(f"oma-admin user add failed: {r.stderr}")
+
+
+async def sign_in(client: httpx.AsyncClient) -> None:
+    page = await client.get("/ui/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = await client.post("/ui/login", data={"username": "bench", "password": PASSWORD, "csrf_token": token})
+    if r.status_code != 303:
+        raise SystemExit(f"sign-in failed: {r.status_code} {r.text[:200]}")
+
+
+def context(vm: str, pct: float) -> dict:
+    job = {"id": f"job-{vm}", "status": "replicating", "replication_type": "initial", "progress_percent": pct,
+           "current_operation": "Transferring Data", "vma_throughput_mbps": 180.0, "vma_eta_seconds": 240,
+           "bytes_transferred": 0, "total_bytes": 0, "error": None, "created_at": None, "started_at": None,
+           "completed_at": None, "updated_at": None}
+    return {"context": {"vm_name": vm, "current_status": "replicating"}, "current_job": job, "job_history": [job],
+            "disks": [], "cbt_history": []}
+
+
+async def live_stream(base: str, cookies: httpx.Cookies, nats_url: str, n_vms: int, seconds: float,
+                      rate: float) -> None:
+    vms = [f"live-vm-{i:03d}" for i in range(n_vms)]
+    keys = {vm_key(v): v for v in vms}
+    per_second: dict[tuple[str, int], int] = collections.Counter()
+    last_value: dict[str, str] = {}
+    received = 0
+    started = time.monotonic()
+
+    async def read() -> None:
+        nonlocal received
+        params = [("vm", v) for v in vms]
+        async with httpx.AsyncClient(base_url=base, cookies=cookies, timeout=None) as c:
+            async with c.stream("GET", "/ui/events", params=params) as r:
+                event = None
+                async for line in r.aiter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event and event.endswith("-progress"):
+                        # an event's first data line (a fragment spans several)
+                        vm, event = keys[event[:-len("-progress")]], None
+                        per_second[(vm, int(time.monotonic() - started))] += 1
+                        m = re.search(r'value="([\d.]+)"', line)
+                        if m:
+                            last_value[vm] = m.group(1)
+                        received += 1
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(1.0)  # the stream is subscribed
+    nc = await nats.connect(nats_url)
+    published, step = 0, 1.0 / rate
+    final = {}
+    try:
+        t_end = time.monotonic() + seconds
+        k = 0
+        while time.monotonic() < t_end:
+            k += 1
+            for v in vms:
+                pct = round(min(100.0, k * 100.0 / (seconds * rate)), 1)
+                final[v] = pct
+                await nc.publish(Contexts.EVT_UPDATED, orjson.dumps({"vm_name": v, "context": context(v, pct)}))
+                published += 1
+            await asyncio.sleep(step)
+        await nc.flush()
+        await asyncio.sleep(2.5)  # the last coalesced updates are due within a second
+    finally:
+        await nc.close()
+        reader.cancel()
+    caught_up = sum(1 for v in vms if last_value.get(v) == str(final[v]))
+    print(f"live: {n_vms} VMs x {rate:g} updates/s for {seconds:g}s: published {published} updates, "
+          f"received {received} progress fragments; most for one VM in one second: {max(per_second.values())}; "
+          f"VMs whose last update arrived: {caught_up}/{n_vms}")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vms", type=int, default=10_000)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--live-vms", type=int, default=100)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=5.0)
+    args = ap.parse_args()
+
+    db_name = f"oma_bench_{uuid.uuid4().hex[:8]}"
+    await sql(f"CREATE DATABASE `{db_name}`")
+    server = EmbeddedNats()
+    nats_url = await server.start()
+    proc = None
+    try:
+        proc, base = start_api(db_name, nats_url)
+        await bulk_insert(db_name, args.vms, 2)
+        add_operator(db_name)
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            await sign_in(client)
+            n = args.requests
+            print(f"gateway: oma-api subprocess (uvicorn) at {base}, MariaDB {DB['host']}:{DB['port']}/{db_name}, "
+                  f"{args.vms} VMs")
+            await measure(client, "GET /ui/ (first page, 25 VMs)", ["/ui/"] * n)
+            await measure(client, "GET /ui/?status=replicating&page=100", ["/ui/?status=replicating&page=100"] * n)
+            await measure(client, "GET /ui/?size=100", ["/ui/?size=100"] * n)
+            await measure(client, "GET /ui/?q=bench-vm-09 (whole list read)", ["/ui/?q=bench-vm-09"] * max(25, n // 10))
+            await measure(client, "GET /ui/?sort=-progress (whole list read)", ["/ui/?sort=-progress"] * max(25, n // 10))
+            await measure(client, "GET /ui/vms/{name}", [f"/ui/vms/bench-vm-{args.vms // 2:05d}"] * n)
+            await live_stream(base, client.cookies, nats_url, args.live_vms, args.seconds, args.rate)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await server.stop()
+        await sql(f"DROP DATABASE IF EXISTS `{db_name}`")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

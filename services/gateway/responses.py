@@ -1,0 +1,416 @@
+"""The success bodies of every route, as OpenAPI documents them (docs only: the gateway passes each
+service's reply through as bytes, these models never parse it).
+
+They mirror the services' views (services/*/service.py, services/replication/views.py) so a client
+generator gets types. Extra keys are allowed: a service may add a field before this module names it.
+tests/test_openapi_contract.py checks real replies against them.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Stamp = Field(description="UTC time, RFC 3339 (`2025-08-12T08:08:02Z`)")
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Ok(Body):
+    success: Literal[True] = True
+
+
+class Message(Ok):
+    message: str
+
+
+# --- health ------------------------------------------------------------------------------------
+class ServiceHealth(Body):
+    status: str = Field(description="`up`, or `down` with a `reason`")
+    database: str | None = None
+    instances: int = Field(0, description="instances answering `$SRV.PING`")
+    reason: str | None = None
+    warning: str | None = None
+
+
+class Health(Body):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "status": "healthy", "timestamp": "2025-08-06T11:18:06Z", "database": "connected", "version": "1.0.0"}]})
+    status: Literal["healthy", "degraded"]
+    timestamp: str
+    database: str
+    version: str
+    bus: str | None = None
+    services: dict[str, ServiceHealth] | None = None
+    check_ms: float | None = None
+    warnings: list[str] | None = None
+    down: list[str] | None = None
+    reasons: list[str] | None = None
+
+
+# --- OSSEA and vCenter configurations (the `action` endpoints) ---------------------------------
+class OsseaConfiguration(Body):
+    id: int
+    name: str
+    api_url: str
+    api_key: str
+    secret_key: Literal["[REDACTED]"] = "[REDACTED]"
+    domain: str
+    zone: str
+    oma_vm_id: str | None = None
+    is_active: bool
+    created_at: str = Stamp
+    updated_at: str = Stamp
+
+
+class OsseaTestDetails(Body):
+    zones_found: int
+    zone_verified: str | None = None
+    api_accessible: bool
+
+
+class OsseaConfigResult(Ok):
+    """`get` gives `configurations` (or `configuration` with an id); `create`/`update` give
+    `message` and `configuration`; `delete` gives `message` and `id`; `test` gives `message` and `details`."""
+    message: str | None = None
+    configuration: OsseaConfiguration | None = None
+    configurations: list[OsseaConfiguration] | None = None
+    id: int | None = None
+    details: OsseaTestDetails | None = None
+
+
+class VCenterConfiguration(Body):
+    id: int
+    name: str
+    host: str
+    port: int
+    username: str
+    password: Literal["[REDACTED]"] = "[REDACTED]"
+    datacenter: str | None = None
+    verify_tls: bool
+    created_at: str = Stamp
+    updated_at: str = Stamp
+
+
+class VCenterTestDetails(Body):
+    host: str
+    api_version: str | None = None
+    vm_count: int
+    about: str | None = None
+
+
+class VCenterConfigResult(Ok):
+    """As for OSSEA: which keys come depends on the `action`."""
+    message: str | None = None
+    configuration: VCenterConfiguration | None = None
+    configurations: list[VCenterConfiguration] | None = None
+    id: int | None = None
+    details: VCenterTestDetails | None = None
+
+
+# --- inventory ----------------------------------------------------------------------------------
+class InventoryDisk(Body):
+    id: str
+    key: int | None = None
+    label: str | None = None
+    unit_number: int | None = None
+    controller_key: int | None = None
+    controller_bus_number: int | None = None
+    controller_type: str | None = None
+    controller_class: str | None = None
+    path: str | None = None
+    size_gb: int | None = None
+    capacity_bytes: int | None = None
+    datastore: str | None = None
+    thin_provisioned: bool | None = None
+    backing: str | None = None
+    change_id: str | None = None
+
+
+class InventoryNic(Body):
+    key: int | None = None
+    network: str | None = None
+    mac_address: str | None = None
+    adapter_type: str | None = None
+    connected: bool | None = None
+
+
+class InventoryVm(Body):
+    """The seed's `source_vm` field names (post it as `source_vm` as it is), plus what vSphere told."""
+    id: str = Field(description="moref, e.g. `vm-42`")
+    uuid: str = Field(description="instance UUID")
+    name: str
+    path: str | None = None
+    datacenter: str | None = None
+    bios_uuid: str | None = None
+    cluster: str | None = None
+    host: str | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
+    guest_os: str | None = None
+    guest_os_full_name: str | None = None
+    power_state: str | None = None
+    firmware: str | None = None
+    cbt_enabled: bool | None = None
+    template: bool | None = None
+    vcenter: str | None = None
+    status: str | None = Field(None, description="`present` or `gone`")
+    first_seen: str | None = None
+    last_seen: str | None = None
+    gone_at: str | None = None
+    disks: list[InventoryDisk] | None = None
+    nics: list[InventoryNic] | None = None
+    change: str | None = Field(None, description="discovery only: new, changed or unchanged")
+
+
+class DiscoverySummary(Body):
+    found: int
+    new: int
+    changed: int
+    gone: int
+    unchanged: int
+    seconds: float
+
+
+class Discovery(Ok):
+    vcenter: str
+    vms: list[InventoryVm]
+    summary: DiscoverySummary
+    vms_detail: str | None = Field(None, description="set when the VMs are listed briefly (a very large inventory)")
+
+
+class Page(Ok):
+    total: int
+    limit: int
+    offset: int
+
+
+class VmList(Page):
+    vms: list[InventoryVm]
+
+
+class VmDetail(Ok):
+    vm: InventoryVm
+
+
+# --- replication ----------------------------------------------------------------------------------
+class EchoedDisk(Body):
+    id: str
+    path: str | None = None
+    size_gb: float
+    datastore: str | None = None
+    capacity_bytes: int | None = None
+    unit_number: int | None = None
+
+
+class JobVm(Body):
+    """The seed's `source_vm` fields of a job's VM."""
+    id: str | None = None
+    uuid: str | None = None
+    name: str | None = None
+    path: str | None = None
+    datacenter: str | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
+
+
+class EchoedSourceVm(JobVm):
+    """The request's `source_vm`, as it was sent (unknown keys kept)."""
+    id: str
+    name: str
+    disks: list[EchoedDisk]
+
+
+class CreatedVolume(Body):
+    volume_id: str
+    volume_name: str | None = None
+    size_gb: int
+    status: Literal["created", "reused"]
+
+
+class NbdExport(Body):
+    export_name: str
+    device_path: str | None = None
+    port: int | None = None
+    reused: bool
+    vm_id: str
+    disk_unit_number: int
+
+
+class ReplicationCreated(Body):
+    """The seed's reply: `ready_for_sync` (201), or `queued`/`provisioning` (202)."""
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "job_id": "job-20250812-080802", "status": "ready_for_sync", "progress_percent": 100.0,
+        "source_vm": {"id": "vm-143233", "name": "PGWINTESTBIOS", "disks": [{"id": "disk-001", "size_gb": 40}]},
+        "created_volumes": [{"volume_id": "vol-123456", "volume_name": "migration-pgtest2-pgtest2-disk-0",
+                             "size_gb": 40, "status": "created"}],
+        "nbd_exports": [{"export_name": "migration-vm-4205784a-098a-40f1-1f1e-a5cd2597fd59-disk0",
+                         "device_path": "/dev/vdc", "port": 10809, "reused": True,
+                         "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59", "disk_unit_number": 0}],
+        "started_at": "2025-08-12T08:08:02Z",
+        "message": "Migration workflow started - VM export reused without SIGHUP operation"}]})
+    job_id: str
+    status: str
+    progress_percent: float
+    source_vm: EchoedSourceVm
+    created_volumes: list[CreatedVolume]
+    nbd_exports: list[NbdExport]
+    started_at: str | None = None
+    message: str | None = None
+
+
+class JobDisk(Body):
+    unit_number: int
+    disk_id: str
+    path: str | None = None
+    size_gb: int
+    capacity_bytes: int | None = None
+    datastore: str | None = None
+    volume_id: str | None = None
+    volume_name: str | None = None
+    device_id: int | None = None
+    device_path: str | None = None
+    export_name: str | None = None
+    export_port: int | None = None
+    reused: bool
+    created_by_job: bool
+    attached: bool
+    status: str
+    error: str | None = None
+    previous_change_id: str | None = None
+    change_id: str | None = None
+    bytes_transferred: int
+    total_bytes: int | None = None
+
+
+class JobSummary(Body):
+    job_id: str
+    vm: JobVm
+    vm_name: str
+    replication_type: str
+    ossea_config_id: int
+    status: str
+    progress_percent: float
+    current_operation: str | None = None
+    vma_throughput_mbps: float | None = None
+    vma_eta_seconds: int | None = None
+    bytes_transferred: int
+    total_bytes: int | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    ready_at: str | None = None
+    completed_at: str | None = None
+    error: str | None = None
+    disks: list[JobDisk]
+
+
+class JobList(Page):
+    jobs: list[JobSummary]
+
+
+class JobDetail(JobSummary, ReplicationCreated):
+    """The summary, the seed's create reply fields, and `ready_for_sync`."""
+    model_config = ConfigDict(extra="allow", json_schema_extra=None)  # not the create reply's example
+    success: Literal[True] = True
+    ready_for_sync: bool
+
+
+class ProgressAccepted(Ok):
+    job_id: str
+    status: str
+    applied: bool = Field(description="false when the report was older than what the job has")
+    progress_percent: float
+    bytes_transferred: int
+    total_bytes: int | None = None
+    vma_throughput_mbps: float | None = None
+    vma_eta_seconds: int | None = None
+
+
+class JobCancelled(Message):
+    job_id: str
+    status: str
+    previous_status: str
+    released_volumes: list[str]
+
+
+# --- VM contexts -------------------------------------------------------------------------------
+class VmContext(Body):
+    context_id: str
+    vm_name: str
+    current_status: str
+    total_jobs_run: int
+    successful_jobs: int
+    failed_jobs: int
+    current_job_id: str | None = None
+    vm_id: str | None = None
+    vm_uuid: str | None = None
+    vm_path: str | None = None
+    datacenter: str | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
+    last_event_at: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class VmContextListed(VmContext):
+    current_operation: str | None = None
+    progress_percent: float | None = None
+
+
+class VmContextList(Page):
+    contexts: list[VmContextListed]
+
+
+class ContextJob(Body):
+    id: str
+    status: str
+    replication_type: str | None = None
+    progress_percent: float | None = None
+    current_operation: str | None = None
+    vma_throughput_mbps: float | None = None
+    vma_eta_seconds: int | None = None
+    bytes_transferred: int | None = None
+    total_bytes: int | None = None
+    error: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    updated_at: str | None = None
+
+
+class ContextDisk(Body):
+    unit_number: int
+    disk_id: str | None = None
+    path: str | None = None
+    size_gb: float | None = Field(None, description="whole GiB (stored as a float today: `40.0`)")
+    capacity_bytes: int | None = None
+    datastore: str | None = None
+    volume_id: str | None = None
+    device_path: str | None = None
+    export_name: str | None = None
+    change_id: str | None = None
+
+
+class CbtRecord(Body):
+    job_id: str
+    unit_number: int
+    change_id: str
+    recorded_at: str | None = None
+
+
+class VmContextDetail(Body):
+    """The seed's VM context: no `success` key."""
+    context: VmContext
+    current_job: ContextJob | None = None
+    job_history: list[ContextJob]
+    disks: list[ContextDisk]
+    cbt_history: list[CbtRecord]
+
+
+EVENT_STREAM = {"description": "Server-Sent Events: `event: context` (a VmContextDetail), then `event: update` "
+                               "(`{\"vm_name\", \"context\"}`) per change; `: keep-alive` comments every 15 s",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+

@@ -1,0 +1,92 @@
+"""What the pages show, read over the bus with the same requests as the API routes."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from services.gateway.ui.render import STATUS, vm_view
+from shared import errors
+from shared.bus import Bus
+from shared.subjects import Config, Contexts, Inventory, Replication
+
+PAGE_SIZES = (25, 50, 100)
+# The list request pages by name only; a name filter or another order reads the whole list,
+# at most this many VMs (1,000 per request), and pages it here.
+SCAN_LIMIT = 10_000
+SORT_KEYS = {"name": lambda c: c["vm_name"],
+             "status": lambda c: (c["current_status"], c["vm_name"]),
+             "progress": lambda c: (c.get("progress_percent") or 0.0, c["vm_name"])}
+
+
+@dataclass
+class Query:
+    q: str = ""
+    status: str = ""
+    sort: str = "name"
+    desc: bool = False
+    page: int = 1
+    size: int = PAGE_SIZES[0]
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.q or self.status)
+
+    def params(self, **changes: Any) -> dict[str, Any]:
+        """The query string of this view with some fields changed (links, sort buttons)."""
+        out = {"q": self.q, "status": self.status, "sort": ("-" if self.desc else "") + self.sort,
+               "page": self.page, "size": self.size, **changes}
+        return {k: v for k, v in out.items() if v not in ("", None)}
+
+
+async def counters(bus: Bus) -> dict[str, int]:
+    """VMs per status (the list's `total` for each status filter, which the service caches)."""
+    totals = await asyncio.gather(*(bus.call(Contexts.LIST, {"status": s, "limit": 1}) for s in STATUS))
+    return {s: t["total"] for s, t in zip(STATUS, totals)}
+
+
+async def _scan(bus: Bus, status: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while len(out) < SCAN_LIMIT:
+        page = await bus.call(Contexts.LIST, {**({"status": status} if status else {}), "limit": 1000,
+                                              "offset": len(out)})
+        out += page["contexts"]
+        if len(out) >= page["total"] or not page["contexts"]:
+            break
+    return out
+
+
+async def details(bus: Bus, names: list[str]) -> list[dict[str, Any]]:
+    """Each VM's full context: the list lacks throughput, ETA and the last sync."""
+    bodies = await asyncio.gather(*(bus.call(Contexts.GET, {"vm_name": n}) for n in names),
+                                  return_exceptions=True)
+    return [vm_view(b) for b in bodies if isinstance(b, dict)]  # a VM gone meanwhile is left out
+
+
+async def vm_page(bus: Bus, query: Query) -> tuple[list[dict[str, Any]], int]:
+    """One page of VM rows and the number of VMs matching the filters."""
+    offset = (query.page - 1) * query.size
+    if not query.q and query.sort == "name" and not query.desc:  # the service's own order and paging
+        page = await bus.call(Contexts.LIST, {**({"status": query.status} if query.status else {}),
+                                              "limit": query.size, "offset": offset})
+        return await details(bus, [c["vm_name"] for c in page["contexts"]]), page["total"]
+    rows = await _scan(bus, query.status)
+    if query.q:
+        needle = query.q.casefold()
+        rows = [c for c in rows if needle in c["vm_name"].casefold()]
+    rows.sort(key=SORT_KEYS[query.sort], reverse=query.desc)
+    return await details(bus, [c["vm_name"] for c in rows[offset:offset + query.size]]), len(rows)
+
+
+async def configurations(bus: Bus) -> list[dict[str, Any]]:
+    return (await bus.call(Config.ACTION, {"action": "get"}))["configurations"]
+
+
+async def start_replication(bus: Bus, vm_name: str, config_id: int) -> dict[str, Any]:
+    """The inventory's record of the VM, posted as POST /api/v1/replications would be."""
+    listed = (await bus.call(Inventory.LIST, {"name": vm_name, "limit": 1000}))["vms"]
+    vm = next((v for v in listed if v["name"] == vm_name), None)
+    if vm is None:
+        raise errors.NotFound("VM not in the inventory", f"{vm_name!r}: run discovery for its vCenter first")
+    return await bus.call(Replication.CREATE, {"source_vm": vm, "ossea_config_id": config_id,
+                                               "replication_type": "initial"}, timeout=900)

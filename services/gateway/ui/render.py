@@ -1,0 +1,110 @@
+"""Templates (autoescaped: VM names come from vCenter and are untrusted) and the view of one VM
+row, shared by the page render and the live updates so both draw the same cells."""
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.templating import Jinja2Templates
+from starlette.responses import HTMLResponse
+
+HERE = Path(__file__).parent
+STATIC_DIR = HERE / "static"
+templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html
+
+# Scripts and styles from this origin only: an injected tag or inline handler cannot run.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+# status -> (icon, label, tone): the icon and the words carry the meaning, the colour only helps.
+STATUS = {
+    "discovered": ("○", "Discovered", "idle"),
+    "queued": ("◷", "Queued", "busy"),
+    "provisioning": ("◷", "Provisioning", "busy"),
+    "ready_for_sync": ("◔", "Ready for sync", "busy"),
+    "replicating": ("↻", "Replicating", "busy"),
+    "completed": ("✓", "Completed", "ok"),
+    "failed": ("✕", "Failed", "bad"),
+    "cancelled": ("⊘", "Cancelled", "idle"),
+    "gone": ("⌀", "Gone from vCenter", "idle"),
+}
+ACTIVE = ("queued", "provisioning", "ready_for_sync", "replicating")
+
+
+def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    context.setdefault("user", getattr(request.state, "user", None))
+    return templates.TemplateResponse(request, name, context, status_code=status, headers=SECURITY_HEADERS)
+
+
+def fragment(name: str, **context: Any) -> str:
+    """A template rendered to a string (live updates), through the same autoescaping environment."""
+    return templates.get_template(name).render(**context)
+
+
+def vm_key(vm_name: str) -> str:
+    """A safe id and event name for any VM name."""
+    return "vm-" + hashlib.sha256(vm_name.encode()).hexdigest()[:16]
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def bytes_text(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def when_text(stamp: str | None) -> str:
+    """An RFC 3339 time as UTC, to the minute."""
+    if not stamp:
+        return "—"
+    try:
+        at = datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(timezone.utc)
+    except ValueError:
+        return stamp
+    return at.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def vm_view(body: dict[str, Any]) -> dict[str, Any]:
+    """A VM's row from its context (the GET /vm-contexts/{name} body)."""
+    ctx, job = body["context"], body.get("current_job") or {}
+    status = ctx["current_status"]
+    icon, label, tone = STATUS.get(status, ("?", status.replace("_", " ").capitalize(), "idle"))
+    pct = job.get("progress_percent")
+    rate, eta = job.get("vma_throughput_mbps"), job.get("vma_eta_seconds")
+    active = status in ACTIVE
+    rate_text = f"{rate:.1f} MB/s" if rate is not None and active else "—"
+    eta_str = eta_text(eta) if active else "—"
+    pct_text = f"{pct:.0f}%" if pct is not None else "no progress yet"
+    last_sync = next((j.get("completed_at") for j in body.get("job_history", []) if j.get("status") == "completed"),
+                     None)
+    return {
+        "name": ctx["vm_name"], "key": vm_key(ctx["vm_name"]), "status": status, "icon": icon, "label": label,
+        "tone": tone, "phase": job.get("current_operation") or "—", "percent": pct, "active": active,
+        "rate": rate_text, "eta": eta_str,
+        "valuetext": ", ".join(x for x in (pct_text, rate_text if rate_text != "—" else "",
+                                           f"ETA {eta_str}" if eta_str != "—" else "") if x),
+        "last_sync": when_text(last_sync), "job": job or None, "error": job.get("error"),
+        "bytes": f"{bytes_text(job.get('bytes_transferred'))} of {bytes_text(job.get('total_bytes'))}" if job else "—",
+    }

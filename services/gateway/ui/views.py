@@ -1,0 +1,217 @@
+"""The operator GUI's routes under /ui: thin handlers over ui.data, ui.session and the templates."""
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlencode
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from services.gateway.routers.health import get_health
+from services.gateway.ui import data
+from services.gateway.ui import session as sess
+from services.gateway.ui.render import STATUS, SECURITY_HEADERS, fragment, render, vm_view
+from shared import errors
+from shared.service import validation_details
+from shared.subjects import Auth, Contexts
+
+
+
+class PageRoute(APIRoute):
+    """A browser's page view that fails gets an HTML page with the error's status; forms, htmx
+    requests and API clients keep the seed's JSON error body."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except (errors.OmaError, RequestValidationError) as exc:
+                if (request.method != "GET" or request.headers.get("hx-request")
+                        or "text/html" not in request.headers.get("accept", "")):
+                    raise
+                if isinstance(exc, RequestValidationError):
+                    exc = errors.BadRequest("Validation failed", validation_details(exc.errors()))
+                if exc.status < 400:  # the sign-in redirect
+                    raise exc
+                return render(request, "error.html", exc.status, error=exc)
+        return route
+
+
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
+UPDATE_INTERVAL = 1.0  # a VM's row changes at most once a second on screen
+CELLS = ("status", "phase", "progress", "rate", "eta", "sync")  # the dashboard row's live cells
+REVERIFY = 60.0        # an open event stream re-checks its session this often
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
+
+
+# --- sign in and out -------------------------------------------------------------------------
+def _login_page(request: Request, status: int = 200, error: str | None = None, username: str = "",
+                headers: dict[str, str] | None = None):
+    token = sess.login_csrf(request)
+    response = render(request, "login.html", status, csrf=token, error=error, username=username)
+    response.headers.update(headers or {})
+    sess.set_cookie(request, response, sess.LOGIN_COOKIE, token, max_age=3600)
+    return response
+
+
+@router.get("/login")
+async def login_form(request: Request):
+    return _login_page(request)
+
+
+@router.post("/login")
+async def login(request: Request, username: Annotated[str, Form(max_length=64)] = "",
+                password: Annotated[str, Form(max_length=1024)] = "",
+                csrf_token: Annotated[str, Form(max_length=128)] = ""):
+    if not sess.same(csrf_token, request.cookies.get(sess.LOGIN_COOKIE)):
+        raise errors.Forbidden("CSRF check failed", "reload the sign-in page and try again")
+    client = request.client.host if request.client else ""
+    try:
+        result = await request.app.state.bus.call(
+            Auth.USER_LOGIN, {"username": username, "password": password, "client_addr": client})
+    except (errors.Unauthorized, errors.TooManyRequests) as exc:
+        text = "Wrong username or password." if exc.status == 401 else f"Too many failed attempts: {exc.details}."
+        return _login_page(request, exc.status, text, username, exc.headers)
+    response = _redirect("/ui/")
+    sess.set_cookie(request, response, sess.COOKIE, result["session_token"])
+    response.delete_cookie(sess.LOGIN_COOKIE, path="/ui")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, user: sess.CheckedUser):
+    await request.app.state.bus.call(Auth.USER_LOGOUT, {"token": request.cookies.get(sess.COOKIE)})
+    response = _redirect("/ui/login")
+    response.delete_cookie(sess.COOKIE, path="/ui")
+    return response
+
+
+# --- dashboard -------------------------------------------------------------------------------
+@router.get("/")
+async def dashboard(request: Request, user: sess.User,
+                    q: Annotated[str, Query(max_length=255)] = "",
+                    status: Annotated[str, Query(max_length=32)] = "",
+                    sort: Annotated[str, Query(pattern="^-?(name|status|progress)$")] = "name",
+                    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+                    size: Annotated[int, Query()] = data.PAGE_SIZES[0]):
+    if size not in data.PAGE_SIZES:
+        raise errors.BadRequest("Validation failed", f"size: one of {', '.join(map(str, data.PAGE_SIZES))}")
+    if status and status not in STATUS:
+        raise errors.BadRequest("Validation failed", f"status: one of {', '.join(STATUS)}")
+    query = data.Query(q=q.strip(), status=status, sort=sort.lstrip("-"), desc=sort.startswith("-"), page=page,
+                       size=size)
+    bus = request.app.state.bus
+    (rows, total), counts, configs = await asyncio.gather(
+        data.vm_page(bus, query), data.counters(bus),
+        data.configurations(bus) if user["role"] == "operator" else asyncio.sleep(0, []))
+    pages = max(1, -(-total // query.size))
+    events_url = "/ui/events?" + urlencode([("counters", "true"), *(("vm", r["name"]) for r in rows)])
+    return render(request, "dashboard.html", rows=rows, total=total, counts=counts, query=query, pages=pages,
+                  statuses=STATUS, configs=configs, all_vms=sum(counts.values()), events_url=events_url, cells=CELLS)
+
+
+@router.post("/replications")
+async def start_replications(request: Request, user: sess.Operator,
+                             vm: Annotated[list[str], Form(max_length=255)] = [],  # noqa: B006 (FastAPI copies it)
+                             config_id: Annotated[int | None, Form()] = None):
+    """Start an initial replication of each selected VM; the answer goes to the status region."""
+    if not vm or len(vm) > 100:
+        raise errors.BadRequest("Nothing selected" if not vm else "Too many VMs", "select 1 to 100 VMs")
+    if config_id is None:
+        raise errors.BadRequest("No target", "add an OSSEA configuration first (POST /api/v1/ossea/config)")
+    bus = request.app.state.bus
+    results = await asyncio.gather(*(data.start_replication(bus, name, config_id) for name in vm),
+                                   return_exceptions=True)
+    failed = [(name, r) for name, r in zip(vm, results) if isinstance(r, BaseException)]
+    for _, exc in failed:
+        if not isinstance(exc, errors.OmaError):
+            raise exc
+    return render(request, "_started.html", started=len(results) - len(failed), failed=failed)
+
+
+# --- one VM ----------------------------------------------------------------------------------
+@router.get("/vms/{vm_name:path}")
+async def vm_detail(request: Request, vm_name: str, user: sess.User):
+    body = await request.app.state.bus.call(Contexts.GET, {"vm_name": vm_name})
+    events_url = "/ui/events?" + urlencode([("detail", "true"), ("vm", vm_name)])
+    return render(request, "vm.html", vm=vm_view(body), body=body, events_url=events_url)
+
+
+# --- health ----------------------------------------------------------------------------------
+async def _health(request: Request) -> dict[str, Any]:
+    return orjson.loads((await get_health(request)).body)
+
+
+@router.get("/health")
+async def health_page(request: Request, user: sess.User):
+    return render(request, "health.html", health=await _health(request))
+
+
+@router.get("/health/badge")
+async def health_badge(request: Request, user: sess.User):
+    return render(request, "_health_badge.html", health=await _health(request))
+
+
+# --- live updates: one stream per page -------------------------------------------------------
+@router.get("/events", response_class=EventSourceResponse)
+async def events(request: Request, user: sess.StreamUser,
+                 vm: Annotated[list[str], Query(max_length=255)] = [],  # noqa: B006
+                 detail: bool = False, counters: bool = False):
+    """Fragments for the VMs the page shows (`vm`), named `<key>-<cell>` for the sse-swap cells;
+    `counters` for the dashboard's totals, `announce` for the polite status region."""
+    bus, watched = request.app.state.bus, set(vm[:100])
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+
+    async def on_update(msg: Any) -> None:
+        update = orjson.loads(msg.data)
+        if (update.get("vm_name") in watched or counters) and not queue.full():
+            queue.put_nowait(update)
+
+    sub = await bus.nc.subscribe(Contexts.EVT_UPDATED, cb=on_update)
+    try:
+        pending: dict[str, dict[str, Any]] = {}   # latest context per VM, not yet sent
+        sent: dict[str, float] = {}                # when each VM was last sent
+        last_status: dict[str, str] = {}
+        loop = asyncio.get_running_loop()
+        checked = counted = loop.time()
+        counters_due = False
+        while not await request.is_disconnected():
+            try:
+                update = await asyncio.wait_for(queue.get(), timeout=UPDATE_INTERVAL / 2)
+                counters_due = counters_due or counters
+                if update["vm_name"] in watched:
+                    pending[update["vm_name"]] = update["context"]
+            except asyncio.TimeoutError:
+                pass
+            now = loop.time()
+            for name in [n for n in pending if now - sent.get(n, 0.0) >= UPDATE_INTERVAL]:
+                view, sent[name] = vm_view(pending.pop(name)), now
+                for cell in CELLS:
+                    yield ServerSentEvent(event=f"{view['key']}-{cell}", raw_data=fragment("_cells.html", view=view, cell=cell))
+                if detail:
+                    yield ServerSentEvent(event=f"{view['key']}-job", raw_data=fragment("_job.html", vm=view))
+                if last_status.get(name) != view["status"] and view["status"] in ("completed", "failed"):
+                    yield ServerSentEvent(event="announce", raw_data=fragment("_announce.html", view=view))
+                last_status[name] = view["status"]
+            if counters_due and now - counted >= 2 * UPDATE_INTERVAL:
+                counters_due, counted = False, now
+                yield ServerSentEvent(event="counters", raw_data=fragment(
+                    "_counters.html", counts=await data.counters(bus), statuses=STATUS))
+            if now - checked > REVERIFY:  # idle expiry and logout end the stream too
+                checked = now
+                try:
+                    await sess.stream_user(request)
+                except errors.OmaError:
+                    return
+    finally:
+        await sub.unsubscribe()
