@@ -127,9 +127,9 @@ class Bus:
         try:
             msg = await self.nc.request(subject, data, timeout=timeout or self.timeout, headers=hdrs)
         except NoRespondersError:
-            raise errors.Unavailable("Service unavailable", f"no service answers {subject}") from None
+            raise errors.NoResponders("Service unavailable", f"no service answers {subject}") from None
         except NatsTimeout:
-            raise errors.UpstreamTimeout("Service timeout", f"no reply on {subject} within "
+            raise errors.BusTimeout("Service timeout", f"no reply on {subject} within "
                                          f"{timeout or self.timeout:g}s") from None
         h = msg.headers or {}
         if ERROR_CODE_HEADER in h:

@@ -62,6 +62,14 @@ class UpstreamTimeout(OmaError):
     status, error = 504, "Upstream timeout"
 
 
+class NoResponders(Unavailable):
+    """No instance of the service answers on the bus (not started yet, or restarting): worth a retry."""
+
+
+class BusTimeout(UpstreamTimeout):
+    """A bus request got no reply in time (the service may have died while handling it)."""
+
+
 _BY_STATUS = {cls.status: cls for cls in
               (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, TooManyRequests,
                BadGateway, Unavailable, UpstreamTimeout)}

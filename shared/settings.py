@@ -134,6 +134,13 @@ class Settings(BaseSettings):
     provision_wait: float = Field(120.0, ge=0)
     max_attached_disks: int = Field(32, ge=1)
     keep_failed_resources: bool = False
+    # Replication under faults (docs/replication.md "Restart and faults").
+    cloud_inflight_grace: float | None = Field(None, ge=0, description="seconds a cloud call sent before a "
+                                               "restart may still take effect; unset = cloud_job_timeout")
+    volume_sweep_interval: float = Field(300.0, ge=0, description="seconds between sweeps for orphaned "
+                                         "OMA volumes; 0 = off")
+    dependency_wait: float = Field(60.0, ge=0, description="how long a service waits at start-up for the "
+                                   "services it needs to answer $SRV.PING")
 
     @field_validator("db_type")
     @classmethod

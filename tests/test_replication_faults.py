@@ -162,10 +162,15 @@ def service_env(settings) -> dict[str, str]:
     return env
 
 
-async def start_replication(settings, log: Path) -> asyncio.subprocess.Process:
+async def start_service(name: str, settings, log: Path) -> asyncio.subprocess.Process:
+    """`oma-service NAME` in its own process (so it can be SIGKILLed), with the test's settings."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from shared.cli import oma_service; oma_service()", "replication",
+        sys.executable, "-c", "from shared.cli import oma_service; oma_service()", name,
         env=service_env(settings), stdout=log.open("ab"), stderr=asyncio.subprocess.STDOUT)
+
+
+async def start_replication(settings, log: Path) -> asyncio.subprocess.Process:
+    return await start_service("replication", settings, log)
 
 
 async def answering(env: Env) -> bool:

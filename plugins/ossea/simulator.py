@@ -347,7 +347,9 @@ class CloudStackSimulator:
             Fault(errorcode, errortext, count, sync or command not in ASYNC_COMMANDS))
 
     def set_latency(self, command: str, seconds: float) -> None:
-        """Delay every answer to `command` by `seconds` (0 removes the delay)."""
+        """Delay every call of `command` by `seconds` before it acts (0 removes the delay), like a slow
+        API server: a client that gives up or dies meanwhile does not stop it (createVolume's volume,
+        attachVolume's job still appear)."""
         self._latency[command] = seconds
 
     def set_job_latency(self, seconds: float, command: str | None = None) -> None:
@@ -874,7 +876,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-volumes", type=int, default=20, help="account volume limit (default: %(default)s)")
     p.add_argument("--max-primary-gb", type=int, default=200,
                    help="account primary storage limit in GiB (default: %(default)s)")
+    p.add_argument("--latency", action="append", default=[], metavar="COMMAND=SECONDS",
+                   help="delay every call of COMMAND (e.g. createVolume=6, attachVolume=3); repeatable")
     return p
+
+
+def _latencies(specs: list[str]) -> dict[str, float]:
+    out = {}
+    for spec in specs:
+        command, _, seconds = spec.partition("=")
+        try:
+            out[command] = float(seconds)
+        except ValueError:
+            raise SystemExit(f"--latency: expected COMMAND=SECONDS, got {spec!r}") from None
+    return out
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -883,6 +898,8 @@ async def _serve(args: argparse.Namespace) -> None:
         device_dir=args.device_dir, job_latency=args.job_latency,
         max_data_disks=args.max_data_disks, pci_slots=args.pci_slots, pre_attached=args.pre_attached,
         max_volumes=args.max_volumes, max_primary_gb=args.max_primary_gb)
+    for command, seconds in _latencies(args.latency).items():
+        sim.set_latency(command, seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

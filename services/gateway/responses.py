@@ -315,6 +315,7 @@ class JobDetail(JobSummary, ReplicationCreated):
     model_config = ConfigDict(extra="allow", json_schema_extra=None)  # not the create reply's example
     success: Literal[True] = True
     ready_for_sync: bool
+    cleanup_pending: bool = Field(False, description="a cleanup is left to do; `message` says why")
 
 
 class ProgressAccepted(Ok):
@@ -333,6 +334,8 @@ class JobCancelled(Message):
     status: str
     previous_status: str
     released_volumes: list[str]
+    cleanup_pending: bool = Field(False, description="true when volumes could not be released yet; "
+                                  "`message` says why (retried every cleanup_retry_interval)")
 
 
 # --- VM contexts -------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from sqlalchemy import or_, select
 
 from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
@@ -18,18 +21,48 @@ class ReplicationService(ServiceApp):
     description = "Replication jobs: volumes, attachments, exports, progress"
     migrations = Path(__file__).parent / "migrations"
 
+    # The services recovery and provisioning call; start-up waits for them (bounded, logged).
+    needs = ("config", "export_manager")
+
     async def setup(self) -> None:
         self.jobs = Replicator(self)
         # In the background: recovery needs the config and export services, which may start after us.
-        # Not `spawn`ed: shutdown must not wait for its sleeps; teardown cancels it.
-        self._janitor = asyncio.create_task(self._recover())
+        # Not `spawn`ed: shutdown must not wait for their sleeps; teardown cancels them.
+        self._janitors = [asyncio.create_task(self._recover())]
+        if self.settings.volume_sweep_interval > 0:
+            self._janitors.append(asyncio.create_task(self._sweep(self.settings.volume_sweep_interval)))
 
     async def teardown(self) -> None:
-        self._janitor.cancel()
-        await asyncio.gather(self._janitor, return_exceptions=True)
+        for task in self._janitors:
+            task.cancel()
+        await asyncio.gather(*self._janitors, return_exceptions=True)
+
+    async def wait_for_services(self) -> list[str]:
+        """Until each service in `needs` answers `$SRV.PING.<name>`, at most `dependency_wait`
+        seconds; returns those still silent (work then goes on: bus calls wait for them too)."""
+        deadline = time.monotonic() + self.settings.dependency_wait
+        missing = list(self.needs)
+        logged = 0.0
+        while missing:
+            for name in list(missing):
+                try:
+                    await self.bus.nc.request(f"$SRV.PING.{name}", b"", timeout=1.0)
+                    missing.remove(name)
+                except (NoRespondersError, NatsTimeout):
+                    pass
+            if not missing or time.monotonic() >= deadline:
+                break
+            if time.monotonic() - logged >= 10:
+                logged = time.monotonic()
+                self.log.info("start-up waits for services", extra={"services": missing})
+            await asyncio.sleep(0.5)
+        if missing:
+            self.log.warning("services still not answering; going on", extra={"services": missing})
+        return missing
 
     async def _recover(self) -> None:
         interval = self.settings.cleanup_retry_interval
+        await self.wait_for_services()
         for attempt in range(30):
             try:
                 await self.jobs.recover()
@@ -50,6 +83,15 @@ class ReplicationService(ServiceApp):
                 continue
             if left:
                 self.log.warning("cleanups still pending", extra={"jobs": left})
+
+    async def _sweep(self, interval: float) -> None:
+        """Volumes OMA made that no row holds (docs/replication.md), every `volume_sweep_interval`."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.jobs.sweep_orphans()
+            except Exception:  # noqa: BLE001 - keep the sweep alive; it logs and tries again
+                self.log.exception("orphan sweep failed")
 
     @staticmethod
     def _job_id(req: BusRequest) -> str:

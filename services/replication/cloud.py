@@ -116,10 +116,18 @@ class CloudOps:
 
     # -- steps ----------------------------------------------------------------------------------
 
+    async def data_volumes(self) -> list[dict[str, Any]]:
+        """Every data volume the account sees (paged): what the orphan sweep inspects."""
+        return await self._metered("listVolumes", lambda: self.client.list_volumes(type="DATADISK"))
+
     async def create_volume(self, name: str, zone_id: str, offering_id: str, size_gb: int,
-                            record: Callable[[str], Awaitable[None]]) -> str:
-        """createVolume and wait for its job; `record(id)` runs as soon as the cloud names the volume."""
+                            record: Callable[[str], Awaitable[None]],
+                            sending: Callable[[], Awaitable[None]] | None = None) -> str:
+        """createVolume and wait for its job; `record(id)` runs as soon as the cloud names the volume,
+        `sending()` before each attempt (a restart then knows when the last one may still land)."""
         async def attempt() -> str:
+            if sending is not None:
+                await sending()
             submitted = await self.client.call("createVolume", name=name, zoneid=zone_id,
                                                diskofferingid=offering_id, size=size_gb)
             volume_id = submitted.get("id")
@@ -152,8 +160,14 @@ class CloudOps:
         async def before_retry(exc: CloudStackError) -> dict[str, Any] | None:
             current = await self.volume(volume_id)
             return current if current and current.get("virtualmachineid") == vm_id else None
-        return await self._retrying("attachVolume", lambda: self.client.attach_volume(volume_id, vm_id),
-                                    before_retry)
+        try:
+            return await self._retrying("attachVolume", lambda: self.client.attach_volume(volume_id, vm_id),
+                                        before_retry)
+        except CloudParamError:  # "not attached to any VM": an attach sent before a restart went through
+            current = await self.volume(volume_id)
+            if current and current.get("virtualmachineid") == vm_id:
+                return current
+            raise
 
     async def release(self, volume_id: str) -> None:
         """Detach (if attached) and delete; a volume already gone is fine."""

@@ -67,6 +67,7 @@ PROVISION = Histogram("oma_replication_provision_duration_seconds", "From admiss
                       ["result"], buckets=(.1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600))
 THROUGHPUT = Gauge("oma_vma_throughput_mbps", "Smoothed VMA throughput summed over replicating jobs (MB/s)")
 ATTACHED = Gauge("oma_attached_disks", "Data disks the appliance VM holds (or is about to) for replication")
+SWEPT = Counter("oma_replication_orphans_swept_total", "OMA volumes no row holds, removed by the sweep")
 
 
 def job_id_base(now: datetime) -> str:
@@ -82,9 +83,19 @@ def rounded_gb(disk: Any) -> int:
 
 
 def volume_name(vm_name: str, unit: int, job_id: str) -> str:
-    """Unique per job and disk: how a volume whose id was never recorded is found again."""
+    """Unique per job and disk: how a volume whose id was never recorded is found again, and how
+    the orphan sweep proves a volume is OMA's (`parse_volume_name`)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "-", vm_name)[:120]
     return f"migration-{safe}-disk-{unit}-{job_id}"
+
+
+VOLUME_NAME_RE = re.compile(r"^migration-.+-disk-(?P<unit>\d+)-(?P<job_id>job-\d{8}-\d{6}(?:-\d+)?)$")
+
+
+def parse_volume_name(name: str) -> tuple[str, int] | None:
+    """(job_id, unit) of a name `volume_name` made, else None."""
+    m = VOLUME_NAME_RE.match(name or "")
+    return (m["job_id"], int(m["unit"])) if m else None
 
 
 def parse_since(value: str) -> datetime:
@@ -113,8 +124,22 @@ class Replicator:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def credentials(self, config_id: int) -> dict[str, Any]:
-        return await self.bus.call(Config.CREDENTIALS, {"id": config_id})
+    async def credentials(self, config_id: int, *, wait: bool = True) -> dict[str, Any]:
+        """The configuration's credentials, by the id the job recorded (the config it started with)."""
+        return await self.call(Config.CREDENTIALS, {"id": config_id}, wait=wait)
+
+    async def call(self, subject: str, payload: Any, *, wait: bool = True) -> Any:
+        """A bus call that, with `wait`, rides out a service that is not up yet or died mid-request
+        (no responders, no reply) for at most `dependency_wait`: such a restart never fails a job."""
+        deadline = time.monotonic() + self.settings.dependency_wait
+        while True:
+            try:
+                return await self.bus.call(subject, payload)
+            except (errors.NoResponders, errors.BusTimeout) as exc:
+                if not wait or time.monotonic() >= deadline:
+                    raise
+                self.log.info("waiting for a service", extra={"subject": subject, "reason": str(exc.details)})
+                await asyncio.sleep(1.0)
 
     def cloud(self, creds: dict[str, Any]) -> CloudOps:
         return CloudOps(self.cloud_backend.factory(creds, self.settings), self.settings)
@@ -159,9 +184,10 @@ class Replicator:
     # -- create ---------------------------------------------------------------------------------
 
     async def create(self, req: ReplicationRequest) -> Reply:
+        entered = time.monotonic()
         vm = req.source_vm
         units = vm.disk_slots()  # the request was validated: no two disks share a slot
-        creds = await self.credentials(req.ossea_config_id)  # 404 for an unknown id
+        creds = await self.credentials(req.ossea_config_id, wait=False)  # 404 for an unknown id
         if not creds.get("is_active", True):
             raise errors.Conflict("OSSEA configuration inactive",
                                   f"OSSEA configuration {req.ossea_config_id} ({creds.get('name')}) is not active")
@@ -214,7 +240,8 @@ class Replicator:
         if task is None:
             job, rows = await self.load(job_id)
             return Reply(views.create_reply(job, rows), status=202)
-        await asyncio.wait({task}, timeout=self.settings.provision_wait)
+        # provision_wait counts from the request: the gateway's timeout is derived from it.
+        await asyncio.wait({task}, timeout=max(0.0, self.settings.provision_wait - (time.monotonic() - entered)))
         job, rows = await self.load(job_id)
         if job.status == FAILED:
             raise errors.BadGateway("Replication job failed", f"job {job_id}: {job.error}")
@@ -331,25 +358,26 @@ class Replicator:
         try:
             if row.created_by_job:
                 assert placement is not None
-                volume_id, current = await self._existing_volume(ops, row)
+                volume_id, current = await self._existing_volume(ops, row, oma_vm_id)
                 if volume_id is None:
-                    await self._set(row.id, status=D_CREATING)
-
                     async def record(volume_id: str) -> None:
                         await self._set(row.id, volume_id=volume_id)
+
+                    async def sending() -> None:  # stamps updated_at: a restart waits out this attempt
+                        await self._set(row.id, status=D_CREATING, updated_at=utcnow())
                     volume_id = await ops.create_volume(row.volume_name, placement[0], placement[1],
-                                                        row.size_gb, record)
+                                                        row.size_gb, record, sending)
                     await self._set(row.id, volume_id=volume_id, status=D_CREATED)
                 if not current or current.get("virtualmachineid") != oma_vm_id:
-                    await self._set(row.id, status=D_ATTACHING)
+                    await self._set(row.id, status=D_ATTACHING, updated_at=utcnow())
                     volume = await ops.attach(volume_id, oma_vm_id)
                     await self._set(row.id, status=D_ATTACHED, device_id=volume.get("deviceid"))
                 path = await self.resolver.resolve(volume_id, self.settings.device_wait)
             else:
                 path = await self._reused_device(ops, row, oma_vm_id)
             await self._set(row.id, status=D_EXPORTING, device_path=path)
-            export = await self.bus.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
-                                                          "vm_name": job.vm_name, "device_path": path})
+            export = await self.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
+                                                      "vm_name": job.vm_name, "device_path": path})
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
                             export_port=export.get("port"), export_uri=export.get("uri"),
                             reused=bool(export.get("reused")),
@@ -360,21 +388,42 @@ class Replicator:
             await self._set(row.id, status=D_FAILED, error=error_text(exc))
             raise
 
-    async def _existing_volume(self, ops: CloudOps, row: JobVolume) -> tuple[str | None, dict[str, Any] | None]:
-        """What a job resumed after a restart already has in the cloud for this disk: the recorded
-        volume, or one its unanswered createVolume made (found by its unique name). A fresh disk
-        (status pending, no id) costs no cloud call."""
+    async def _existing_volume(self, ops: CloudOps, row: JobVolume,
+                               oma_vm_id: str) -> tuple[str | None, dict[str, Any] | None]:
+        """What a job resumed after a restart already has in the cloud for this disk: after any call
+        sent before the restart can no longer land (`_settle`), every volume carrying the disk's unique
+        name; one is kept (the recorded one, else the one attached to us) and the others are released.
+        A fresh disk (status pending, no id) costs no cloud call."""
         if row.volume_id is None and row.status == D_PENDING:
             return None, None
-        if row.volume_id is None:
-            found = await ops.by_name(row.volume_name)
-            if not found:
-                return None, None
-            await self._set(row.id, volume_id=found[0]["id"])
-            await ops.sweep(row.volume_name, keep=found[0]["id"])  # a second unanswered attempt's
-            return found[0]["id"], found[0]
-        current = await ops.volume(row.volume_id)
-        return (row.volume_id, current) if current is not None else (None, None)
+        if row.status in (D_CREATING, D_ATTACHING):
+            await self._settle(row)
+        found = await ops.by_name(row.volume_name)
+        if not found:
+            current = await ops.volume(row.volume_id) if row.volume_id else None
+            return (row.volume_id, current) if current is not None else (None, None)
+        keep = (next((v for v in found if v["id"] == row.volume_id), None)
+                or next((v for v in found if v.get("virtualmachineid") == oma_vm_id), found[0]))
+        if keep["id"] != row.volume_id:
+            await self._set(row.id, volume_id=keep["id"])
+        for extra in (v for v in found if v["id"] != keep["id"]):
+            self.log.warning("duplicate volume of a resumed disk released",
+                             extra={"job_id": row.job_id, "volume_id": extra["id"], "kept": keep["id"]})
+            await ops.release(extra["id"])
+        return keep["id"], keep
+
+    def inflight_grace(self) -> float:
+        grace = self.settings.cloud_inflight_grace
+        return self.settings.cloud_job_timeout if grace is None else grace
+
+    async def _settle(self, row: JobVolume) -> None:
+        """Wait until a createVolume/attachVolume sent before the restart (stamped in `updated_at`)
+        can no longer take effect in the cloud; only then is what the cloud holds final."""
+        left = self.inflight_grace() - (utcnow() - row.updated_at).total_seconds()
+        if left > 0:
+            self.log.info("resumed disk waits for calls sent before the restart",
+                          extra={"job_id": row.job_id, "unit_number": row.unit_number, "seconds": round(left, 1)})
+            await asyncio.sleep(left)
 
     async def _reused_device(self, ops: CloudOps, row: JobVolume, oma_vm_id: str) -> str:
         """The VM's existing volume: normally still attached; re-attached if someone detached it."""
@@ -449,9 +498,14 @@ class Replicator:
         await self.pump()
         job, _ = await self.load(job_id)
         self.log.info("replication job deleted", extra={"job_id": job_id, "was": before, "released": len(released)})
-        what = "cancelled" if before in IN_FLIGHT else f"was {before}; its volumes were released"
+        what = "cancelled" if before in IN_FLIGHT else f"was {before}"
+        if job.cleanup_pending:  # not silently `released_volumes: []`: what is left, and why
+            what += f"; {job.message}"
+        elif before not in IN_FLIGHT:
+            what += "; its volumes were released"
         return {"success": True, "job_id": job_id, "status": job.status, "previous_status": before,
-                "released_volumes": released, "message": f"Job {job_id} {what}"}
+                "released_volumes": released, "message": f"Job {job_id} {what}",
+                "cleanup_pending": bool(job.cleanup_pending)}
 
     async def cleanup(self, job_id: str, *, created_only: bool, ops: CloudOps | None = None,
                       sweep: bool = False) -> list[str]:
@@ -468,8 +522,8 @@ class Replicator:
                     JobVolume.volume_id.is_not(None)))).all())
             own = ops is None
             try:
-                if own:
-                    ops = self.cloud(await self.credentials(job.ossea_config_id))
+                if own:  # the configuration the job started with, by its recorded id
+                    ops = self.cloud(await self._cleanup_credentials(job))
                 outcomes = await asyncio.gather(*(self._release_row(ops, job, r, others) for r in targets),
                                                 return_exceptions=True)
             except Exception as exc:  # noqa: BLE001 - e.g. the configuration is gone: retried on restart
@@ -484,9 +538,22 @@ class Replicator:
         else:
             problems = []
         async with self.sessions.begin() as db:
-            (await self._job(db, job_id)).cleanup_pending = bool(problems)
+            row = await self._job(db, job_id)
+            row.cleanup_pending = bool(problems)
+            if problems:  # said on the job (and in the DELETE reply), not only in a log
+                row.message = f"Cleanup pending: {error_text(problems[0])}"[:255]
+            elif row.message and row.message.startswith("Cleanup pending"):
+                row.message = "Cleanup done"
         await self.refresh_gauges()
         return released
+
+    async def _cleanup_credentials(self, job: ReplicationJob) -> dict[str, Any]:
+        try:
+            return await self.credentials(job.ossea_config_id, wait=False)
+        except errors.NotFound:
+            raise errors.Conflict("OSSEA configuration gone", f"OSSEA configuration {job.ossea_config_id}, "
+                                  "which this job's volumes were created with, no longer exists; they stay in "
+                                  "the cloud until it is restored (retried every cleanup_retry_interval)") from None
 
     async def _release_row(self, ops: CloudOps, job: ReplicationJob, row: JobVolume, others: set[str]) -> list[str]:
         if row.holds_volume and (row.export_name or row.status in (D_EXPORTING, D_READY)):
@@ -539,6 +606,61 @@ class Replicator:
         if job_ids and left < len(job_ids):
             await self.pump()
         return left or 0
+
+    async def sweep_orphans(self) -> list[str]:
+        """Release the cloud volumes this appliance made that no row holds: a createVolume that landed
+        after its job was cancelled, failed or killed. A volume is touched only when its whole name is the
+        one `volume_name` gives a job of this database (VM, disk, job id), on the same configuration,
+        that can no longer adopt it (not queued, not provisioning, no cleanup of its own pending), and
+        it is attached to no VM but ours. Unknown job ids (another appliance, a wiped database) are left."""
+        async with self.sessions() as db:
+            config_ids = (await db.scalars(select(ReplicationJob.ossea_config_id).distinct())).all()
+        swept: list[str] = []
+        for config_id in config_ids:
+            try:
+                creds = await self.credentials(config_id, wait=False)
+            except errors.OmaError as exc:  # gone or down: its jobs' cleanups say so
+                self.log.info("orphan sweep skips a configuration", extra={"ossea_config_id": config_id,
+                                                                           "reason": error_text(exc)})
+                continue
+            ops = self.cloud(creds)
+            try:
+                swept += await self._sweep_account(ops, config_id, creds.get("oma_vm_id"))
+            finally:
+                await ops.close()
+        if swept:
+            await self.refresh_gauges()
+        return swept
+
+    async def _sweep_account(self, ops: CloudOps, config_id: int, oma_vm_id: str | None) -> list[str]:
+        named = {v["id"]: (v, parsed) for v in await ops.data_volumes()
+                 if (parsed := parse_volume_name(v.get("name", "")))}
+        if not named:
+            return []
+        async with self.sessions() as db:
+            jobs = {j.job_id: j for j in (await db.scalars(select(ReplicationJob).where(
+                ReplicationJob.job_id.in_({p[0] for _, p in named.values()})))).all()}
+            held = set((await db.scalars(select(JobVolume.volume_id).where(
+                JobVolume.holds_volume.is_(True), JobVolume.volume_id.in_(list(named))))).all())
+        swept = []
+        for volume_id, (vol, (job_id, unit)) in named.items():
+            job = jobs.get(job_id)
+            if (job is None or job.ossea_config_id != config_id or volume_id in held
+                    or vol["name"] != volume_name(job.vm_name, unit, job.job_id)  # the whole name, VM too
+                    or job.status in (QUEUED, PROVISIONING) or job.cleanup_pending
+                    or vol.get("virtualmachineid") not in (None, oma_vm_id)):
+                continue
+            try:
+                await ops.release(volume_id)
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                self.log.warning("orphan sweep could not release a volume",
+                                 extra={"volume_id": volume_id, "reason": error_text(exc)})
+                continue
+            SWEPT.inc()
+            swept.append(volume_id)
+            self.log.warning("orphaned volume released", extra={"volume_id": volume_id, "volume_name": vol["name"],
+                                                                "job_id": job_id, "unit_number": unit})
+        return swept
 
     # -- progress from the VMA ------------------------------------------------------------------
 

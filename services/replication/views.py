@@ -82,7 +82,7 @@ def create_reply(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:
 
 def detail(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:
     return {"success": True, **summary(job, rows), **create_reply(job, rows),
-            "ready_for_sync": job.status == READY}
+            "ready_for_sync": job.status == READY, "cleanup_pending": bool(job.cleanup_pending)}
 
 
 def event(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:

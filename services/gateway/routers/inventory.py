@@ -23,9 +23,11 @@ async def vcenter_config(body: VCenterRequest, bus: BusDep, request: Request):
 
 
 @router.get("/vms/discover", response_model=r.Discovery, responses=errors_doc(400, 401, 404, 502, 504))
-async def discover(bus: BusDep, vcenter: str = Query(min_length=1, max_length=255)):
+async def discover(bus: BusDep, request: Request, vcenter: str = Query(min_length=1, max_length=255)):
     """Read the vCenter's inventory now, store it, and return the VMs with a summary."""
-    return await forward(bus, Inventory.DISCOVER, {"vcenter": vcenter}, timeout=600)
+    # A login and a bounded series of paged reads, each within vsphere_timeout.
+    timeout = max(bus.timeout, request.app.state.settings.vsphere_timeout * 10)
+    return await forward(bus, Inventory.DISCOVER, {"vcenter": vcenter}, timeout=timeout)
 
 
 @router.get("/vms", response_model=r.VmList, responses=errors_doc(400, 401))

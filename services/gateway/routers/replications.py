@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
@@ -15,13 +15,27 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, description="e.g. job-2
 router = APIRouter(prefix="/api/v1", tags=["replication"])
 
 
+# Timeouts derive from the settings the replication service works by, plus one bus round trip.
+def create_timeout(settings: Any) -> float:
+    """The service answers 202 once `provision_wait` has passed since it got the request."""
+    return settings.provision_wait + settings.request_timeout
+
+
+def cancel_timeout(settings: Any) -> float:
+    """A cancel detaches and deletes (in parallel across disks): two cloud steps, each bounded by
+    `cloud_job_timeout` plus one last request of `cloud_timeout`."""
+    return 2 * (settings.cloud_job_timeout + settings.cloud_timeout) + settings.request_timeout
+
+
 @router.post("/replications", status_code=201, response_model=r.ReplicationCreated,
              responses={201: {"description": "ready_for_sync"},
                         202: {"model": r.ReplicationCreated, "description": "queued or still provisioning"},
                         **errors_doc(400, 401, 404, 409, 502, 504)})
-async def create_replication(body: ReplicationRequest, bus: BusDep):
-    """Create volumes, attach them, and publish NBD exports for every disk of `source_vm`."""
-    return await forward(bus, Replication.CREATE, body.model_dump(mode="json"), timeout=900)
+async def create_replication(body: ReplicationRequest, bus: BusDep, request: Request):
+    """Create volumes, attach them, and publish NBD exports for every disk of `source_vm`: 201 when
+    ready_for_sync, 202 (poll the job) when still queued or provisioning after `provision_wait`."""
+    return await forward(bus, Replication.CREATE, body.model_dump(mode="json"),
+                         timeout=create_timeout(request.app.state.settings))
 
 
 @router.get("/replication/jobs", response_model=r.JobList, responses=errors_doc(400, 401))
@@ -47,6 +61,7 @@ async def report_progress(job_id: JobId, body: ProgressReport, bus: BusDep):
 
 
 @router.delete("/replication/jobs/{job_id}", response_model=r.JobCancelled, responses=errors_doc(401, 404, 409))
-async def cancel_job(job_id: JobId, bus: BusDep):
+async def cancel_job(job_id: JobId, bus: BusDep, request: Request):
     """Cancel a job in flight and clean up what it created."""
-    return await forward(bus, Replication.CANCEL, {"job_id": job_id}, timeout=600)
+    return await forward(bus, Replication.CANCEL, {"job_id": job_id},
+                         timeout=cancel_timeout(request.app.state.settings))

@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.gateway.routers.health import get_health
+from services.gateway.routers.replications import create_timeout
 from services.gateway.ui import data
 from services.gateway.ui import session as sess
 from services.gateway.ui.render import STATUS, SECURITY_HEADERS, fragment, render, vm_view
@@ -130,7 +131,8 @@ async def start_replications(request: Request, user: sess.Operator,
     if config_id is None:
         raise errors.BadRequest("No target", "add an OSSEA configuration first (POST /api/v1/ossea/config)")
     bus = request.app.state.bus
-    results = await asyncio.gather(*(data.start_replication(bus, name, config_id) for name in vm),
+    timeout = create_timeout(request.app.state.settings)
+    results = await asyncio.gather(*(data.start_replication(bus, name, config_id, timeout) for name in vm),
                                    return_exceptions=True)
     failed = [(name, r) for name, r in zip(vm, results) if isinstance(r, BaseException)]
     for _, exc in failed:
