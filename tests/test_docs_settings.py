@@ -17,6 +17,7 @@ FIELDS = set(Settings.model_fields)
 NOT_SETTINGS = {
     "OMA_EVENTS": "the JetStream stream of oma.evt.>",
     "OMA_VCSIM_BIN": "where ops/vcsim/build.sh puts the vCenter simulator (tests, benchmarks)",
+    "OMA_GUI_SCREENSHOTS": "tests/test_gui.py refreshes docs/gui/ when set",
     "OMA_VMA_SIM_TOKEN": "oma-vma-sim's appliance token (the simulator's own, not the appliance's)",
 }
 ENV_NAME = re.compile(r"\bOMA_[A-Z0-9_]*[A-Z0-9]")
