@@ -93,6 +93,6 @@ async def test_discover_replicate_stream_progress_and_reuse(make_settings, tmp_p
                 assert sorted(e["export_name"] for e in again["nbd_exports"]) == [e["export_name"] for e in exports]
                 assert sum(1 for c in sim.calls if c["command"] == "createVolume") == creates
                 listed = (await client.get("/api/v1/vm-contexts", headers=h)).json()
-                assert any(c["vm_name"] == "e2e-vm" for c in listed["contexts"])
+                assert any(c["vm_name"] == "e2e-vm" for c in listed["vm_contexts"])
         finally:
             await sim.stop()
