@@ -242,6 +242,18 @@ class ReplicationRequest(BaseModel):
     existing_context_id: Token | None = Field(None, description=ORIGINAL_SCHEDULER + "The VM context the "
                                               "scheduler knows; recorded on the job.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, data: Any) -> Any:
+        """The original's clients send "" for a field they have no value for."""
+        if isinstance(data, dict):
+            return {k: None if v == "" and k in ORIGINAL_REQUEST_FIELDS else v for k, v in data.items()}
+        return data
+
+
+ORIGINAL_REQUEST_FIELDS = frozenset(ReplicationRequest.model_fields) - {"source_vm", "ossea_config_id",
+                                                                        "replication_type"}
+
 
 class DiskProgress(BaseModel):
     model_config = ConfigDict(extra="forbid")
