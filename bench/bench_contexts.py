@@ -98,11 +98,11 @@ async def bulk_insert(db_name: str, vms: int, jobs_per_vm: int) -> float:
                 cbt += [dict(vm_name=name, job_id=job_id, unit_number=u, change_id=f"52 3c ec 1b/{v}-{j}-{u}",
                              recorded_at=created + timedelta(seconds=30)) for u in (0, 1)]
         last = T0 + timedelta(minutes=v * jobs_per_vm + jobs_per_vm - 1)
-        contexts.append(dict(context_id=f"ctx-{name}-20250101-000000", vm_name=name, vm_id=f"vm-{v}",
-                             vm_uuid=str(uuid.UUID(int=v)), path=f"/DC/vm/{name}", datacenter="DC", cpus=2,
+        contexts.append(dict(context_id=f"ctx-{name}-20250101-000000", vm_name=name, vmware_vm_id=f"vm-{v}",
+                             vm_uuid=str(uuid.UUID(int=v)), path=f"/DC/vm/{name}", datacenter="DC", cpu_count=2,
                              memory_mb=4096, current_status="replicating", current_job_id=jobs[-1]["job_id"],
                              total_jobs_run=jobs_per_vm, successful_jobs=done, failed_jobs=failed,
-                             last_event_at=last, created_at=T0, updated_at=last))
+                             last_job_at=last, created_at=T0, updated_at=last))
         disks += [dict(vm_name=name, unit_number=u, disk_id=f"disk-{u}", path=f"[ds1] {name}/{name}_{u}.vmdk",
                        size_gb=40, capacity_bytes=42949672960, datastore="ds1", volume_id=f"vol-{v}-{u}",
                        device_path=f"/dev/vd{'bc'[u]}", export_name=f"migration-vm-{v}-disk{u}",

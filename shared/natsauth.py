@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Replication
+from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Inventory, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -71,8 +71,9 @@ def permissions() -> dict[str, Permissions]:
             "config", Replication.USING_CONFIG,
             comment="Asks replication which jobs use a configuration before deleting it."),
         "replication": _service(
-            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE,
-            comment="The only caller of the decrypted cloud credentials; ensures/deactivates exports."),
+            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.LIST,
+            comment="The only caller of the decrypted cloud credentials; ensures/deactivates exports;\n"
+                    "lists the inventory to check a request's vcenter_host."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

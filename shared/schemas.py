@@ -214,11 +214,45 @@ REPLICATION_EXAMPLE = {
     "ossea_config_id": 1, "replication_type": "initial"}
 
 
+# The original appliance's clients send these beside the seed's three keys (docs/replication.md).
+ORIGINAL_GUI = "Sent by the original GUI. "
+ORIGINAL_SCHEDULER = "Sent by the original scheduler. "
+Token = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_CONTROL)]
+
+
 class ReplicationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [REPLICATION_EXAMPLE]})
     source_vm: SourceVM
     ossea_config_id: Id
     replication_type: Literal["initial", "incremental"] = "initial"
+    vcenter_host: Token | None = Field(None, description=ORIGINAL_GUI + "The vCenter (host or configuration "
+                                       "name) the VM was discovered in; 400 when the inventory disagrees.")
+    datacenter: Token | None = Field(None, description=ORIGINAL_GUI + "The VM's datacenter; 400 when it "
+                                     "contradicts source_vm.datacenter or the inventory.")
+    target_network: Token | None = Field(None, description=ORIGINAL_GUI + "The OSSEA network the VM's NICs "
+                                         "map to by default; recorded on the job.")
+    change_id: Token | None = Field(None, description=ORIGINAL_GUI + "The VM's last CBT change id: the "
+                                       "base of an incremental job whose disks carry none.")
+    previous_change_id: Token | None = Field(None, description=ORIGINAL_GUI + "The base of the CBT delta "
+                                                "(wins over change_id) for disks that carry none.")
+    snapshot_id: Token | None = Field(None, description=ORIGINAL_GUI + "The VMware snapshot; recorded.")
+    schedule_execution_id: Token | None = Field(None, description=ORIGINAL_SCHEDULER + "Recorded on the job.")
+    vm_group_id: Token | None = Field(None, description=ORIGINAL_SCHEDULER + "Recorded on the job.")
+    scheduled_by: Token | None = Field(None, description=ORIGINAL_SCHEDULER + "Recorded on the job.")
+    existing_context_id: Token | None = Field(None, description=ORIGINAL_SCHEDULER + "The VM context the "
+                                              "scheduler knows; recorded on the job.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, data: Any) -> Any:
+        """The original's clients send "" for a field they have no value for."""
+        if isinstance(data, dict):
+            return {k: None if v == "" and k in ORIGINAL_REQUEST_FIELDS else v for k, v in data.items()}
+        return data
+
+
+ORIGINAL_REQUEST_FIELDS = frozenset(ReplicationRequest.model_fields) - {"source_vm", "ossea_config_id",
+                                                                        "replication_type"}
 
 
 class DiskProgress(BaseModel):

@@ -111,6 +111,7 @@ def discovered(clock: Clock, vm: str, change: str = "new", cpus: int = 4) -> tup
         "event_id": uuid.uuid4().hex, "occurred_at": ts(at), "vcenter": "vcenter.example.com", "change": change,
         "vm": {"id": f"vm-{vm}", "uuid": f"4205-{vm}", "name": vm, "path": f"/DatabanxDC/vm/{vm}",
                "datacenter": "DatabanxDC", "cpus": cpus, "memory_mb": 8192, "power_state": "poweredOn",
+               "guest_os": "rhel8_64Guest",
                "cbt_enabled": True, "nics": [],
                "disks": [{"id": "disk-000", "unit_number": 0, "path": f"[datastore1] {vm}/{vm}.vmdk",
                           "size_gb": 40, "capacity_bytes": 40 * 2**30, "datastore": "datastore1"}]}}
@@ -181,7 +182,7 @@ async def test_job_lifecycle_gives_the_seed_shape(ctx_settings, bus):
         assert {k: ctx[k] for k in ("vm_name", "current_status", "total_jobs_run", "successful_jobs",
                                     "failed_jobs")} == {"vm_name": "pgtest1", "current_status": "completed",
                                                         "total_jobs_run": 1, "successful_jobs": 1, "failed_jobs": 0}
-        assert (ctx["cpus"], ctx["memory_mb"], ctx["datacenter"]) == (2, 4096, "DatabanxDC")
+        assert (ctx["cpu_count"], ctx["memory_mb"], ctx["datacenter"]) == (2, 4096, "DatabanxDC")
         cur = body["current_job"]
         assert {"id", "status", "progress_percent", "current_operation", "vma_throughput_mbps",
                 "vma_eta_seconds"} <= set(cur)
@@ -238,14 +239,21 @@ async def test_inventory_discovered_then_jobs(ctx_settings, bus):
         h = await login(client)
         await publish(bus, [discovered(clock, "newvm", cpus=4)])
         body = await until(client, h, "newvm", lambda b: True)
-        assert body["context"]["current_status"] == "discovered" and body["context"]["cpus"] == 4
+        ctx = body["context"]
+        assert ctx["current_status"] == "discovered" and ctx["cpu_count"] == 4
+        # The inventory's place and state, under the original GUI's names; no job yet.
+        assert (ctx["vmware_vm_id"], ctx["vcenter_host"], ctx["os_type"], ctx["power_state"], ctx["last_job_at"]) == \
+            ("vm-newvm", "vcenter.example.com", "rhel8_64Guest", "poweredOn", None)
         assert body["current_job"] is None and body["job_history"] == [] and body["cbt_history"] == []
         assert [(d["unit_number"], d["size_gb"]) for d in body["disks"]] == [(0, 40)]
 
         job = Job(clock, "newvm", "job-newvm-1", disks=1)
         await publish(bus, [job.event("created"), discovered(clock, "newvm", change="changed", cpus=8)])
-        body = await until(client, h, "newvm", lambda b: b["context"]["cpus"] == 8)
+        body = await until(client, h, "newvm", lambda b: b["context"]["cpu_count"] == 8)
         assert body["context"]["current_status"] == "queued"  # inventory never overrides a job's status
+        # A job's VM (no guest OS, no power state) keeps what the inventory said.
+        assert (body["context"]["os_type"], body["context"]["power_state"]) == ("rhel8_64Guest", "poweredOn")
+        assert body["context"]["last_job_at"] is not None
         assert body["disks"][0]["export_name"] == "migration-vm-newvm-disk0"
 
 
@@ -375,7 +383,7 @@ async def test_catch_up_after_restart_on_mariadb(ctx_settings, bus, mariadb_name
     assert {"vm_contexts", "context_jobs", "context_disks", "cbt_history",
             "alembic_version_context_aggregator"} <= tables
     assert "ix_context_jobs_vm_created" in job_indexes
-    assert columns["last_event_at"] == 3  # milliseconds kept: "newest first" stays exact
+    assert columns["last_job_at"] == 3  # milliseconds kept: "newest first" stays exact
 
 
 async def test_fresh_database_under_an_old_consumer_replays(ctx_settings, bus):
@@ -415,30 +423,30 @@ async def test_list_filters_and_pagination(ctx_settings, bus):
         r = await client.get("/api/v1/vm-contexts", headers=h)
         body = r.json()
         assert r.status_code == 200 and body["success"] is True
-        assert (body["total"], body["limit"], body["offset"], len(body["contexts"])) == (25, 100, 0, 25)
-        names = [c["vm_name"] for c in body["contexts"]]
+        assert (body["total"], body["limit"], body["offset"], len(body["vm_contexts"])) == (25, 100, 0, 25)
+        names = [c["vm_name"] for c in body["vm_contexts"]]
         assert names == sorted(names)
-        row = next(c for c in body["contexts"] if c["vm_name"] == "r-03")
+        row = next(c for c in body["vm_contexts"] if c["vm_name"] == "r-03")
         assert {"context_id", "vm_name", "current_status", "total_jobs_run", "successful_jobs", "failed_jobs",
-                "current_operation", "progress_percent", "cpus", "memory_mb", "datacenter",
-                "last_event_at"} <= set(row)
+                "current_operation", "progress_percent", "cpu_count", "memory_mb", "datacenter",
+                "current_job_id", "last_job_at", "updated_at"} <= set(row)
         assert (row["current_status"], row["current_operation"], row["progress_percent"]) == \
             ("replicating", "Transferring Data", 13.0)
 
         disc = (await client.get("/api/v1/vm-contexts", params={"status": "discovered"}, headers=h)).json()
-        assert disc["total"] == 5 and [c["vm_name"] for c in disc["contexts"]] == [f"d-{i:02d}" for i in range(5)]
-        assert all(c["current_operation"] is None and c["total_jobs_run"] == 0 for c in disc["contexts"])
+        assert disc["total"] == 5 and [c["vm_name"] for c in disc["vm_contexts"]] == [f"d-{i:02d}" for i in range(5)]
+        assert all(c["current_operation"] is None and c["total_jobs_run"] == 0 for c in disc["vm_contexts"])
 
         pages = []
         for offset in (0, 10, 20):
             page = (await client.get("/api/v1/vm-contexts", params={"limit": 10, "offset": offset},
                                      headers=h)).json()
             assert page["total"] == 25 and (page["limit"], page["offset"]) == (10, offset)
-            pages += [c["vm_name"] for c in page["contexts"]]
+            pages += [c["vm_name"] for c in page["vm_contexts"]]
         assert pages == names
         page = (await client.get("/api/v1/vm-contexts", params={"status": "replicating", "limit": 3, "offset": 8},
                                  headers=h)).json()
-        assert page["total"] == 10 and [c["vm_name"] for c in page["contexts"]] == ["r-08", "r-09"]
+        assert page["total"] == 10 and [c["vm_name"] for c in page["vm_contexts"]] == ["r-08", "r-09"]
         assert (await client.get("/api/v1/vm-contexts", params={"status": "nope"}, headers=h)).json()["total"] == 0
 
         assert_error_shape(await client.get("/api/v1/vm-contexts", params={"limit": 0}, headers=h), 400)

@@ -36,7 +36,7 @@ from shared import errors
 from shared.bus import Bus
 from shared.natsserver import _die_with_parent, find_binary, free_port
 from shared.settings import METRICS_PORTS, SERVICES, Settings
-from shared.subjects import Config, Contexts, Exports, health
+from shared.subjects import Config, Contexts, Exports, Inventory, health
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -525,6 +525,9 @@ async def test_only_replication_gets_cloud_credentials_and_exports(stack: Stack)
     # replication's other calls: the exports of its jobs.
     await answered(stack, "replication", Exports.DEACTIVATE, {})
     await denied(stack, "inventory", Exports.ENSURE)
+    # and the inventory listing that checks a request's vcenter_host (services/replication/original.py).
+    await answered(stack, "replication", Inventory.LIST, {})
+    await denied(stack, "replication", Inventory.DISCOVER)
 
 
 async def test_services_cannot_listen_or_speak_for_others(stack: Stack):

@@ -43,6 +43,8 @@ class EventVm(BaseModel):
     datacenter: str | None = Field(None, max_length=255)
     cpus: int | None = Field(None, ge=0)
     memory_mb: int | None = Field(None, ge=0)
+    guest_os: str | None = Field(None, max_length=128)     # inventory only
+    power_state: str | None = Field(None, max_length=32)   # inventory only
 
 
 class EventDisk(BaseModel):
@@ -61,6 +63,7 @@ class EventDisk(BaseModel):
     device_path: str | None = Field(None, max_length=255)
     export_name: str | None = Field(None, max_length=255)
     change_id: str | None = Field(None, max_length=255)
+    previous_change_id: str | None = Field(None, max_length=255)  # job only: the base of its delta
 
     def slot(self, position: int) -> int:
         """The disk's slot, as replication numbers it (shared/disk_slot.py)."""
@@ -83,6 +86,12 @@ class JobEvent(_Event):
     started_at: datetime | None = None
     completed_at: datetime | None = None
     error: str | None = None
+    vma_sync_type: str | None = Field(None, max_length=16)
+    vcenter_host: str | None = Field(None, max_length=255)
+    schedule_execution_id: str | None = Field(None, max_length=255)
+    vm_group_id: str | None = Field(None, max_length=255)
+    scheduled_by: str | None = Field(None, max_length=255)
+    existing_context_id: str | None = Field(None, max_length=255)
     disks: list[EventDisk] = Field(default_factory=list, max_length=64)
 
     @field_validator("disks")

@@ -29,19 +29,23 @@ class VmContext(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     context_id: Mapped[str] = mapped_column(String(300), unique=True)
     vm_name: Mapped[str] = mapped_column(String(255), unique=True)
-    vm_id: Mapped[str | None] = mapped_column(String(255))
+    # Names as the original appliance's GUI reads them (docs/vm-contexts.md).
+    vmware_vm_id: Mapped[str | None] = mapped_column(String(255))
     vm_uuid: Mapped[str | None] = mapped_column(String(64))
+    vcenter_host: Mapped[str | None] = mapped_column(String(255))
     path: Mapped[str | None] = mapped_column(String(1024))
     datacenter: Mapped[str | None] = mapped_column(String(255))
-    cpus: Mapped[int | None] = mapped_column(Integer)
+    cpu_count: Mapped[int | None] = mapped_column(Integer)
     memory_mb: Mapped[int | None] = mapped_column(Integer)
+    os_type: Mapped[str | None] = mapped_column(String(128))       # the inventory's guest OS id
+    power_state: Mapped[str | None] = mapped_column(String(32))    # from the inventory
     current_status: Mapped[str] = mapped_column(String(32))
     current_job_id: Mapped[str | None] = mapped_column(String(128))
     total_jobs_run: Mapped[int] = mapped_column(Integer, default=0)
     successful_jobs: Mapped[int] = mapped_column(Integer, default=0)
     failed_jobs: Mapped[int] = mapped_column(Integer, default=0)
     inventory_at: Mapped[datetime | None] = mapped_column(Stamp)  # newest inventory event applied
-    last_event_at: Mapped[datetime] = mapped_column(Stamp)
+    last_job_at: Mapped[datetime | None] = mapped_column(Stamp)  # newest job event applied
     created_at: Mapped[datetime] = mapped_column(Stamp)
     updated_at: Mapped[datetime] = mapped_column(Stamp)
 
@@ -62,6 +66,12 @@ class ContextJob(Base):
     bytes_transferred: Mapped[int | None] = mapped_column(BigInteger)
     total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
+    vma_sync_type: Mapped[str | None] = mapped_column(String(16))  # full | incremental
+    # What the original's scheduler sent with the job.
+    schedule_execution_id: Mapped[str | None] = mapped_column(String(255))
+    vm_group_id: Mapped[str | None] = mapped_column(String(255))
+    scheduled_by: Mapped[str | None] = mapped_column(String(255))
+    existing_context_id: Mapped[str | None] = mapped_column(String(255))
     counted_outcome: Mapped[str | None] = mapped_column(String(16))  # which counter holds this job
     created_at: Mapped[datetime] = mapped_column(Stamp)
     started_at: Mapped[datetime | None] = mapped_column(Stamp)
@@ -96,6 +106,7 @@ class CbtRecord(Base):
     job_id: Mapped[str] = mapped_column(String(128))
     unit_number: Mapped[int] = mapped_column(Integer)
     change_id: Mapped[str] = mapped_column(String(255))
+    previous_change_id: Mapped[str | None] = mapped_column(String(255))  # the base of the job's delta
     recorded_at: Mapped[datetime] = mapped_column(Stamp)
 
 

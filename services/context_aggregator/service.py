@@ -33,6 +33,7 @@ from shared.db import iso
 HISTORY_JOBS = 10
 HISTORY_CBT = 20
 OUTCOMES = {"completed": "successful_jobs", "failed": "failed_jobs"}
+SCHEDULE_FIELDS = ("schedule_execution_id", "vm_group_id", "scheduled_by", "existing_context_id")
 
 
 def context_id(vm_name: str, first_event_at: datetime) -> str:
@@ -75,17 +76,16 @@ class Batch:
         ctx = self.contexts.get(vm_name)
         if ctx is None:
             ctx = VmContext(context_id=context_id(vm_name, at), vm_name=vm_name, current_status=status,
-                            total_jobs_run=0, successful_jobs=0, failed_jobs=0,
-                            last_event_at=at, created_at=at, updated_at=at)
+                            total_jobs_run=0, successful_jobs=0, failed_jobs=0, created_at=at, updated_at=at)
             self.db.add(ctx)
             self.contexts[vm_name] = ctx
             self.new_contexts += 1
         return ctx
 
-    def touch(self, ctx: VmContext, at: datetime) -> None:
+    def touch(self, ctx: VmContext, at: datetime, *, job: bool = False) -> None:
         ctx.updated_at = at
-        if at > ctx.last_event_at:
-            ctx.last_event_at = at
+        if job and (ctx.last_job_at is None or at > ctx.last_job_at):
+            ctx.last_job_at = at
         self.changed.add(ctx.vm_name)
 
     def set_disk(self, vm_name: str, unit: int, **values: Any) -> None:
@@ -107,9 +107,14 @@ class Batch:
                 del self.disks[(name, unit)]
 
 
-def _set_vm(ctx: VmContext, vm: Any) -> None:
-    ctx.vm_id, ctx.vm_uuid, ctx.path = vm.id, vm.uuid or ctx.vm_uuid, vm.path
-    ctx.datacenter, ctx.cpus, ctx.memory_mb = vm.datacenter, vm.cpus, vm.memory_mb
+def _set_vm(ctx: VmContext, vm: Any, vcenter_host: str | None) -> None:
+    """The events' VM fields (source_vm's names) under the original's names. Guest OS and power state
+    come from inventory events only: a job's VM lacks them and leaves them as they are."""
+    ctx.vmware_vm_id, ctx.vm_uuid, ctx.path = vm.id, vm.uuid or ctx.vm_uuid, vm.path
+    ctx.datacenter, ctx.cpu_count, ctx.memory_mb = vm.datacenter, vm.cpus, vm.memory_mb
+    ctx.vcenter_host = vcenter_host or ctx.vcenter_host
+    ctx.os_type = vm.guest_os or ctx.os_type
+    ctx.power_state = vm.power_state or ctx.power_state
 
 
 async def apply_job(b: Batch, ev: JobEvent) -> bool:
@@ -131,6 +136,8 @@ async def apply_job(b: Batch, ev: JobEvent) -> bool:
     job.vma_throughput_mbps, job.vma_eta_seconds = ev.vma_throughput_mbps, ev.vma_eta_seconds
     job.bytes_transferred, job.total_bytes, job.error = ev.bytes_transferred, ev.total_bytes, ev.error
     job.started_at, job.completed_at = ev.started_at, ev.completed_at
+    for field in (*SCHEDULE_FIELDS, "vma_sync_type"):
+        setattr(job, field, getattr(ev, field))
     if ev.created_at is not None:
         job.created_at = ev.created_at
     job.updated_at, job.last_seq = at, ev.seq
@@ -147,13 +154,14 @@ async def apply_job(b: Batch, ev: JobEvent) -> bool:
         for d in ev.disks:
             if d.change_id and (ev.job_id, d.unit_number) not in b.cbt:
                 b.db.add(CbtRecord(vm_name=name, job_id=ev.job_id, unit_number=d.unit_number,
-                                   change_id=d.change_id, recorded_at=at))
+                                   change_id=d.change_id, previous_change_id=d.previous_change_id,
+                                   recorded_at=at))
                 b.cbt.add((ev.job_id, d.unit_number))
 
     current = b.jobs.get(ctx.current_job_id) if ctx.current_job_id else None
     if current is None or current is job or (job.created_at, job.job_id) >= (current.created_at, current.job_id):
         ctx.current_job_id, ctx.current_status = job.job_id, job.status
-        _set_vm(ctx, ev.vm)
+        _set_vm(ctx, ev.vm, ev.vcenter_host)
         if ev.disks:
             for d in ev.disks:
                 values = dict(disk_id=d.disk_id or d.id, path=d.path, size_gb=d.size_gb,
@@ -163,7 +171,7 @@ async def apply_job(b: Batch, ev: JobEvent) -> bool:
                     values["change_id"] = d.change_id
                 b.set_disk(name, d.unit_number, **values)
             await b.drop_other_disks(name, {d.unit_number for d in ev.disks})
-    b.touch(ctx, at)
+    b.touch(ctx, at, job=True)
     return True
 
 
@@ -178,7 +186,7 @@ async def apply_inventory(b: Batch, ev: InventoryEvent) -> bool:
     status = "gone" if ev.change == "gone" else "discovered"
     ctx = b.context(name, at, status)
     ctx.inventory_at = at
-    _set_vm(ctx, ev.vm)
+    _set_vm(ctx, ev.vm, ev.vcenter)
     if ctx.current_job_id is None:
         ctx.current_status = status
         units = set()
@@ -223,10 +231,10 @@ def context_dict(c: Any) -> dict[str, Any]:
     """From a VmContext or a row of its table."""
     return {"context_id": c.context_id, "vm_name": c.vm_name, "current_status": c.current_status,
             "total_jobs_run": c.total_jobs_run, "successful_jobs": c.successful_jobs,
-            "failed_jobs": c.failed_jobs, "current_job_id": c.current_job_id, "vm_id": c.vm_id,
-            "vm_uuid": c.vm_uuid, "vm_path": c.path, "datacenter": c.datacenter, "cpus": c.cpus,
-            "memory_mb": c.memory_mb, "last_event_at": iso(c.last_event_at),
-            "created_at": iso(c.created_at), "updated_at": iso(c.updated_at)}
+            "failed_jobs": c.failed_jobs, "current_job_id": c.current_job_id, "vmware_vm_id": c.vmware_vm_id,
+            "vm_uuid": c.vm_uuid, "vcenter_host": c.vcenter_host, "vm_path": c.path, "datacenter": c.datacenter,
+            "cpu_count": c.cpu_count, "memory_mb": c.memory_mb, "os_type": c.os_type, "power_state": c.power_state,
+            "last_job_at": iso(c.last_job_at), "created_at": iso(c.created_at), "updated_at": iso(c.updated_at)}
 
 
 def job_dict(j: ContextJob) -> dict[str, Any]:
@@ -234,6 +242,7 @@ def job_dict(j: ContextJob) -> dict[str, Any]:
             "progress_percent": j.progress_percent, "current_operation": j.current_operation,
             "vma_throughput_mbps": j.vma_throughput_mbps, "vma_eta_seconds": j.vma_eta_seconds,
             "bytes_transferred": j.bytes_transferred, "total_bytes": j.total_bytes, "error": j.error,
+            "vma_sync_type": j.vma_sync_type, **{f: getattr(j, f) for f in SCHEDULE_FIELDS},
             "created_at": iso(j.created_at), "started_at": iso(j.started_at),
             "completed_at": iso(j.completed_at), "updated_at": iso(j.updated_at)}
 
@@ -283,7 +292,7 @@ async def list_contexts(db: AsyncSession, status: str | None, limit: int, offset
         .order_by(VmContext.vm_name))
     contexts = [{**context_dict(r), "current_operation": r.current_operation, "progress_percent": r.progress_percent}
                 for r in rows]
-    return {"success": True, "contexts": contexts, "total": total, "limit": limit, "offset": offset}
+    return {"success": True, "vm_contexts": contexts, "total": total, "limit": limit, "offset": offset}
 
 
 async def get_context(db: AsyncSession, vm_name: str) -> dict[str, Any]:
@@ -306,4 +315,5 @@ async def get_context(db: AsyncSession, vm_name: str) -> dict[str, Any]:
             "job_history": [job_dict(j) for j in jobs],
             "disks": [disk_dict(d) for d in disks],
             "cbt_history": [{"job_id": r.job_id, "unit_number": r.unit_number, "change_id": r.change_id,
-                             "recorded_at": iso(r.recorded_at)} for r in cbt]}
+                             "previous_change_id": r.previous_change_id, "recorded_at": iso(r.recorded_at)}
+                            for r in cbt]}

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Stamp = Field(description="UTC time, RFC 3339 (`2025-08-12T08:08:02Z`)")
+# Fields the original appliance's GUI reads where the seed is silent (docs/vm-contexts.md).
+GUI = "Read by the original GUI. "
 
 
 class Body(BaseModel):
@@ -230,6 +232,14 @@ class CreatedVolume(Body):
     status: Literal["created", "reused"]
 
 
+class MountedVolume(Body):
+    ossea_volume_id: str
+    device_path: str | None = None
+    mount_point: str | None = Field(None, description="always null: OMA exports block devices, it mounts nothing")
+    status: str = Field(description="the disk's status (`ready` once exported)")
+    disk_unit_number: int
+
+
 class NbdExport(Body):
     export_name: str
     device_path: str | None = None
@@ -246,6 +256,8 @@ class ReplicationCreated(Body):
         "source_vm": {"id": "vm-143233", "name": "PGWINTESTBIOS", "disks": [{"id": "disk-001", "size_gb": 40}]},
         "created_volumes": [{"volume_id": "vol-123456", "volume_name": "migration-pgtest2-pgtest2-disk-0",
                              "size_gb": 40, "status": "created"}],
+        "mounted_volumes": [{"ossea_volume_id": "vol-123456", "device_path": "/dev/vdc", "mount_point": None,
+                             "status": "ready", "disk_unit_number": 0}],
         "nbd_exports": [{"export_name": "migration-vm-4205784a-098a-40f1-1f1e-a5cd2597fd59-disk0",
                          "device_path": "/dev/vdc", "port": 10809, "reused": True,
                          "vm_id": "4205784a-098a-40f1-1f1e-a5cd2597fd59", "disk_unit_number": 0}],
@@ -256,6 +268,7 @@ class ReplicationCreated(Body):
     progress_percent: float
     source_vm: EchoedSourceVm
     created_volumes: list[CreatedVolume]
+    mounted_volumes: list[MountedVolume] = Field(description=GUI + "One per volume the job holds.")
     nbd_exports: list[NbdExport]
     started_at: str | None = None
     message: str | None = None
@@ -303,6 +316,19 @@ class JobSummary(Body):
     ready_at: str | None = None
     completed_at: str | None = None
     error: str | None = None
+    vma_sync_type: Literal["full", "incremental"] = Field(
+        description=GUI + "`incremental` when every disk copies a CBT delta from a base change id")
+    vcenter_host: str | None = Field(None, description="sent by the original GUI (`vcenter_host`), as the "
+                                     "inventory names that vCenter")
+    target_network: str | None = Field(None, description="sent by the original GUI: the VM's default network mapping")
+    change_id: str | None = Field(None, description="sent by the original GUI")
+    previous_change_id: str | None = Field(None, description="sent by the original GUI: the delta's base for "
+                                           "disks that carry none")
+    snapshot_id: str | None = Field(None, description="sent by the original GUI")
+    schedule_execution_id: str | None = Field(None, description="sent by the original scheduler")
+    vm_group_id: str | None = Field(None, description="sent by the original scheduler")
+    scheduled_by: str | None = Field(None, description="sent by the original scheduler")
+    existing_context_id: str | None = Field(None, description="sent by the original scheduler")
     disks: list[JobDisk]
 
 
@@ -346,16 +372,19 @@ class VmContext(Body):
     total_jobs_run: int
     successful_jobs: int
     failed_jobs: int
-    current_job_id: str | None = None
-    vm_id: str | None = None
+    current_job_id: str | None = Field(None, description=GUI)
+    vmware_vm_id: str | None = Field(None, description=GUI + "The vCenter moref (`vm-143233`)")
     vm_uuid: str | None = None
+    vcenter_host: str | None = Field(None, description=GUI + "From the inventory (or the job's `vcenter_host`)")
     vm_path: str | None = None
     datacenter: str | None = None
-    cpus: int | None = None
-    memory_mb: int | None = None
-    last_event_at: str | None = None
+    cpu_count: int | None = Field(None, description=GUI)
+    memory_mb: int | None = Field(None, description=GUI)
+    os_type: str | None = Field(None, description=GUI + "The inventory's guest OS id (`rhel8_64Guest`)")
+    power_state: str | None = Field(None, description=GUI + "From the inventory (`poweredOn`...)")
+    last_job_at: str | None = Field(None, description=GUI + "The newest job event; null until the VM has a job")
     created_at: str | None = None
-    updated_at: str | None = None
+    updated_at: str | None = Field(None, description=GUI + "The newest event of any kind")
 
 
 class VmContextListed(VmContext):
@@ -364,7 +393,7 @@ class VmContextListed(VmContext):
 
 
 class VmContextList(Page):
-    contexts: list[VmContextListed]
+    vm_contexts: list[VmContextListed] = Field(description=GUI + "Ordered by vm_name")
 
 
 class ContextJob(Body):
@@ -378,6 +407,11 @@ class ContextJob(Body):
     bytes_transferred: int | None = None
     total_bytes: int | None = None
     error: str | None = None
+    vma_sync_type: str | None = Field(None, description=GUI + "`full` or `incremental`")
+    schedule_execution_id: str | None = Field(None, description="sent by the original scheduler")
+    vm_group_id: str | None = Field(None, description="sent by the original scheduler")
+    scheduled_by: str | None = Field(None, description="sent by the original scheduler")
+    existing_context_id: str | None = Field(None, description="sent by the original scheduler")
     created_at: str | None = None
     started_at: str | None = None
     completed_at: str | None = None
@@ -401,6 +435,7 @@ class CbtRecord(Body):
     job_id: str
     unit_number: int
     change_id: str
+    previous_change_id: str | None = Field(None, description="the base of the job's delta")
     recorded_at: str | None = None
 
 

@@ -336,7 +336,7 @@ async def get_vm(db: AsyncSession, vm_id: str) -> dict[str, Any]:
 # -- events ------------------------------------------------------------------------------------
 
 EVENT_VM_FIELDS = ("id", "uuid", "name", "path", "datacenter", "cluster", "host", "cpus", "memory_mb",
-                   "power_state", "cbt_enabled", "firmware", "template", "status", "disks", "nics")
+                   "guest_os", "power_state", "cbt_enabled", "firmware", "template", "status", "disks", "nics")
 
 
 def event(vcenter: str, vm: dict[str, Any], change: str) -> dict[str, Any]:

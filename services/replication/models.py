@@ -37,6 +37,10 @@ D_QUEUED, D_PENDING, D_CREATING, D_CREATED, D_ATTACHING = "queued", "pending", "
 D_ATTACHED, D_EXPORTING, D_READY, D_FAILED = "attached", "exporting", "ready", "failed"
 D_CANCELLED, D_RELEASED, D_HANDED_OVER = "cancelled", "released", "handed_over"
 
+# Request fields of the original's clients kept on the job under the same names (docs/replication.md).
+ORIGINAL_FIELDS = ("vcenter_host", "target_network", "change_id", "previous_change_id", "snapshot_id",
+                   "schedule_execution_id", "vm_group_id", "scheduled_by", "existing_context_id")
+
 
 class ReplicationJob(Base):
     __tablename__ = "replication_jobs"
@@ -62,6 +66,16 @@ class ReplicationJob(Base):
     source_vm: Mapped[str] = mapped_column(Text)                       # the request's source_vm, JSON
     seq: Mapped[int] = mapped_column(Integer, default=0)               # last event seq published
     cleanup_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the original appliance's GUI and scheduler send (ORIGINAL_FIELDS), as given.
+    vcenter_host: Mapped[str | None] = mapped_column(String(255))        # the inventory's host once checked
+    target_network: Mapped[str | None] = mapped_column(String(255))      # the VM's default network mapping
+    change_id: Mapped[str | None] = mapped_column(String(255))
+    previous_change_id: Mapped[str | None] = mapped_column(String(255))  # seeds disks that carry none
+    snapshot_id: Mapped[str | None] = mapped_column(String(255))
+    schedule_execution_id: Mapped[str | None] = mapped_column(String(255))
+    vm_group_id: Mapped[str | None] = mapped_column(String(255))
+    scheduled_by: Mapped[str | None] = mapped_column(String(255))
+    existing_context_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     ready_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import views
+from services.replication import original, views
 from services.replication.cloud import CloudOps, error_text
 from services.replication.models import (
     CANCELLED,
@@ -197,6 +197,7 @@ class Replicator:
                                   "to attach to")
         # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager).
         await self.bus.call(Exports.READY, {})
+        vcenter_host = await original.place(req, self.call)  # 400 when the original's fields contradict it
         key = vm.uuid or vm.id
         now = utcnow()
         async with self._admission:
@@ -214,7 +215,8 @@ class Replicator:
                     progress_percent=0.0, bytes_transferred=0, seq=0, cleanup_pending=False, created_at=now,
                     total_bytes=sum(d.capacity_bytes or int(d.size_gb * GIB) for d in vm.disks),
                     source_vm=orjson.dumps(vm.model_dump(mode="json", exclude_none=True)).decode(),
-                    current_operation="Queued", message="Waiting for free disk slots on the appliance VM")
+                    current_operation="Queued", message="Waiting for free disk slots on the appliance VM",
+                    **original.job_fields(req, vcenter_host))
                 db.add(job)
                 await db.flush()  # the parent row first: no ORM relationship orders the inserts
                 rows = [JobVolume(job_id=job_id, unit_number=unit, disk_id=d.id, disk_path=d.path,
@@ -289,7 +291,8 @@ class Replicator:
             if old is not None:  # the VM's volume: taken over, export reused, change id carried
                 r.volume_id, r.volume_name, r.device_id = old.volume_id, old.volume_name, old.device_id
                 r.device_path, r.export_name, r.export_port = old.device_path, old.export_name, old.export_port
-                r.previous_change_id = (old.change_id or old.previous_change_id) if carry else None
+                r.previous_change_id = ((old.change_id or old.previous_change_id or original.seed_change_id(job))
+                                        if carry else None)
                 old.holds_volume = False
             else:
                 r.volume_name, r.created_by_job = volume_name(job.vm_name, r.unit_number, job.job_id), True

@@ -9,6 +9,7 @@ import orjson
 from services.replication.models import (
     COMPLETED,
     D_READY,
+    ORIGINAL_FIELDS,
     QUEUED,
     READY,
     JobVolume,
@@ -48,6 +49,12 @@ def progress_percent(job: ReplicationJob, rows: list[JobVolume]) -> float:
     return round(job.progress_percent, 2)
 
 
+def vma_sync_type(job: ReplicationJob, rows: list[JobVolume]) -> str:
+    """`incremental` when every disk copies a CBT delta (it has a base change id), else `full`."""
+    delta = job.replication_type == "incremental" and rows and all(r.previous_change_id for r in rows)
+    return "incremental" if delta else "full"
+
+
 def summary(job: ReplicationJob, rows: list[JobVolume], *, ms: bool = False) -> dict[str, Any]:
     when = iso_ms if ms else iso
     return {
@@ -58,12 +65,19 @@ def summary(job: ReplicationJob, rows: list[JobVolume], *, ms: bool = False) -> 
         "vma_eta_seconds": job.vma_eta_seconds, "bytes_transferred": job.bytes_transferred,
         "total_bytes": job.total_bytes, "created_at": when(job.created_at), "started_at": when(job.started_at),
         "ready_at": when(job.ready_at), "completed_at": when(job.completed_at), "error": job.error,
+        "vma_sync_type": vma_sync_type(job, rows), **{f: getattr(job, f) for f in ORIGINAL_FIELDS},
         "disks": [disk_view(r) for r in rows]}
 
 
 def created_volumes(rows: list[JobVolume]) -> list[dict[str, Any]]:
     return [{"volume_id": r.volume_id, "volume_name": r.volume_name, "size_gb": r.size_gb,
              "status": "created" if r.created_by_job else "reused"} for r in rows if r.volume_id]
+
+
+def mounted_volumes(rows: list[JobVolume]) -> list[dict[str, Any]]:
+    """The original's `mounted_volumes`: OMA exports block devices and mounts nothing (mount_point null)."""
+    return [{"ossea_volume_id": r.volume_id, "device_path": r.device_path, "mount_point": None, "status": r.status,
+             "disk_unit_number": r.unit_number} for r in rows if r.volume_id]
 
 
 def nbd_exports(job: ReplicationJob, rows: list[JobVolume]) -> list[dict[str, Any]]:
@@ -76,6 +90,7 @@ def create_reply(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:
     """The seed's response to POST /api/v1/replications."""
     return {"job_id": job.job_id, "status": job.status, "progress_percent": progress_percent(job, rows),
             "source_vm": source_vm(job), "created_volumes": created_volumes(rows),
+            "mounted_volumes": mounted_volumes(rows),
             "nbd_exports": nbd_exports(job, rows), "started_at": iso(job.started_at or job.created_at),
             "message": job.message}
 

@@ -50,8 +50,8 @@ async def _scan(bus: Bus, status: str) -> list[dict[str, Any]]:
     while len(out) < SCAN_LIMIT:
         page = await bus.call(Contexts.LIST, {**({"status": status} if status else {}), "limit": 1000,
                                               "offset": len(out)})
-        out += page["contexts"]
-        if len(out) >= page["total"] or not page["contexts"]:
+        out += page["vm_contexts"]
+        if len(out) >= page["total"] or not page["vm_contexts"]:
             break
     return out
 
@@ -69,7 +69,7 @@ async def vm_page(bus: Bus, query: Query) -> tuple[list[dict[str, Any]], int]:
     if not query.q and query.sort == "name" and not query.desc:  # the service's own order and paging
         page = await bus.call(Contexts.LIST, {**({"status": query.status} if query.status else {}),
                                               "limit": query.size, "offset": offset})
-        return await details(bus, [c["vm_name"] for c in page["contexts"]]), page["total"]
+        return await details(bus, [c["vm_name"] for c in page["vm_contexts"]]), page["total"]
     rows = await _scan(bus, query.status)
     if query.q:
         needle = query.q.casefold()
