@@ -105,6 +105,14 @@ async def test_docs_cite_only_routes_that_exist(doc):
         return re.sub(r"\{[^}]*\}", "{}", path)
 
     routes = {(m.upper(), shape(p)) for p, m, _ in operations(doc)}
+    # A cited example such as `/api/v1/vm-contexts/a%2Fb` names a value where the route has a
+    # parameter (one that may hold `/`, like a VM name).
+    examples = [(m.upper(), re.compile("^" + re.sub(r"\\\{[^}]*\\\}", ".+", re.escape(p)) + "$"))
+                for p, m, _ in operations(doc)]
+
+    def exists(method: str, path: str) -> bool:
+        return (method, path) in routes or any(m == method and rx.match(path) for m, rx in examples)
+
     repo = Path(__file__).resolve().parent.parent
     citation = re.compile(r"\b(GET|POST|PUT|DELETE|PATCH) (/(?:api/v1|health)[^`\s?)]*)")
     cited = {}
@@ -112,7 +120,7 @@ async def test_docs_cite_only_routes_that_exist(doc):
         for method, path in citation.findall(page.read_text()):
             cited[(method, shape(re.sub(r"\[[^]]*\]", "", path)))] = page.name
     assert len(cited) >= 10
-    assert {route: page for route, page in cited.items() if route not in routes} == {}
+    assert {route: page for route, page in cited.items() if not exists(*route)} == {}
 
 
 class Contract:
