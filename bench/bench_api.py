@@ -218,8 +218,8 @@ async def build_targets(args: argparse.Namespace, log: Path) -> list[Target]:
 
 # --- wrk -----------------------------------------------------------------------------------------
 def ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[unit]
 
 
 def random_vm_script(prefix: str, vms: int, directory: Path) -> Path:
@@ -240,10 +240,13 @@ def wrk(t: Target, path: str, script: Path | None, args: argparse.Namespace) -> 
     cpu = cpu_seconds(t.roots) - before
     if "Non-2xx" in out or "Requests/sec" not in out:
         raise SystemExit(f"{t.name} {path}: bad answers under load:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"rps": rps, "p50": ms(re.search(r"50%\s+(\S+)", out).group(1)),
-            "p99": ms(re.search(r"99%\s+(\S+)", out).group(1)), "cpu_us": cpu / max(total, 1) * 1e6}
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        return {"rps": rps, "p50": ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+                "p99": ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)), "cpu_us": cpu / max(total, 1) * 1e6}
+    except (AttributeError, ValueError):
+        raise SystemExit(f"{t.name} {path}: cannot read wrk's output:\n{out}") from None
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.gateway import errors as error_handlers
 from services.gateway import openapi
 from services.gateway.deps import SessionCache
+from services.gateway.fastpath import FastReads
 from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
     auth,
@@ -99,7 +100,9 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
     app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
-    # Outermost first: the timing sees the guard's 401/413 too.
+    # The last added is the outermost: the timing sees the guard's 401/413 too, and FastReads
+    # (the two hottest reads past FastAPI's routing) only requests with a valid session.
+    app.add_middleware(FastReads)
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     app.add_middleware(TimingMiddleware)
 
