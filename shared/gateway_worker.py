@@ -14,13 +14,14 @@ from shared.settings import Settings
 WORKER_FDS = "OMA_WORKER_FDS"  # "<listening socket>,<settings pipe>": descriptor numbers only
 
 
-async def serve_gateway(settings: Settings, nats_url: str, sock: socket.socket | None = None) -> None:
+async def serve_gateway(settings: Settings, nats_url: str, sock: socket.socket | None = None,
+                        services_metrics: str | None = None) -> None:
     import uvicorn
 
     from services.gateway.app import create_app
     from services.gateway.server import uvicorn_config
 
-    server = uvicorn.Server(uvicorn_config(create_app(settings, nats_url), settings))
+    server = uvicorn.Server(uvicorn_config(create_app(settings, nats_url, services_metrics), settings))
     await server.serve(sockets=[sock] if sock is not None else None)
     if not server.started:
         raise SystemExit(f"gateway could not listen on {settings.host}:{settings.port}")
@@ -39,7 +40,7 @@ def worker_main() -> None:
         sys.exit(1)
     settings = Settings(**conf["settings"])
     setup_logging(settings.debug, settings.log_format)
-    _event_loop_run(serve_gateway(settings, conf["nats_url"], socket.socket(fileno=sock_fd)))
+    _event_loop_run(serve_gateway(settings, conf["nats_url"], socket.socket(fileno=sock_fd), conf["metrics"]))
 
 
 if __name__ == "__main__":

@@ -168,9 +168,9 @@ class GatewayWorkers:
         self.sock = sock
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, count: int, settings: Settings, nats_url: str) -> None:
+    def start(self, count: int, settings: Settings, nats_url: str, metrics_url: str) -> None:
         conf = json.dumps({"settings": settings.model_dump(mode="json"), "nats_url": nats_url,
-                           "parent": os.getpid()}).encode()
+                           "metrics": metrics_url, "parent": os.getpid()}).encode()
         for _ in range(count):
             r, w = os.pipe()
             try:
@@ -208,13 +208,18 @@ class GatewayWorkers:
 
 
 async def run_with_workers(settings: Settings, workers: int, stop: asyncio.Event) -> None:
+    from prometheus_client import start_http_server
+
     sock = listen_socket(settings)
     gateways = GatewayWorkers(sock)
+    # The services' metrics, for the workers' /metrics to include (loopback only).
+    metrics_server, _ = start_http_server(0, addr="127.0.0.1")
+    metrics_url = f"http://127.0.0.1:{metrics_server.server_address[1]}/metrics"
 
     def start_gateways(appliance: Appliance) -> None:
         # As soon as the bus is up: the workers import and connect while the services start.
         appliance._stack.push_async_callback(gateways.stop)  # on a failed start too
-        gateways.start(workers, appliance.client_settings("gateway"), appliance.nats_url)
+        gateways.start(workers, appliance.client_settings("gateway"), appliance.nats_url, metrics_url)
 
     try:
         async with Appliance(settings, on_bus=start_gateways) as appliance:
@@ -231,6 +236,7 @@ async def run_with_workers(settings: Settings, workers: int, stop: asyncio.Event
             await gateways.stop()  # no new requests before the services drain theirs
     finally:
         sock.close()
+        metrics_server.shutdown()
     log.info("stopped")
     if not stop.is_set():
         raise SystemExit(1)

@@ -268,11 +268,13 @@ class Totals:
 
 class Replies:
     """The serialized replies of the two queries, so that a dashboard polling the list or a VM costs
-    no query and no serializing. An instance drops what its own batches (and REBUILD) change at once
-    (`changed`); `ttl` bounds what another replica of the aggregator may have changed meanwhile, as
-    for Totals. `generation` keeps a reply read before a change from being stored after it."""
+    no query and no serializing. The read model changes only through this instance's batches and
+    REBUILD, which drop what they change at once (`changed`): the cache is exact for the one
+    aggregator a deployment runs. `ttl` only bounds the staleness should a second instance ever
+    apply events to the same database. `generation` keeps a reply read before a change from being
+    stored after it. At most `max_bytes` are kept, the oldest replies dropped first."""
 
-    def __init__(self, ttl: float = 2.0, max_bytes: int = 16 << 20):
+    def __init__(self, ttl: float = 10.0, max_bytes: int = 16 << 20):
         self.ttl, self.max_bytes = ttl, max_bytes
         self.generation = 0
         self._lists: dict[tuple[str | None, int, int], tuple[float, bytes]] = {}

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
-from services.gateway import openapi
+from services.gateway import openapi, parent_metrics
 from services.gateway.deps import SessionCache
 from services.gateway.fastpath import FastReads
 from services.gateway.guard import RequestGuard
@@ -79,7 +79,9 @@ class TimingMiddleware:
                                                  "duration_ms": round(elapsed * 1000, 2)})
 
 
-def create_app(settings: Settings, nats_url: str) -> FastAPI:
+def create_app(settings: Settings, nats_url: str, services_metrics: str | None = None) -> FastAPI:
+    """`services_metrics`: the URL of the services' /metrics when they run in another process of
+    the same oma-api (OMA_PROCESSES > 1); /metrics then shows theirs with ours, as one process would."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nc = await busmod.connect(nats_url, "gateway", user=settings.nats_user, password=settings.nats_password,
@@ -116,7 +118,9 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        if services_metrics is None:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await parent_metrics.with_other_process(services_metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
