@@ -185,13 +185,13 @@ class GatewayWorkers:
             self.procs.append(proc)
         log.info("gateway workers started", extra={"pids": [p.pid for p in self.procs]})
 
-    async def wait_any(self) -> subprocess.Popen:
-        """Returns the first worker that exits."""
-        waits = [asyncio.ensure_future(asyncio.to_thread(p.wait)) for p in self.procs]
-        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for w in pending:
-            w.cancel()  # the thread ends with its process, at the latest in stop()
-        return self.procs[waits.index(next(iter(done)))]
+    async def wait_any(self, every: float = 0.5) -> subprocess.Popen:
+        """Returns the first worker that exits (polled: no thread per worker)."""
+        while True:
+            for p in self.procs:
+                if p.poll() is not None:
+                    return p
+            await asyncio.sleep(every)
 
     async def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then wait: each worker drains its requests (uvicorn's graceful shutdown)."""
