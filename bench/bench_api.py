@@ -1,7 +1,8 @@
 """The API path against a bare FastAPI endpoint, side by side in one run (issue 19).
 
-    python bench/bench_api.py [--seconds 5] [--runs 3] [--connections 8] [--db memory,mariadb]
-                              [--layouts aio,split] [--processes auto] [--vms 2000] [--jobs-per-vm 10]
+    python bench/bench_api.py [--seconds 5] [--warmup 2] [--runs 3] [--connections 8]
+                              [--db memory,mariadb] [--layouts aio,split] [--processes auto]
+                              [--vms 2000] [--jobs-per-vm 10] [--memory-vms 300]
 
 Targets, all on loopback with the gateway's uvicorn configuration (uvloop, httptools, the guarded
 protocol, no access log):
@@ -9,9 +10,9 @@ protocol, no access log):
 - `<db> aio/P<n>`: one `oma-api` (-db-type memory or mariadb) with OMA_PROCESSES=n (the default: what
   `--processes` says, "auto" and/or numbers, comma-separated);
 - `<db> split`: `oma-service NAME` for the gateway and each service, one process each (compose's layout).
-Each is driven with wrk (1 thread, `--connections`, `--seconds`) on the authenticated
-`GET /api/v1/vm-contexts` (first page, 100 contexts) and `GET /api/v1/vm-contexts/{vm}` (a random VM
-per request, a wrk Lua script), round-robin: one run of every target, then the next run (`--runs`),
+Each is driven with wrk (1 thread, `--connections`, `--seconds` after `--warmup` unmeasured) on the
+authenticated `GET /api/v1/vm-contexts` (first page, 100 contexts) and `GET /api/v1/vm-contexts/{vm}`
+(a random VM per request, a wrk Lua script), round-robin: one run of every target, then the next run (`--runs`),
 so that the machine's noise falls on all of them alike. Printed: medians of the runs of req/s, the
 ratio to the bare endpoint measured in the same round, p50/p99, and the CPU each request cost the
 target's processes (utime+stime from /proc of the process tree, nats-server included; MariaDB not).
@@ -230,11 +231,14 @@ def random_vm_script(prefix: str, vms: int, directory: Path) -> Path:
 
 
 def wrk(t: Target, path: str, script: Path | None, args: argparse.Namespace) -> dict[str, float]:
-    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency"]
+    cmd = ["wrk", "-t1", f"-c{args.connections}", "--latency"]
     if t.token:
         cmd += ["-H", f"Authorization: Bearer {t.token}"]
     if script:
         cmd += ["-s", str(script)]
+    if args.warmup:  # unmeasured: connections open, caches as a polling GUI keeps them
+        subprocess.run([*cmd, f"-d{args.warmup}s", t.base + path], capture_output=True)
+    cmd.append(f"-d{args.seconds}s")
     before = cpu_seconds(t.roots)
     out = subprocess.run([*cmd, t.base + path], capture_output=True, text=True).stdout
     cpu = cpu_seconds(t.roots) - before
@@ -254,6 +258,7 @@ def main() -> None:
     ap.add_argument("--bare", type=int, help=argparse.SUPPRESS)  # the bare server's own process
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each run")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--db", default="memory,mariadb")
     ap.add_argument("--layouts", default="aio,split")
@@ -283,7 +288,8 @@ def main() -> None:
             for i, (t, path, script) in enumerate(cases):
                 results[i].append(wrk(t, path.replace("/{vm}", "/") if script else path, script, args))
             print(f"run {run + 1}/{args.runs} done", flush=True)
-        print(f"\nwrk -t1 -c{args.connections} -d{args.seconds}s, medians of {args.runs} interleaved runs; "
+        print(f"\nwrk -t1 -c{args.connections} -d{args.seconds}s after {args.warmup}s unmeasured, "
+              f"medians of {args.runs} interleaved runs; "
               f"x bare = median of the per-run ratios to the bare endpoint; CPU = the target's processes")
         print(f"{'target':<24} {'route':<22} {'req/s':>8} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>11}")
         bare_runs = results[0]
