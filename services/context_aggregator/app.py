@@ -14,6 +14,7 @@ from services.context_aggregator.consumer import (
     replay,
 )
 from shared.bus import dumps
+from shared.replies import Replies
 from shared.service import BusRequest, ServiceApp, endpoint
 from shared.subjects import Contexts
 
@@ -41,7 +42,7 @@ class ContextAggregatorService(ServiceApp):
         self.lock = asyncio.Lock()  # the live consumer and REBUILD never write at once
         self.applier = Applier(self.sessions, self.log)
         self.totals = service.Totals()
-        self.replies = service.Replies()
+        self.replies = Replies()
         async with self.sessions() as db:
             VM_CONTEXTS.set(await service.count(db))
             position = await service.position(db)
@@ -58,10 +59,15 @@ class ContextAggregatorService(ServiceApp):
             await self.consumer.stop()
         await super().stop()
 
-    async def publish_updates(self, vm_names: set[str]) -> None:
-        """Core NATS (not the stream): the gateway's SSE route forwards them to the GUI."""
+    async def changed(self, vm_names: list[str] | None) -> None:
+        """Drop the cached replies a change makes stale, here and in every gateway (None: all)."""
         self.totals.clear()
         self.replies.changed(vm_names)
+        await self.bus.nc.publish(Contexts.EVT_CHANGED, dumps({"vm_names": vm_names}))
+
+    async def publish_updates(self, vm_names: set[str]) -> None:
+        """Core NATS (not the stream): the gateway's SSE route forwards them to the GUI."""
+        await self.changed(sorted(vm_names))
         async with self.sessions() as db:
             bodies = [(name, await service.get_context(db, name)) for name in sorted(vm_names)]
         for name, body in bodies:
@@ -102,10 +108,9 @@ class ContextAggregatorService(ServiceApp):
             async with self.sessions.begin() as db:
                 await service.wipe(db)
             VM_CONTEXTS.set(0)
-            self.replies.changed()
+            await self.changed(None)
             applied, failed = await replay(self.bus.js, self.applier)
-            self.totals.clear()
-            self.replies.changed()
+            await self.changed(None)
         seconds = round(time.perf_counter() - started, 3)
         self.log.info("read model rebuilt", extra={"events_applied": applied, "events_failed": failed,
                                                    "seconds": seconds})

@@ -266,57 +266,6 @@ class Totals:
         self._cache.clear()
 
 
-class Replies:
-    """The serialized replies of the two queries, so that a dashboard polling the list or a VM costs
-    no query and no serializing. The read model changes only through this instance's batches and
-    REBUILD, which drop what they change at once (`changed`): the cache is exact for the one
-    aggregator a deployment runs. `ttl` only bounds the staleness should a second instance ever
-    apply events to the same database. `generation` keeps a reply read before a change from being
-    stored after it. At most `max_bytes` are kept, the oldest replies dropped first."""
-
-    def __init__(self, ttl: float = 10.0, max_bytes: int = 16 << 20):
-        self.ttl, self.max_bytes = ttl, max_bytes
-        self.generation = 0
-        self._lists: dict[tuple[str | None, int, int], tuple[float, bytes]] = {}
-        self._vms: dict[str, tuple[float, bytes]] = {}
-        self._bytes = 0
-
-    def get_list(self, key: tuple[str | None, int, int]) -> bytes | None:
-        return self._fresh(self._lists, key)
-
-    def get_vm(self, vm_name: str) -> bytes | None:
-        return self._fresh(self._vms, vm_name)
-
-    def put_list(self, key: tuple[str | None, int, int], generation: int, body: bytes) -> None:
-        self._put(self._lists, key, generation, body)
-
-    def put_vm(self, vm_name: str, generation: int, body: bytes) -> None:
-        self._put(self._vms, vm_name, generation, body)
-
-    def changed(self, vm_names: set[str] | None = None) -> None:
-        """After a change: every list page, and the named VMs (all when None)."""
-        self.generation += 1
-        for store, keys in ((self._lists, None), (self._vms, vm_names)):
-            for key in list(store) if keys is None else keys:
-                hit = store.pop(key, None)
-                if hit is not None:
-                    self._bytes -= len(hit[1])
-
-    def _fresh(self, store: dict, key: Any) -> bytes | None:
-        hit = store.get(key)
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
-
-    def _put(self, store: dict, key: Any, generation: int, body: bytes) -> None:
-        if generation != self.generation or len(body) > self.max_bytes // 8:
-            return
-        old = store.pop(key, None)
-        self._bytes += len(body) - (len(old[1]) if old else 0)
-        store[key] = (time.monotonic() + self.ttl, body)
-        while self._bytes > self.max_bytes:  # the oldest entries first (dicts keep insertion order)
-            victim = self._vms if self._vms else self._lists
-            self._bytes -= len(victim.pop(next(iter(victim)))[1])
-
-
 # The queries read plain rows (Core): no ORM objects on the hot read path. `db` is an
 # AsyncConnection (the endpoints) or an AsyncSession (publish_updates, inside a batch's aftermath).
 async def list_contexts(db: Any, status: str | None, limit: int, offset: int,

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.gateway import errors as error_handlers
 from services.gateway import openapi, parent_metrics
 from services.gateway.deps import SessionCache
-from services.gateway.fastpath import FastReads
+from services.gateway.fastpath import ContextReplies, FastReads
 from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
     auth,
@@ -89,6 +89,7 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
         app.state.bus = busmod.Bus(nc, timeout=settings.request_timeout)
         await nc.subscribe(Auth.EVT_SESSION_REVOKED, cb=app.state.session_cache.on_event)
         await nc.subscribe(Auth.EVT_APPLIANCE_REVOKED, cb=app.state.session_cache.on_event)
+        await app.state.context_replies.subscribe(nc)
         if not settings.auth_enabled:
             log.warning("AUTHENTICATION IS DISABLED (-auth-enabled=false): every /api/v1 route is open. "
                         "Use this for development only.")
@@ -100,6 +101,7 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
     openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
+    app.state.context_replies = ContextReplies()
     app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
     # The last added is the outermost: the timing sees the guard's 401/413 too, and FastReads

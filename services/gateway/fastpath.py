@@ -4,21 +4,24 @@
 FastAPI's per-request machinery costs more CPU than the bus round trip (docs/deployment.md,
 "Performance"). This middleware sits inside RequestGuard (the session is already checked) and
 answers them when their parameters are plainly valid: the same bus request as the routes in
-routers/contexts.py, the same reply bytes, the same error bodies. Any other request, or a query
-FastAPI would coerce or refuse (a duplicate or unknown key, an empty or out-of-range value), takes
-the normal way, so FastAPI stays the one place that phrases validation errors.
+routers/contexts.py, the same reply bytes, the same error bodies; a reply the aggregator announced
+no change for since is answered from this process's copy (shared/replies.py). Any other request,
+or a query FastAPI would coerce or refuse (a duplicate or unknown key, an empty or out-of-range
+value), takes the normal way, so FastAPI stays the one place that phrases validation errors.
 """
 from __future__ import annotations
 
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from fastapi import Response
 
 from services.gateway.errors import error_response
 from services.gateway.proxy import JSON
 from services.gateway.routers import contexts
 from shared import errors
+from shared.replies import Replies
 from shared.subjects import Contexts
 
 PREFIX = contexts.router.prefix  # /api/v1/vm-contexts
@@ -51,6 +54,34 @@ def list_query(query_string: bytes) -> dict[str, Any] | None:
     return q
 
 
+class ContextReplies(Replies):
+    """This gateway process's copy of the aggregator's replies (shared/replies.py): dropped on
+    `Contexts.EVT_CHANGED`, and wholly after a reconnect (notifications may have been missed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nc: Any = None
+        self._reconnects = 0
+
+    async def subscribe(self, nc: Any) -> None:
+        self.nc = nc
+        await nc.subscribe(Contexts.EVT_CHANGED, cb=self.on_changed)
+
+    async def on_changed(self, msg: Any) -> None:
+        try:
+            names = orjson.loads(msg.data).get("vm_names")
+        except (orjson.JSONDecodeError, AttributeError):
+            names = None
+        self.changed(names)
+
+    def current(self) -> "ContextReplies":
+        reconnects = self.nc.stats["reconnects"] if self.nc is not None else 0
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self.changed()
+        return self
+
+
 class FastReads:
     def __init__(self, app: Any):
         self.app = app
@@ -61,18 +92,36 @@ class FastReads:
             if path == PREFIX:
                 payload = list_query(scope["query_string"])
                 if payload is not None:
-                    return await self._forward(scope, receive, send, LIST_ROUTE, Contexts.LIST, payload)
+                    return await self._answer(scope, receive, send, LIST_ROUTE, Contexts.LIST, payload)
             elif path.startswith(DETAIL) and "/" not in path[len(DETAIL):] and len(path) > len(DETAIL):
-                return await self._forward(scope, receive, send, DETAIL_ROUTE, Contexts.GET,
-                                           {"vm_name": path[len(DETAIL):]})
+                return await self._answer(scope, receive, send, DETAIL_ROUTE, Contexts.GET,
+                                          {"vm_name": path[len(DETAIL):]})
         await self.app(scope, receive, send)
 
     @staticmethod
-    async def _forward(scope, receive, send, route: Any, subject: str, payload: dict[str, Any]) -> None:
+    async def _answer(scope, receive, send, route: Any, subject: str, payload: dict[str, Any]) -> None:
         scope["route"] = route
-        try:
-            status, body = await scope["app"].state.bus.request(subject, payload)
-            response = Response(content=body, status_code=status, media_type=JSON)
-        except errors.OmaError as exc:  # as the gateway's OmaError handler answers it
-            response = error_response(exc)
+        state = scope["app"].state
+        cache: ContextReplies = state.context_replies.current()
+        vm_name = payload.get("vm_name")
+        key = vm_name or tuple(payload.values())
+        body = cache.get_vm(vm_name) if vm_name else cache.get_list(key)
+        if body is not None:
+            response = Response(content=body, media_type=JSON)
+        else:
+            generation = cache.generation
+            try:
+                status, body = await state.bus.request(subject, payload)
+                response = Response(content=body, status_code=status, media_type=JSON)
+            except errors.OmaError as exc:  # as the gateway's OmaError handler answers it
+                response = error_response(exc)
+            else:
+                if status != 200:
+                    pass
+                elif not vm_name:
+                    cache.put_list(key, generation, body)
+                elif orjson.loads(body)["context"]["vm_name"] == vm_name:
+                    # Only under the stored name: MariaDB also finds `VM-1` for `vm-1`, and a change
+                    # is announced under the stored name.
+                    cache.put_vm(vm_name, generation, body)
         await response(scope, receive, send)
