@@ -34,8 +34,11 @@ class Replies:
     def put_list(self, key: Hashable, generation: int, body: bytes) -> None:
         self._put(self._lists, key, generation, body)
 
-    def put_vm(self, vm_name: str, generation: int, body: bytes) -> None:
-        self._put(self._vms, vm_name, generation, body)
+    def put_vm(self, vm_name: str, generation: int, body: bytes, stored_name: str) -> None:
+        """Kept only when asked by the stored name: MariaDB also finds `VM-1` for `vm-1`, and a
+        change is announced under the stored name."""
+        if vm_name == stored_name:
+            self._put(self._vms, vm_name, generation, body)
 
     def changed(self, vm_names: Any = None) -> None:
         """After a change: every list page, and the named VMs (all when None)."""

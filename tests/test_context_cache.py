@@ -21,9 +21,11 @@ def test_replies_keep_no_reply_read_before_a_change():
     r = Replies(ttl=FOREVER, max_bytes=800)
     before = r.generation
     r.changed(["vm-1"])
-    r.put_vm("vm-1", before, b"old")  # read before the change, stored after it: dropped
+    r.put_vm("vm-1", before, b"old", "vm-1")  # read before the change, stored after it: dropped
     assert r.get_vm("vm-1") is None
-    r.put_vm("vm-1", r.generation, b"new")
+    r.put_vm("vm-1", r.generation, b"new", "vm-1")
+    r.put_vm("VM-1", r.generation, b"new", "vm-1")  # another spelling: not kept
+    assert r.get_vm("VM-1") is None
     r.put_list(("x", 100, 0), r.generation, b"page")
     r.changed(["vm-2"])  # another VM: vm-1 stays, every page goes
     assert (r.get_vm("vm-1"), r.get_list(("x", 100, 0))) == (b"new", None)
@@ -34,12 +36,12 @@ def test_replies_keep_no_reply_read_before_a_change():
 def test_replies_stay_within_their_bytes_and_time():
     r = Replies(ttl=FOREVER, max_bytes=800)
     for i in range(10):
-        r.put_vm(f"vm-{i}", r.generation, b"x" * 100)
+        r.put_vm(f"vm-{i}", r.generation, b"x" * 100, f"vm-{i}")
     assert [r.get_vm(f"vm-{i}") is not None for i in range(10)] == [False] * 2 + [True] * 8
-    r.put_vm("huge", r.generation, b"x" * 101)  # above an eighth of the whole: never kept
+    r.put_vm("huge", r.generation, b"x" * 101, "huge")  # above an eighth of the whole: never kept
     assert r.get_vm("huge") is None
     expired = Replies(ttl=0)
-    expired.put_vm("vm", expired.generation, b"x")
+    expired.put_vm("vm", expired.generation, b"x", "vm")
     assert expired.get_vm("vm") is None
 
 

@@ -95,10 +95,7 @@ class ContextAggregatorService(ServiceApp):
             async with self.engine.connect() as db:
                 reply = await service.get_context(db, q.vm_name)
             body = dumps(reply)
-            # Only under the stored name: MariaDB also finds `VM-1` for `vm-1`, and a change is
-            # announced under the stored name.
-            if reply["context"]["vm_name"] == q.vm_name:
-                self.replies.put_vm(q.vm_name, generation, body)
+            self.replies.put_vm(q.vm_name, generation, body, reply["context"]["vm_name"])
         return body
 
     @endpoint(Contexts.REBUILD)

@@ -106,22 +106,14 @@ class FastReads:
         vm_name = payload.get("vm_name")
         key = vm_name or tuple(payload.values())
         body = cache.get_vm(vm_name) if vm_name else cache.get_list(key)
-        if body is not None:
-            response = Response(content=body, media_type=JSON)
-        else:
+        if body is None:
             generation = cache.generation
             try:
-                status, body = await state.bus.request(subject, payload)
-                response = Response(content=body, status_code=status, media_type=JSON)
+                _, body = await state.bus.request(subject, payload)  # both answer 200 or an error
             except errors.OmaError as exc:  # as the gateway's OmaError handler answers it
-                response = error_response(exc)
+                return await error_response(exc)(scope, receive, send)
+            if vm_name:
+                cache.put_vm(vm_name, generation, body, orjson.loads(body)["context"]["vm_name"])
             else:
-                if status != 200:
-                    pass
-                elif not vm_name:
-                    cache.put_list(key, generation, body)
-                elif orjson.loads(body)["context"]["vm_name"] == vm_name:
-                    # Only under the stored name: MariaDB also finds `VM-1` for `vm-1`, and a change
-                    # is announced under the stored name.
-                    cache.put_vm(vm_name, generation, body)
-        await response(scope, receive, send)
+                cache.put_list(key, generation, body)
+        await Response(content=body, media_type=JSON)(scope, receive, send)
