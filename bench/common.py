@@ -32,14 +32,42 @@ def start_oma_api(*flags: str, env: dict[str, str] | None = None, timeout: float
     proc = subprocess.Popen(["oma-api", "-port", str(port), "-host", "127.0.0.1", *flags], env=full_env,
                             stdout=subprocess.DEVNULL, stderr=stderr)
     base = f"http://127.0.0.1:{port}"
+    wait_healthy([proc], base, timeout)
+    return proc, base, time.perf_counter() - started
+
+
+def wait_healthy(procs: list[subprocess.Popen], base: str, timeout: float, path: str = "/health") -> None:
+    """Until `base + path` answers 200; SystemExit when a process exits or the time is up."""
+    started = time.perf_counter()
     while time.perf_counter() - started < timeout:
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base, time.perf_counter() - started
+            if httpx.get(f"{base}{path}", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
-        if proc.poll() is not None:
-            raise SystemExit(f"oma-api exited with {proc.returncode}")
+        for proc in procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
         time.sleep(0.02)
-    proc.kill()
-    raise SystemExit("oma-api did not become healthy")
+    for proc in procs:
+        proc.kill()
+    raise SystemExit(f"{base} did not become healthy")
+
+
+def process_tree(pids: list[int]) -> list[int]:
+    """The pids and all their descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out

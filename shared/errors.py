@@ -8,6 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def validation_details(errs: list[dict[str, Any]]) -> str:
+    """`field.sub: message; ...` — names the fields, never echoes the (possibly secret) input."""
+    parts = []
+    for err in errs:
+        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
 class OmaError(Exception):
     status: int = 500
     error: str = "Internal server error"

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
+import os
 import signal
+import socket
+import subprocess
+import sys
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Callable
 
 from shared import bus as busmod
 from shared import natsauth
-from shared.natsserver import EmbeddedNats
+from shared.gateway_worker import WORKER_FDS, serve_gateway
+from shared.natsserver import EmbeddedNats, _die_with_parent
 from shared.plugins import get_plugin_manager
 from shared.service import ServiceApp
 from shared.settings import SERVICES, Settings
@@ -36,8 +42,10 @@ class Appliance:
     """Starts NATS (embedded when no URL is set) and the named services; stops them in reverse,
     each draining its in-flight requests first."""
 
-    def __init__(self, settings: Settings, services: tuple[str, ...] = SERVICES):
+    def __init__(self, settings: Settings, services: tuple[str, ...] = SERVICES,
+                 on_bus: Callable[["Appliance"], None] | None = None):
         self.settings = settings
+        self.on_bus = on_bus  # called once NATS is up, before the services start
         self.names = services
         self.services: dict[str, ServiceApp] = {}
         self.nats_url = settings.nats_url
@@ -69,6 +77,8 @@ class Appliance:
         s = self.settings
         if not self.nats_url:
             await self._start_embedded_nats()
+        if self.on_bus is not None:
+            self.on_bus(self)
         pm = get_plugin_manager()
 
         async def start_one(name: str) -> None:
@@ -106,16 +116,11 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve_gateway(settings: Settings, nats_url: str) -> None:
-    import uvicorn
-
-    from services.gateway.app import create_app
-    from services.gateway.server import uvicorn_config
-
-    server = uvicorn.Server(uvicorn_config(create_app(settings, nats_url), settings))
-    await server.serve()
-    if not server.started:
-        raise SystemExit(f"gateway could not listen on {settings.host}:{settings.port}")
+def process_count(settings: Settings) -> int:
+    """`auto`: the services and one gateway worker apart as soon as there are two cores to use."""
+    if settings.processes == "auto":
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
+    return int(settings.processes)
 
 
 async def run_all(settings: Settings) -> None:
@@ -123,11 +128,118 @@ async def run_all(settings: Settings) -> None:
     # handler then receives it, instead of the default one killing us before the services drain.
     stop = asyncio.Event()
     install_stop_signals(stop)
+    workers = process_count(settings) - 1
+    if workers:
+        await run_with_workers(settings, workers, stop)
+        return
     async with Appliance(settings) as appliance:
         log.info("services started", extra={"nats": appliance.nats_url, "services": list(appliance.services)})
         # returns on SIGTERM/SIGINT
         await serve_gateway(appliance.client_settings("gateway"), appliance.nats_url)
     log.info("stopped")
+
+
+# --- oma-api on several processes ------------------------------------------------------------
+# The parent runs the embedded NATS and the services; the gateway runs in worker processes that
+# share one listening socket bound by the parent. They talk only over NATS, as in a split install.
+
+
+def listen_socket(settings: Settings) -> socket.socket:
+    """Bound before anything starts: a busy port fails at once, as with one process."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"oma-api: cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class GatewayWorkers:
+    """Gateway processes under this one. Their settings, NATS password included, go through a pipe
+    read once at start: never a command line (ps shows it) nor the environment (/proc/PID/environ).
+    They get SIGTERM when we die, even by SIGKILL (PR_SET_PDEATHSIG, as the embedded nats-server)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, count: int, settings: Settings, nats_url: str, metrics_url: str) -> None:
+        conf = json.dumps({"settings": settings.model_dump(mode="json"), "nats_url": nats_url,
+                           "metrics": metrics_url, "parent": os.getpid()}).encode()
+        for _ in range(count):
+            r, w = os.pipe()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "shared.gateway_worker"],
+                    env={**os.environ, WORKER_FDS: f"{self.sock.fileno()},{r}"},
+                    pass_fds=(self.sock.fileno(), r), preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+            finally:
+                os.close(r)
+            with os.fdopen(w, "wb") as pipe:
+                pipe.write(conf)  # far below a pipe's buffer: never blocks
+            self.procs.append(proc)
+        log.info("gateway workers started", extra={"pids": [p.pid for p in self.procs]})
+
+    async def wait_any(self, every: float = 0.5) -> subprocess.Popen:
+        """Returns the first worker that exits (polled: no thread per worker)."""
+        while True:
+            for p in self.procs:
+                if p.poll() is not None:
+                    return p
+            await asyncio.sleep(every)
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then wait: each worker drains its requests (uvicorn's graceful shutdown)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                await asyncio.to_thread(p.wait, timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("gateway worker did not stop in time: killed", extra={"pid": p.pid})
+                p.kill()
+                await asyncio.to_thread(p.wait)
+
+
+async def run_with_workers(settings: Settings, workers: int, stop: asyncio.Event) -> None:
+    from prometheus_client import start_http_server
+
+    sock = listen_socket(settings)
+    gateways = GatewayWorkers(sock)
+    # The services' metrics, for the workers' /metrics to include (loopback only).
+    metrics_server, _ = start_http_server(0, addr="127.0.0.1")
+    metrics_url = f"http://127.0.0.1:{metrics_server.server_address[1]}/metrics"
+
+    def start_gateways(appliance: Appliance) -> None:
+        # As soon as the bus is up: the workers import and connect while the services start.
+        appliance._stack.push_async_callback(gateways.stop)  # on a failed start too
+        gateways.start(workers, appliance.client_settings("gateway"), appliance.nats_url, metrics_url)
+
+    try:
+        async with Appliance(settings, on_bus=start_gateways) as appliance:
+            log.info("services started", extra={"nats": appliance.nats_url, "services": list(appliance.services),
+                                                "gateway_workers": workers})
+            stopped = asyncio.ensure_future(stop.wait())
+            died = asyncio.ensure_future(gateways.wait_any())
+            await asyncio.wait([stopped, died], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            died.cancel()
+            if not stop.is_set():
+                proc = died.result()
+                log.error("gateway worker exited: stopping", extra={"pid": proc.pid, "code": proc.returncode})
+            await gateways.stop()  # no new requests before the services drain theirs
+    finally:
+        sock.close()
+        metrics_server.shutdown()
+    log.info("stopped")
+    if not stop.is_set():
+        raise SystemExit(1)
 
 
 async def run_one(settings: Settings, name: str) -> None:

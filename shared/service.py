@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared import bus as busmod
 from shared import db, errors, metrics
+from shared.errors import validation_details  # noqa: F401 - imported from here by services
 from shared.logging import correlation_id
 from shared.settings import Settings
 from shared.subjects import health
@@ -37,15 +38,6 @@ def endpoint(subject: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable
         fn._oma_subject = subject  # type: ignore[attr-defined]
         return fn
     return mark
-
-
-def validation_details(errs: list[dict[str, Any]]) -> str:
-    """`field.sub: message; ...` — names the fields, never echoes the (possibly secret) input."""
-    parts = []
-    for err in errs:
-        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
 
 
 class BusRequest:

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     startup_timeout: float = Field(60.0, gt=0, description="How long start-up waits for NATS and the DB")
     log_format: Literal["json", "logfmt"] = "json"
     db_ping_interval: float = Field(15.0, gt=0, description="seconds between database checks (oma_db_up)")
+    processes: str = Field("auto", pattern=r"^(auto|[1-9][0-9]?)$",
+                           description="oma-api processes: 1 = all in one; N = the services and N-1 gateway "
+                                       "workers; auto = 2 on two cores or more")
 
     # Auth.
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")

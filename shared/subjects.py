@@ -74,3 +74,5 @@ class Contexts:
     REBUILD = "oma.context_aggregator.context.rebuild"
     # Live notifications for SSE: core NATS, outside the stream (a full context per change).
     EVT_UPDATED = "oma.live.context_aggregator.context.updated"
+    # `{"vm_names": [...]}` (null: every VM) as soon as a change is committed: caches drop replies.
+    EVT_CHANGED = "oma.live.context_aggregator.context.changed"

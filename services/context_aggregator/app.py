@@ -14,6 +14,7 @@ from services.context_aggregator.consumer import (
     replay,
 )
 from shared.bus import dumps
+from shared.replies import Replies
 from shared.service import BusRequest, ServiceApp, endpoint
 from shared.subjects import Contexts
 
@@ -41,6 +42,7 @@ class ContextAggregatorService(ServiceApp):
         self.lock = asyncio.Lock()  # the live consumer and REBUILD never write at once
         self.applier = Applier(self.sessions, self.log)
         self.totals = service.Totals()
+        self.replies = Replies()
         async with self.sessions() as db:
             VM_CONTEXTS.set(await service.count(db))
             position = await service.position(db)
@@ -57,25 +59,44 @@ class ContextAggregatorService(ServiceApp):
             await self.consumer.stop()
         await super().stop()
 
+    async def changed(self, vm_names: list[str] | None) -> None:
+        """Drop the cached replies a change makes stale, here and in every gateway (None: all)."""
+        self.totals.clear()
+        self.replies.changed(vm_names)
+        await self.bus.nc.publish(Contexts.EVT_CHANGED, dumps({"vm_names": vm_names}))
+
     async def publish_updates(self, vm_names: set[str]) -> None:
         """Core NATS (not the stream): the gateway's SSE route forwards them to the GUI."""
-        self.totals.clear()
+        await self.changed(sorted(vm_names))
         async with self.sessions() as db:
             bodies = [(name, await service.get_context(db, name)) for name in sorted(vm_names)]
         for name, body in bodies:
             await self.bus.nc.publish(Contexts.EVT_UPDATED, dumps({"vm_name": name, "context": body}))
 
+    # The two reads: a cached reply when fresh, else plain rows on a connection (no ORM session).
     @endpoint(Contexts.LIST)
-    async def list_contexts(self, req: BusRequest):
+    async def list_contexts(self, req: BusRequest) -> bytes:
         q = req.model(ListQuery)
-        async with self.sessions() as db:
-            return await service.list_contexts(db, q.status, q.limit, q.offset, self.totals)
+        key = (q.status, q.limit, q.offset)
+        body = self.replies.get_list(key)
+        if body is None:
+            generation = self.replies.generation
+            async with self.engine.connect() as db:
+                body = dumps(await service.list_contexts(db, q.status, q.limit, q.offset, self.totals))
+            self.replies.put_list(key, generation, body)
+        return body
 
     @endpoint(Contexts.GET)
-    async def get_context(self, req: BusRequest):
+    async def get_context(self, req: BusRequest) -> bytes:
         q = req.model(GetQuery)
-        async with self.sessions() as db:
-            return await service.get_context(db, q.vm_name)
+        body = self.replies.get_vm(q.vm_name)
+        if body is None:
+            generation = self.replies.generation
+            async with self.engine.connect() as db:
+                reply = await service.get_context(db, q.vm_name)
+            body = dumps(reply)
+            self.replies.put_vm(q.vm_name, generation, body, reply["context"]["vm_name"])
+        return body
 
     @endpoint(Contexts.REBUILD)
     async def rebuild(self, req: BusRequest):
@@ -84,8 +105,9 @@ class ContextAggregatorService(ServiceApp):
             async with self.sessions.begin() as db:
                 await service.wipe(db)
             VM_CONTEXTS.set(0)
+            await self.changed(None)
             applied, failed = await replay(self.bus.js, self.applier)
-            self.totals.clear()
+            await self.changed(None)
         seconds = round(time.perf_counter() - started, 3)
         self.log.info("read model rebuilt", extra={"events_applied": applied, "events_failed": failed,
                                                    "seconds": seconds})

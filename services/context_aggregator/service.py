@@ -16,7 +16,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, inspect, select
+from sqlalchemy import bindparam, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.context_aggregator.events import InventoryEvent, JobEvent, Malformed
@@ -262,7 +262,7 @@ class Totals:
         self.ttl = ttl
         self._cache: dict[str | None, tuple[float, int]] = {}
 
-    async def get(self, db: AsyncSession, status: str | None) -> int:
+    async def get(self, db: Any, status: str | None) -> int:
         hit = self._cache.get(status)
         if hit and hit[0] > time.monotonic():
             return hit[1]
@@ -277,12 +277,14 @@ class Totals:
         self._cache.clear()
 
 
-async def list_contexts(db: AsyncSession, status: str | None, limit: int, offset: int,
+# The queries read plain rows (Core): no ORM objects on the hot read path. `db` is an
+# AsyncConnection (the endpoints) or an AsyncSession (publish_updates, inside a batch's aftermath).
+async def list_contexts(db: Any, status: str | None, limit: int, offset: int,
                         totals: Totals | None = None) -> dict[str, Any]:
     where = [VmContext.current_status == status] if status else []
     total = await (totals or Totals(0)).get(db, status)
     # Deferred join: the offset is walked in the (status,) vm_name index alone, then only the
-    # page's rows are read; plain rows, not ORM objects, for the 100-row page.
+    # page's rows are read.
     page = (select(VmContext.id).where(*where).order_by(VmContext.vm_name)
             .limit(limit).offset(offset).subquery())
     rows = await db.execute(
@@ -295,21 +297,30 @@ async def list_contexts(db: AsyncSession, status: str | None, limit: int, offset
     return {"success": True, "vm_contexts": contexts, "total": total, "limit": limit, "offset": offset}
 
 
-async def get_context(db: AsyncSession, vm_name: str) -> dict[str, Any]:
-    ctx = await db.scalar(select(VmContext).where(VmContext.vm_name == vm_name))
+# Built once: constructing a select() costs more than running it from SQLAlchemy's cache.
+_contexts, _jobs, _disks, _cbt = (m.__table__ for m in (VmContext, ContextJob, ContextDisk, CbtRecord))
+_NAME = bindparam("vm_name")
+CONTEXT_BY_NAME = select(_contexts).where(_contexts.c.vm_name == _NAME)
+JOB_HISTORY = (select(_jobs).where(_jobs.c.vm_name == _NAME)
+               .order_by(_jobs.c.created_at.desc(), _jobs.c.job_id.desc()).limit(HISTORY_JOBS))
+JOB_BY_ID = select(_jobs).where(_jobs.c.job_id == bindparam("job_id"))
+DISKS = select(_disks).where(_disks.c.vm_name == _NAME).order_by(_disks.c.unit_number)
+CBT_HISTORY = (select(_cbt.c.job_id, _cbt.c.unit_number, _cbt.c.change_id, _cbt.c.recorded_at)
+               .where(_cbt.c.vm_name == _NAME)
+               .order_by(_cbt.c.recorded_at.desc(), _cbt.c.job_id.desc(), _cbt.c.unit_number).limit(HISTORY_CBT))
+
+
+async def get_context(db: Any, vm_name: str) -> dict[str, Any]:
+    name = {"vm_name": vm_name}
+    ctx = (await db.execute(CONTEXT_BY_NAME, name)).first()
     if ctx is None:
         raise errors.NotFound("VM context not found", f"No VM context for VM {vm_name!r}")
-    jobs = (await db.scalars(select(ContextJob).where(ContextJob.vm_name == vm_name)
-                             .order_by(ContextJob.created_at.desc(), ContextJob.job_id.desc())
-                             .limit(HISTORY_JOBS))).all()
+    jobs = (await db.execute(JOB_HISTORY, name)).all()
     current = next((j for j in jobs if j.job_id == ctx.current_job_id), None)
     if current is None and ctx.current_job_id:
-        current = await db.scalar(select(ContextJob).where(ContextJob.job_id == ctx.current_job_id))
-    disks = await db.scalars(select(ContextDisk).where(ContextDisk.vm_name == vm_name)
-                             .order_by(ContextDisk.unit_number))
-    cbt = await db.scalars(select(CbtRecord).where(CbtRecord.vm_name == vm_name)
-                           .order_by(CbtRecord.recorded_at.desc(), CbtRecord.job_id.desc(),
-                                     CbtRecord.unit_number).limit(HISTORY_CBT))
+        current = (await db.execute(JOB_BY_ID, {"job_id": ctx.current_job_id})).first()
+    disks = await db.execute(DISKS, name)
+    cbt = await db.execute(CBT_HISTORY, name)
     return {"context": context_dict(ctx),
             "current_job": job_dict(current) if current else None,
             "job_history": [job_dict(j) for j in jobs],

@@ -14,9 +14,10 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
-from services.gateway import openapi, ui
+from services.gateway import openapi, parent_metrics, ui
 from services.gateway.content_type import JsonBodies
 from services.gateway.deps import SessionCache
+from services.gateway.fastpath import ContextReplies, FastReads
 from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
     auth,
@@ -79,7 +80,9 @@ class TimingMiddleware:
                                                  "duration_ms": round(elapsed * 1000, 2)})
 
 
-def create_app(settings: Settings, nats_url: str) -> FastAPI:
+def create_app(settings: Settings, nats_url: str, services_metrics: str | None = None) -> FastAPI:
+    """`services_metrics`: the URL of the services' /metrics when they run in another process of
+    the same oma-api (OMA_PROCESSES > 1); /metrics then shows theirs with ours, as one process would."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nc = await busmod.connect(nats_url, "gateway", user=settings.nats_user, password=settings.nats_password,
@@ -87,6 +90,7 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
         app.state.bus = busmod.Bus(nc, timeout=settings.request_timeout)
         await nc.subscribe(Auth.EVT_SESSION_REVOKED, cb=app.state.session_cache.on_event)
         await nc.subscribe(Auth.EVT_APPLIANCE_REVOKED, cb=app.state.session_cache.on_event)
+        await app.state.context_replies.subscribe(nc)
         if not settings.auth_enabled:
             log.warning("AUTHENTICATION IS DISABLED (-auth-enabled=false): every /api/v1 route is open. "
                         "Use this for development only.")
@@ -98,11 +102,14 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
+    app.state.context_replies = ContextReplies()
     app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
-    # The last added runs first: timing sees everything, the guard checks the bearer before any
-    # body is read, and JsonBodies (headers only) runs for the requests the guard let in.
+    # The last added is the outermost: the timing sees the guard's 401/413 too; FastReads (the two
+    # hottest reads past FastAPI's routing) sees only requests with a valid session; JsonBodies
+    # (headers only) runs for the POSTs the guard let in.
     app.add_middleware(JsonBodies)
+    app.add_middleware(FastReads)
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     app.add_middleware(TimingMiddleware)
 
@@ -118,7 +125,9 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        if services_metrics is None:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await parent_metrics.with_other_process(services_metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -10,7 +10,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.proxy import json_response
 from shared import errors
-from shared.service import validation_details
 
 log = logging.getLogger("oma.gateway")
 
@@ -34,7 +33,7 @@ def install(app: FastAPI) -> None:
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" or tuple(e.get("loc", ())) == ("body",) for e in errs):
             return error_response(errors.BadRequest("Invalid JSON", "the request body must be a JSON object"))
-        return error_response(errors.BadRequest("Validation failed", validation_details(errs)))
+        return error_response(errors.BadRequest("Validation failed", errors.validation_details(errs)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

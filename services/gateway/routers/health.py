@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from services.gateway import responses as r
 from services.gateway.proxy import JSON
-from shared import db, errors
+from shared import errors
 from shared.settings import SERVICES
 from shared.subjects import health
 
@@ -60,8 +60,9 @@ def _public(result: dict[str, Any], instances: int) -> dict[str, Any]:
 
 async def check_services(bus: Any) -> tuple[int, dict[str, Any]]:
     """One fan-out: `$SRV.PING` plus each service's health check; the status and the seed's body."""
-    body: dict[str, Any] = {"status": "healthy", "timestamp": db.iso(db.utcnow()), "database": "connected",
-                            "version": VERSION}
+    # The seed's stamp (shared.db.iso), made here: the gateway loads no database code.
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body: dict[str, Any] = {"status": "healthy", "timestamp": now, "database": "connected", "version": VERSION}
     if not bus.nc.is_connected:
         body.update(status="degraded", database="unknown", bus="disconnected",
                     services={n: {"status": "unknown"} for n in SERVICES}, reasons=["bus: disconnected"])

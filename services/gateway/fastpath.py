@@ -1,0 +1,119 @@
+"""The dashboard's two reads past FastAPI's routing, dependencies and parameter validation.
+
+`GET /api/v1/vm-contexts` and `GET /api/v1/vm-contexts/{vm_name}` are what a GUI polls. For them
+FastAPI's per-request machinery costs more CPU than the bus round trip (docs/deployment.md,
+"Performance"). This middleware sits inside RequestGuard (the session is already checked) and
+answers them when their parameters are plainly valid: the same bus request as the routes in
+routers/contexts.py, the same reply bytes, the same error bodies; a reply the aggregator announced
+no change for since is answered from this process's copy (shared/replies.py). Any other request,
+or a query FastAPI would coerce or refuse (a duplicate or unknown key, an empty or out-of-range
+value), takes the normal way, so FastAPI stays the one place that phrases validation errors.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import Response
+
+from services.gateway.errors import error_response
+from services.gateway.proxy import JSON
+from services.gateway.routers import contexts
+from shared import errors
+from shared.replies import Replies
+from shared.subjects import Contexts
+
+PREFIX = contexts.router.prefix  # /api/v1/vm-contexts
+DETAIL = PREFIX + "/"
+ROUTES = {route.path: route for route in contexts.router.routes}  # for the metrics' route label
+LIST_ROUTE, DETAIL_ROUTE = ROUTES[PREFIX], ROUTES[PREFIX + "/{vm_name}"]
+
+
+def plain_int(text: str, digits: int) -> bool:
+    """ASCII digits without a sign, spaces or leading zero: int() and FastAPI read them alike."""
+    return text.isascii() and text.isdigit() and len(text) <= digits and (text == "0" or text[0] != "0")
+
+
+def list_query(query_string: bytes) -> dict[str, Any] | None:
+    """The list's bus payload, as routers/contexts.py builds it; None when FastAPI should judge."""
+    try:
+        pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, strict_parsing=False)
+    except ValueError:
+        return None
+    given = dict(pairs)
+    if len(given) != len(pairs) or not given.keys() <= {"status", "limit", "offset"}:
+        return None
+    status, limit, offset = given.get("status"), given.get("limit", "100"), given.get("offset", "0")
+    if status is not None and not 0 < len(status) <= 32:
+        return None
+    if not (plain_int(limit, 4) and 1 <= int(limit) <= 1000 and plain_int(offset, 15)):
+        return None
+    q: dict[str, Any] = {"status": status} if status is not None else {}
+    q.update(limit=int(limit), offset=int(offset))
+    return q
+
+
+class ContextReplies(Replies):
+    """This gateway process's copy of the aggregator's replies (shared/replies.py): dropped on
+    `Contexts.EVT_CHANGED`, and wholly after a reconnect (notifications may have been missed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nc: Any = None
+        self._reconnects = 0
+
+    async def subscribe(self, nc: Any) -> None:
+        self.nc = nc
+        await nc.subscribe(Contexts.EVT_CHANGED, cb=self.on_changed)
+
+    async def on_changed(self, msg: Any) -> None:
+        try:
+            names = orjson.loads(msg.data).get("vm_names")
+        except (orjson.JSONDecodeError, AttributeError):
+            names = None
+        self.changed(names)
+
+    def current(self) -> "ContextReplies":
+        reconnects = self.nc.stats["reconnects"] if self.nc is not None else 0
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self.changed()
+        return self
+
+
+class FastReads:
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
+            path = scope["path"]
+            if path == PREFIX:
+                payload = list_query(scope["query_string"])
+                if payload is not None:
+                    return await self._answer(scope, receive, send, LIST_ROUTE, Contexts.LIST, payload)
+            elif path.startswith(DETAIL) and "/" not in path[len(DETAIL):] and len(path) > len(DETAIL):
+                return await self._answer(scope, receive, send, DETAIL_ROUTE, Contexts.GET,
+                                          {"vm_name": path[len(DETAIL):]})
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _answer(scope, receive, send, route: Any, subject: str, payload: dict[str, Any]) -> None:
+        scope["route"] = route
+        state = scope["app"].state
+        cache: ContextReplies = state.context_replies.current()
+        vm_name = payload.get("vm_name")
+        key = vm_name or tuple(payload.values())
+        body = cache.get_vm(vm_name) if vm_name else cache.get_list(key)
+        if body is None:
+            generation = cache.generation
+            try:
+                _, body = await state.bus.request(subject, payload)  # both answer 200 or an error
+            except errors.OmaError as exc:  # as the gateway's OmaError handler answers it
+                return await error_response(exc)(scope, receive, send)
+            if vm_name:
+                cache.put_vm(vm_name, generation, body, orjson.loads(body)["context"]["vm_name"])
+            else:
+                cache.put_list(key, generation, body)
+        await Response(content=body, media_type=JSON)(scope, receive, send)
