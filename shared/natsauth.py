@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Replication
+from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Failover, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -61,7 +61,7 @@ def permissions() -> dict[str, Permissions]:
     perms = {
         "gateway": Permissions(
             publish=["oma.auth.session.>", "oma.config.ossea.>", "oma.inventory.>", "oma.replication.>",
-                     Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
+                     "oma.failover.>", Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
             deny_publish=["oma.config.credentials.>"],
             # Replies, session revocations (cache eviction) and context updates (live views).
             subscribe=[inbox("gateway"), "oma.evt.auth.>", "oma.live.context_aggregator.>"],
@@ -73,6 +73,9 @@ def permissions() -> dict[str, Permissions]:
         "replication": _service(
             "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE,
             comment="The only caller of the decrypted cloud credentials; ensures/deactivates exports."),
+        "failover": _service(
+            "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET,
+            comment="Reads the replica volumes of a VM's latest replication job; needs the cloud credentials."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

@@ -53,6 +53,14 @@ class Replication:
     EVT_FAILED = "oma.evt.replication.job.failed"
 
 
+class Failover:
+    ACTION = "oma.failover.job.action"          # test | live | cleanup | rollback
+    LIST = "oma.failover.job.list"
+    GET = "oma.failover.job.get"
+    MAPPINGS = "oma.failover.network.mappings"  # get | create | update | delete
+    EVT_STATUS = "oma.evt.failover.job.status_changed"
+
+
 class Exports:
     ENSURE = "oma.export_manager.export.ensure"
     LIST = "oma.export_manager.export.list"

@@ -19,6 +19,7 @@ from services.gateway.deps import SessionCache, require_session
 from services.gateway.routers import (
     auth,
     contexts,
+    failover,
     health,
     inventory,
     ossea,
@@ -102,7 +103,8 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     protected = [Depends(require_session)]
     app.include_router(health.router)
     app.include_router(auth.router)
-    for router in (ossea.router, inventory.router, replications.router, contexts.router):
+    for router in (ossea.router, inventory.router, replications.router, contexts.router,
+                   failover.router):
         app.include_router(router, dependencies=protected, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)
