@@ -54,8 +54,9 @@ TEST_NETWORK_IDS = ("0e000000-0000-4000-8000-000000000011", "0e000000-0000-4000-
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 IP_TO_NETWORK = re.compile(r"^iptonetworklist\[(\d+)\]\.(\w+)$")
 HOSTNAME = re.compile(r"^[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-# Where a VM may be for each command (VirtualMachine.State in CloudStack).
-STOPPED, STARTING, RUNNING, STOPPING, DESTROYED = "Stopped", "Starting", "Running", "Stopping", "Destroyed"
+# VirtualMachine.State. The moves happen when the job runs, so a job that fails (fault injection)
+# leaves the VM where it was, as CloudStack's state machine does.
+STOPPED, RUNNING, DESTROYED = "Stopped", "Running", "Destroyed"
 
 
 @dataclass
@@ -297,7 +298,7 @@ class VmLab:
         start = (args.get("startvm") or "true").lower() != "false"
         vm_id = _uuid()
         vm = {"id": vm_id, "name": name, "displayname": args.get("displayname") or name,
-              "state": STARTING if start else STOPPED, "zoneid": zone["id"], "zonename": zone["name"],
+              "state": STOPPED, "zoneid": zone["id"], "zonename": zone["name"],
               "hypervisor": "KVM", "account": "admin", "domainid": DOMAIN_ID, "domain": "ROOT",
               "cpunumber": offering["cpunumber"], "memory": offering["memory"],
               "serviceofferingid": offering["id"], "serviceofferingname": offering["name"],
@@ -330,7 +331,6 @@ class VmLab:
         self._require_state(vm, STOPPED, action="start")
         if self._root(vm["id"]) is None:
             raise ApiError(431, f"Unable to start VM {vm['name']}: it has no ROOT volume")
-        vm["state"] = STARTING
 
         def work() -> dict[str, Any]:
             self._boot(vm)
@@ -340,8 +340,6 @@ class VmLab:
     def _stop(self, args: _Args) -> _Submit:
         vm = args.entity(self.sim.vms, "id")
         self._require_state(vm, RUNNING, STOPPED, action="stop")
-        stopped = vm["state"] == STOPPED
-        vm["state"] = STOPPED if stopped else STOPPING
 
         def work() -> dict[str, Any]:
             vm["state"] = STOPPED
