@@ -204,6 +204,8 @@ async def failover(env: Env, action: str, vm_name: str = "app01", **options: Any
 async def finished(env: Env, failover_id: str, timeout: float = 60) -> dict[str, Any]:
     async def done():
         r = await env.client.get(f"/api/v1/failover/jobs/{failover_id}", headers=env.headers)
+        if r.status_code == 503:  # the service is restarting
+            return None
         assert r.status_code == 200, r.text
         body = r.json()
         return body if body["status"] not in ("running", "compensating") else None
@@ -294,3 +296,96 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
         assert "VM Network" in assert_error_shape(r, 400)["details"]
         r = await env.client.post("/api/v1/network/mappings", headers=env.headers, json={"action": "get"})
         assert [m["source_network"] for m in r.json()["mappings"]] == ["Backup Net"]
+
+
+# -- kill -9 of the failover service at every step ---------------------------------------------------
+
+class FailoverProcess:
+    """`oma-service failover` alone, on MariaDB and the test's NATS, killed with SIGKILL on demand."""
+
+    def __init__(self, settings: Any, log: Path):
+        self.settings, self.log, self.proc = settings, log, None
+
+    def start(self) -> None:
+        s = self.settings
+        argv = [sys.executable, "-c", "from shared.cli import oma_service; oma_service()", "failover",
+                "-nats-url", s.nats_url, "-db-type", "mariadb", "-db-host", s.db_host, "-db-port", str(s.db_port),
+                "-db-name", s.db_name, "-db-user", s.db_user, "-db-pass", s.db_pass, "-metrics-port", "0",
+                "-data-dir", str(s.data_dir)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+               "OMA_CLOUD_POLL_INTERVAL": "0.05", "OMA_CLOUD_JOB_TIMEOUT": "20"}
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def no_device_0(params: dict[str, str]) -> bool:
+    return params.get("deviceid") is None
+
+
+# (phase, step, the command whose call triggers the kill, an optional filter on its parameters)
+KILL_POINTS = [
+    ("test", "validate", "listServiceOfferings", None), ("test", "snapshot", "createSnapshot", None),
+    ("test", "clone", "createVolume", None), ("test", "create_vm", "deployVirtualMachine", None),
+    ("test", "swap_root", "detachVolume", None), ("test", "attach_data", "attachVolume", no_device_0),
+    ("test", "start", "startVirtualMachine", None), ("test", "verify", "listNics", None),
+    ("cleanup", "stop_vm", "stopVirtualMachine", None), ("cleanup", "detach_volumes", "detachVolume", None),
+    ("cleanup", "destroy_vm", "destroyVirtualMachine", None), ("cleanup", "delete_clones", "deleteVolume", None),
+    ("cleanup", "delete_snapshots", "deleteSnapshot", None)]
+
+
+async def kill_on_call(sim: CloudStackSimulator, proc: FailoverProcess, mark: int, command: str, match) -> None:
+    """SIGKILL the service as soon as the simulator has received `command` (its job then finishes in the
+    cloud while the service is dead: the resume must adopt what it did)."""
+    async def called():
+        return any(c["command"] == command and (match is None or match(c["params"])) for c in sim.calls[mark:])
+    await wait_for(called, timeout=60, interval=0.002)
+    proc.kill()
+
+
+@pytest.mark.parametrize("phase,step,command,match", KILL_POINTS, ids=[f"{p}-{s}" for p, s, _, _ in KILL_POINTS])
+async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tmp_path, mariadb_name,
+                                                               phase, step, command, match):
+    in_process = tuple(s for s in SERVICES if s != "failover")
+    async with replication_env(make_settings, tmp_path, {"job_latency": 0.2}, services=in_process,
+                               **mariadb_settings(mariadb_name)) as env:
+        proc = FailoverProcess(env.client.settings, tmp_path / "failover.log")
+        proc.start()
+        try:
+            async def up():
+                r = await env.client.get("/api/v1/failover/jobs", headers=env.headers)
+                return r.status_code == 200
+            await wait_for(up, timeout=60, interval=0.2)
+            reply = await prepare(env)
+            mark = len(env.sim.calls)
+            test_id = (await failover(env, "test"))["failover_id"]
+            if phase == "test":
+                await kill_on_call(env.sim, proc, mark, command, match)
+                proc.start()
+            job = await finished(env, test_id)
+            assert job["status"] == "completed", job
+            await check_test_vm(env, job, reply)
+            if phase == "test":
+                assert next(s for s in job["steps"] if s["name"] == step)["attempts"] == 2, job["steps"]
+
+            mark = len(env.sim.calls)
+            cleanup_id = (await failover(env, "cleanup"))["failover_id"]
+            if phase == "cleanup":
+                await kill_on_call(env.sim, proc, mark, command, match)
+                proc.start()
+            cleanup = await finished(env, cleanup_id)
+            assert cleanup["status"] == "completed", cleanup
+            assert await leftovers(env.sim, {v["volume_id"] for v in reply["created_volumes"]}) == \
+                {"vms": [], "volumes": [], "snapshots": []}
+        finally:
+            proc.stop()
