@@ -24,7 +24,7 @@ from tests.test_replication import Env, replication_env, request
 
 KEY, SECRET = "sim-key", "sim-secret"
 MiB = 1 << 20
-SERVICES = ("auth", "config", "replication", "export_manager", "failover")
+SERVICES = ("auth", "config", "replication", "export_manager", "context_aggregator", "failover")
 NICS = [{"network": "VM Network", "mac_address": "00:50:56:aa:bb:01"},
         {"network": "Backup Net", "mac_address": "00:50:56:aa:bb:02"}]
 
@@ -236,6 +236,14 @@ async def check_test_vm(env: Env, job: dict[str, Any], reply: dict[str, Any]) ->
     assert all(sim.volumes[v].vm_id == DEFAULT_VM_ID for v in replicas)    # replication keeps its volumes
 
 
+async def context_status(env: Env, status: str, vm_name: str = "app01") -> None:
+    """The VM context (the read model, fed by the failover events) shows the failover's status."""
+    async def shown():
+        r = await env.client.get(f"/api/v1/vm-contexts/{vm_name}", headers=env.headers)
+        return r.status_code == 200 and r.json()["context"]["current_status"] == status
+    await wait_for(shown, timeout=15, interval=0.1)
+
+
 async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05) as env:
         reply = await prepare(env)
@@ -248,6 +256,7 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         assert {r["kind"] for r in job["resources"]} == {"snapshot", "volume", "vm", "stub_root"}
         assert all(r["cloud_id"] for r in job["resources"])
         await check_test_vm(env, job, reply)
+        await context_status(env, "failed_over_test")
 
         # one active failover per VM; a cleanup is the way out
         r = await env.client.post("/api/v1/failover", headers=env.headers, json={"action": "test", "vm_name": "app01"})
@@ -260,6 +269,7 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         assert cleanup["status"] == "completed", cleanup
         assert await leftovers(env.sim, replicas) == {"vms": [], "volumes": [], "snapshots": []}
         assert (await finished(env, started["failover_id"]))["status"] == "cleaned_up"
+        await context_status(env, "ready_for_failover")
         # the VM is free again
         again = await finished(env, (await failover(env, "test"))["failover_id"])
         assert again["status"] == "completed", again
@@ -285,7 +295,7 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
         for body, status in (({"action": "explode", "vm_name": "x"}, 400), ({"action": "test"}, 400),
                              ({"action": "test", "vm_name": "nobody"}, 409),
                              ({"action": "cleanup", "vm_name": "nobody"}, 409),
-                             ({"action": "live", "vm_name": "x"}, 501)):
+                             ({"action": "live", "vm_name": "x"}, 400)):
             r = await env.client.post("/api/v1/failover", headers=env.headers, json=body)
             assert_error_shape(r, status)
         assert_error_shape(await env.client.get("/api/v1/failover/jobs/fo-nope", headers=env.headers), 404)

@@ -125,8 +125,8 @@ class Failovers:
         elif req.action == "cleanup":
             job = await self._admit_cleanup(req)
         else:
-            raise errors.OmaError("Not implemented", f"action {req.action!r} is not available yet; "
-                                  "test and cleanup are", status=501)
+            raise errors.BadRequest("Action not available", f"action {req.action!r} is not available yet; "
+                                    "test and cleanup are")
         JOBS.labels(action=job.action, status=RUNNING).inc()
         await self.emit(job)
         self.start(job.failover_id)
