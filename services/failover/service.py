@@ -47,7 +47,7 @@ from services.failover.models import (
 from services.replication.cloud import error_text
 from shared import errors
 from shared.bus import Reply, event_envelope
-from shared.db import iso, utcnow
+from shared.db import iso, limit_offset, utcnow
 from shared.plugins import get_backend
 from shared.schemas import FailoverRequest, NetworkMappingRequest
 from shared.subjects import Config, Failover, Replication
@@ -384,12 +384,7 @@ class Failovers:
     # -- reads ----------------------------------------------------------------------------------
 
     async def list(self, q: dict[str, Any]) -> dict[str, Any]:
-        try:
-            limit, offset = int(q.get("limit", 100)), int(q.get("offset", 0))
-        except (TypeError, ValueError):
-            raise errors.BadRequest("Validation failed", "limit/offset: expected integers") from None
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise errors.BadRequest("Validation failed", "limit: 1..1000; offset: >= 0")
+        limit, offset = limit_offset(q)
         conds = []
         if q.get("status"):
             if q["status"] not in JOB_STATUSES:

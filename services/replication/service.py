@@ -52,7 +52,7 @@ from services.replication.models import (
 )
 from shared import errors
 from shared.bus import Reply
-from shared.db import utcnow
+from shared.db import limit_offset, utcnow
 from shared.plugins import get_backend
 from shared.schemas import ProgressReport, ReplicationRequest, SourceVM
 from shared.subjects import Config, Exports, Replication
@@ -652,13 +652,7 @@ class Replicator:
         return views.detail(job, rows)
 
     async def list(self, q: dict[str, Any]) -> dict[str, Any]:
-        try:
-            limit = int(q.get("limit", 100))
-            offset = int(q.get("offset", 0))
-        except (TypeError, ValueError):
-            raise errors.BadRequest("Validation failed", "limit/offset: expected integers") from None
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise errors.BadRequest("Validation failed", "limit: 1..1000; offset: >= 0")
+        limit, offset = limit_offset(q)
         conds = []
         if q.get("status"):
             if q["status"] not in JOB_STATUSES:
