@@ -20,6 +20,7 @@ from plugins.ossea.client import CloudParamError, CloudStackClient
 from plugins.ossea.sim_vms import PROD_NETWORK_IDS, SMALL_OFFERING_ID, STUB_TEMPLATE_ID, TEST_NETWORK_IDS
 from plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSimulator
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
+from tests.nbdutil import nbdcopy, random_file
 from tests.test_replication import Env, replication_env, request
 
 KEY, SECRET = "sim-key", "sim-secret"
@@ -257,6 +258,25 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         assert all(r["cloud_id"] for r in job["resources"])
         await check_test_vm(env, job, reply)
         await context_status(env, "failed_over_test")
+
+        # replication goes on while the test VM runs: an incremental sync writes the replica over NBD
+        assert (await env.progress(reply["job_id"], {"status": "completed"})).status_code == 200
+        r = await env.post({**request(env.config_id, "app01", disks=3, cpus=1, memory_mb=1024, nics=NICS),
+                            "replication_type": "incremental"})
+        assert r.status_code == 201, r.text
+        incremental = r.json()
+        assert {v["volume_id"] for v in incremental["created_volumes"]} == replicas
+        boot = min(incremental["nbd_exports"], key=lambda e: e["disk_unit_number"])
+        await nbdcopy(random_file(tmp_path / "delta.bin", 2 * MiB),
+                      f"nbd://127.0.0.1:{boot['port']}/{boot['export_name']}", "--flush")
+        r = await env.progress(incremental["job_id"], {"status": "completed"})
+        assert r.status_code == 200 and r.json()["status"] == "completed", r.text
+        boot_replica = next(d["volume_id"] for d in (await env.job(incremental["job_id"]))["disks"]
+                            if d["unit_number"] == boot["disk_unit_number"])
+        assert content(env.sim, boot_replica) != b"disk-0"             # the replica moved on ...
+        root = next(v for v in env.sim.volumes.values() if v.vm_id == job["target_vm_id"] and v.type == "ROOT")
+        assert content(env.sim, root.id) == b"disk-0"                   # ... the test VM's clone did not
+        assert env.sim.vms[job["target_vm_id"]]["state"] == "Running"
 
         # one active failover per VM; a cleanup is the way out
         r = await env.client.post("/api/v1/failover", headers=env.headers, json={"action": "test", "vm_name": "app01"})
