@@ -295,17 +295,34 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         assert again["status"] == "completed", again
 
 
-async def test_a_failing_step_compensates_to_a_clean_state(make_settings, tmp_path):
+async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
                                cloud_job_timeout=5.0) as env:
         reply = await prepare(env)
         env.sim.fail("startVirtualMachine", errorcode=533, errortext="Insufficient capacity to start")
-        job = await finished(env, (await failover(env, "test"))["failover_id"])
+        # two at once: the VM's lock (a primary key) admits one, the other is a 409
+        posts = await asyncio.gather(*(env.client.post("/api/v1/failover", headers=env.headers, json={
+            "action": "test", "vm_name": "app01"}) for _ in range(2)))
+        assert sorted(r.status_code for r in posts) == [202, 409], [r.text for r in posts]
+        started = next(r.json() for r in posts if r.status_code == 202)
+        job = await finished(env, started["failover_id"])
         assert job["status"] == "compensated", job
         assert "Insufficient capacity" in job["error"]
         by_name = {s["name"]: s for s in job["steps"]}
         assert "Insufficient capacity" in by_name["start"]["error"]
         assert by_name["snapshot"]["status"] == "compensated"
+        assert await leftovers(env.sim, {v["volume_id"] for v in reply["created_volumes"]}) == \
+            {"vms": [], "volumes": [], "snapshots": []}
+        # compensated: the lock is released, and the next try (the fault is spent) completes
+        assert (await finished(env, (await failover(env, "test"))["failover_id"]))["status"] == "completed"
+        # a cleanup that fails stays failed, keeps the VM locked, and is run again
+        env.sim.fail("deleteSnapshot", errorcode=431, errortext="Snapshot is busy")
+        failed = await finished(env, (await failover(env, "cleanup"))["failover_id"])
+        assert failed["status"] == "failed" and "Snapshot is busy" in failed["error"], failed
+        assert_error_shape(await env.client.post("/api/v1/failover", headers=env.headers,
+                                                 json={"action": "test", "vm_name": "app01"}), 409)
+        again = await finished(env, (await failover(env, "cleanup"))["failover_id"])
+        assert again["status"] == "completed" and again["target_id"] == failed["target_id"], again
         assert await leftovers(env.sim, {v["volume_id"] for v in reply["created_volumes"]}) == \
             {"vms": [], "volumes": [], "snapshots": []}
 
