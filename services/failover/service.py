@@ -287,7 +287,7 @@ class Failovers:
             started = time.perf_counter()
             await self._set_step(step, status=S_RUNNING, started_at=utcnow(), attempts=step.attempts + 1,
                                  error=None)
-            await self._set_job(job, current_step=step.name)
+            await self._set_job(job.failover_id, current_step=step.name)
             try:
                 await st.RUN[step.name](ctx)
             except Exception as exc:  # noqa: BLE001 - every failure ends the step and starts compensation
@@ -302,7 +302,8 @@ class Failovers:
                 return
             elapsed = time.perf_counter() - started
             STEP_DURATION.labels(step=step.name, result="ok").observe(elapsed)
-            await self._save_plan(job, ctx)
+            # What the step resolved (ids, the target VM) is kept on the job that owns the resources.
+            await self._set_job(ctx.failover_id, plan=orjson.dumps(ctx.plan).decode())
             await self._set_step(step, status=S_DONE, completed_at=utcnow(), duration_seconds=elapsed)
         await self._finish(job, COMPLETED)
 
@@ -370,14 +371,7 @@ class Failovers:
         async with self.sessions.begin() as db:
             await db.execute(update(FailoverStep).where(FailoverStep.id == step.id).values(**values))
 
-    async def _set_job(self, job: FailoverJob, **values: Any) -> None:
-        async with self.sessions.begin() as db:
-            await db.execute(update(FailoverJob).where(FailoverJob.id == job.id).values(**values))
-
-    async def _save_plan(self, job: FailoverJob, ctx: st.Ctx) -> None:
-        await self._set_job_by_id(ctx.failover_id, plan=orjson.dumps(ctx.plan).decode())
-
-    async def _set_job_by_id(self, failover_id: str, **values: Any) -> None:
+    async def _set_job(self, failover_id: str, **values: Any) -> None:
         async with self.sessions.begin() as db:
             await db.execute(update(FailoverJob).where(FailoverJob.failover_id == failover_id).values(**values))
 
