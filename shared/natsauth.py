@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Failover, Replication
+from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Inventory, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -74,8 +74,10 @@ def permissions() -> dict[str, Permissions]:
             "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE,
             comment="The only caller of the decrypted cloud credentials; ensures/deactivates exports."),
         "failover": _service(
-            "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET,
-            comment="Reads the replica volumes of a VM's latest replication job; needs the cloud credentials."),
+            "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Inventory.POWER, Exports.ENSURE,
+            Exports.DEACTIVATE,
+            comment="Reads the replica volumes of a VM's latest replication job; needs the cloud credentials;\n"
+                    "powers the source VM off and on; releases and restores the replica's exports."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

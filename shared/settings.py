@@ -80,6 +80,8 @@ class Settings(BaseSettings):
 
     # Failover.
     failover_stub_template: str = Field("oma-failover-stub", description="template (name or id) of the stub VM")
+    failover_shutdown_timeout: float = Field(120.0, ge=0, le=3600,
+                                             description="seconds a guest shutdown may take before a hard power-off")
 
     # Inventory.
     inventory_source: str = "vsphere"

@@ -33,6 +33,7 @@ class Config:
 class Inventory:
     VCENTER_ACTION = "oma.inventory.vcenter.action"
     DISCOVER = "oma.inventory.vm.discover"
+    POWER = "oma.inventory.vm.power"  # failover: source power-off / power-on
     LIST = "oma.inventory.vm.list"
     GET = "oma.inventory.vm.get"
     EVT_DISCOVERED = "oma.evt.inventory.vm.discovered"

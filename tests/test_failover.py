@@ -21,6 +21,7 @@ from plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSi
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.nbdutil import nbdcopy, random_file
 from tests.test_replication import Env, replication_env, request
+from tests.vcsim import DiskSpec, NicSpec, create_vm, find_by_name, running_vcsim
 
 KEY, SECRET = "sim-key", "sim-secret"
 MiB = 1 << 20
@@ -331,7 +332,9 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
         for body, status in (({"action": "explode", "vm_name": "x"}, 400), ({"action": "test"}, 400),
                              ({"action": "test", "vm_name": "nobody"}, 409),
                              ({"action": "cleanup", "vm_name": "nobody"}, 409),
-                             ({"action": "live", "vm_name": "x"}, 400)):
+                             ({"action": "live", "vm_name": "x"}, 409),
+                             ({"action": "rollback", "vm_name": "x"}, 409),
+                             ({"action": "test", "vm_name": "x", "options": {"final_sync": True}}, 400)):
             r = await env.client.post("/api/v1/failover", headers=env.headers, json=body)
             assert_error_shape(r, status)
         assert_error_shape(await env.client.get("/api/v1/failover/jobs/fo-nope", headers=env.headers), 404)
@@ -342,6 +345,71 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
         assert "VM Network" in assert_error_shape(r, 400)["details"]
         r = await env.client.post("/api/v1/network/mappings", headers=env.headers, json={"action": "get"})
         assert [m["source_network"] for m in r.json()["mappings"]] == ["Backup Net"]
+
+
+# -- live cutover and rollback, with the source in vcsim ----------------------------------------------
+
+LIVE_NICS = [NicSpec("VM Network", mac_address="00:50:56:aa:00:01"), NicSpec("DC0_DVPG0", mac_address="00:50:56:aa:00:02")]
+LIVE_SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover")
+
+
+def power_state(vc: Any, name: str) -> str:
+    from pyVmomi import vim
+    with vc.service_instance() as si:
+        return find_by_name(si, vim.VirtualMachine, name).runtime.powerState
+
+
+async def test_live_cutover_then_rollback(make_settings, tmp_path):
+    with running_vcsim() as vc:
+        with vc.service_instance() as si:
+            create_vm(si, "live01", disks=[DiskSpec(1), DiskSpec(1)], nics=LIVE_NICS, power_on=True)
+        async with replication_env(make_settings, tmp_path, services=LIVE_SERVICES, cloud_poll_interval=0.05,
+                                   failover_shutdown_timeout=2) as env:
+            c, h = env.client, env.headers
+            r = await c.post("/api/v1/vcenter/config", headers=h, json={"action": "create", "configuration": {
+                "name": "lab", "host": vc.host, "port": vc.port, "username": vc.username,
+                "password": vc.password, "verify_tls": False}})
+            assert r.status_code == 201, r.text
+            found = (await c.get("/api/v1/vms/discover", params={"vcenter": "lab"}, headers=h)).json()
+            source = next(v for v in found["vms"] if v["name"] == "live01")
+            for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+                r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+                    "source_network": nic.network, "production_network_id": net}})
+                assert r.status_code == 201, r.text
+            r = await env.post({"source_vm": source, "ossea_config_id": env.config_id})
+            assert r.status_code == 201, r.text
+            reply = r.json()
+            by_unit = {d["unit_number"]: d["volume_id"] for d in (await env.job(reply["job_id"]))["disks"]}
+            replicas = [by_unit[u] for u in sorted(by_unit)]
+            exporter = c.appliance.services["export_manager"].exporter
+            served = exporter.list_exports()
+            assert len(served) == 2
+
+            live = await finished(env, (await failover(env, "live", "live01"))["failover_id"])
+            assert live["status"] == "completed", live
+            assert power_state(vc, "live01") == "poweredOff"                         # vCenter says so
+            [target] = [v for v in env.sim.vms.values() if v["name"] == "live01"]    # the exact name
+            assert target["state"] == "Running"
+            disks = sorted((v for v in env.sim.volumes.values() if v.vm_id == target["id"]), key=lambda v: v.device_id)
+            assert [(d.id, d.type) for d in disks] == [(replicas[0], "ROOT"), (replicas[1], "DATADISK")]
+            nics = env.sim.lab.nics[target["id"]]
+            assert [n["macaddress"] for n in nics] == [n.mac_address for n in LIVE_NICS]   # source MACs kept
+            assert [n["networkid"] for n in nics] == list(PROD_NETWORK_IDS)
+            assert exporter.list_exports() == {}                                      # the exports were released
+            assert len(env.sim.lab.snapshots) == 2                                   # the safety snapshots
+            await context_status(env, "failed_over_live", "live01")
+            assert_error_shape(await c.post("/api/v1/failover", headers=h, json={
+                "action": "test", "vm_name": "live01"}), 409)
+
+            back = await finished(env, (await failover(env, "rollback", "live01"))["failover_id"])
+            assert back["status"] == "completed", back
+            assert (await finished(env, live["failover_id"]))["status"] == "rolled_back"
+            assert not [v for v in env.sim.vms.values() if v["name"] == "live01"]   # that VM is gone
+            assert [env.sim.volumes[v].vm_id for v in replicas] == [DEFAULT_VM_ID] * 2  # back on the appliance
+            assert exporter.list_exports() == served                                 # and served again
+            assert power_state(vc, "live01") == "poweredOn"
+            assert env.sim.lab.snapshots == {}
+            await context_status(env, "rolled_back", "live01")
 
 
 # -- kill -9 of the failover service at every step ---------------------------------------------------

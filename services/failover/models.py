@@ -17,8 +17,9 @@ from shared.db import Base, utcnow
 # Job statuses.
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 COMPENSATING, COMPENSATED, COMPENSATION_FAILED = "compensating", "compensated", "compensation_failed"
-CLEANED_UP = "cleaned_up"  # a test failover whose cleanup finished
-JOB_STATUSES = (RUNNING, COMPLETED, FAILED, COMPENSATING, COMPENSATED, COMPENSATION_FAILED, CLEANED_UP)
+CLEANED_UP = "cleaned_up"    # a test failover whose cleanup finished
+ROLLED_BACK = "rolled_back"  # a live cutover whose rollback finished
+JOB_STATUSES = (RUNNING, COMPLETED, FAILED, COMPENSATING, COMPENSATED, COMPENSATION_FAILED, CLEANED_UP, ROLLED_BACK)
 ACTIVE = (RUNNING, COMPENSATING)  # a task works on the job; resumed after a restart
 
 # Step statuses.

@@ -27,6 +27,7 @@ from services.failover.models import (
     COMPENSATION_FAILED,
     COMPLETED,
     FAILED,
+    ROLLED_BACK,
     JOB_STATUSES,
     R_CREATED,
     R_DELETED,
@@ -60,7 +61,12 @@ COMPENSATION_FAILURES = Counter("oma_failover_compensation_failures_total",
 # The VM context status each job status means (services/context_aggregator).
 CONTEXT_STATUS = {("test", RUNNING): "failing_over", ("test", COMPLETED): "failed_over_test",
                   ("test", COMPENSATING): "cleaning_up", ("test", COMPENSATED): "ready_for_failover",
-                  ("cleanup", RUNNING): "cleaning_up", ("cleanup", COMPLETED): "ready_for_failover"}
+                  ("cleanup", RUNNING): "cleaning_up", ("cleanup", COMPLETED): "ready_for_failover",
+                  ("live", RUNNING): "failing_over", ("live", COMPLETED): "failed_over_live",
+                  ("live", COMPENSATING): "cleaning_up", ("live", COMPENSATED): "ready_for_failover",
+                  ("rollback", RUNNING): "cleaning_up", ("rollback", COMPLETED): "rolled_back"}
+# What undoes each kind of failover, the status the undone job gets, and the steps.
+UNDOES = {"cleanup": ("test", CLEANED_UP, st.CLEANUP_STEPS), "rollback": ("live", ROLLED_BACK, st.ROLLBACK_STEPS)}
 USABLE_REPLICATION = ("ready_for_sync", "replicating", "completed")
 
 
@@ -120,13 +126,10 @@ class Failovers:
     # -- requests -------------------------------------------------------------------------------
 
     async def action(self, req: FailoverRequest) -> Reply:
-        if req.action == "test":
-            job = await self._admit_test(req)
-        elif req.action == "cleanup":
-            job = await self._admit_cleanup(req)
+        if req.action in ("test", "live"):
+            job = await self._admit(req)
         else:
-            raise errors.BadRequest("Action not available", f"action {req.action!r} is not available yet; "
-                                    "test and cleanup are")
+            job = await self._admit_undo(req)
         JOBS.labels(action=job.action, status=RUNNING).inc()
         await self.emit(job)
         self.start(job.failover_id)
@@ -162,47 +165,62 @@ class Failovers:
             raise errors.BadRequest("No NICs", "the replicated source_vm lists no nics to map to networks")
         return nics
 
-    async def _admit_test(self, req: FailoverRequest) -> FailoverJob:
-        opts = req.options
+    async def _admit(self, req: FailoverRequest) -> FailoverJob:
+        opts, live = req.options, req.action == "live"
         if opts.convert not in (None, "none"):
             raise errors.BadRequest("Converter not available", f"options.convert: {opts.convert!r} is not "
                                     "installed; only 'none' is available")
+        if opts.final_sync:
+            raise errors.BadRequest("Final sync not available", "options.final_sync: the final sync through "
+                                    "the VMA is not wired to failover yet; sync, then fail over")
+        await self._not_locked(req.vm_name)  # the clear answer first; the insert below is what guarantees it
         replica = await self._latest_replica(req.vm_name)
         source = replica["source_vm"]
+        power_off = live and opts.power_off_source is not False
+        if power_off and not source.get("vcenter"):
+            raise errors.BadRequest("Source vCenter unknown", "the replicated source_vm names no vcenter to power "
+                                    "it off through; set options.power_off_source to false to skip that")
         creds = await self.bus.call(Config.CREDENTIALS, {"id": replica["ossea_config_id"]})
         now = utcnow()
         failover_id = new_failover_id(now)
+        exports = {e["disk_unit_number"]: e for e in replica.get("nbd_exports") or []}
         plan = {
+            "mode": req.action, "vm_name": req.vm_name, "oma_vm_id": creds.get("oma_vm_id"),
             "zone": creds.get("zone") or "", "template": opts.template or self.settings.failover_stub_template,
             "service_offering": opts.service_offering, "boot_type": opts.boot_type or _boot_type(source),
             "cpus": source.get("cpus"), "memory_mb": source.get("memory_mb"),
-            "nics": await self._nics(source, opts.network_profile or "test"),
-            "disks": [{"ordinal": i, "unit": d["unit_number"], "volume_id": d["volume_id"]}
+            "nics": await self._nics(source, opts.network_profile or ("production" if live else "test")),
+            "disks": [{"ordinal": i, "unit": d["unit_number"], "volume_id": d["volume_id"],
+                       **_export(exports.get(d["unit_number"]))}
                       for i, d in enumerate(sorted(replica["disks"], key=lambda d: d["unit_number"]))],
-            "target_name": st.test_vm_name(req.vm_name, failover_id), "preserve_macs": False}
-        job = FailoverJob(failover_id=failover_id, action="test", vm_name=req.vm_name, status=RUNNING,
+            "target_name": st.safe_name(req.vm_name, 63) if live else st.test_vm_name(req.vm_name, failover_id),
+            "preserve_macs": live, "power_off_source": power_off, "vcenter": source.get("vcenter"),
+            "source_vm_id": source.get("id"), "shutdown_timeout": self.settings.failover_shutdown_timeout}
+        job = FailoverJob(failover_id=failover_id, action=req.action, vm_name=req.vm_name, status=RUNNING,
                           ossea_config_id=replica["ossea_config_id"], replication_job_id=replica["job_id"],
                           options=orjson.dumps(opts.model_dump(exclude_none=True)).decode(),
                           plan=orjson.dumps(plan).decode(), created_at=now)
-        await self._insert(job, st.TEST_STEPS, lock=True)
+        await self._insert(job, st.LIVE_STEPS if live else st.TEST_STEPS, lock=True)
         return job
 
-    async def _admit_cleanup(self, req: FailoverRequest) -> FailoverJob:
+    async def _admit_undo(self, req: FailoverRequest) -> FailoverJob:
+        """cleanup (of a test failover) or rollback (of a live cutover): takes over the VM's lock."""
+        undone, _, names = UNDOES[req.action]
         async with self.sessions() as db:
             lock = await db.get(FailoverLock, req.vm_name)
             target = await self._job(db, lock.failover_id) if lock else None
-        if target is not None and target.action == "cleanup" and target.status == FAILED:
-            async with self.sessions() as db:  # a failed cleanup: clean the same test failover again
+        if target is not None and target.action == req.action and target.status == FAILED:
+            async with self.sessions() as db:  # a failed cleanup/rollback: undo the same failover again
                 target = await self._job(db, target.target_id)
-        if target is None or target.action != "test":
-            raise errors.Conflict("Nothing to clean up", f"VM {req.vm_name!r} has no test failover to clean up")
+        if target is None or target.action != undone:
+            raise errors.Conflict("Nothing to undo", f"VM {req.vm_name!r} has no {undone} failover to {req.action}")
         if target.status in ACTIVE:
-            raise errors.Conflict("Failover in progress", f"test failover {target.failover_id} is still "
-                                  f"{target.status}; clean up when it has finished")
-        job = FailoverJob(failover_id=new_failover_id(utcnow()), action="cleanup", vm_name=req.vm_name,
+            raise errors.Conflict("Failover in progress", f"{undone} failover {target.failover_id} is still "
+                                  f"{target.status}; {req.action} when it has finished")
+        job = FailoverJob(failover_id=new_failover_id(utcnow()), action=req.action, vm_name=req.vm_name,
                           status=RUNNING, target_id=target.failover_id, ossea_config_id=target.ossea_config_id,
                           replication_job_id=target.replication_job_id, options="{}", plan="{}")
-        await self._insert(job, st.CLEANUP_STEPS, lock=False)
+        await self._insert(job, names, lock=False)
         return job
 
     async def _insert(self, job: FailoverJob, names: tuple[str, ...], *, lock: bool) -> None:
@@ -221,14 +239,20 @@ class Failovers:
                     if held is None or held.failover_id == job.failover_id:
                         raise errors.Conflict("Nothing to clean up", f"VM {job.vm_name!r} holds no failover")
                     current = await self._job(db, held.failover_id)
-                    if current.action == "cleanup" and current.status == RUNNING:
-                        raise errors.Conflict("Cleanup in progress", f"{current.failover_id} is cleaning up")
+                    if current.action == job.action and current.status == RUNNING:
+                        raise errors.Conflict(f"{job.action.capitalize()} in progress",
+                                              f"{current.failover_id} is running")
                     held.failover_id = job.failover_id
         except IntegrityError:
-            async with self.sessions() as db:
-                held = await db.get(FailoverLock, job.vm_name)
-            raise errors.Conflict("Failover already active", f"VM {job.vm_name!r} already has failover "
-                                  f"{held.failover_id if held else '?'}; clean it up first") from None
+            await self._not_locked(job.vm_name)
+            raise errors.Conflict("Failover already active", f"VM {job.vm_name!r} already has a failover") from None
+
+    async def _not_locked(self, vm_name: str) -> None:
+        async with self.sessions() as db:
+            held = await db.get(FailoverLock, vm_name)
+        if held is not None:
+            raise errors.Conflict("Failover already active", f"VM {vm_name!r} already has failover "
+                                  f"{held.failover_id}; clean it up or roll it back first")
 
     # -- the engine -----------------------------------------------------------------------------
 
@@ -262,8 +286,10 @@ class Failovers:
         creds = await self._credentials(job.ossea_config_id)
         client = self.cloud_backend.factory(creds, self.settings, poll_interval=self.settings.cloud_poll_interval)
         try:
+            async def save() -> None:
+                await self._set_job(owner, plan=orjson.dumps(plan).decode())
             ctx = st.Ctx(client, JobResources(self.sessions, owner), plan, owner,
-                         self.settings.cloud_poll_interval, self.settings.cloud_job_timeout)
+                         self.settings.cloud_poll_interval, self.settings.cloud_job_timeout, self.bus, save)
             if job.status == RUNNING:
                 await self._forward(job, ctx)
             if job.status == COMPENSATING:
@@ -297,8 +323,8 @@ class Failovers:
                                                                 "step": step.name, "error": error_text(exc)})
                 await self._set_step(step, status=S_FAILED, error=error_text(exc), completed_at=utcnow(),
                                      duration_seconds=elapsed)
-                # A test failover compensates; a failed cleanup stays failed (run cleanup again).
-                await self._finish(job, COMPENSATING if job.action == "test" else FAILED, error_text(exc))
+                # A failover compensates; a failed cleanup or rollback stays failed (run it again).
+                await self._finish(job, FAILED if job.action in UNDOES else COMPENSATING, error_text(exc))
                 return
             elapsed = time.perf_counter() - started
             STEP_DURATION.labels(step=step.name, result="ok").observe(elapsed)
@@ -311,7 +337,7 @@ class Failovers:
         ran = [s for s in await self._steps(job.failover_id)
                if s.status in (S_DONE, S_FAILED, S_RUNNING, S_COMPENSATING)]
         for step in reversed(ran):
-            undo = st.UNDO.get(step.name)
+            undo = (st.UNDO_LIVE if ctx.live else st.UNDO).get(step.name)
             await self._set_step(step, status=S_COMPENSATING)
             try:
                 if undo is not None:
@@ -333,10 +359,11 @@ class Failovers:
             values["completed_at"] = utcnow()
         async with self.sessions.begin() as db:
             await db.execute(update(FailoverJob).where(FailoverJob.id == job.id).values(**values))
-            if job.action == "cleanup" and status == COMPLETED:
+            undoing = job.action in UNDOES and status == COMPLETED
+            if undoing:
                 await db.execute(update(FailoverJob).where(FailoverJob.failover_id == job.target_id)
-                                 .values(status=CLEANED_UP))
-            if status in (COMPENSATED,) or (job.action == "cleanup" and status == COMPLETED):
+                                 .values(status=UNDOES[job.action][1]))
+            if status == COMPENSATED or undoing:
                 await db.execute(delete(FailoverLock).where(FailoverLock.vm_name == job.vm_name))
         job.status, job.error = status, error
         JOBS.labels(action=job.action, status=status).inc()
@@ -453,6 +480,14 @@ class Failovers:
 def _mapping(m: NetworkMapping) -> dict[str, Any]:
     return {"id": m.id, "vcenter": m.vcenter, "source_network": m.source_network,
             "production_network_id": m.production_network_id, "test_network_id": m.test_network_id}
+
+
+def _export(export: dict[str, Any] | None) -> dict[str, Any]:
+    """What restores a disk's export after a rollback (its device path is stable: by volume serial)."""
+    if not export:
+        return {}
+    return {"export_name": export["export_name"], "export_vm_id": export["vm_id"],
+            "device_path": export["device_path"]}
 
 
 def _boot_type(source: dict[str, Any]) -> str:

@@ -7,7 +7,10 @@ soon as the cloud answers. A compensation undoes its step from whatever state th
 cleanup of a test failover is the same compensations run forward (`CLEANUP_STEPS`).
 
 A test failover (replication keeps running): validate -> snapshot -> clone -> create_vm -> swap_root
--> attach_data -> start -> verify (shared/reference/failover.md, route A).
+-> attach_data -> start -> verify (shared/reference/failover.md, route A). A live cutover boots the
+replica volumes themselves: validate -> power_off_source -> snapshot (safety) -> release (exports off,
+volumes off the appliance) -> create_vm (exact name, production networks, source MACs) -> swap_root ->
+attach_data -> start -> verify; its rollback detaches every volume before destroying the VM.
 """
 from __future__ import annotations
 
@@ -19,11 +22,16 @@ from typing import Any, Protocol
 
 from plugins.ossea.client import CloudParamError, CloudStackError
 from shared import errors
+from shared.subjects import Exports, Inventory
 
 RUNNING_STATES = ("Running", "Starting")
 # Step name -> the cleanup step that undoes it (None: nothing to undo).
 TEST_STEPS = ("validate", "snapshot", "clone", "create_vm", "swap_root", "attach_data", "start", "verify")
 CLEANUP_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "delete_clones", "delete_snapshots")
+LIVE_STEPS = ("validate", "power_off_source", "snapshot", "release", "create_vm", "swap_root", "attach_data",
+              "start", "verify")
+ROLLBACK_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "revert_snapshots", "reattach", "power_on_source",
+                  "delete_snapshots")
 
 
 class Resources(Protocol):
@@ -43,6 +51,12 @@ class Ctx:
     failover_id: str
     poll: float
     timeout: float
+    bus: Any = None          # shared.bus.Bus: the source's power, the replica's exports
+    save: Callable[[], Awaitable[None]] | None = None  # persist `plan` now (before acting on it)
+
+    @property
+    def live(self) -> bool:
+        return self.plan.get("mode") == "live"
 
     async def until(self, what: str, probe: Callable[[], Awaitable[Any]]) -> Any:
         """Poll `probe` until it returns something truthy (cloud jobs another run left pending)."""
@@ -255,14 +269,17 @@ async def _vm_row(ctx: Ctx) -> tuple[Any, dict[str, Any] | None]:
     return rows[0], await _current(ctx, rows[0])
 
 
-async def _clones(ctx: Ctx) -> dict[int, str]:
+async def _disks(ctx: Ctx) -> dict[int, str]:
+    """The volumes the VM boots on, by source order: the replicas themselves (live) or their clones."""
+    if ctx.live:
+        return {d["ordinal"]: d["volume_id"] for d in ctx.plan["disks"]}
     return {r.ordinal: r.cloud_id for r in await ctx.res.rows("volume") if r.cloud_id}
 
 
 async def swap_root(ctx: Ctx) -> None:
     row, target = await _vm_row(ctx)
     vm_id = row.cloud_id
-    boot = (await _clones(ctx))[0]
+    boot = (await _disks(ctx))[0]
 
     async def root() -> dict[str, Any] | None:
         found = await ctx.cloud.list_volumes(virtualmachineid=vm_id, type="ROOT")
@@ -289,7 +306,7 @@ async def _not_attached(ctx: Ctx, volume_id: str) -> bool:
 
 async def attach_data(ctx: Ctx) -> None:
     row, _ = await _vm_row(ctx)
-    clones = await _clones(ctx)
+    clones = await _disks(ctx)
     for ordinal in sorted(clones)[1:]:  # source order: the device ids follow the attach order
         volume_id = clones[ordinal]
 
@@ -315,7 +332,7 @@ async def verify(ctx: Ctx) -> None:
     row, current = await _vm_row(ctx)
     if not current or current.get("state") != "Running":
         raise errors.BadGateway("Failover VM not running", f"{row.name} is {current and current.get('state')}")
-    clones = await _clones(ctx)
+    clones = await _disks(ctx)
     attached = await ctx.cloud.list_volumes(virtualmachineid=row.cloud_id)
     by_device = [v["id"] for v in sorted(attached, key=lambda v: v.get("deviceid", 0))]
     wanted = [clones[o] for o in sorted(clones)]
@@ -325,6 +342,11 @@ async def verify(ctx: Ctx) -> None:
     networks = [n["networkid"] for n in sorted(nics, key=lambda n: int(n.get("deviceid", 0)))]
     if networks != [n["network_id"] for n in ctx.plan["nics"]]:
         raise errors.BadGateway("Failover VM networks wrong", f"NICs on {networks}")
+    if ctx.plan.get("preserve_macs"):
+        macs = [n["macaddress"] for n in sorted(nics, key=lambda n: int(n.get("deviceid", 0)))]
+        wanted_macs = [(n.get("mac") or "").lower() for n in ctx.plan["nics"]]
+        if any(w and w != m for w, m in zip(wanted_macs, macs)):
+            raise errors.BadGateway("Failover VM MACs wrong", f"expected {wanted_macs}, found {macs}")
     ctx.plan["target_vm_id"] = row.cloud_id
 
 
@@ -356,7 +378,7 @@ async def detach_volumes(ctx: Ctx) -> None:
     if current is None:
         return
     await stop_vm(ctx)
-    clones = await _clones(ctx)
+    clones = await _disks(ctx)
     for ordinal in sorted(clones, reverse=True):
         volume_id = clones[ordinal]
         now = await volume(ctx, volume_id)
@@ -365,6 +387,8 @@ async def detach_volumes(ctx: Ctx) -> None:
 
 
 async def destroy_vm(ctx: Ctx) -> None:
+    """Expunge the VM, never with one of our disks on it (a live VM's ROOT is the replica)."""
+    await detach_volumes(ctx)
     row, current = await _vm_row(ctx)
     if current is not None:
         if current.get("state") == "Destroyed":
@@ -421,13 +445,85 @@ async def _snapshot_gone(ctx: Ctx, snapshot_id: str) -> bool:
     return await snapshot(ctx, snapshot_id) is None
 
 
+# -- live cutover and rollback: the source and the appliance's side ------------------------------
+
+async def _power(ctx: Ctx, action: str) -> dict[str, Any]:
+    p = ctx.plan
+    return await ctx.bus.call(Inventory.POWER, {"vcenter": p["vcenter"], "vm_id": p["source_vm_id"],
+                                                "action": action, "shutdown_timeout": p["shutdown_timeout"]},
+                              timeout=p["shutdown_timeout"] + 60)
+
+
+async def power_off_source(ctx: Ctx) -> None:
+    if not ctx.plan.get("power_off_source"):
+        return
+    if "source_power" not in ctx.plan:  # recorded before acting: a resume must not read "off" as the old state
+        ctx.plan["source_power"] = (await _power(ctx, "state"))["power_state"]
+        await ctx.save()
+    await _power(ctx, "off")
+
+
+async def power_on_source(ctx: Ctx) -> None:
+    if ctx.plan.get("source_power") == "poweredOn":
+        await _power(ctx, "on")
+
+
+async def release(ctx: Ctx) -> None:
+    """The replica leaves the appliance: its exports stop serving, its volumes are detached."""
+    for disk in ctx.plan["disks"]:
+        if disk.get("export_name"):
+            await ctx.bus.call(Exports.DEACTIVATE, {"export_name": disk["export_name"]})
+        await _settle(ctx, lambda v=disk["volume_id"]: ctx.cloud.detach_volume(v),
+                      lambda v=disk["volume_id"]: _not_attached(ctx, v))
+
+
+async def reattach(ctx: Ctx) -> None:
+    """The replica back on the appliance, each export serving its device again."""
+    oma = ctx.plan["oma_vm_id"]
+    for disk in ctx.plan["disks"]:
+        async def on_oma(v: str = disk["volume_id"]) -> bool:
+            now = await volume(ctx, v)
+            return bool(now and now.get("virtualmachineid") == oma)
+        await _settle(ctx, lambda v=disk["volume_id"]: ctx.cloud.attach_volume(v, oma), on_oma)
+        if disk.get("export_name"):
+            await ctx.bus.call(Exports.ENSURE, {"vm_id": disk["export_vm_id"], "disk_unit_number": disk["unit"],
+                                                "vm_name": ctx.plan["vm_name"], "device_path": disk["device_path"]})
+
+
+async def revert_snapshots(ctx: Ctx) -> None:
+    """Back to the safety snapshots where the storage can; `reverted` tells replication whether the old
+    change ids still describe the disks."""
+    reverted = True
+    for row in await ctx.res.rows("snapshot"):
+        if row.state == "deleted" or not row.cloud_id:
+            continue
+        try:
+            await ctx.cloud.revert_snapshot(row.cloud_id)
+        except CloudParamError as exc:
+            if "not supported" not in exc.errortext:
+                raise
+            reverted = False
+    ctx.plan["reverted"] = reverted
+
+
+async def revert_and_delete_snapshots(ctx: Ctx) -> None:
+    await revert_snapshots(ctx)
+    await delete_snapshots(ctx)
+
+
 Step = Callable[[Ctx], Awaitable[None]]
 RUN: dict[str, Step] = {
     "validate": validate, "snapshot": take_snapshots, "clone": clone, "create_vm": create_vm,
     "swap_root": swap_root, "attach_data": attach_data, "start": start, "verify": verify,
     "stop_vm": stop_vm, "detach_volumes": detach_volumes, "destroy_vm": destroy_vm,
-    "delete_clones": delete_clones, "delete_snapshots": delete_snapshots}
+    "delete_clones": delete_clones, "delete_snapshots": delete_snapshots,
+    "power_off_source": power_off_source, "release": release, "revert_snapshots": revert_snapshots,
+    "reattach": reattach, "power_on_source": power_on_source}
 # What undoes each forward step (run in reverse order on failure).
 UNDO: dict[str, Step | None] = {
     "validate": None, "snapshot": delete_snapshots, "clone": delete_clones, "create_vm": destroy_vm,
     "swap_root": detach_volumes, "attach_data": detach_volumes, "start": stop_vm, "verify": None}
+# A live cutover's undo puts the replica back as it was: reverted (the VM may have written to it),
+# on the appliance with its exports, the source powered on.
+UNDO_LIVE: dict[str, Step | None] = {
+    **UNDO, "power_off_source": power_on_source, "snapshot": revert_and_delete_snapshots, "release": reattach}
