@@ -359,28 +359,49 @@ def power_state(vc: Any, name: str) -> str:
         return find_by_name(si, vim.VirtualMachine, name).runtime.powerState
 
 
-async def test_live_cutover_then_rollback(make_settings, tmp_path):
+async def prepare_live(env: Env, vc: Any) -> list[str]:
+    """vCenter connection, discovery, production mappings, the vcsim VM `live01` replicated as the
+    inventory reports it; returns its replica volume ids in unit order."""
+    c, h = env.client, env.headers
+    r = await c.post("/api/v1/vcenter/config", headers=h, json={"action": "create", "configuration": {
+        "name": "lab", "host": vc.host, "port": vc.port, "username": vc.username,
+        "password": vc.password, "verify_tls": False}})
+    assert r.status_code == 201, r.text
+    found = (await c.get("/api/v1/vms/discover", params={"vcenter": "lab"}, headers=h)).json()
+    source = next(v for v in found["vms"] if v["name"] == "live01")
+    for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+        r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+            "source_network": nic.network, "production_network_id": net}})
+        assert r.status_code == 201, r.text
+    r = await env.post({"source_vm": source, "ossea_config_id": env.config_id})
+    assert r.status_code == 201, r.text
+    by_unit = {d["unit_number"]: d["volume_id"] for d in (await env.job(r.json()["job_id"]))["disks"]}
+    return [by_unit[u] for u in sorted(by_unit)]
+
+
+@contextlib.contextmanager
+def live_source() -> Any:
+    """vcsim with `live01` (2 disks, 2 NICs with set MACs) powered on."""
     with running_vcsim() as vc:
         with vc.service_instance() as si:
             create_vm(si, "live01", disks=[DiskSpec(1), DiskSpec(1)], nics=LIVE_NICS, power_on=True)
+        yield vc
+
+
+async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict[str, str]) -> None:
+    assert not [v for v in env.sim.vms.values() if v["name"] == "live01"]       # that VM is gone
+    assert [env.sim.volumes[v].vm_id for v in replicas] == [DEFAULT_VM_ID] * 2  # back on the appliance
+    assert env.client.appliance.services["export_manager"].exporter.list_exports() == served  # served again
+    assert power_state(vc, "live01") == "poweredOn"
+    assert env.sim.lab.snapshots == {}
+
+
+async def test_live_cutover_then_rollback(make_settings, tmp_path):
+    with live_source() as vc:
         async with replication_env(make_settings, tmp_path, services=LIVE_SERVICES, cloud_poll_interval=0.05,
                                    failover_shutdown_timeout=2) as env:
             c, h = env.client, env.headers
-            r = await c.post("/api/v1/vcenter/config", headers=h, json={"action": "create", "configuration": {
-                "name": "lab", "host": vc.host, "port": vc.port, "username": vc.username,
-                "password": vc.password, "verify_tls": False}})
-            assert r.status_code == 201, r.text
-            found = (await c.get("/api/v1/vms/discover", params={"vcenter": "lab"}, headers=h)).json()
-            source = next(v for v in found["vms"] if v["name"] == "live01")
-            for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
-                r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
-                    "source_network": nic.network, "production_network_id": net}})
-                assert r.status_code == 201, r.text
-            r = await env.post({"source_vm": source, "ossea_config_id": env.config_id})
-            assert r.status_code == 201, r.text
-            reply = r.json()
-            by_unit = {d["unit_number"]: d["volume_id"] for d in (await env.job(reply["job_id"]))["disks"]}
-            replicas = [by_unit[u] for u in sorted(by_unit)]
+            replicas = await prepare_live(env, vc)
             exporter = c.appliance.services["export_manager"].exporter
             served = exporter.list_exports()
             assert len(served) == 2
@@ -404,11 +425,7 @@ async def test_live_cutover_then_rollback(make_settings, tmp_path):
             back = await finished(env, (await failover(env, "rollback", "live01"))["failover_id"])
             assert back["status"] == "completed", back
             assert (await finished(env, live["failover_id"]))["status"] == "rolled_back"
-            assert not [v for v in env.sim.vms.values() if v["name"] == "live01"]   # that VM is gone
-            assert [env.sim.volumes[v].vm_id for v in replicas] == [DEFAULT_VM_ID] * 2  # back on the appliance
-            assert exporter.list_exports() == served                                 # and served again
-            assert power_state(vc, "live01") == "poweredOn"
-            assert env.sim.lab.snapshots == {}
+            await check_rolled_back(env, vc, replicas, served)
             await context_status(env, "rolled_back", "live01")
 
 
@@ -427,7 +444,7 @@ class FailoverProcess:
                 "-db-name", s.db_name, "-db-user", s.db_user, "-db-pass", s.db_pass, "-metrics-port", "0",
                 "-data-dir", str(s.data_dir)]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-               "OMA_CLOUD_POLL_INTERVAL": "0.05", "OMA_CLOUD_JOB_TIMEOUT": "20"}
+               "OMA_CLOUD_POLL_INTERVAL": "0.05", "OMA_CLOUD_JOB_TIMEOUT": "20", "OMA_FAILOVER_SHUTDOWN_TIMEOUT": "2"}
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
@@ -467,10 +484,14 @@ async def kill_on_call(sim: CloudStackSimulator, proc: FailoverProcess, mark: in
     proc.kill()
 
 
-@pytest.mark.parametrize("phase,step,command,match", KILL_POINTS, ids=[f"{p}-{s}" for p, s, _, _ in KILL_POINTS])
-async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tmp_path, mariadb_name,
-                                                               phase, step, command, match):
-    in_process = tuple(s for s in SERVICES if s != "failover")
+@contextlib.asynccontextmanager
+async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: tuple[str, ...],
+                   point: tuple[str, str, str, Any]) -> AsyncIterator[tuple[Env, Any]]:
+    """The other services in process, `oma-service failover` as its own process, all on MariaDB; yields
+    the environment and `run(action, vm_name)`: the action, killed with SIGKILL at `point` when its phase
+    is that action and restarted, which must complete all the same."""
+    phase, step, command, match = point
+    in_process = tuple(s for s in services if s != "failover")
     async with replication_env(make_settings, tmp_path, {"job_latency": 0.2}, services=in_process,
                                **mariadb_settings(mariadb_name)) as env:
         proc = FailoverProcess(env.client.settings, tmp_path / "failover.log")
@@ -480,12 +501,10 @@ async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tm
                 r = await env.client.get("/api/v1/failover/jobs", headers=env.headers)
                 return r.status_code == 200
             await wait_for(up, timeout=60, interval=0.2)
-            reply = await prepare(env)
 
-            async def run(action: str) -> dict[str, Any]:
-                """The action, killed and restarted on its phase; it must complete all the same."""
+            async def run(action: str, vm_name: str = "app01") -> dict[str, Any]:
                 mark = len(env.sim.calls)
-                failover_id = (await failover(env, action))["failover_id"]
+                failover_id = (await failover(env, action, vm_name))["failover_id"]
                 if phase == action:
                     await kill_on_call(env.sim, proc, mark, command, match)
                     proc.start()
@@ -494,10 +513,41 @@ async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tm
                 if phase == action:  # the kill landed inside the step, which ran again
                     assert next(s for s in job["steps"] if s["name"] == step)["attempts"] == 2, job["steps"]
                 return job
-
-            await check_test_vm(env, await run("test"), reply)
-            await run("cleanup")
-            assert await leftovers(env.sim, {v["volume_id"] for v in reply["created_volumes"]}) == \
-                {"vms": [], "volumes": [], "snapshots": []}
+            yield env, run
         finally:
             proc.stop()
+
+
+@pytest.mark.parametrize("point", KILL_POINTS, ids=[f"{p}-{s}" for p, s, _, _ in KILL_POINTS])
+async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tmp_path, mariadb_name, point):
+    async with killable(make_settings, tmp_path, mariadb_name, SERVICES, point) as (env, run):
+        reply = await prepare(env)
+        await check_test_vm(env, await run("test"), reply)
+        await run("cleanup")
+        assert await leftovers(env.sim, {v["volume_id"] for v in reply["created_volumes"]}) == \
+            {"vms": [], "volumes": [], "snapshots": []}
+
+
+LIVE_KILL_POINTS = [
+    ("live", "snapshot", "createSnapshot", None), ("live", "release", "detachVolume", None),
+    ("live", "create_vm", "deployVirtualMachine", None), ("live", "swap_root", "deleteVolume", None),
+    ("live", "attach_data", "attachVolume", no_device_0), ("live", "start", "startVirtualMachine", None),
+    ("rollback", "stop_vm", "stopVirtualMachine", None), ("rollback", "detach_volumes", "detachVolume", None),
+    ("rollback", "destroy_vm", "destroyVirtualMachine", None),
+    ("rollback", "revert_snapshots", "revertSnapshot", None), ("rollback", "reattach", "attachVolume", None),
+    ("rollback", "delete_snapshots", "deleteSnapshot", None)]
+
+
+@pytest.mark.parametrize("point", LIVE_KILL_POINTS, ids=[f"{p}-{s}" for p, s, _, _ in LIVE_KILL_POINTS])
+async def test_kill_9_during_live_cutover_and_rollback(make_settings, tmp_path, mariadb_name, point):
+    with live_source() as vc:
+        async with killable(make_settings, tmp_path, mariadb_name, LIVE_SERVICES, point) as (env, run):
+            replicas = await prepare_live(env, vc)
+            served = env.client.appliance.services["export_manager"].exporter.list_exports()
+            await run("live", "live01")
+            [target] = [v for v in env.sim.vms.values() if v["name"] == "live01"]
+            assert target["state"] == "Running" and power_state(vc, "live01") == "poweredOff"
+            assert [v.id for v in sorted((v for v in env.sim.volumes.values() if v.vm_id == target["id"]),
+                                         key=lambda v: v.device_id)] == replicas
+            await run("rollback", "live01")
+            await check_rolled_back(env, vc, replicas, served)
