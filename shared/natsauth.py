@@ -62,10 +62,11 @@ def permissions() -> dict[str, Permissions]:
         "gateway": Permissions(
             publish=["oma.auth.session.>", "oma.config.ossea.>", "oma.inventory.>", "oma.replication.>",
                      "oma.failover.>", Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
-            deny_publish=["oma.config.credentials.>"],
+            deny_publish=["oma.config.credentials.>", Inventory.POWER],
             # Replies, session revocations (cache eviction) and context updates (live views).
             subscribe=[inbox("gateway"), "oma.evt.auth.>", "oma.live.context_aggregator.>"],
-            comment="The only caller of the public request subjects; never the decrypted credentials."),
+            comment="The only caller of the public request subjects; never the decrypted credentials,\n"
+                    "never the source VMs' power (failover's)."),
         **{name: _service(name) for name in ("auth", "inventory", "export_manager")},
         "config": _service(
             "config", Replication.USING_CONFIG,

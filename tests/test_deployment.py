@@ -36,7 +36,7 @@ from shared import errors
 from shared.bus import Bus
 from shared.natsserver import _die_with_parent, find_binary, free_port
 from shared.settings import METRICS_PORTS, SERVICES, Settings
-from shared.subjects import Config, Contexts, Exports, health
+from shared.subjects import Config, Contexts, Exports, Inventory, health
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -525,6 +525,12 @@ async def test_only_replication_gets_cloud_credentials_and_exports(stack: Stack)
     # replication's other calls: the exports of its jobs.
     await answered(stack, "replication", Exports.DEACTIVATE, {})
     await denied(stack, "inventory", Exports.ENSURE)
+    # failover acts in the cloud too, releases and restores exports, and powers the source through inventory.
+    await answered(stack, "failover", Config.CREDENTIALS, {"id": 1})
+    await answered(stack, "failover", Exports.DEACTIVATE, {})
+    await answered(stack, "failover", Inventory.POWER, {})
+    for user in ("replication", "gateway", "export_manager", "context_aggregator"):
+        await denied(stack, user, Inventory.POWER)
 
 
 async def test_services_cannot_listen_or_speak_for_others(stack: Stack):
