@@ -429,6 +429,20 @@ async def test_live_cutover_then_rollback(make_settings, tmp_path):
             await context_status(env, "rolled_back", "live01")
 
 
+async def test_a_failed_live_cutover_puts_everything_back(make_settings, tmp_path):
+    with live_source() as vc:
+        async with replication_env(make_settings, tmp_path, services=LIVE_SERVICES, cloud_poll_interval=0.05,
+                                   failover_shutdown_timeout=2) as env:
+            replicas = await prepare_live(env, vc)
+            served = env.client.appliance.services["export_manager"].exporter.list_exports()
+            env.sim.fail("startVirtualMachine", errorcode=533, errortext="Insufficient capacity to start")
+            job = await finished(env, (await failover(env, "live", "live01"))["failover_id"])
+            assert job["status"] == "compensated" and "Insufficient capacity" in job["error"], (job["error"], job["steps"])
+            assert [s["status"] for s in job["steps"]][:-1] == ["compensated"] * 8   # verify never ran
+            await check_rolled_back(env, vc, replicas, served)
+            await context_status(env, "ready_for_failover", "live01")
+
+
 # -- kill -9 of the failover service at every step ---------------------------------------------------
 
 class FailoverProcess:

@@ -497,6 +497,9 @@ async def revert_snapshots(ctx: Ctx) -> None:
     for row in await ctx.res.rows("snapshot"):
         if row.state == "deleted" or not row.cloud_id:
             continue
+        now = await volume(ctx, row.source_id)
+        if now and now.get("virtualmachineid") == ctx.plan["oma_vm_id"]:
+            continue  # it never left the appliance: unchanged (and a running VM's disk cannot revert)
         try:
             await ctx.cloud.revert_snapshot(row.cloud_id)
         except CloudParamError as exc:
@@ -506,9 +509,9 @@ async def revert_snapshots(ctx: Ctx) -> None:
     ctx.plan["reverted"] = reverted
 
 
-async def revert_and_delete_snapshots(ctx: Ctx) -> None:
+async def revert_and_reattach(ctx: Ctx) -> None:
     await revert_snapshots(ctx)
-    await delete_snapshots(ctx)
+    await reattach(ctx)
 
 
 Step = Callable[[Ctx], Awaitable[None]]
@@ -523,7 +526,7 @@ RUN: dict[str, Step] = {
 UNDO: dict[str, Step | None] = {
     "validate": None, "snapshot": delete_snapshots, "clone": delete_clones, "create_vm": destroy_vm,
     "swap_root": detach_volumes, "attach_data": detach_volumes, "start": stop_vm, "verify": None}
-# A live cutover's undo puts the replica back as it was: reverted (the VM may have written to it),
-# on the appliance with its exports, the source powered on.
+# A live cutover's undo puts the replica back as it was: reverted while it is off the appliance (the VM
+# may have written to it), then on the appliance with its exports; the source powered on.
 UNDO_LIVE: dict[str, Step | None] = {
-    **UNDO, "power_off_source": power_on_source, "snapshot": revert_and_delete_snapshots, "release": reattach}
+    **UNDO, "power_off_source": power_on_source, "release": revert_and_reattach}
