@@ -62,6 +62,18 @@ def limit_offset(q: dict[str, Any], *, most: int = 1000) -> tuple[int, int]:
     return limit, offset
 
 
+def list_filters(q: dict[str, Any], status: Any, statuses: tuple[str, ...], vm_name: Any) -> list[Any]:
+    """The `status` (one of `statuses`, else a 400) and `vm_name` conditions of a job list request."""
+    conds = []
+    if q.get("status"):
+        if q["status"] not in statuses:
+            raise errors.BadRequest("Validation failed", f"status: one of {', '.join(statuses)}")
+        conds.append(status == q["status"])
+    if q.get("vm_name"):
+        conds.append(vm_name == q["vm_name"])
+    return conds
+
+
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
     return async_sessionmaker(engine, expire_on_commit=False)
 

@@ -48,7 +48,7 @@ from services.failover.models import (
 from services.replication.cloud import error_text
 from shared import errors
 from shared.bus import Reply, event_envelope
-from shared.db import iso, limit_offset, utcnow
+from shared.db import iso, limit_offset, list_filters, utcnow
 from shared.plugins import get_backend
 from shared.schemas import FailoverRequest, NetworkMappingRequest
 from shared.subjects import Config, Failover, Replication
@@ -406,13 +406,7 @@ class Failovers:
 
     async def list(self, q: dict[str, Any]) -> dict[str, Any]:
         limit, offset = limit_offset(q)
-        conds = []
-        if q.get("status"):
-            if q["status"] not in JOB_STATUSES:
-                raise errors.BadRequest("Validation failed", f"status: one of {', '.join(JOB_STATUSES)}")
-            conds.append(FailoverJob.status == q["status"])
-        if q.get("vm_name"):
-            conds.append(FailoverJob.vm_name == q["vm_name"])
+        conds = list_filters(q, FailoverJob.status, JOB_STATUSES, FailoverJob.vm_name)
         async with self.sessions() as db:
             total = await db.scalar(select(func.count()).select_from(FailoverJob).where(*conds))
             jobs = (await db.scalars(select(FailoverJob).where(*conds).order_by(FailoverJob.id.desc())

@@ -52,7 +52,7 @@ from services.replication.models import (
 )
 from shared import errors
 from shared.bus import Reply
-from shared.db import limit_offset, utcnow
+from shared.db import limit_offset, list_filters, utcnow
 from shared.plugins import get_backend
 from shared.schemas import ProgressReport, ReplicationRequest, SourceVM
 from shared.subjects import Config, Exports, Replication
@@ -653,13 +653,7 @@ class Replicator:
 
     async def list(self, q: dict[str, Any]) -> dict[str, Any]:
         limit, offset = limit_offset(q)
-        conds = []
-        if q.get("status"):
-            if q["status"] not in JOB_STATUSES:
-                raise errors.BadRequest("Validation failed", f"status: one of {', '.join(JOB_STATUSES)}")
-            conds.append(ReplicationJob.status == q["status"])
-        if q.get("vm_name"):
-            conds.append(ReplicationJob.vm_name == q["vm_name"])
+        conds = list_filters(q, ReplicationJob.status, JOB_STATUSES, ReplicationJob.vm_name)
         if q.get("since"):
             conds.append(ReplicationJob.created_at >= parse_since(str(q["since"])))
         async with self.sessions() as db:
