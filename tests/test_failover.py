@@ -205,8 +205,8 @@ async def failover(env: Env, action: str, vm_name: str = "app01", **options: Any
 async def finished(env: Env, failover_id: str, timeout: float = 60) -> dict[str, Any]:
     async def done():
         r = await env.client.get(f"/api/v1/failover/jobs/{failover_id}", headers=env.headers)
-        if r.status_code == 503:  # the service is restarting
-            return None
+        if r.status_code in (503, 504):  # restarting; or the request reached the killed process just before
+            return None               # NATS dropped its subscription, and was never answered
         assert r.status_code == 200, r.text
         body = r.json()
         return body if body["status"] not in ("running", "compensating") else None
@@ -490,12 +490,20 @@ KILL_POINTS = [
 
 
 async def kill_on_call(sim: CloudStackSimulator, proc: FailoverProcess, mark: int, command: str, match) -> None:
-    """SIGKILL the service as soon as the simulator has received `command` (its job then finishes in the
-    cloud while the service is dead: the resume must adopt what it did)."""
-    async def called():
-        return any(c["command"] == command and (match is None or match(c["params"])) for c in sim.calls[mark:])
-    await wait_for(called, timeout=60, interval=0.002)
+    """`command` is held unanswered (sim.hang, armed before the action): SIGKILL the service once it has
+    sent the call, then let the cloud carry the call out while the service is dead, so the resume must
+    adopt what the call made (by the name recorded before it). A call the point does not want (swap_root's
+    deviceid=0 attach before attach_data's) is let through and the next one held."""
+    while True:
+        async def called() -> int | None:
+            return next((i + 1 for i in range(mark, len(sim.calls)) if sim.calls[i]["command"] == command), None)
+        mark = await wait_for(called, timeout=60, interval=0.002)
+        if match is None or match(sim.calls[mark - 1]["params"]):
+            break
+        sim.release(command)  # the service waits for this call's job before it sends the next one
+        sim.hang(command)
     proc.kill()
+    sim.release(command)
 
 
 @contextlib.asynccontextmanager
@@ -518,6 +526,8 @@ async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: t
 
             async def run(action: str, vm_name: str = "app01") -> dict[str, Any]:
                 mark = len(env.sim.calls)
+                if phase == action:
+                    env.sim.hang(command)
                 failover_id = (await failover(env, action, vm_name))["failover_id"]
                 if phase == action:
                     await kill_on_call(env.sim, proc, mark, command, match)
