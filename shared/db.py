@@ -14,7 +14,7 @@ from sqlalchemy import MetaData, text
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase
 
-from shared import metrics
+from shared import errors, metrics
 
 log = logging.getLogger("oma.db")
 
@@ -52,6 +52,29 @@ def iso(dt: datetime | None) -> str | None:
 def iso_ms(dt: datetime | None) -> str | None:
     """RFC 3339 UTC with milliseconds (the events' format, docs/events.md)."""
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z" if dt else None
+
+
+def limit_offset(q: dict[str, Any], *, most: int = 1000) -> tuple[int, int]:
+    """`limit` (1..most, default 100) and `offset` (>= 0) of a list request; 400 naming them if bad."""
+    try:
+        limit, offset = int(q.get("limit", 100)), int(q.get("offset", 0))
+    except (TypeError, ValueError):
+        raise errors.BadRequest("Validation failed", "limit/offset: expected integers") from None
+    if not 1 <= limit <= most or offset < 0:
+        raise errors.BadRequest("Validation failed", f"limit: 1..{most}; offset: >= 0")
+    return limit, offset
+
+
+def list_filters(q: dict[str, Any], status: Any, statuses: tuple[str, ...], vm_name: Any) -> list[Any]:
+    """The `status` (one of `statuses`, else a 400) and `vm_name` conditions of a job list request."""
+    conds = []
+    if q.get("status"):
+        if q["status"] not in statuses:
+            raise errors.BadRequest("Validation failed", f"status: one of {', '.join(statuses)}")
+        conds.append(status == q["status"])
+    if q.get("vm_name"):
+        conds.append(vm_name == q["vm_name"])
+    return conds
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:

@@ -61,11 +61,12 @@ def permissions() -> dict[str, Permissions]:
     perms = {
         "gateway": Permissions(
             publish=["oma.auth.session.>", "oma.auth.user.>", "oma.config.ossea.>", "oma.inventory.>", "oma.replication.>",
-                     Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
-            deny_publish=["oma.config.credentials.>"],
+                     "oma.failover.>", Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
+            deny_publish=["oma.config.credentials.>", Inventory.POWER],
             # Replies, session revocations (cache eviction) and context updates (live views).
             subscribe=[inbox("gateway"), "oma.evt.auth.>", "oma.live.context_aggregator.>"],
-            comment="The only caller of the public request subjects; never the decrypted credentials."),
+            comment="The only caller of the public request subjects; never the decrypted credentials,\n"
+                    "never the source VMs' power (failover's)."),
         **{name: _service(name) for name in ("auth", "inventory", "export_manager")},
         "config": _service(
             "config", Replication.USING_CONFIG,
@@ -74,6 +75,11 @@ def permissions() -> dict[str, Permissions]:
             "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.LIST,
             comment="The only caller of the decrypted cloud credentials; ensures/deactivates exports;\n"
                     "lists the inventory to check a request's vcenter_host."),
+        "failover": _service(
+            "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Inventory.POWER, Exports.ENSURE,
+            Exports.DEACTIVATE,
+            comment="Reads the replica volumes of a VM's latest replication job; needs the cloud credentials;\n"
+                    "powers the source VM off and on; releases and restores the replica's exports."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

@@ -30,6 +30,7 @@ SERVICE_CLASSES = {
     "replication": "services.replication.app:ReplicationService",
     "export_manager": "services.export_manager.app:ExportManagerService",
     "context_aggregator": "services.context_aggregator.app:ContextAggregatorService",
+    "failover": "services.failover.app:FailoverService",
 }
 
 

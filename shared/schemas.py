@@ -255,6 +255,44 @@ ORIGINAL_REQUEST_FIELDS = frozenset(ReplicationRequest.model_fields) - {"source_
                                                                         "replication_type"}
 
 
+# --- failover -------------------------------------------------------------------------------
+class FailoverOptions(Strict):
+    service_offering: str | None = Field(None, min_length=1, max_length=255, description="name or id")
+    template: str | None = Field(None, min_length=1, max_length=255, description="stub template, name or id")
+    boot_type: Literal["BIOS", "UEFI"] | None = None
+    network_profile: Literal["test", "production"] | None = None
+    power_off_source: bool | None = None
+    final_sync: bool | None = None
+    convert: str | None = Field(None, max_length=64, description="converter plugin; only `none` for now")
+    keep_snapshots: bool | None = None
+
+
+class FailoverRequest(Strict):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [
+        {"action": "test", "vm_name": "pgtest1", "options": {"service_offering": "Medium Instance"}},
+        {"action": "cleanup", "vm_name": "pgtest1"}]})
+    action: Literal["test", "live", "cleanup", "rollback"]
+    vm_name: str = Name
+    options: FailoverOptions = Field(default_factory=FailoverOptions)
+
+
+class NetworkMappingFields(Strict):
+    vcenter: str | None = Field(None, max_length=255, description="empty: any vCenter")
+    source_network: str | None = Field(None, min_length=1, max_length=255)
+    production_network_id: str | None = Field(None, min_length=1, max_length=64)
+    test_network_id: str | None = Field(None, min_length=1, max_length=64)
+
+
+class NetworkMappingRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"action": "create", "mapping": {"source_network": "VM Network", "production_network_id": "0e00...01",
+                                         "test_network_id": "0e00...11"}},
+        {"action": "get"}, {"action": "delete", "id": 1}]})
+    action: Literal["get", "create", "update", "delete"]
+    id: StrictInt | None = Field(None, ge=1)
+    mapping: NetworkMappingFields | None = None
+
+
 class DiskProgress(BaseModel):
     model_config = ConfigDict(extra="forbid")
     unit_number: SlotNumber  # the disk's slot: disk_unit_number of its export

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator")
+SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover")
 
 # Default metrics port of each service when it runs alone (`oma-service NAME`).
 METRICS_PORTS = {name: 9101 + i for i, name in enumerate(SERVICES)}
@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     cloud_retries: int = Field(5, ge=1, description="attempts of a transient cloud failure (530, timeouts)")
     cloud_retry_backoff: float = Field(0.2, ge=0, description="first retry delay (seconds), doubled each time")
     cleanup_retry_interval: float = Field(30.0, gt=0, description="seconds between retries of failed cleanups")
+    cloud_poll_interval: float = Field(0.5, gt=0, description="seconds between polls of a failover's cloud jobs")
+
+    # Failover.
+    failover_stub_template: str = Field("oma-failover-stub", description="template (name or id) of the stub VM")
+    failover_shutdown_timeout: float = Field(120.0, ge=0, le=3600,
+                                             description="seconds a guest shutdown may take before a hard power-off")
 
     # Inventory.
     inventory_source: str = "vsphere"

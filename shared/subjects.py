@@ -37,6 +37,7 @@ class Config:
 class Inventory:
     VCENTER_ACTION = "oma.inventory.vcenter.action"
     DISCOVER = "oma.inventory.vm.discover"
+    POWER = "oma.inventory.vm.power"  # failover: source power-off / power-on
     LIST = "oma.inventory.vm.list"
     GET = "oma.inventory.vm.get"
     EVT_DISCOVERED = "oma.evt.inventory.vm.discovered"
@@ -55,6 +56,14 @@ class Replication:
     EVT_PROGRESS = "oma.evt.replication.job.progressed"
     EVT_COMPLETED = "oma.evt.replication.job.completed"
     EVT_FAILED = "oma.evt.replication.job.failed"
+
+
+class Failover:
+    ACTION = "oma.failover.job.action"          # test | live | cleanup | rollback
+    LIST = "oma.failover.job.list"
+    GET = "oma.failover.job.get"
+    MAPPINGS = "oma.failover.network.mappings"  # get | create | update | delete
+    EVT_STATUS = "oma.evt.failover.job.status_changed"
 
 
 class Exports:

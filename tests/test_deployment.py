@@ -528,6 +528,12 @@ async def test_only_replication_gets_cloud_credentials_and_exports(stack: Stack)
     # and the inventory listing that checks a request's vcenter_host (services/replication/original.py).
     await answered(stack, "replication", Inventory.LIST, {})
     await denied(stack, "replication", Inventory.DISCOVER)
+    # failover acts in the cloud too, releases and restores exports, and powers the source through inventory.
+    await answered(stack, "failover", Config.CREDENTIALS, {"id": 1})
+    await answered(stack, "failover", Exports.DEACTIVATE, {})
+    await answered(stack, "failover", Inventory.POWER, {})
+    for user in ("replication", "gateway", "export_manager", "context_aggregator"):
+        await denied(stack, user, Inventory.POWER)
 
 
 async def test_services_cannot_listen_or_speak_for_others(stack: Stack):

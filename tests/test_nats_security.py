@@ -222,8 +222,9 @@ async def test_inventory_cannot_fetch_credentials(appliance: Appliance):
         await c.violation(Config.CREDENTIALS)
 
 
-@pytest.mark.parametrize("user", [u for u in SERVICE_USERS if u != "replication"])
-async def test_only_replication_reaches_credentials(appliance: Appliance, user: str):
+@pytest.mark.parametrize("user", [u for u in SERVICE_USERS if u not in ("replication", "failover")])
+async def test_only_the_cloud_services_reach_credentials(appliance: Appliance, user: str):
+    """replication (volumes) and failover (VMs, snapshots) act in the cloud; nobody else may."""
     async with Client(appliance, user) as c:
         with pytest.raises(NatsError):
             await request(c, Config.CREDENTIALS, {"id": 1})
@@ -231,9 +232,10 @@ async def test_only_replication_reaches_credentials(appliance: Appliance, user: 
 
 
 async def test_allowed_calls_are_answered(appliance: Appliance):
-    async with Client(appliance, "replication") as c:
-        msg = await request(c, Config.CREDENTIALS, {"id": 999})  # an error reply is an answer
-        assert (msg.headers or {}).get("Nats-Service-Error-Code") == "404"
+    for user in ("replication", "failover"):
+        async with Client(appliance, user) as c:
+            msg = await request(c, Config.CREDENTIALS, {"id": 999})  # an error reply is an answer
+            assert (msg.headers or {}).get("Nats-Service-Error-Code") == "404"
     async with Client(appliance, "gateway") as c:
         assert json.loads((await request(c, health("config"))).data)["status"] == "up"
         await request(c, Config.ACTION, {"action": "list"})

@@ -13,6 +13,7 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 
+from plugins.ossea.sim_vms import PROD_NETWORK_IDS, TEST_NETWORK_IDS
 from plugins.ossea.simulator import DEFAULT_VM_ID
 from services.gateway.app import create_app
 from shared.schemas import REPLICATION_EXAMPLE
@@ -21,7 +22,7 @@ from tests.test_replication import API_KEY, SECRET, replication_env, request
 from tests.vcsim import running_vcsim
 
 METHODS = ("get", "put", "post", "delete", "patch")
-ALL_SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator")
+ALL_SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover")
 
 
 @pytest.fixture
@@ -195,6 +196,26 @@ async def test_real_answers_match_the_documented_bodies(doc, make_settings, tmp_
 
             second = check(await env.post(request(env.config_id, "contract-vm2")), "/api/v1/replications", 201)
             check(await env.delete(second["job_id"]), jobs + "/{job_id}", 200)
+
+            maps = "/api/v1/network/mappings"
+            made = check(await c.post(maps, headers=h, json={"action": "create", "mapping": {
+                "source_network": "VM Network", "test_network_id": TEST_NETWORK_IDS[0]}}), maps, 201)
+            check(await c.post(maps, headers=h, json={"action": "update", "id": made["mapping"]["id"],
+                                                       "mapping": {"production_network_id": PROD_NETWORK_IDS[0]}}),
+                  maps, 200)
+            check(await c.post(maps, headers=h, json={"action": "get"}), maps, 200)
+            check(await env.post(request(env.config_id, "contract-fo", nics=[{"network": "VM Network"}])),
+                  "/api/v1/replications", 201)
+            fo = check(await c.post("/api/v1/failover", headers=h, json={"action": "test", "vm_name": "contract-fo"}),
+                       "/api/v1/failover", 202)
+            fo_jobs = "/api/v1/failover/jobs"
+            check(await c.get(fo_jobs, params={"vm_name": "contract-fo"}, headers=h), fo_jobs, 200)
+
+            async def failover_done():
+                r = await c.get(f"{fo_jobs}/{fo['failover_id']}", headers=h)
+                return r if r.json()["status"] == "completed" else None
+            check(await wait_for(failover_done, timeout=30), fo_jobs + "/{failover_id}", 200)
+            check(await c.post(maps, headers=h, json={"action": "delete", "id": made["mapping"]["id"]}), maps, 200)
             # Errors: the seed's shape, as documented for each status.
             check(await c.post(url, json={"action": "get", "id": 10 ** 6}, headers=h), url, 404)
             check(await c.post("/api/v1/ossea/config", json={"action": "nope"}, headers=h),

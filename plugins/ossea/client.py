@@ -308,8 +308,8 @@ class CloudStackClient:
     async def list_zones(self, name: str | None = None) -> list[dict[str, Any]]:
         return await self.list_all("listZones", "zone", name=name)
 
-    async def list_virtual_machines(self, id: str | None = None) -> list[dict[str, Any]]:
-        return await self.list_all("listVirtualMachines", "virtualmachine", id=id)
+    async def list_virtual_machines(self, id: str | None = None, **filters: Any) -> list[dict[str, Any]]:
+        return await self.list_all("listVirtualMachines", "virtualmachine", id=id, **filters)
 
     async def list_disk_offerings(self) -> list[dict[str, Any]]:
         return await self.list_all("listDiskOfferings", "diskoffering")
@@ -327,10 +327,12 @@ class CloudStackClient:
                                        diskofferingid=disk_offering_id, size=size_gb)
         return result["volume"]
 
-    async def attach_volume(self, volume_id: str, virtual_machine_id: str) -> dict[str, Any]:
-        """Attach and return the volume, including the `deviceid` CloudStack chose."""
+    async def attach_volume(self, volume_id: str, virtual_machine_id: str,
+                            device_id: int | None = None) -> dict[str, Any]:
+        """Attach and return the volume, including the `deviceid` CloudStack chose; `device_id=0`
+        makes it the ROOT of a Stopped VM that has none."""
         result = await self.call_async("attachVolume", id=volume_id,
-                                       virtualmachineid=virtual_machine_id)
+                                       virtualmachineid=virtual_machine_id, deviceid=device_id)
         return result["volume"]
 
     async def detach_volume(self, volume_id: str) -> dict[str, Any]:
@@ -339,6 +341,66 @@ class CloudStackClient:
 
     async def delete_volume(self, volume_id: str) -> None:
         await self.call("deleteVolume", id=volume_id)
+
+    # -- VMs, snapshots, networks (failover) ----------------------------------------------------
+
+    async def list_capabilities(self) -> dict[str, Any]:
+        return (await self.call("listCapabilities")).get("capability", {})
+
+    async def list_templates(self, templatefilter: str = "executable", **filters: Any) -> list[dict[str, Any]]:
+        return await self.list_all("listTemplates", "template", templatefilter=templatefilter, **filters)
+
+    async def list_service_offerings(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self.list_all("listServiceOfferings", "serviceoffering", **filters)
+
+    async def list_networks(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self.list_all("listNetworks", "network", **filters)
+
+    async def list_nics(self, virtual_machine_id: str) -> list[dict[str, Any]]:
+        return await self.list_all("listNics", "nic", virtualmachineid=virtual_machine_id)
+
+    async def list_snapshots(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self.list_all("listSnapshots", "snapshot", **filters)
+
+    async def deploy_virtual_machine(self, *, name: str, zone_id: str, service_offering_id: str,
+                                     template_id: str, network_ids: list[str] | None = None,
+                                     nics: list[dict[str, str]] | None = None, start: bool = False,
+                                     boot_type: str | None = None) -> dict[str, Any]:
+        """`nics` ([{networkid, ip?, mac?}], in NIC order) goes out as `iptonetworklist[n]`, which
+        CloudStack refuses together with `networkids`."""
+        extra: dict[str, Any] = {}
+        for i, nic in enumerate(nics or []):
+            extra.update({f"iptonetworklist[{i}].{k}": v for k, v in nic.items()})
+        result = await self.call_async(
+            "deployVirtualMachine", name=name, displayname=name, zoneid=zone_id,
+            serviceofferingid=service_offering_id, templateid=template_id, startvm=start,
+            networkids=",".join(network_ids) if network_ids else None, boottype=boot_type, **extra)
+        return result["virtualmachine"]
+
+    async def start_virtual_machine(self, vm_id: str) -> dict[str, Any]:
+        return (await self.call_async("startVirtualMachine", id=vm_id))["virtualmachine"]
+
+    async def stop_virtual_machine(self, vm_id: str, forced: bool = False) -> dict[str, Any]:
+        return (await self.call_async("stopVirtualMachine", id=vm_id, forced=forced))["virtualmachine"]
+
+    async def destroy_virtual_machine(self, vm_id: str, expunge: bool = False,
+                                      volume_ids: list[str] | None = None) -> None:
+        await self.call_async("destroyVirtualMachine", id=vm_id, expunge=expunge,
+                              volumeids=",".join(volume_ids) if volume_ids else None)
+
+    async def create_snapshot(self, volume_id: str, name: str) -> dict[str, Any]:
+        return (await self.call_async("createSnapshot", volumeid=volume_id, name=name))["snapshot"]
+
+    async def create_volume_from_snapshot(self, snapshot_id: str, name: str,
+                                          zone_id: str | None = None) -> dict[str, Any]:
+        result = await self.call_async("createVolume", snapshotid=snapshot_id, name=name, zoneid=zone_id)
+        return result["volume"]
+
+    async def revert_snapshot(self, snapshot_id: str) -> None:
+        await self.call_async("revertSnapshot", id=snapshot_id)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.call_async("deleteSnapshot", id=snapshot_id)
 
 
 def _reason(exc: aiohttp.ClientError) -> str:

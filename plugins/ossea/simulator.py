@@ -277,6 +277,9 @@ class CloudStackSimulator:
             "createVolume": self._create_volume, "attachVolume": self._attach_volume,
             "detachVolume": self._detach_volume, "deleteVolume": self._delete_volume,
             "queryAsyncJobResult": self._query_async_job_result}
+        self.async_commands = ASYNC_COMMANDS
+        from . import sim_vms  # the VM lifecycle (failover); imported here as it imports this module
+        self.lab = sim_vms.install(self)
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -344,7 +347,7 @@ class CloudStackSimulator:
         """Fail the next `count` calls of `command`. An async command still gets its jobid and its
         job fails (createVolume's volume stays allocated, as on a real cloud) unless `sync`."""
         self._faults.setdefault(command, []).append(
-            Fault(errorcode, errortext, count, sync or command not in ASYNC_COMMANDS))
+            Fault(errorcode, errortext, count, sync or command not in self.async_commands))
 
     def set_latency(self, command: str, seconds: float) -> None:
         """Delay every call of `command` by `seconds` before it acts (0 removes the delay), like a slow

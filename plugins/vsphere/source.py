@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
 from shared.errors import BadGateway, NotFound
@@ -92,6 +93,12 @@ class VSphereSource:
     async def discover(self) -> list[dict[str, Any]]:
         """Every VM (of `connection.datacenter` when set) with its disks and NICs."""
         return await self._run(self._discover)
+
+    async def power(self, vm_id: str, on: bool | None, shutdown_timeout: float = 120.0) -> dict[str, Any]:
+        """Power a VM (moref) on, or off: a guest shutdown first, a hard power-off after
+        `shutdown_timeout` or when the guest cannot shut down; None only reads the state.
+        Returns the state before and after."""
+        return await self._run(lambda si: self._power(si, vm_id, on, shutdown_timeout))
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -185,6 +192,32 @@ class VSphereSource:
             view.DestroyView()
         return {"api_version": content.about.apiVersion, "vm_count": count,
                 "about": content.about.fullName}
+
+    def _power(self, si: vim.ServiceInstance, vm_id: str, on: bool | None, timeout: float) -> dict[str, Any]:
+        vm = vim.VirtualMachine(vm_id, si._stub)
+        try:
+            before = vm.runtime.powerState
+        except vmodl.fault.ManagedObjectNotFound:
+            raise NotFound("VM not found", f"vCenter {self.connection.address} has no VM {vm_id!r}") from None
+        method = "none"
+        if on and before != "poweredOn":
+            method = "power_on"
+            WaitForTask(vm.PowerOnVM_Task())
+        elif on is False and before == "poweredOn":
+            method = "guest_shutdown"
+            try:
+                vm.ShutdownGuest()
+            except vmodl.MethodFault:  # no tools, or the guest refuses: straight to the hard way
+                method = "power_off"
+            deadline = time.monotonic() + timeout
+            while method == "guest_shutdown" and vm.runtime.powerState != "poweredOff":
+                if time.monotonic() > deadline:
+                    method = "power_off_after_timeout"
+                    break
+                time.sleep(0.5)
+            if vm.runtime.powerState != "poweredOff":
+                WaitForTask(vm.PowerOffVM_Task())
+        return {"vm_id": vm_id, "previous_state": before, "power_state": vm.runtime.powerState, "method": method}
 
     def _root(self, content: vim.ServiceInstanceContent) -> vim.ManagedEntity:
         """The container to read VMs from: the root folder or the configured datacenter."""

@@ -25,10 +25,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from services.context_aggregator import service
 from services.context_aggregator.events import Malformed, event_type, parse
-from shared.subjects import EVENTS_STREAM, Inventory, Replication
+from shared.subjects import EVENTS_STREAM, Failover, Inventory, Replication
 
 # Never auth/config/export events, nor our own context.updated (also under oma.evt.).
-FILTERS = [f"{Replication.EVT_PREFIX}.>", Inventory.EVT_DISCOVERED]  # oma.evt.replication.job.>
+FILTERS = [f"{Replication.EVT_PREFIX}.>", Inventory.EVT_DISCOVERED, Failover.EVT_STATUS]
 
 EVENTS_APPLIED = Counter("oma_context_events_applied_total", "Events that changed the read model", ["type"])
 EVENTS_SKIPPED = Counter("oma_context_events_skipped_total",

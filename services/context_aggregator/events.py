@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.disk_slot import SlotNumber, slot_number
 from shared.service import validation_details
-from shared.subjects import Inventory, Replication
+from shared.subjects import Failover, Inventory, Replication
 
 JOB_STATUSES = ("queued", "provisioning", "ready_for_sync", "replicating", "completed", "failed", "cancelled")
 # Metric label values: bounded, whatever subject a producer invents.
@@ -109,12 +109,29 @@ class InventoryEvent(_Event):
     change: Literal["new", "changed", "gone"] = "new"
 
 
+# The VM context statuses a failover sets (services/failover/service.py CONTEXT_STATUS).
+FAILOVER_STATUSES = ("ready_for_failover", "failing_over", "failed_over_test", "failed_over_live",
+                     "cleaning_up", "rolled_back")
+
+
+class FailoverEvent(_Event):
+    failover_id: str = Field(min_length=1, max_length=64)
+    action: str = Field(max_length=16)
+    vm_name: str = Field(min_length=1, max_length=255)
+    status: str = Field(max_length=24)
+    context_status: Literal[FAILOVER_STATUSES] | None = None  # type: ignore[valid-type]
+
+    @property
+    def vm(self) -> EventVm:
+        return EventVm(name=self.vm_name)
+
+
 def event_type(subject: str) -> str:
     last = subject.rsplit(".", 1)[-1]
     return last if last in KNOWN_TYPES else "other"
 
 
-def parse(subject: str, data: bytes) -> JobEvent | InventoryEvent:
+def parse(subject: str, data: bytes) -> JobEvent | InventoryEvent | FailoverEvent:
     """Decode and validate one event; raise Malformed naming what is wrong (never the data)."""
     try:
         raw = orjson.loads(data)
@@ -129,6 +146,8 @@ def parse(subject: str, data: bytes) -> JobEvent | InventoryEvent:
             vm = raw.get("vm")
             disks = vm.get("disks") if isinstance(vm, dict) else None
             return InventoryEvent.model_validate({**raw, "disks": disks or []})
+        if subject == Failover.EVT_STATUS:
+            return FailoverEvent.model_validate(raw)
     except ValidationError as exc:
         raise Malformed(validation_details(exc.errors())) from None
     raise Malformed(f"unexpected subject {subject}")

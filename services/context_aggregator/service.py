@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.context_aggregator.events import InventoryEvent, JobEvent, Malformed
+from services.context_aggregator.events import FailoverEvent, InventoryEvent, JobEvent, Malformed
 from services.context_aggregator.models import (
     CbtRecord,
     ContextDisk,
@@ -200,7 +200,20 @@ async def apply_inventory(b: Batch, ev: InventoryEvent) -> bool:
     return True
 
 
-async def apply(b: Batch, ev: JobEvent | InventoryEvent) -> bool:
+async def apply_failover(b: Batch, ev: FailoverEvent) -> bool:
+    """A failover moves the VM's status (failing_over, failed_over_test, ...) when it is the newest news."""
+    ctx = b.contexts.get(ev.vm_name)
+    if ev.context_status is None or (ctx is not None and ev.occurred_at < ctx.last_event_at):
+        return False
+    ctx = b.context(ev.vm_name, ev.occurred_at, ev.context_status)
+    ctx.current_status = ev.context_status
+    b.touch(ctx, ev.occurred_at)
+    return True
+
+
+async def apply(b: Batch, ev: JobEvent | InventoryEvent | FailoverEvent) -> bool:
+    if isinstance(ev, FailoverEvent):
+        return await apply_failover(b, ev)
     return await (apply_job(b, ev) if isinstance(ev, JobEvent) else apply_inventory(b, ev))
 
 

@@ -22,6 +22,7 @@ from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
     auth,
     contexts,
+    failover,
     health,
     inventory,
     ossea,
@@ -116,7 +117,7 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
     app.include_router(health.router)
     app.include_router(auth.router)
     # Every /api/v1 route but login is checked by RequestGuard, before its body is read.
-    for router in (ossea.router, inventory.router, replications.router, contexts.router):
+    for router in (ossea.router, inventory.router, replications.router, contexts.router, failover.router):
         app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)

@@ -452,3 +452,68 @@ EVENT_STREAM = {"description": "Server-Sent Events: `event: context` (a VmContex
                                "(`{\"vm_name\", \"context\"}`) per change; `: keep-alive` comments every 15 s",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
+
+
+# --- failover ----------------------------------------------------------------------------------
+class FailoverAccepted(Ok):
+    failover_id: str = Field(description="`fo-YYYYMMDD-HHMMSS-xxxx`")
+    status: str
+    action: str
+    vm_name: str
+
+
+class FailoverJob(Body):
+    failover_id: str
+    action: str
+    vm_name: str
+    status: str
+    current_step: str | None = None
+    target_id: str | None = Field(None, description="cleanup: the test failover it removes")
+    replication_job_id: str | None = None
+    target_vm_name: str | None = None
+    target_vm_id: str | None = None
+    error: str | None = None
+    created_at: str | None = None
+    completed_at: str | None = None
+
+
+class FailoverJobList(Page):
+    jobs: list[FailoverJob]
+
+
+class FailoverStep(Body):
+    name: str
+    status: str
+    attempts: int
+    error: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    duration_seconds: float | None = None
+
+
+class FailoverResource(Body):
+    kind: str = Field(description="snapshot, volume, vm or stub_root")
+    name: str
+    cloud_id: str | None = None
+    source_id: str | None = None
+    state: str = Field(description="planned (name recorded), created (id recorded) or deleted")
+    step: str
+
+
+class FailoverJobDetail(Ok, FailoverJob):
+    steps: list[FailoverStep]
+    resources: list[FailoverResource]
+
+
+class NetworkMapping(Body):
+    id: int
+    vcenter: str
+    source_network: str
+    production_network_id: str | None = None
+    test_network_id: str | None = None
+
+
+class NetworkMappingResult(Ok):
+    mapping: NetworkMapping | None = None
+    mappings: list[NetworkMapping] | None = None
+    message: str | None = None

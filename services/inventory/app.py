@@ -78,16 +78,29 @@ class InventoryService(ServiceApp):
 
     # -- discovery -----------------------------------------------------------------------------
 
+    async def _connection(self, vcenter: str) -> dict[str, Any]:
+        async with self.sessions() as db:
+            row = await service.find(db, vcenter)
+            if row is None:
+                raise errors.NotFound("vCenter not found",
+                                      f"No vCenter configuration with host or name {vcenter!r}; create one "
+                                      "with POST /api/v1/vcenter/config")
+            return service.connection(row, self.keys)
+
+    @endpoint(Inventory.POWER)
+    async def power(self, req: BusRequest):
+        """Power a source VM off (guest shutdown, then hard) or on: failover's cutover and rollback."""
+        body = req.model(service.PowerRequest)
+        source = self._source(await self._connection(body.vcenter))
+        on = None if body.action == "state" else body.action == "on"
+        result = await source.power(body.vm_id, on, body.shutdown_timeout)
+        self.log.info("source VM power changed", extra={"vcenter": body.vcenter, **result})
+        return {"success": True, **result}
+
     @endpoint(Inventory.DISCOVER)
     async def discover(self, req: BusRequest):
         body = req.model(service.DiscoverRequest)
-        async with self.sessions() as db:
-            row = await service.find(db, body.vcenter)
-            if row is None:
-                raise errors.NotFound("vCenter not found",
-                                      f"No vCenter configuration with host or name {body.vcenter!r}; create one "
-                                      "with POST /api/v1/vcenter/config")
-            conn = service.connection(row, self.keys)
+        conn = await self._connection(body.vcenter)
         host = conn["host"]
         # One read per vCenter at a time: a request that arrives meanwhile shares its result.
         task = self._inflight.get(host)

@@ -9,7 +9,7 @@ import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
@@ -44,6 +44,14 @@ CONFIG_CHANGES = Counter("oma_inventory_vcenter_changes_total", "vCenter configu
 class DiscoverRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vcenter: str = Field(min_length=1, max_length=255)
+
+
+class PowerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vcenter: str = Field(min_length=1, max_length=255)
+    vm_id: str = Field(min_length=1, max_length=255, description="moref")
+    action: Literal["on", "off", "state"]
+    shutdown_timeout: float = Field(120.0, ge=0, le=3600)
 
 
 class ListRequest(BaseModel):

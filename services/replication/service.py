@@ -51,7 +51,7 @@ from services.replication.models import (
 )
 from shared import errors
 from shared.bus import Reply
-from shared.db import utcnow
+from shared.db import limit_offset, list_filters, utcnow
 from shared.plugins import get_backend
 from shared.schemas import INT32_MAX, ProgressReport, ReplicationRequest
 from shared.subjects import Config, Exports, Replication
@@ -763,20 +763,8 @@ class Replicator:
         return views.detail(job, rows)
 
     async def list(self, q: dict[str, Any]) -> dict[str, Any]:
-        try:
-            limit = int(q.get("limit", 100))
-            offset = int(q.get("offset", 0))
-        except (TypeError, ValueError):
-            raise errors.BadRequest("Validation failed", "limit/offset: expected integers") from None
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise errors.BadRequest("Validation failed", "limit: 1..1000; offset: >= 0")
-        conds = []
-        if q.get("status"):
-            if q["status"] not in JOB_STATUSES:
-                raise errors.BadRequest("Validation failed", f"status: one of {', '.join(JOB_STATUSES)}")
-            conds.append(ReplicationJob.status == q["status"])
-        if q.get("vm_name"):
-            conds.append(ReplicationJob.vm_name == q["vm_name"])
+        limit, offset = limit_offset(q)
+        conds = list_filters(q, ReplicationJob.status, JOB_STATUSES, ReplicationJob.vm_name)
         if q.get("since"):
             conds.append(ReplicationJob.created_at >= parse_since(str(q["since"])))
         async with self.sessions() as db:

@@ -1,0 +1,126 @@
+"""Benchmark of a test failover (a script, not a test).
+
+Against the in-process CloudStack simulator (every async job takes --job-latency, 300 ms by default):
+a --disks VM (4 by default) is replicated, then test-failed-over and cleaned up --rounds times.
+Printed: the wall time of each (POST -> completed, medians), and the floor: the async jobs that
+cannot overlap times the job latency. The snapshots and the clones each run concurrently (one job's
+time each); deploy, the stub ROOT's detach, the boot clone's attach, each data disk's attach (in
+source order, so one at a time) and start are serial. Goal: wall <= 1.5 x floor.
+
+    python bench/bench_failover.py [--job-latency 0.3] [--disks 4] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import httpx  # noqa: E402
+
+from nbdutil import free_port  # noqa: E402
+from plugins.ossea.sim_vms import TEST_NETWORK_IDS  # noqa: E402
+from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
+from shared.natsserver import EmbeddedNats  # noqa: E402
+from shared.runner import Appliance  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+TOKEN = "vma_bench_token_abc123def456789012345678"
+SERVICES = ("auth", "config", "replication", "export_manager", "failover")
+
+
+def vm(name: str, disks: int, config_id: int) -> dict[str, Any]:
+    return {"source_vm": {"id": f"vm-{name}", "name": name, "cpus": 1, "memory_mb": 1024,
+                          "nics": [{"network": "VM Network", "mac_address": "00:50:56:00:00:01"}],
+                          "disks": [{"id": f"disk-{i}", "size_gb": 10, "capacity_bytes": 10 * 1024 ** 3}
+                                    for i in range(disks)]},
+            "ossea_config_id": config_id, "replication_type": "initial"}
+
+
+def floor_jobs(disks: int) -> int:
+    """snapshot wave + clone wave + deploy + detach stub + attach ROOT + (disks - 1) data attaches + start."""
+    return 6 + (disks - 1)
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job-latency", type=float, default=0.3)
+    p.add_argument("--disks", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from services.gateway.app import create_app
+
+    with tempfile.TemporaryDirectory(prefix="oma-bench-fo-") as tmp:
+        tmpdir = Path(tmp)
+        (tmpdir / "dev").mkdir()
+        nats = EmbeddedNats()
+        sim = CloudStackSimulator("bench-key", "bench-secret", device_dir=tmpdir / "dev",
+                                  job_latency=args.job_latency, max_volumes=10_000, max_primary_gb=10_000_000)
+        url = await sim.start()
+        settings = Settings(nats_url=await nats.start(), data_dir=tmpdir / "data", appliance_tokens=f"bench={TOKEN}",
+                            export_backend="nbdkit", nbd_port=free_port(), device_by_id_dir=tmpdir / "dev",
+                            provision_wait=300, cloud_timeout=10, cloud_job_timeout=60,
+                            cloud_poll_interval=0.02)
+        try:
+            async with Appliance(settings, SERVICES) as appliance:
+                app = create_app(settings, appliance.nats_url)
+                async with app.router.lifespan_context(app), httpx.AsyncClient(
+                        transport=httpx.ASGITransport(app=app), base_url="http://oma", timeout=600) as c:
+                    await run(c, url, args)
+        finally:
+            await sim.stop()
+            await nats.stop()
+
+
+async def run(c: httpx.AsyncClient, url: str, args: argparse.Namespace) -> None:
+    r = await c.post("/api/v1/auth/login", json={"appliance_id": "bench", "token": TOKEN})
+    h = {"Authorization": f"Bearer {r.json()['session_token']}"}
+    r = await c.post("/api/v1/ossea/config", headers=h, json={"action": "create", "configuration": {
+        "name": "sim", "api_url": url, "api_key": "bench-key", "secret_key": "bench-secret",
+        "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})
+    config_id = r.json()["configuration"]["id"]
+    await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+        "source_network": "VM Network", "test_network_id": TEST_NETWORK_IDS[0]}})
+    r = await c.post("/api/v1/replications", headers=h, json=vm("bench-vm", args.disks, config_id))
+    assert r.status_code == 201, r.text
+
+    async def timed(action: str) -> tuple[float, dict[str, Any]]:
+        t = time.monotonic()
+        r = await c.post("/api/v1/failover", headers=h, json={"action": action, "vm_name": "bench-vm"})
+        assert r.status_code == 202, r.text
+        while True:
+            job = (await c.get(f"/api/v1/failover/jobs/{r.json()['failover_id']}", headers=h)).json()
+            if job["status"] not in ("running", "compensating"):
+                assert job["status"] == "completed", job
+                return time.monotonic() - t, job
+            await asyncio.sleep(0.01)
+
+    tests, cleanups, steps = [], [], {}
+    for _ in range(args.rounds):
+        wall, job = await timed("test")
+        tests.append(wall)
+        for s in job["steps"]:
+            steps.setdefault(s["name"], []).append(s["duration_seconds"])
+        cleanups.append((await timed("cleanup"))[0])
+    floor = floor_jobs(args.disks) * args.job_latency
+    m = statistics.median(tests)
+    print(f"test failover of a {args.disks}-disk VM, async jobs {args.job_latency * 1000:.0f} ms, "
+          f"{args.rounds} rounds (medians)")
+    print(f"  wall: {m:.2f} s (rounds: {', '.join(f'{x:.2f}' for x in tests)})")
+    print(f"  floor: {floor_jobs(args.disks)} serial jobs x {args.job_latency:.2f} s = {floor:.2f} s")
+    print(f"  ratio wall / floor: {m / floor:.2f}   (goal <= 1.5)")
+    print("  by step: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items()))
+    print(f"  cleanup wall: {statistics.median(cleanups):.2f} s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.failover.service import Failovers
+from shared import errors
+from shared.schemas import FailoverRequest, NetworkMappingRequest
+from shared.service import BusRequest, ServiceApp, endpoint
+from shared.subjects import Failover
+
+
+class FailoverService(ServiceApp):
+    name = "failover"
+    description = "Failover jobs: test failover and cleanup through a resumable, compensating step engine"
+    migrations = Path(__file__).parent / "migrations"
+
+    async def setup(self) -> None:
+        self.failovers = Failovers(self)
+        await self.failovers.recover()  # jobs a stop (or kill -9) interrupted resume now
+
+    @endpoint(Failover.ACTION)
+    async def action(self, req: BusRequest):
+        return await self.failovers.action(req.model(FailoverRequest))
+
+    @endpoint(Failover.LIST)
+    async def list_jobs(self, req: BusRequest):
+        return await self.failovers.list(req.json())
+
+    @endpoint(Failover.GET)
+    async def get(self, req: BusRequest):
+        failover_id = str(req.json().get("failover_id") or "")
+        if not failover_id or len(failover_id) > 64:
+            raise errors.BadRequest("Validation failed", "failover_id: required, at most 64 characters")
+        return await self.failovers.get(failover_id)
+
+    @endpoint(Failover.MAPPINGS)
+    async def mappings(self, req: BusRequest):
+        return await self.failovers.mappings(req.model(NetworkMappingRequest))
