@@ -289,7 +289,7 @@ class NetworkMappingRequest(Strict):
                                          "test_network_id": "0e00...11"}},
         {"action": "get"}, {"action": "delete", "id": 1}]})
     action: Literal["get", "create", "update", "delete"]
-    id: StrictInt | None = Field(None, ge=1)
+    id: Id | None = None
     mapping: NetworkMappingFields | None = None
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -119,7 +117,6 @@ class VmLab:
         for i, net_id in enumerate(TEST_NETWORK_IDS):
             self.add_network(f"test-net-{i + 1}", f"10.10{i + 1}.0.0/24", net_id)
         self.nics: dict[str, list[dict[str, Any]]] = {}  # vm id -> NICs in order
-        self._locks: dict[str, threading.Lock] = {}
 
     def add_network(self, name: str, cidr: str, net_id: str | None = None) -> dict[str, Any]:
         net = {"id": net_id or _uuid(), "name": name, "displaytext": name, "cidr": cidr,
@@ -144,13 +141,6 @@ class VmLab:
             "detachVolume": lambda a: self._detach(a, detach),
             "createVolume": lambda a: self._create_volume(a, create),
             "listVirtualMachines": self._list_virtual_machines}
-
-    @contextmanager
-    def vm_work(self, vm_id: str) -> Iterator[None]:
-        """CloudStack serialises the work on one VM (its VmWork job queue); here a plain lock."""
-        lock = self._locks.setdefault(vm_id, threading.Lock())
-        with lock:
-            yield
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -179,10 +169,9 @@ class VmLab:
         return body
 
     def _submit_vm(self, vm_id: str, work: Callable[[], dict[str, Any]], **extra: Any) -> _Submit:
-        def serialised() -> dict[str, Any]:
-            with self.vm_work(vm_id):
-                return work()
-        return _Submit(vm_id, serialised, extra)
+        # CloudStack serialises the work on one VM (its VmWork job queue): the simulator's per-VM
+        # queue runs the job in its turn.
+        return _Submit(vm_id, work, extra, vm_id=vm_id)
 
     # -- reads ----------------------------------------------------------------------------------
 

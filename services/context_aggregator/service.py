@@ -203,7 +203,7 @@ async def apply_inventory(b: Batch, ev: InventoryEvent) -> bool:
 async def apply_failover(b: Batch, ev: FailoverEvent) -> bool:
     """A failover moves the VM's status (failing_over, failed_over_test, ...) when it is the newest news."""
     ctx = b.contexts.get(ev.vm_name)
-    if ev.context_status is None or (ctx is not None and ev.occurred_at < ctx.last_event_at):
+    if ev.context_status is None or (ctx is not None and ev.occurred_at < ctx.updated_at):
         return False
     ctx = b.context(ev.vm_name, ev.occurred_at, ev.context_status)
     ctx.current_status = ev.context_status

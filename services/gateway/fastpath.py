@@ -27,7 +27,8 @@ from shared.subjects import Contexts
 PREFIX = contexts.router.prefix  # /api/v1/vm-contexts
 DETAIL = PREFIX + "/"
 ROUTES = {route.path: route for route in contexts.router.routes}  # for the metrics' route label
-LIST_ROUTE, DETAIL_ROUTE = ROUTES[PREFIX], ROUTES[PREFIX + "/{vm_name}"]
+LIST_ROUTE, DETAIL_ROUTE = ROUTES[PREFIX], ROUTES[PREFIX + "/{vm_name:path}"]
+NAME_MAX = 255  # as routers/contexts.py VmName
 
 
 def plain_int(text: str, digits: int) -> bool:
@@ -93,7 +94,8 @@ class FastReads:
                 payload = list_query(scope["query_string"])
                 if payload is not None:
                     return await self._answer(scope, receive, send, LIST_ROUTE, Contexts.LIST, payload)
-            elif path.startswith(DETAIL) and "/" not in path[len(DETAIL):] and len(path) > len(DETAIL):
+            # A name with `/` (or `/events`) takes the routed way: routers/contexts.py tells them apart.
+            elif path.startswith(DETAIL) and "/" not in path[len(DETAIL):] and 0 < len(path) - len(DETAIL) <= NAME_MAX:
                 return await self._answer(scope, receive, send, DETAIL_ROUTE, Contexts.GET,
                                           {"vm_name": path[len(DETAIL):]})
         await self.app(scope, receive, send)
