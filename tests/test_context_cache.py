@@ -68,7 +68,7 @@ async def test_a_change_reaches_polled_replies_at_once(ctx_settings, bus):
         await publish(bus, [job.event("status_changed", status="provisioning"), other.event("created")])
         await until(client, h, "cache-vm", lambda b: b["context"]["current_status"] == "provisioning")
         page = (await client.get("/api/v1/vm-contexts", headers=h)).json()
-        assert [c["vm_name"] for c in page["contexts"]] == ["cache-vm", "cache-vm-2"] and page["total"] == 2
+        assert [c["vm_name"] for c in page["vm_contexts"]] == ["cache-vm", "cache-vm-2"] and page["total"] == 2
 
         # REBUILD drops everything, in the gateway too.
         assert gateway.get_list((100, 0)) and aggregator.get_list((None, 100, 0))
@@ -89,7 +89,7 @@ async def test_the_fast_path_answers_as_fastapi_does(ctx_settings, bus):
         slow = await client.get("/api/v1/vm-contexts?limit=02&offset=1", headers=h)  # FastAPI's way
         assert fast.status_code == slow.status_code == 200 and fast.content == slow.content
         assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
-        assert [c["vm_name"] for c in fast.json()["contexts"]] == ["fp-1", "fp-2"]
+        assert [c["vm_name"] for c in fast.json()["vm_contexts"]] == ["fp-1", "fp-2"]
         body = assert_error_shape(await client.get("/api/v1/vm-contexts?limit=0", headers=h), 400)
         assert body["error"] == "Validation failed" and "limit" in body["details"]
         missing = assert_error_shape(await get_ctx(client, h, "nope"), 404)

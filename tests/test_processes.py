@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared import natsauth
 from shared.natsauth import read_admin_file
 
 SEED_TOKEN = "vma_test_token_abc123def456789012345678"
@@ -124,7 +125,7 @@ def test_workers_answer_and_one_sigterm_stops_everything(api):
     h = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=a.base, headers=h) as c:
         r = c.get("/api/v1/vm-contexts")
-        assert r.status_code == 200 and r.json()["contexts"] == [] and r.json()["total"] == 0
+        assert r.status_code == 200 and r.json()["vm_contexts"] == [] and r.json()["total"] == 0
         assert c.get("/api/v1/vm-contexts/nope").status_code == 404
     cpu = {}
     for _ in range(60):  # new connections each: the kernel hands them to either worker
@@ -149,7 +150,7 @@ def test_workers_answer_and_one_sigterm_stops_everything(api):
     nats = next(p for p in tree if comm(p) == "nats-server")
     nats_env = dict(kv.split("=", 1) for kv in Path(f"/proc/{nats}/environ").read_text().split("\0") if "=" in kv)
     passwords = [v for k, v in nats_env.items() if k.startswith("NATS_PASSWORD_")]
-    assert len(passwords) == 8
+    assert len(passwords) == len(natsauth.USERS)  # gateway, every service, admin
     for pid in [a.proc.pid, *workers]:
         exposed = Path(f"/proc/{pid}/cmdline").read_text() + Path(f"/proc/{pid}/environ").read_text()
         assert not any(pw in exposed for pw in passwords), pid

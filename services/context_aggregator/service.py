@@ -318,7 +318,8 @@ JOB_HISTORY = (select(_jobs).where(_jobs.c.vm_name == _NAME)
                .order_by(_jobs.c.created_at.desc(), _jobs.c.job_id.desc()).limit(HISTORY_JOBS))
 JOB_BY_ID = select(_jobs).where(_jobs.c.job_id == bindparam("job_id"))
 DISKS = select(_disks).where(_disks.c.vm_name == _NAME).order_by(_disks.c.unit_number)
-CBT_HISTORY = (select(_cbt.c.job_id, _cbt.c.unit_number, _cbt.c.change_id, _cbt.c.recorded_at)
+CBT_HISTORY = (select(_cbt.c.job_id, _cbt.c.unit_number, _cbt.c.change_id, _cbt.c.previous_change_id,
+                      _cbt.c.recorded_at)
                .where(_cbt.c.vm_name == _NAME)
                .order_by(_cbt.c.recorded_at.desc(), _cbt.c.job_id.desc(), _cbt.c.unit_number).limit(HISTORY_CBT))
 
