@@ -3,11 +3,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from sqlalchemy import or_, select
 
+from services.replication import admission
 from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
 from services.replication.service import Replicator
 from shared import errors
@@ -92,6 +94,23 @@ class ReplicationService(ServiceApp):
                 await self.jobs.sweep_orphans()
             except Exception:  # noqa: BLE001 - keep the sweep alive; it logs and tries again
                 self.log.exception("orphan sweep failed")
+
+    async def health(self, req: BusRequest) -> dict[str, Any]:
+        """Adds each appliance VM's disk capacity: configured, learnt from the cloud, held."""
+        body = await super().health(req)
+        try:
+            async with self.sessions() as db:
+                body["appliance_vms"] = await admission.report(db, self.settings)
+            # The gateway's /health shows `warning`: a capacity below the setting is the operator's news.
+            lowered = [f"appliance VM {a['oma_vm_id']} holds at most {a['capacity']} data disks for replication "
+                       f"(OMA_MAX_ATTACHED_DISKS={a['configured']}; the cloud refused more)"
+                       for a in body["appliance_vms"] if a["capacity"] < a["configured"]]
+            if lowered:
+                body["warning"] = "; ".join(lowered)
+        except Exception as exc:  # noqa: BLE001 - the database line above already says it is down
+            body["appliance_vms"] = None
+            self.log.debug("capacity report unavailable", extra={"reason": type(exc).__name__})
+        return body
 
     @staticmethod
     def _job_id(req: BusRequest) -> str:

@@ -5,13 +5,13 @@ Every resource is recorded before it is created: a disk's row carries the unique
 createVolume is sent, and the volume id as soon as the cloud answers. So whatever stops this service,
 the rows name every volume it may have created, and cleanup finds them (by id, else by name).
 
-Admission is serialised by one lock in this process: run one replication service per appliance.
+Admission is decided in the database (services/replication/admission.py): several replication
+processes may share one database and one appliance VM.
 """
 from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import views
+from services.replication import admission, views
 from services.replication.cloud import CloudOps, error_text
 from services.replication.models import (
     CANCELLED,
@@ -49,14 +49,21 @@ from services.replication.models import (
     JobVolume,
     ReplicationJob,
 )
+from services.replication.naming import (  # noqa: F401 - re-exported: tests and tools name them here
+    GIB,
+    job_id_base,
+    parse_volume_name,
+    rounded_gb,
+    volume_name,
+)
 from shared import errors
 from shared.bus import Reply
+from shared.contracts import CloudCapacityError
 from shared.db import utcnow
 from shared.plugins import get_backend
 from shared.schemas import INT32_MAX, ProgressReport, ReplicationRequest
 from shared.subjects import Config, Exports, Replication
 
-GIB = 1024 ** 3
 EWMA_ALPHA = 0.3  # weight of the newest throughput sample
 ETA_MAX = INT32_MAX  # vma_eta_seconds is an INT column (68 years)
 REUSED_MESSAGE = "Migration workflow started - VM export reused without SIGHUP operation"
@@ -68,34 +75,6 @@ PROVISION = Histogram("oma_replication_provision_duration_seconds", "From admiss
 THROUGHPUT = Gauge("oma_vma_throughput_mbps", "Smoothed VMA throughput summed over replicating jobs (MB/s)")
 ATTACHED = Gauge("oma_attached_disks", "Data disks the appliance VM holds (or is about to) for replication")
 SWEPT = Counter("oma_replication_orphans_swept_total", "OMA volumes no row holds, removed by the sweep")
-
-
-def job_id_base(now: datetime) -> str:
-    """The seed's `job-YYYYMMDD-HHMMSS`; `create` adds `-2`, `-3`... only when that second is taken."""
-    return f"job-{now:%Y%m%d-%H%M%S}"
-
-
-def rounded_gb(disk: Any) -> int:
-    """Whole GiB, rounded up: from capacity_bytes when given (exact), else size_gb."""
-    if disk.capacity_bytes:
-        return max(1, math.ceil(disk.capacity_bytes / GIB))
-    return max(1, math.ceil(disk.size_gb))
-
-
-def volume_name(vm_name: str, unit: int, job_id: str) -> str:
-    """Unique per job and disk: how a volume whose id was never recorded is found again, and how
-    the orphan sweep proves a volume is OMA's (`parse_volume_name`)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "-", vm_name)[:120]
-    return f"migration-{safe}-disk-{unit}-{job_id}"
-
-
-VOLUME_NAME_RE = re.compile(r"^migration-.+-disk-(?P<unit>\d+)-(?P<job_id>job-\d{8}-\d{6}(?:-\d+)?)$")
-
-
-def parse_volume_name(name: str) -> tuple[str, int] | None:
-    """(job_id, unit) of a name `volume_name` made, else None."""
-    m = VOLUME_NAME_RE.match(name or "")
-    return (m["job_id"], int(m["unit"])) if m else None
 
 
 def parse_since(value: str) -> datetime:
@@ -198,9 +177,12 @@ class Replicator:
         # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager).
         await self.bus.call(Exports.READY, {})
         key = vm.uuid or vm.id
+        oma_vm_id = creds["oma_vm_id"]
         now = utcnow()
-        async with self._admission:
+        await admission.ensure_row(self.sessions, oma_vm_id)
+        async with self._admission:  # this process's turn; the slot row's lock is every process's
             async with self.sessions.begin() as db:
+                slots = await admission.lock(db, oma_vm_id)
                 job_id = await self._free_job_id(db, job_id_base(now))
                 busy = await db.scalar(select(ReplicationJob).where(
                     or_(ReplicationJob.vm_id == vm.id, ReplicationJob.vm_key == key),
@@ -210,7 +192,8 @@ class Replicator:
                                           f"VM {vm.name} already has job {busy.job_id} ({busy.status})")
                 job = ReplicationJob(
                     job_id=job_id, vm_id=vm.id, vm_uuid=vm.uuid, vm_key=key, vm_name=vm.name,
-                    ossea_config_id=req.ossea_config_id, replication_type=req.replication_type, status=QUEUED,
+                    ossea_config_id=req.ossea_config_id, oma_vm_id=oma_vm_id,
+                    replication_type=req.replication_type, status=QUEUED,
                     progress_percent=0.0, bytes_transferred=0, seq=0, cleanup_pending=False, created_at=now,
                     total_bytes=sum(d.capacity_bytes or int(d.size_gb * GIB) for d in vm.disks),
                     source_vm=orjson.dumps(vm.model_dump(mode="json", exclude_none=True)).decode(),
@@ -224,12 +207,14 @@ class Replicator:
                         for unit, d in zip(units, vm.disks)]
                 db.add_all(rows)
                 await db.flush()
-                held = await self._holdings(db, key)
+                held = await admission.holdings(db, key)
                 needed = sum(r.unit_number not in held for r in rows)
-                if needed > self.settings.max_attached_disks:
+                cap = admission.capacity(self.settings, slots)
+                if needed > cap:
+                    learnt = " (learnt from the cloud's refusals)" if cap < self.settings.max_attached_disks else ""
                     raise errors.Conflict("Too many disks", f"VM {vm.name} needs {needed} new data disks; the "
-                                          f"appliance VM holds at most {self.settings.max_attached_disks}")
-                admitted = await self._try_admit(db, job, rows)
+                                          f"appliance VM holds at most {cap}{learnt}")
+                admitted = await admission.try_admit(db, job, rows, cap)
             JOBS.labels(status=job.status).inc()
             self.log.info("replication job created", extra={"job_id": job_id, "vm_name": vm.name,
                                                             "disks": len(rows), "status": job.status})
@@ -262,64 +247,28 @@ class Replicator:
             job_id = f"{base}-{n}"
         return job_id
 
-    @staticmethod
-    async def _holdings(db: AsyncSession, vm_key: str) -> dict[int, JobVolume]:
-        """The VM's live volumes by unit number (the rows that hold them). Whatever the holding row's
-        state: a failed or cancelled incremental job keeps the volumes it took over, and the next job
-        takes them back instead of stranding them on the appliance VM."""
-        q = (select(JobVolume).join(ReplicationJob, ReplicationJob.job_id == JobVolume.job_id)
-             .where(ReplicationJob.vm_key == vm_key, JobVolume.holds_volume.is_(True),
-                    JobVolume.volume_id.is_not(None)))
-        return {r.unit_number: r for r in (await db.scalars(q)).all()}
-
-    async def _try_admit(self, db: AsyncSession, job: ReplicationJob, rows: list[JobVolume]) -> bool:
-        """FIFO: admitted when no older job waits and the new disks fit; reserves the slots at once."""
-        earlier = await db.scalar(select(func.count()).select_from(ReplicationJob).where(
-            ReplicationJob.status == QUEUED, ReplicationJob.id < job.id))
-        if earlier:
-            return False
-        held = await self._holdings(db, job.vm_key)
-        needed = sum(r.unit_number not in held for r in rows)
-        used = await db.scalar(select(func.count()).select_from(JobVolume).where(JobVolume.holds_volume.is_(True)))
-        if used + needed > self.settings.max_attached_disks:
-            return False
-        carry = job.replication_type == "incremental"
-        for r in rows:
-            old = held.get(r.unit_number)
-            if old is not None:  # the VM's volume: taken over, export reused, change id carried
-                r.volume_id, r.volume_name, r.device_id = old.volume_id, old.volume_name, old.device_id
-                r.device_path, r.export_name, r.export_port = old.device_path, old.export_name, old.export_port
-                r.previous_change_id = (old.change_id or old.previous_change_id) if carry else None
-                old.holds_volume = False
-            else:
-                r.volume_name, r.created_by_job = volume_name(job.vm_name, r.unit_number, job.job_id), True
-            r.holds_volume, r.status = True, D_PENDING
-        job.status, job.started_at = PROVISIONING, utcnow()
-        job.current_operation, job.message = "Provisioning volumes", None
-        return True
-
     async def pump(self) -> None:
-        """Admit queued jobs, oldest first, while their disks fit."""
-        started = []
-        async with self._admission:
-            async with self.sessions.begin() as db:
-                queued = (await db.scalars(select(ReplicationJob).where(ReplicationJob.status == QUEUED)
-                                           .order_by(ReplicationJob.id))).all()
-                for job in queued:
-                    if not await self._try_admit(db, job, await self._rows(db, job.job_id)):
-                        break
-                    started.append(job.job_id)
-            for job_id in started:
-                JOBS.labels(status=PROVISIONING).inc()
-                self.log.info("queued replication job admitted", extra={"job_id": job_id})
-                await self.emit(job_id, Replication.EVT_STATUS)
-                self._start(job_id)
+        """Admit queued jobs, oldest first per appliance VM, while their disks fit: whichever
+        process releases disks starts the jobs waiting for them, its own or another's."""
+        async with self.sessions() as db:
+            appliances = await admission.appliances_waiting(db)
+        for oma_vm_id in appliances:
+            async with self._admission:
+                async with self.sessions.begin() as db:
+                    slots = await admission.lock(db, oma_vm_id)
+                    started = await admission.admit_queued(db, oma_vm_id, admission.capacity(self.settings, slots))
+                for job_id in started:
+                    JOBS.labels(status=PROVISIONING).inc()
+                    self.log.info("queued replication job admitted", extra={"job_id": job_id})
+                    await self.emit(job_id, Replication.EVT_STATUS)
+                    self._start(job_id)
         await self.refresh_gauges()
 
     def _start(self, job_id: str) -> asyncio.Task:
         task = self.app.spawn(self._provision(job_id))
         self._running[job_id] = task
-        task.add_done_callback(lambda _t: self._running.pop(job_id, None))
+        # Only this task's entry: a job queued again and re-admitted has a newer one.
+        task.add_done_callback(lambda t: self._running.pop(job_id, None) if self._running.get(job_id) is t else None)
         return task
 
     # -- provisioning ---------------------------------------------------------------------------
@@ -339,6 +288,10 @@ class Replicator:
             outcomes = await asyncio.gather(*(self._provision_disk(ops, job, r, placement, creds["oma_vm_id"])
                                               for r in rows), return_exceptions=True)
             failures = [o for o in outcomes if isinstance(o, BaseException)]
+            if failures and all(isinstance(f, CloudCapacityError) for f in failures):
+                if await self._requeue_for_capacity(job_id, ops, creds["oma_vm_id"], failures[0]):
+                    result = "requeued"
+                    return
             if failures:
                 raise failures[0]
             await self._ready(job_id)
@@ -352,6 +305,41 @@ class Replicator:
             PROVISION.labels(result=result).observe(time.monotonic() - started)
             if ops is not None:
                 await ops.close()
+
+    async def _requeue_for_capacity(self, job_id: str, ops: CloudOps, oma_vm_id: str,
+                                    refusal: CloudCapacityError) -> bool:
+        """The cloud refused an attach for want of a disk slot on the appliance VM: learn what it
+        holds, give back what this job made (each detach confirmed before its delete), and queue the
+        job again at its place; it starts when disks are released. False (the job then fails) when its
+        volumes could not all be released, or when it needs more disks than the VM can ever hold."""
+        async with self.sessions() as db:
+            ours = set((await db.scalars(select(JobVolume.volume_id).where(
+                JobVolume.holds_volume.is_(True), JobVolume.volume_id.is_not(None)))).all())
+        learned = admission.learned_from(refusal.limit, await ops.attached_to(oma_vm_id), ours)
+        await self.cleanup(job_id, created_only=True, ops=ops)
+        async with self._admission:
+            async with self.sessions.begin() as db:
+                cap = await admission.learn(db, self.settings, oma_vm_id, learned, error_text(refusal))
+                job = await self._job(db, job_id)
+                rows = await self._rows(db, job_id)
+                new = sum(r.created_by_job for r in rows)
+                if job.cleanup_pending or job.status != PROVISIONING or new > cap:
+                    return False
+                for r in rows:
+                    if r.created_by_job:
+                        r.status, r.holds_volume, r.error = D_QUEUED, False, None
+                        r.volume_id = r.device_id = r.device_path = None
+                        r.export_name = r.export_port = r.export_uri = None
+                job.status, job.started_at, job.current_operation = QUEUED, None, "Queued"
+                job.message = (f"Waiting for free disk slots: the appliance VM holds at most {cap} disks "
+                               "for replication (learnt from the cloud's refusal)")[:255]
+        JOBS.labels(status=QUEUED).inc()
+        self.log.warning("replication job queued again: the appliance VM has no free disk slot",
+                         extra={"job_id": job_id, "oma_vm_id": oma_vm_id, "capacity": cap,
+                                "reason": error_text(refusal)})
+        await self.emit(job_id, Replication.EVT_STATUS)
+        await self.pump()
+        return True
 
     async def _provision_disk(self, ops: CloudOps, job: ReplicationJob, row: JobVolume,
                               placement: tuple[str, str] | None, oma_vm_id: str) -> None:

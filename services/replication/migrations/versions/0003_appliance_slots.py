@@ -1,0 +1,29 @@
+"""appliance_slots: one row per appliance VM, locked to decide admission (so several replication
+processes never over-admit) and holding the capacity learnt from the cloud's refusals;
+replication_jobs.oma_vm_id: the appliance VM a job's volumes attach to.
+
+Revision ID: replication_0003
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "replication_0003"
+down_revision = "replication_0002"
+
+
+def upgrade() -> None:
+    op.create_table(
+        "appliance_slots",
+        sa.Column("oma_vm_id", sa.String(64), primary_key=True),
+        sa.Column("learned_capacity", sa.Integer, nullable=True),
+        sa.Column("learned_reason", sa.String(255), nullable=True),
+        sa.Column("learned_at", sa.DateTime, nullable=True),
+    )
+    op.add_column("replication_jobs", sa.Column("oma_vm_id", sa.String(64), nullable=True))
+    op.create_index("ix_replication_jobs_oma_vm_id", "replication_jobs", ["oma_vm_id"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_replication_jobs_oma_vm_id", "replication_jobs")
+    op.drop_column("replication_jobs", "oma_vm_id")
+    op.drop_table("appliance_slots")
