@@ -12,10 +12,11 @@ without a number (device ids or PCI slots used up) gives the OMA disks attached 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -84,7 +85,7 @@ async def used(db: AsyncSession, oma_vm_id: str) -> int:
                            .where(JobVolume.holds_volume.is_(True), on_appliance(oma_vm_id))) or 0
 
 
-async def try_admit(db: AsyncSession, job: ReplicationJob, rows: list[JobVolume], cap: int) -> bool:
+async def try_admit(db: AsyncSession, job: ReplicationJob, rows: list[JobVolume], cap: int, lease: float) -> bool:
     """FIFO per appliance VM: admitted when no older job of it waits and the new disks fit;
     reserves the slots (holding rows) at once. The caller holds the slot row's lock."""
     earlier = await db.scalar(select(func.count()).select_from(ReplicationJob).where(
@@ -108,10 +109,11 @@ async def try_admit(db: AsyncSession, job: ReplicationJob, rows: list[JobVolume]
         r.holds_volume, r.status = True, D_PENDING
     job.status, job.started_at = PROVISIONING, utcnow()
     job.current_operation, job.message = "Provisioning volumes", None
+    job.lease_until = job.started_at + timedelta(seconds=lease)  # the admitting process provisions it
     return True
 
 
-async def admit_queued(db: AsyncSession, oma_vm_id: str, cap: int) -> list[str]:
+async def admit_queued(db: AsyncSession, oma_vm_id: str, cap: int, lease: float) -> list[str]:
     """Admit this appliance VM's queued jobs, oldest first, while their disks fit."""
     queued = (await db.scalars(select(ReplicationJob).where(
         ReplicationJob.status == QUEUED, on_appliance(oma_vm_id)).order_by(ReplicationJob.id))).all()
@@ -119,7 +121,7 @@ async def admit_queued(db: AsyncSession, oma_vm_id: str, cap: int) -> list[str]:
     for job in queued:
         rows = list((await db.scalars(select(JobVolume).where(JobVolume.job_id == job.job_id)
                                       .order_by(JobVolume.unit_number))).all())
-        if not await try_admit(db, job, rows, cap):
+        if not await try_admit(db, job, rows, cap, lease):
             break
         started.append(job.job_id)
     return started
@@ -164,3 +166,32 @@ async def report(db: AsyncSession, settings: Any) -> list[dict[str, Any]]:
                     "learned_capacity": slots.learned_capacity, "learned_reason": slots.learned_reason,
                     "held": await used(db, slots.oma_vm_id)})
     return out
+
+
+# -- leases: which process provisions a job -------------------------------------------------------
+
+
+async def renew(db: AsyncSession, job_ids: list[str], lease: float) -> None:
+    """Extend this process's claim on the jobs it is provisioning."""
+    if job_ids:
+        await db.execute(update(ReplicationJob).where(ReplicationJob.job_id.in_(job_ids),
+                                                      ReplicationJob.status == PROVISIONING)
+                         .values(lease_until=utcnow() + timedelta(seconds=lease)))
+
+
+async def claim_lapsed(db: AsyncSession, lease: float) -> list[str]:
+    """Provisioning jobs whose process stopped renewing (killed, restarted, gone): each is claimed
+    by an atomic conditional UPDATE, so of several processes exactly one resumes it."""
+    now = utcnow()
+    lapsed = (await db.scalars(select(ReplicationJob.job_id).where(
+        ReplicationJob.status == PROVISIONING,
+        or_(ReplicationJob.lease_until.is_(None), ReplicationJob.lease_until < now)))).all()
+    claimed = []
+    for job_id in lapsed:
+        result = await db.execute(update(ReplicationJob).where(
+            ReplicationJob.job_id == job_id, ReplicationJob.status == PROVISIONING,
+            or_(ReplicationJob.lease_until.is_(None), ReplicationJob.lease_until < now))
+            .values(lease_until=now + timedelta(seconds=lease)))
+        if result.rowcount == 1:
+            claimed.append(job_id)
+    return claimed

@@ -30,7 +30,7 @@ class ReplicationService(ServiceApp):
         self.jobs = Replicator(self)
         # In the background: recovery needs the config and export services, which may start after us.
         # Not `spawn`ed: shutdown must not wait for their sleeps; teardown cancels them.
-        self._janitors = [asyncio.create_task(self._recover())]
+        self._janitors = [asyncio.create_task(self._recover()), asyncio.create_task(self._leases())]
         if self.settings.volume_sweep_interval > 0:
             self._janitors.append(asyncio.create_task(self._sweep(self.settings.volume_sweep_interval)))
 
@@ -85,6 +85,17 @@ class ReplicationService(ServiceApp):
                 continue
             if left:
                 self.log.warning("cleanups still pending", extra={"jobs": left})
+
+    async def _leases(self) -> None:
+        """Renew the claims on the jobs this process provisions; resume those whose process died."""
+        interval = self.settings.provision_lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.jobs.renew_leases()
+                await self.jobs.resume_lapsed()
+            except Exception:  # noqa: BLE001 - e.g. a database hiccup: the next round tries again
+                self.log.exception("lease round failed")
 
     async def _sweep(self, interval: float) -> None:
         """Volumes OMA made that no row holds (docs/replication.md), every `volume_sweep_interval`."""

@@ -49,6 +49,7 @@ class ReplicationJob(Base):
     vm_name: Mapped[str] = mapped_column(String(255), index=True)
     ossea_config_id: Mapped[int] = mapped_column(Integer)
     oma_vm_id: Mapped[str | None] = mapped_column(String(64), index=True)  # the VM its volumes attach to
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)     # the provisioning process's claim
     replication_type: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(20), index=True)
     progress_percent: Mapped[float] = mapped_column(Float, default=0.0)

@@ -214,7 +214,7 @@ class Replicator:
                     learnt = " (learnt from the cloud's refusals)" if cap < self.settings.max_attached_disks else ""
                     raise errors.Conflict("Too many disks", f"VM {vm.name} needs {needed} new data disks; the "
                                           f"appliance VM holds at most {cap}{learnt}")
-                admitted = await admission.try_admit(db, job, rows, cap)
+                admitted = await admission.try_admit(db, job, rows, cap, self.settings.provision_lease)
             JOBS.labels(status=job.status).inc()
             self.log.info("replication job created", extra={"job_id": job_id, "vm_name": vm.name,
                                                             "disks": len(rows), "status": job.status})
@@ -256,7 +256,8 @@ class Replicator:
             async with self._admission:
                 async with self.sessions.begin() as db:
                     slots = await admission.lock(db, oma_vm_id)
-                    started = await admission.admit_queued(db, oma_vm_id, admission.capacity(self.settings, slots))
+                    started = await admission.admit_queued(db, oma_vm_id, admission.capacity(self.settings, slots),
+                                                           self.settings.provision_lease)
                 for job_id in started:
                     JOBS.labels(status=PROVISIONING).inc()
                     self.log.info("queued replication job admitted", extra={"job_id": job_id})
@@ -565,19 +566,31 @@ class Replicator:
         return ids
 
     async def recover(self) -> None:
-        """At start-up: unfinished cleanups are retried, jobs interrupted while provisioning resume
+        """At start-up: unfinished cleanups are retried, provisioning jobs no process holds resume
         (adopting what the cloud already made for them), then the queue moves."""
         async with self.sessions() as db:
-            interrupted = (await db.scalars(select(ReplicationJob.job_id)
-                                            .where(ReplicationJob.status == PROVISIONING))).all()
             pending = (await db.scalars(select(ReplicationJob.job_id).where(
                 ReplicationJob.cleanup_pending.is_(True), ReplicationJob.status != PROVISIONING))).all()
         await self.retry_cleanups(pending)
+        await self.resume_lapsed()
+        await self.pump()
+
+    async def resume_lapsed(self) -> list[str]:
+        """Resume the provisioning jobs whose process stopped renewing its lease (killed, restarted):
+        this one's after a restart, another copy's when it died. Every step is recorded before it
+        acts, so the job picks up where it stopped."""
         async with self._admission:
-            for job_id in interrupted:  # every step is recorded before it acts: pick up where it stopped
+            async with self.sessions.begin() as db:
+                claimed = await admission.claim_lapsed(db, self.settings.provision_lease)
+            for job_id in claimed:
                 self.log.warning("replication job interrupted by a restart; resuming", extra={"job_id": job_id})
                 self._start(job_id)
-        await self.pump()
+        return claimed
+
+    async def renew_leases(self) -> None:
+        """Keep this process's claim on the jobs it provisions."""
+        async with self.sessions.begin() as db:
+            await admission.renew(db, list(self._running), self.settings.provision_lease)
 
     async def retry_cleanups(self, job_ids: list[str] | None = None) -> int:
         """Run the cleanups left unfinished (cloud or config service down); return how many still are."""
