@@ -89,11 +89,11 @@ class CloudOps:
 
     async def placement(self, zone: str) -> tuple[str, str]:
         """The zone's id (the configuration names it or gives its id) and the customized offering."""
-        zones = await self._metered("listZones", self.client.list_zones)
+        zones, offerings = await asyncio.gather(self._metered("listZones", self.client.list_zones),
+                                                self._metered("listDiskOfferings", self.client.list_disk_offerings))
         match = next((z for z in zones if zone in (z.get("name"), z.get("id"))), None)
         if match is None:
             raise errors.BadGateway("Zone not found", f"zone {zone!r} is not visible to this OSSEA account")
-        offerings = await self._metered("listDiskOfferings", self.client.list_disk_offerings)
         custom = next((o for o in offerings if o.get("iscustomized")), None)
         if custom is None:
             raise errors.BadGateway("No custom disk offering",
