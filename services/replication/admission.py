@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -167,31 +167,3 @@ async def report(db: AsyncSession, settings: Any) -> list[dict[str, Any]]:
                     "held": await used(db, slots.oma_vm_id)})
     return out
 
-
-# -- leases: which process provisions a job -------------------------------------------------------
-
-
-async def renew(db: AsyncSession, job_ids: list[str], lease: float) -> None:
-    """Extend this process's claim on the jobs it is provisioning."""
-    if job_ids:
-        await db.execute(update(ReplicationJob).where(ReplicationJob.job_id.in_(job_ids),
-                                                      ReplicationJob.status == PROVISIONING)
-                         .values(lease_until=utcnow() + timedelta(seconds=lease)))
-
-
-async def claim_lapsed(db: AsyncSession, lease: float) -> list[str]:
-    """Provisioning jobs whose process stopped renewing (killed, restarted, gone): each is claimed
-    by an atomic conditional UPDATE, so of several processes exactly one resumes it."""
-    now = utcnow()
-    lapsed = (await db.scalars(select(ReplicationJob.job_id).where(
-        ReplicationJob.status == PROVISIONING,
-        or_(ReplicationJob.lease_until.is_(None), ReplicationJob.lease_until < now)))).all()
-    claimed = []
-    for job_id in lapsed:
-        result = await db.execute(update(ReplicationJob).where(
-            ReplicationJob.job_id == job_id, ReplicationJob.status == PROVISIONING,
-            or_(ReplicationJob.lease_until.is_(None), ReplicationJob.lease_until < now))
-            .values(lease_until=now + timedelta(seconds=lease)))
-        if result.rowcount == 1:
-            claimed.append(job_id)
-    return claimed

@@ -27,7 +27,8 @@ class ReplicationService(ServiceApp):
     needs = ("config", "export_manager")
 
     async def setup(self) -> None:
-        self.jobs = Replicator(self)
+        self.jobs = Replicator(settings=self.settings, bus=self.bus, sessions=self.sessions, log=self.log,
+                               pm=self.pm, spawn=self.spawn)
         # In the background: recovery needs the config and export services, which may start after us.
         # Not `spawn`ed: shutdown must not wait for their sleeps; teardown cancels them.
         self._janitors = [asyncio.create_task(self._recover()), asyncio.create_task(self._leases())]
