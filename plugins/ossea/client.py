@@ -38,7 +38,7 @@ MAX_PAGE_SIZE = 500  # CloudStack's default.page.size
 # long enough to absorb modest clock skew.
 SIGNATURE_LIFETIME = timedelta(minutes=10)
 READ_PREFIXES = ("list", "query", "get")
-POLL_MIN, POLL_FRACTION = 0.02, 0.1  # async-job polling (CloudStackClient._poll_pause)
+POLL_MIN, POLL_FRACTION = 0.02, 0.2  # async-job polling (CloudStackClient._poll_pause)
 # Recent durations of successful async jobs, per API endpoint and command: when to poll first.
 _JOB_TIMES: dict[tuple[str, str | None], deque[float]] = {}
 
@@ -216,7 +216,7 @@ class CloudStackClient:
     def _poll_pause(self, elapsed: float, seen: deque[float] | None) -> float:
         """Seconds until the next queryAsyncJobResult. Not a fixed interval, which makes a 0.3 s job
         cost up to a whole interval more: first until the fastest recent job of this command would
-        have finished, then a tenth of the time waited so far (a job found at most ~10% late), between
+        have finished, then a fifth of the time waited so far (a job found at most ~20% late), between
         POLL_MIN and `poll_interval`."""
         fastest = min(seen) if seen else 0.0
         if elapsed < fastest:

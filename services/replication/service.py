@@ -90,6 +90,7 @@ class Replicator:
         self.resolver = get_backend(pm, "device-resolver", settings.device_resolver).factory(settings)
         self.keep_failed = bool(self.settings.keep_failed_resources)
         self._admission = asyncio.Lock()
+        self._slot_rows: set[str] = set()  # appliance VMs whose appliance_slots row exists
         self._running: dict[str, asyncio.Task] = {}
         self._progress_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._throughput: dict[str, float] = {}
@@ -161,7 +162,9 @@ class Replicator:
         key = vm.uuid or vm.id
         oma_vm_id = creds["oma_vm_id"]
         now = utcnow()
-        await admission.ensure_row(self.sessions, oma_vm_id)
+        if oma_vm_id not in self._slot_rows:
+            await admission.ensure_row(self.sessions, oma_vm_id)
+            self._slot_rows.add(oma_vm_id)
         async with self._admission:  # this process's turn; the slot row's lock is every process's
             async with self.sessions.begin() as db:
                 slots = await admission.lock(db, oma_vm_id)
@@ -202,7 +205,7 @@ class Replicator:
                                                             "disks": len(rows), "status": job.status})
             await self.emit(job_id, Replication.EVT_CREATED)
             # Started under the admission lock: a cancel can never slip between admission and start.
-            task = self._start(job_id) if admitted else None
+            task = self._start(job_id, creds) if admitted else None
         await self.refresh_gauges()
         if task is None:
             job, rows = await self.load(job_id)
@@ -247,8 +250,8 @@ class Replicator:
                     self._start(job_id)
         await self.refresh_gauges()
 
-    def _start(self, job_id: str) -> asyncio.Task:
-        task = self.spawn(self._provision(job_id))
+    def _start(self, job_id: str, creds: dict[str, Any] | None = None) -> asyncio.Task:
+        task = self.spawn(self._provision(job_id, creds))
         self._running[job_id] = task
         # Only this task's entry: a job queued again and re-admitted has a newer one.
         task.add_done_callback(lambda t: self._running.pop(job_id, None) if self._running.get(job_id) is t else None)
@@ -256,7 +259,8 @@ class Replicator:
 
     # -- provisioning ---------------------------------------------------------------------------
 
-    async def _provision(self, job_id: str) -> None:
+    async def _provision(self, job_id: str, creds: dict[str, Any] | None = None) -> None:
+        """Provision every disk of an admitted job at once (`creds`: those the create just fetched)."""
         started = time.monotonic()
         result = "failed"
         ops: CloudOps | None = None
@@ -265,7 +269,7 @@ class Replicator:
             if job.status != PROVISIONING:  # cancelled before it could start: nothing to create
                 result = "cancelled"
                 return
-            creds = await self.credentials(job.ossea_config_id)
+            creds = creds or await self.credentials(job.ossea_config_id)
             ops = self.cloud(creds)
             placement = await ops.placement(creds["zone"]) if any(r.created_by_job for r in rows) else None
             outcomes = await asyncio.gather(*(self._provision_disk(ops, job, r, placement, creds["oma_vm_id"])
