@@ -72,3 +72,20 @@ async def test_capacity_learnt_from_refusals_jobs_queue_and_all_complete(make_se
         left = env.data_volumes()
         assert len(left) == 3 and all(v.name.startswith("pre-attached") for v in left.values()), "0 orphans"
         assert env.sim.hazards == []
+
+
+async def test_attaches_queue_back_to_back_on_the_appliance_vm(make_settings, tmp_path):
+    """Provisioning overlaps what can overlap: every disk's createVolume at once, and each attach sent
+    as soon as its volume exists, so the appliance VM's work queue runs the attaches without a gap."""
+    async with replication_env(make_settings, tmp_path, sim_kw={"job_latency": 0.2}) as env:
+        r = await env.post(request(env.config_id, "busy-queue", disks=6))
+        assert r.status_code == 201, r.text
+        log = env.sim.job_log()
+        creates = [j for j in log if j["command"] == "createVolume"]
+        attaches = sorted((j for j in log if j["command"] == "attachVolume"), key=lambda j: j["started"])
+        assert len(creates) == 6 and len(attaches) == 6
+        assert max(c["started"] for c in creates) < min(c["finished"] for c in creates), "creates overlap"
+        for before, after in zip(attaches, attaches[1:]):
+            assert after["submitted"] <= before["finished"], "the queue waited for OMA"
+            assert after["started"] - before["finished"] < 0.01
+        assert env.sim.hazards == []
