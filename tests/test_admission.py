@@ -1,6 +1,7 @@
-"""Admission decided in the database: two `oma-service replication` processes against one MariaDB,
-20 jobs posted at once. The disks attached to the appliance VM, sampled in the simulator through the
-whole run, never exceed OMA_MAX_ATTACHED_DISKS; both processes admit jobs; every job completes."""
+"""Two `oma-service replication` processes against one MariaDB. Admission is decided in the database:
+with 20 jobs posted at once, the disks attached to the appliance VM, sampled in the simulator through
+the whole run, never exceed OMA_MAX_ATTACHED_DISKS; both processes admit jobs; every job completes.
+Leases: a copy resumes a job only when the copy provisioning it is gone."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ from pathlib import Path
 from plugins.ossea.simulator import DEFAULT_VM_ID
 from tests.conftest import mariadb_settings, wait_for
 from tests.test_replication import Env, replication_env, request
-from tests.test_replication_faults import answering, kill, start_service
+from tests.test_replication_faults import _true, answering, kill, start_service
 from tests.test_replication_resume import unreferenced
 
 MAX_DISKS = 5
@@ -86,3 +87,40 @@ async def test_two_replication_processes_never_over_admit(make_settings, tmp_pat
         assert "Traceback" not in text, text[-3000:]
         assert "interrupted" not in text, "a live copy's job was resumed by the other"
     assert sum(t.count('"replication job created"') for t in texts) == JOBS
+
+
+async def test_a_surviving_copy_resumes_the_jobs_of_a_dead_one(make_settings, tmp_path: Path, mariadb_name):
+    """The copy provisioning a job is SIGKILLed while the cloud works on its attaches; the other copy,
+    still running, claims the job once its lease lapses and finishes it: nothing made twice."""
+    logs = [tmp_path / "replication-1.log", tmp_path / "replication-2.log"]
+    async with replication_env(make_settings, tmp_path, services=("auth", "config", "export_manager"),
+                               provision_wait=0.2, provision_lease=2.0, cloud_inflight_grace=3.0,
+                               cloud_timeout=8.0, cloud_job_timeout=10.0, volume_sweep_interval=0,
+                               **mariadb_settings(mariadb_name)) as env:
+        settings = env.client.settings
+        procs = []
+        try:
+            for log in logs:
+                procs.append(await start_service("replication", settings, log))
+                await wait_for(lambda: answering(env), 60)
+            env.sim.set_latency("attachVolume", 2.0)
+            r = await env.post(request(env.config_id, "orphaned-job", disks=2))
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            owner = next(i for i, log in enumerate(logs) if job_id in log.read_text())
+            await wait_for(lambda: _true(len(env.commands("attachVolume")) == 2), 15)
+            await kill(procs[owner])
+            survivor = logs[1 - owner]
+
+            async def ready() -> bool:  # a request the dead copy was still subscribed for may get 503
+                r = await env.client.get(f"/api/v1/replication/jobs/{job_id}", headers=env.headers)
+                return r.status_code == 200 and r.json()["status"] == "ready_for_sync"
+            await wait_for(ready, 40)
+            assert "replication job interrupted by a restart; resuming" in survivor.read_text()
+            assert len(env.commands("createVolume")) == 2, "nothing created twice"
+            assert len(env.data_volumes()) == 2 and await unreferenced(env) == []
+            assert env.sim.hazards == []
+        finally:
+            env.sim.reset_faults()
+            for proc in procs:
+                await kill(proc)
