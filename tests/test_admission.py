@@ -8,7 +8,10 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+from sqlalchemy import update
+
 from plugins.ossea.simulator import DEFAULT_VM_ID
+from services.replication.models import ReplicationJob
 from tests.conftest import mariadb_settings, wait_for
 from tests.test_replication import Env, replication_env, request
 from tests.test_replication_faults import _true, answering, kill, start_service
@@ -124,3 +127,24 @@ async def test_a_surviving_copy_resumes_the_jobs_of_a_dead_one(make_settings, tm
             env.sim.reset_faults()
             for proc in procs:
                 await kill(proc)
+
+
+async def test_a_job_cancelled_by_another_copy_stops_provisioning_here(make_settings, tmp_path: Path):
+    """What a DELETE on another copy leaves in the database (status cancelled) stops this copy's
+    provisioning at its next lease round; what it made afterwards is released by the orphan sweep."""
+    async with replication_env(make_settings, tmp_path, provision_wait=0.2) as env:
+        env.sim.set_latency("attachVolume", 1.5)
+        r = await env.post(request(env.config_id, "cancelled-elsewhere", disks=2))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        jobs = env.replication.jobs
+        assert job_id in jobs._running
+        async with jobs.sessions.begin() as db:  # as the other copy's cancel leaves it
+            await db.execute(update(ReplicationJob).where(ReplicationJob.job_id == job_id)
+                             .values(status="cancelled", cleanup_pending=True))
+        await jobs.renew_leases()
+        await wait_for(lambda: _true(job_id not in jobs._running), 0.5)  # at once, not when done
+        await asyncio.sleep(2.0)  # the attaches the cloud was still running land
+        await jobs.retry_cleanups()
+        await jobs.sweep_orphans()
+        assert env.data_volumes() == {} and env.sim.hazards == []

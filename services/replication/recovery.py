@@ -13,7 +13,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication.models import PROVISIONING, ReplicationJob
+from services.replication.models import CANCELLED, PROVISIONING, ReplicationJob
 from shared.db import utcnow
 
 async def renew(db: AsyncSession, job_ids: list[str], lease: float) -> None:
@@ -40,3 +40,11 @@ async def claim_lapsed(db: AsyncSession, lease: float) -> list[str]:
         if result.rowcount == 1:
             claimed.append(job_id)
     return claimed
+
+
+async def cancelled_elsewhere(db: AsyncSession, job_ids: list[str]) -> list[str]:
+    """Of the jobs this process provisions, those a DELETE on another copy cancelled: stop them."""
+    if not job_ids:
+        return []
+    return list((await db.scalars(select(ReplicationJob.job_id).where(
+        ReplicationJob.job_id.in_(job_ids), ReplicationJob.status == CANCELLED))).all())

@@ -553,9 +553,16 @@ class Replicator:
         return claimed
 
     async def renew_leases(self) -> None:
-        """Keep this process's claim on the jobs it provisions."""
+        """Keep this process's claim on the jobs it provisions; stop those another copy cancelled
+        (what they make after its cleanup has no holding row: the orphan sweep releases it)."""
         async with self.sessions.begin() as db:
             await recovery.renew(db, list(self._running), self.settings.provision_lease)
+            stopped = await recovery.cancelled_elsewhere(db, list(self._running))
+        for job_id in stopped:
+            task = self._running.get(job_id)
+            if task is not None:
+                self.log.info("job cancelled by another copy; provisioning stopped", extra={"job_id": job_id})
+                task.cancel()
 
     async def retry_cleanups(self, job_ids: list[str] | None = None) -> int:
         """Run the cleanups left unfinished (cloud or config service down); return how many still are."""
