@@ -42,7 +42,8 @@ def oma_register_exporters(register: Register) -> None:
 @hookspec
 def oma_register_device_resolvers(register: Register) -> None:
     """Register device resolvers: `register(name, factory)`; `factory(settings)` returns a
-    `shared.contracts.DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached volume's device path."""
+    `shared.contracts.DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached
+    volume's device path."""
 
 
 @hookspec

@@ -254,7 +254,7 @@ class Replicator:
         task = self.spawn(self._provision(job_id, creds))
         self._running[job_id] = task
         # Only this task's entry: a job queued again and re-admitted has a newer one.
-        task.add_done_callback(lambda t: self._running.pop(job_id, None) if self._running.get(job_id) is t else None)
+        task.add_done_callback(lambda t: self._running.pop(job_id) if self._running.get(job_id) is t else None)
         return task
 
     # -- provisioning ---------------------------------------------------------------------------
@@ -499,8 +499,9 @@ class Replicator:
             try:
                 if own:  # the configuration the job started with, by its recorded id
                     ops = self.cloud(await self._cleanup_credentials(job))
-                outcomes = await asyncio.gather(*(cleanup.release_row(self.sessions, self.bus, ops, job, r, others) for r in targets),
-                                                return_exceptions=True)
+                outcomes = await asyncio.gather(
+                    *(cleanup.release_row(self.sessions, self.bus, ops, job, r, others) for r in targets),
+                    return_exceptions=True)
             except Exception as exc:  # noqa: BLE001 - e.g. the configuration is gone: retried on restart
                 outcomes = [exc]
             finally:
