@@ -24,6 +24,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from shared import errors, metrics
 from shared.logging import correlation_id
+from shared.retry import backoff_delay
 from shared.subjects import EVENTS_STREAM, EVENTS_WILDCARD
 
 log = logging.getLogger("oma.bus")
@@ -90,7 +91,7 @@ async def connect(url: str, name: str, *, user: str = "", password: str = "",
                 raise errors.Unavailable("NATS unreachable",
                                          f"could not connect to NATS at {url} after {attempt} attempts: {exc}") from None
             log.warning("waiting for NATS", extra={"url": url, "attempt": attempt, "reason": str(exc)})
-            await asyncio.sleep(min(0.2 * attempt, 2.0))
+            await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
 
 
 async def _log_error(exc: Exception) -> None:

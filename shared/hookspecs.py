@@ -24,25 +24,26 @@ def oma_register_storage_backends(register: Register) -> None:
 @hookspec
 def oma_register_cloud_backends(register: Register) -> None:
     """Register target-cloud clients: `register(name, factory)`; `factory(credentials, settings)`
-    returns a `CloudClient` (plugins.ossea.client is the reference implementation)."""
+    returns a `shared.contracts.CloudClient` (plugins.ossea is the reference implementation)."""
 
 
 @hookspec
 def oma_register_inventory_sources(register: Register) -> None:
     """Register inventory sources: `register(name, factory)`; `factory(connection, settings)` returns
-    an `InventorySource` whose async `test()` and `discover()` read a source hypervisor."""
+    a `shared.contracts.InventorySource` whose async `test()` and `discover()` read a source hypervisor."""
 
 
 @hookspec
 def oma_register_exporters(register: Register) -> None:
-    """Register NBD export backends: `register(name, factory)`; `factory(settings)` returns an
-    `Exporter` that serves block devices under export names."""
+    """Register NBD export backends: `register(name, factory)`; `factory(settings)` returns a
+    `shared.contracts.Exporter` that serves block devices under export names."""
 
 
 @hookspec
 def oma_register_device_resolvers(register: Register) -> None:
     """Register device resolvers: `register(name, factory)`; `factory(settings)` returns a
-    `DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached volume's device path."""
+    `shared.contracts.DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached
+    volume's device path."""
 
 
 @hookspec

@@ -150,6 +150,8 @@ class Settings(BaseSettings):
                                          "OMA volumes; 0 = off")
     dependency_wait: float = Field(60.0, ge=0, description="how long a service waits at start-up for the "
                                    "services it needs to answer $SRV.PING")
+    provision_lease: float = Field(15.0, gt=0, description="seconds a replication process's claim on a "
+                                   "provisioning job lasts unrenewed; another copy resumes the job after it")
 
     @field_validator("db_type")
     @classmethod

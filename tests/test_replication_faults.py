@@ -187,7 +187,7 @@ async def kill(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> N
 async def _kill_mid_job(make_settings, tmp_path, mariadb_name, unrecorded: bool) -> None:
     log = tmp_path / "replication.log"
     async with replication_env(make_settings, tmp_path, services=("auth", "config", "export_manager"),
-                               provision_wait=0.3, **mariadb_settings(mariadb_name)) as env:
+                               provision_wait=0.3, provision_lease=3.0, **mariadb_settings(mariadb_name)) as env:
         settings = env.client.settings
         proc = await start_replication(settings, log)
         try:
@@ -267,8 +267,10 @@ async def test_keep_failed_resources_leaves_them_until_the_job_is_deleted(make_s
         assert r.status_code == 200 and len(r.json()["released_volumes"]) == 2
         await wait_for(lambda: _status_is(env, queued.json()["job_id"], "ready_for_sync"), 10)
         assert len(env.data_volumes()) == 2
-        assert not any(job["job_id"] in v.name for v in env.data_volumes().values()), "the failed job's are gone"
-        assert all(queued.json()["job_id"] in v.name for v in env.data_volumes().values())
+        # by the name's end: both jobs may start in one second (job-...-HHMMSS and job-...-HHMMSS-2)
+        assert not any(v.name.endswith(f"-{job['job_id']}") for v in env.data_volumes().values()), \
+            "the failed job's are gone"
+        assert all(v.name.endswith(f"-{queued.json()['job_id']}") for v in env.data_volumes().values())
 
 
 async def test_delete_while_provisioning_cancels_and_cleans_up(make_settings, tmp_path):

@@ -46,9 +46,11 @@ async def unreferenced(env: Env) -> list[tuple[str, str]]:
 
 
 def slow_cloud(**overrides: Any) -> dict[str, Any]:
-    """Cloud timeouts long enough for a 4 s call, a short in-flight grace, replication alone."""
+    """Cloud timeouts long enough for a 4 s call, a short in-flight grace and provisioning lease
+    (a restarted process resumes its jobs once the lease of the one it replaces lapses), replication alone."""
     return dict(services=("auth", "config", "export_manager"), provision_wait=0.3, cloud_timeout=8.0,
-                cloud_job_timeout=10.0, cloud_inflight_grace=6.0, dependency_wait=30.0, **overrides)
+                cloud_job_timeout=10.0, cloud_inflight_grace=6.0, dependency_wait=30.0, provision_lease=3.0,
+                **overrides)
 
 
 @pytest.mark.parametrize("command", ["createVolume", "attachVolume"])

@@ -19,8 +19,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
+from shared.contracts import Exporter  # noqa: F401 - the contract, re-exported for the backends
 from shared.errors import BadRequest, NotFound, Unavailable
 
 from . import probe
@@ -100,27 +101,6 @@ class ExporterConfig:
             tls_psk_file=settings.nbd_tls_psk_file,
             tls_client_psk_file=settings.nbd_tls_client_psk_file,
         )
-
-
-@runtime_checkable
-class Exporter(Protocol):
-    """What the export_manager service needs from an NBD backend."""
-    name: str                    # backend name: "nbdkit", "nbd-server"
-    port: int
-    host: str
-    reloads: int                 # configuration reloads performed (nbdkit: always 0)
-    restarts: int                # watchdog restarts of a server that died
-    last_reload_seconds: float   # duration of the last reload, until the server accepted again
-
-    async def start(self) -> None: ...
-    async def stop(self, keep_running: bool = False) -> None: ...
-    async def add_export(self, name: str, device_path: str) -> bool: ...
-    async def remove_export(self, name: str) -> bool: ...
-    def list_exports(self) -> dict[str, str]: ...
-    async def check_export(self, name: str) -> int: ...
-    def uri(self, name: str, *, client: bool = False) -> str: ...
-    async def serving_error(self, handshake: bool = True) -> str | None: ...
-    def state(self) -> dict[str, Any]: ...
 
 
 def validate_export_name(name: str) -> str:

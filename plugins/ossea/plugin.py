@@ -15,14 +15,21 @@ from .client import (
 
 
 def create_client(credentials: CloudCredentials | Mapping[str, Any], settings: Any = None,
-                  **kw: Any) -> CloudStackClient:
+                  **kw: Any) -> OsseaCloud:
     """The backend factory: a client for one OSSEA configuration (dict or CloudCredentials)."""
     if isinstance(credentials, Mapping):
         fields = ("api_url", "api_key", "secret_key", "domain", "zone")
         credentials = CloudCredentials(**{k: credentials[k] for k in fields if k in credentials})
     kw.setdefault("timeout", getattr(settings, "cloud_timeout", 30.0))
     kw.setdefault("job_timeout", getattr(settings, "cloud_job_timeout", 120.0))
-    return CloudStackClient.from_credentials(credentials, **kw)
+    return OsseaCloud.from_credentials(credentials, **kw)
+
+
+class OsseaCloud(CloudStackClient):
+    """The `ossea` backend's `shared.contracts.CloudClient`: the API client plus its connection test."""
+
+    async def test_connection(self, zone: str | None = None, oma_vm_id: str | None = None) -> dict[str, Any]:
+        return await test_connection(self, zone, oma_vm_id)
 
 
 @hookimpl

@@ -17,6 +17,7 @@ from sqlalchemy.schema import CreateTable
 
 from shared import errors
 from shared.hookspecs import hookimpl
+from shared.retry import backoff_delay
 
 log = logging.getLogger("oma.db")
 
@@ -90,7 +91,7 @@ class MariaDBStorage:
                                              f"MariaDB at {s.db_host}:{s.db_port} as {s.db_user}: {reason[:300]}") from None
                 log.warning("waiting for MariaDB", extra={"host": s.db_host, "port": s.db_port,
                                                           "attempt": attempt, "reason": reason[:200]})
-                await asyncio.sleep(min(0.25 * attempt, 2.0))
+                await asyncio.sleep(backoff_delay(attempt, 0.25, 2.0))
             finally:
                 await engine.dispose()
 

@@ -22,7 +22,8 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
-from shared.errors import BadGateway, NotFound
+from shared.contracts import SourceAuthError, SourceError, SourceUnreachable
+from shared.errors import NotFound
 
 log = logging.getLogger("oma.vsphere")
 
@@ -44,17 +45,17 @@ VM_PROPERTIES = (
 ENTITY_PROPERTIES = ("name", "parent")
 
 
-class VCenterError(BadGateway):
+class VCenterError(SourceError):
     """vCenter answered with a fault the OMA cannot act on."""
     error = "vCenter error"
 
 
-class VCenterAuthError(VCenterError):
+class VCenterAuthError(VCenterError, SourceAuthError):
     """vCenter rejected the user name or password."""
     error = "vCenter authentication failed"
 
 
-class VCenterUnreachable(VCenterError):
+class VCenterUnreachable(VCenterError, SourceUnreachable):
     """vCenter could not be reached: refused, unresolvable, TLS failure or timeout."""
     error = "vCenter unreachable"
 

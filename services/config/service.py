@@ -16,17 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from plugins.ossea.client import (
-    CloudAuthError,
-    CloudConfigError,
-    CloudTimeout,
-    CloudUnreachable,
-)
-from plugins.ossea.plugin import test_connection as cloud_test
 from services.config.models import OsseaConfig
 from shared import actions, errors
 from shared.actions import require
 from shared.bus import event_envelope
+from shared.contracts import CloudAuthError, CloudClient, CloudConfigError, CloudTimeout, CloudUnreachable
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
 
@@ -138,9 +132,10 @@ def _where(api_url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
-async def test_connection(make_client: Callable[[dict[str, Any]], Any], values: dict[str, Any],
+async def test_connection(make_client: Callable[[dict[str, Any]], CloudClient], values: dict[str, Any],
                           timeout: float) -> dict[str, Any]:
-    """Sign a real listZones call (and check zone and OMA VM) within `timeout` seconds overall.
+    """The configured cloud backend's connection test (for ossea: a signed listZones, then zone and
+    OMA VM) within `timeout` seconds overall.
 
     Returns the seed's success body; raises 502 (refused, unreachable, TLS, zone or VM not found)
     or 504 (no answer in time) with details a person can act on.
@@ -151,7 +146,7 @@ async def test_connection(make_client: Callable[[dict[str, Any]], Any], values: 
     client = make_client({k: values[k] for k in CONNECTION_FIELDS if values.get(k) is not None})
     try:
         async with asyncio.timeout(timeout):  # one deadline for the whole test, retries included
-            details = await cloud_test(client, values.get("zone"), values.get("oma_vm_id"))
+            details = await client.test_connection(values.get("zone"), values.get("oma_vm_id"))
         result = "success"
         return {"success": True, "message": "OSSEA connection test successful", "details": details}
     except TimeoutError:

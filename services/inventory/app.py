@@ -5,11 +5,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plugins.vsphere.source import VCenterAuthError, VCenterUnreachable
 from services.inventory import service
 from shared import errors
 from shared.actions import given, require, run_action
 from shared.bus import Reply, dumps
+from shared.contracts import SourceAuthError, SourceUnreachable
 from shared.crypto import Keyring
 from shared.plugins import get_backend
 from shared.schemas import VCenterRequest
@@ -20,7 +20,7 @@ CONNECTION_FIELDS = ("host", "port", "username", "password", "datacenter", "veri
 PUBLISH_BATCH = 256  # events published concurrently at a time
 # Metric label of a failed discovery, by error class (bounded, never a message).
 _RESULTS: tuple[tuple[type[Exception], str], ...] = (
-    (VCenterAuthError, "auth_failed"), (VCenterUnreachable, "unreachable"), (errors.NotFound, "not_found"))
+    (SourceAuthError, "auth_failed"), (SourceUnreachable, "unreachable"), (errors.NotFound, "not_found"))
 
 
 class InventoryService(ServiceApp):

@@ -3,11 +3,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from sqlalchemy import or_, select
 
+from services.replication import admission
 from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
 from services.replication.service import Replicator
 from shared import errors
@@ -25,10 +27,11 @@ class ReplicationService(ServiceApp):
     needs = ("config", "export_manager")
 
     async def setup(self) -> None:
-        self.jobs = Replicator(self)
+        self.jobs = Replicator(settings=self.settings, bus=self.bus, sessions=self.sessions, log=self.log,
+                               pm=self.pm, spawn=self.spawn)
         # In the background: recovery needs the config and export services, which may start after us.
         # Not `spawn`ed: shutdown must not wait for their sleeps; teardown cancels them.
-        self._janitors = [asyncio.create_task(self._recover())]
+        self._janitors = [asyncio.create_task(self._recover()), asyncio.create_task(self._leases())]
         if self.settings.volume_sweep_interval > 0:
             self._janitors.append(asyncio.create_task(self._sweep(self.settings.volume_sweep_interval)))
 
@@ -84,6 +87,17 @@ class ReplicationService(ServiceApp):
             if left:
                 self.log.warning("cleanups still pending", extra={"jobs": left})
 
+    async def _leases(self) -> None:
+        """Renew the claims on the jobs this process provisions; resume those whose process died."""
+        interval = self.settings.provision_lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.jobs.renew_leases()
+                await self.jobs.resume_lapsed()
+            except Exception:  # noqa: BLE001 - e.g. a database hiccup: the next round tries again
+                self.log.exception("lease round failed")
+
     async def _sweep(self, interval: float) -> None:
         """Volumes OMA made that no row holds (docs/replication.md), every `volume_sweep_interval`."""
         while True:
@@ -92,6 +106,23 @@ class ReplicationService(ServiceApp):
                 await self.jobs.sweep_orphans()
             except Exception:  # noqa: BLE001 - keep the sweep alive; it logs and tries again
                 self.log.exception("orphan sweep failed")
+
+    async def health(self, req: BusRequest) -> dict[str, Any]:
+        """Adds each appliance VM's disk capacity: configured, learnt from the cloud, held."""
+        body = await super().health(req)
+        try:
+            async with self.sessions() as db:
+                body["appliance_vms"] = await admission.report(db, self.settings)
+            # The gateway's /health shows `warning`: a capacity below the setting is the operator's news.
+            lowered = [f"appliance VM {a['oma_vm_id']} holds at most {a['capacity']} data disks for replication "
+                       f"(OMA_MAX_ATTACHED_DISKS={a['configured']}; the cloud refused more)"
+                       for a in body["appliance_vms"] if a["capacity"] < a["configured"]]
+            if lowered:
+                body["warning"] = "; ".join(lowered)
+        except Exception as exc:  # noqa: BLE001 - the database line above already says it is down
+            body["appliance_vms"] = None
+            self.log.debug("capacity report unavailable", extra={"reason": type(exc).__name__})
+        return body
 
     @staticmethod
     def _job_id(req: BusRequest) -> str:

@@ -1,9 +1,10 @@
 """The cloud steps of a replication job, for one OSSEA configuration.
 
-Transient CloudStack errors (530, HTTP timeouts, unreachable) are retried with exponential backoff,
-bounded by `cloud_job_timeout` per step; permanent ones (431, 532-535...) are raised at once. Before a
-retry, what the failed attempt may have done is checked in the cloud (a volume created but not
-answered, an attach that went through), so a retry never creates or attaches twice.
+Transient cloud errors (530, HTTP timeouts, unreachable) are retried with shared.retry's backoff,
+bounded by `cloud_job_timeout` per step; permanent ones (431, 532-535, no free disk slot) are raised at
+once. Before a retry, what the failed attempt may have done is checked in the cloud (a volume created but
+not answered, an attach that went through), so a retry never creates or attaches twice: that check is
+why this loop is not shared.retry.retry. Only the contract (shared.contracts) is used, whatever the backend.
 """
 from __future__ import annotations
 
@@ -14,13 +15,9 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
-from plugins.ossea.client import (
-    CloudParamError,
-    CloudStackError,
-    CloudTimeout,
-    CloudUnreachable,
-)
 from shared import errors
+from shared.contracts import CloudClient, CloudError, CloudParamError, CloudTimeout, CloudUnreachable
+from shared.retry import backoff_delay
 
 log = logging.getLogger("oma.replication.cloud")
 T = TypeVar("T")
@@ -49,7 +46,7 @@ def error_text(exc: BaseException) -> str:
 
 
 class CloudOps:
-    def __init__(self, client: Any, settings: Any):
+    def __init__(self, client: CloudClient, settings: Any):
         self.client = client
         self.step_timeout = settings.cloud_job_timeout
         self.attempts = settings.cloud_retries
@@ -61,23 +58,23 @@ class CloudOps:
     async def _metered(self, command: str, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             result = await fn()
-        except CloudStackError as exc:
+        except CloudError as exc:
             CLOUD_CALLS.labels(command=command, result=result_label(exc)).inc()
             raise
         CLOUD_CALLS.labels(command=command, result="ok").inc()
         return result
 
-    async def _retrying(self, command: str, fn: Callable[[], Awaitable[T]],
-                        before_retry: Callable[[CloudStackError], Awaitable[T | None]] | None = None) -> T:
+    async def _retry_checking_cloud(self, command: str, fn: Callable[[], Awaitable[T]],
+                                    before_retry: Callable[[CloudError], Awaitable[T | None]] | None = None) -> T:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.step_timeout
         attempt = 0
         while True:
             try:
                 return await self._metered(command, fn)
-            except CloudStackError as exc:
+            except CloudError as exc:
                 attempt += 1
-                delay = self.backoff * 2 ** (attempt - 1)
+                delay = backoff_delay(attempt, self.backoff)
                 if not exc.retryable or attempt >= self.attempts or loop.time() + delay > deadline:
                     raise
                 log.info("cloudstack %s failed, retrying", command,
@@ -92,11 +89,11 @@ class CloudOps:
 
     async def placement(self, zone: str) -> tuple[str, str]:
         """The zone's id (the configuration names it or gives its id) and the customized offering."""
-        zones = await self._metered("listZones", self.client.list_zones)
+        zones, offerings = await asyncio.gather(self._metered("listZones", self.client.list_zones),
+                                                self._metered("listDiskOfferings", self.client.list_disk_offerings))
         match = next((z for z in zones if zone in (z.get("name"), z.get("id"))), None)
         if match is None:
             raise errors.BadGateway("Zone not found", f"zone {zone!r} is not visible to this OSSEA account")
-        offerings = await self._metered("listDiskOfferings", self.client.list_disk_offerings)
         custom = next((o for o in offerings if o.get("iscustomized")), None)
         if custom is None:
             raise errors.BadGateway("No custom disk offering",
@@ -109,6 +106,12 @@ class CloudOps:
         except CloudParamError:  # CloudStack answers an unknown id with 431
             return None
         return found[0] if found else None
+
+    async def attached_to(self, vm_id: str) -> list[dict[str, Any]]:
+        """The data volumes attached to a VM (the appliance's: ours and anyone else's)."""
+        found = await self._metered("listVolumes", lambda: self.client.list_volumes(virtualmachineid=vm_id,
+                                                                                    type="DATADISK"))
+        return [v for v in found if v.get("virtualmachineid") == vm_id]
 
     async def by_name(self, name: str) -> list[dict[str, Any]]:
         found = await self._metered("listVolumes", lambda: self.client.list_volumes(name=name))
@@ -128,8 +131,7 @@ class CloudOps:
         async def attempt() -> str:
             if sending is not None:
                 await sending()
-            submitted = await self.client.call("createVolume", name=name, zoneid=zone_id,
-                                               diskofferingid=offering_id, size=size_gb)
+            submitted = await self.client.start_create_volume(name, zone_id, offering_id, size_gb)
             volume_id = submitted.get("id")
             if volume_id:
                 await record(volume_id)
@@ -138,7 +140,7 @@ class CloudOps:
 
         retried = False
 
-        async def before_retry(exc: CloudStackError) -> str | None:
+        async def before_retry(exc: CloudError) -> str | None:
             nonlocal retried
             retried = True
             if exc.resource_id:  # the job failed: its volume stays allocated; drop it and try again
@@ -151,18 +153,18 @@ class CloudOps:
                 return found[0]["id"]
             return None
 
-        volume_id = await self._retrying("createVolume", attempt, before_retry)
+        volume_id = await self._retry_checking_cloud("createVolume", attempt, before_retry)
         if retried:  # a failed attempt whose delete failed, or a second unanswered one
             await self._quietly(self.sweep(name, keep=volume_id))
         return volume_id
 
     async def attach(self, volume_id: str, vm_id: str) -> dict[str, Any]:
-        async def before_retry(exc: CloudStackError) -> dict[str, Any] | None:
+        async def before_retry(exc: CloudError) -> dict[str, Any] | None:
             current = await self.volume(volume_id)
             return current if current and current.get("virtualmachineid") == vm_id else None
         try:
-            return await self._retrying("attachVolume", lambda: self.client.attach_volume(volume_id, vm_id),
-                                        before_retry)
+            return await self._retry_checking_cloud(
+                "attachVolume", lambda: self.client.attach_volume(volume_id, vm_id), before_retry)
         except CloudParamError:  # "not attached to any VM": an attach sent before a restart went through
             current = await self.volume(volume_id)
             if current and current.get("virtualmachineid") == vm_id:
@@ -175,14 +177,15 @@ class CloudOps:
         if current is None:
             return
         if current.get("virtualmachineid"):
-            async def detached(exc: CloudStackError) -> dict[str, Any] | None:
+            async def detached(exc: CloudError) -> dict[str, Any] | None:
                 now = await self.volume(volume_id)
                 return now if not now or not now.get("virtualmachineid") else None
-            await self._retrying("detachVolume", lambda: self.client.detach_volume(volume_id), detached)
+            await self._retry_checking_cloud("detachVolume", lambda: self.client.detach_volume(volume_id),
+                                             detached)
 
-        async def gone(exc: CloudStackError) -> bool | None:
+        async def gone(exc: CloudError) -> bool | None:
             return True if await self.volume(volume_id) is None else None
-        await self._retrying("deleteVolume", lambda: self.client.delete_volume(volume_id), gone)
+        await self._retry_checking_cloud("deleteVolume", lambda: self.client.delete_volume(volume_id), gone)
 
     async def sweep(self, name: str, keep: str | None = None) -> list[str]:
         """Release every volume called `name` except `keep`: what failed or unanswered attempts left."""

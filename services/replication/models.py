@@ -52,6 +52,8 @@ class ReplicationJob(Base):
     vm_key: Mapped[str] = mapped_column(String(255), index=True)       # uuid or id: the exports' vm_id
     vm_name: Mapped[str] = mapped_column(String(255), index=True)
     ossea_config_id: Mapped[int] = mapped_column(Integer)
+    oma_vm_id: Mapped[str | None] = mapped_column(String(64), index=True)  # the VM its volumes attach to
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)     # the provisioning process's claim
     replication_type: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(20), index=True)
     progress_percent: Mapped[float] = mapped_column(Float, default=0.0)
@@ -114,3 +116,15 @@ class JobVolume(Base):
     total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class ApplianceSlots(Base):
+    """One row per appliance VM: admission locks it (SELECT ... FOR UPDATE), so every replication
+    process decides in turn; `learned_capacity` is what the cloud's refusals showed the VM can hold
+    for OMA (None: the setting alone)."""
+    __tablename__ = "appliance_slots"
+
+    oma_vm_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    learned_capacity: Mapped[int | None] = mapped_column(Integer)
+    learned_reason: Mapped[str | None] = mapped_column(String(255))
+    learned_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -1,20 +1,22 @@
-"""Replication jobs: admission (capacity, FIFO queue), provisioning of every disk at once, progress
-from the VMA, cancel/delete with cleanup, and recovery after a restart.
+"""Replication jobs: creation, provisioning of every disk at once, cancel/delete, and the coordinator
+that calls the other parts, each a module of functions that take the session (factory), the bus and
+the cloud operations they use: admission.py (who may provision, decided in the database), progress.py
+(the VMA's reports), cleanup.py (releasing volumes, the orphan sweep), recovery.py (leases, resuming
+jobs whose process is gone), queries.py (reads), naming.py (job ids, volume names), cloud.py (the
+cloud steps through shared.contracts.CloudClient).
 
 Every resource is recorded before it is created: a disk's row carries the unique volume name before
 createVolume is sent, and the volume id as soon as the cloud answers. So whatever stops this service,
 the rows name every volume it may have created, and cleanup finds them (by id, else by name).
 
-Admission is serialised by one lock in this process: run one replication service per appliance.
+Several replication processes may share one database and one appliance VM (docs/replication.md).
 """
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -22,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import original, views
+from services.replication import admission, cleanup, original, progress, queries, recovery, views
 from services.replication.cloud import CloudOps, error_text
 from services.replication.models import (
     CANCELLED,
@@ -37,11 +39,9 @@ from services.replication.models import (
     D_PENDING,
     D_QUEUED,
     D_READY,
-    D_RELEASED,
     FAILED,
     FINISHED,
     IN_FLIGHT,
-    JOB_STATUSES,
     PROVISIONING,
     QUEUED,
     READY,
@@ -49,16 +49,21 @@ from services.replication.models import (
     JobVolume,
     ReplicationJob,
 )
+from services.replication.naming import (  # noqa: F401 - re-exported: tests and tools name them here
+    GIB,
+    job_id_base,
+    parse_volume_name,
+    rounded_gb,
+    volume_name,
+)
 from shared import errors
 from shared.bus import Reply
-from shared.db import limit_offset, list_filters, utcnow
+from shared.contracts import CloudCapacityError
+from shared.db import utcnow
 from shared.plugins import get_backend
-from shared.schemas import INT32_MAX, ProgressReport, ReplicationRequest
+from shared.schemas import ProgressReport, ReplicationRequest
 from shared.subjects import Config, Exports, Replication
 
-GIB = 1024 ** 3
-EWMA_ALPHA = 0.3  # weight of the newest throughput sample
-ETA_MAX = INT32_MAX  # vma_eta_seconds is an INT column (68 years)
 REUSED_MESSAGE = "Migration workflow started - VM export reused without SIGHUP operation"
 NEW_MESSAGE = "Migration workflow started - VM exports created"
 
@@ -67,57 +72,25 @@ PROVISION = Histogram("oma_replication_provision_duration_seconds", "From admiss
                       ["result"], buckets=(.1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600))
 THROUGHPUT = Gauge("oma_vma_throughput_mbps", "Smoothed VMA throughput summed over replicating jobs (MB/s)")
 ATTACHED = Gauge("oma_attached_disks", "Data disks the appliance VM holds (or is about to) for replication")
-SWEPT = Counter("oma_replication_orphans_swept_total", "OMA volumes no row holds, removed by the sweep")
-
-
-def job_id_base(now: datetime) -> str:
-    """The seed's `job-YYYYMMDD-HHMMSS`; `create` adds `-2`, `-3`... only when that second is taken."""
-    return f"job-{now:%Y%m%d-%H%M%S}"
-
-
-def rounded_gb(disk: Any) -> int:
-    """Whole GiB, rounded up: from capacity_bytes when given (exact), else size_gb."""
-    if disk.capacity_bytes:
-        return max(1, math.ceil(disk.capacity_bytes / GIB))
-    return max(1, math.ceil(disk.size_gb))
-
-
-def volume_name(vm_name: str, unit: int, job_id: str) -> str:
-    """Unique per job and disk: how a volume whose id was never recorded is found again, and how
-    the orphan sweep proves a volume is OMA's (`parse_volume_name`)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "-", vm_name)[:120]
-    return f"migration-{safe}-disk-{unit}-{job_id}"
-
-
-VOLUME_NAME_RE = re.compile(r"^migration-.+-disk-(?P<unit>\d+)-(?P<job_id>job-\d{8}-\d{6}(?:-\d+)?)$")
-
-
-def parse_volume_name(name: str) -> tuple[str, int] | None:
-    """(job_id, unit) of a name `volume_name` made, else None."""
-    m = VOLUME_NAME_RE.match(name or "")
-    return (m["job_id"], int(m["unit"])) if m else None
-
-
-def parse_since(value: str) -> datetime:
-    try:
-        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise errors.BadRequest("Validation failed", "since: expected an RFC 3339 time such as "
-                                "2025-08-12T08:08:02Z") from None
-    return dt.astimezone(timezone.utc).replace(tzinfo=None) if dt.tzinfo else dt
 
 
 class Replicator:
-    def __init__(self, app: Any):
-        self.app = app
-        self.settings = app.settings
-        self.bus = app.bus
-        self.sessions = app.sessions
-        self.log = app.log
-        self.cloud_backend = get_backend(app.pm, "cloud", self.settings.cloud_backend)
-        self.resolver = get_backend(app.pm, "device-resolver", self.settings.device_resolver).factory(self.settings)
+    """Coordinates a process's part in replication: the jobs it provisions (tasks), its in-process
+    locks, and the steps of the other parts (admission, progress, cleanup, recovery, queries), given
+    what they need explicitly: no reference to the app."""
+
+    def __init__(self, *, settings: Any, bus: Any, sessions: Any, log: Any, pm: Any,
+                 spawn: Callable[[Awaitable[Any]], asyncio.Task]):
+        self.settings = settings
+        self.bus = bus
+        self.sessions = sessions
+        self.log = log
+        self.spawn = spawn  # background work that shutdown waits for
+        self.cloud_backend = get_backend(pm, "cloud", settings.cloud_backend)
+        self.resolver = get_backend(pm, "device-resolver", settings.device_resolver).factory(settings)
         self.keep_failed = bool(self.settings.keep_failed_resources)
         self._admission = asyncio.Lock()
+        self._slot_rows: set[str] = set()  # appliance VMs whose appliance_slots row exists
         self._running: dict[str, asyncio.Task] = {}
         self._progress_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._throughput: dict[str, float] = {}
@@ -144,20 +117,9 @@ class Replicator:
     def cloud(self, creds: dict[str, Any]) -> CloudOps:
         return CloudOps(self.cloud_backend.factory(creds, self.settings), self.settings)
 
-    async def _job(self, db: AsyncSession, job_id: str) -> ReplicationJob:
-        job = await db.scalar(select(ReplicationJob).where(ReplicationJob.job_id == job_id))
-        if job is None:
-            raise errors.NotFound("Job not found", f"No replication job with ID: {job_id}")
-        return job
-
-    @staticmethod
-    async def _rows(db: AsyncSession, job_id: str) -> list[JobVolume]:
-        return list((await db.scalars(select(JobVolume).where(JobVolume.job_id == job_id)
-                                      .order_by(JobVolume.unit_number))).all())
-
     async def load(self, job_id: str) -> tuple[ReplicationJob, list[JobVolume]]:
         async with self.sessions() as db:
-            return await self._job(db, job_id), await self._rows(db, job_id)
+            return await queries.job(db, job_id), await queries.rows(db, job_id)
 
     async def _set(self, row_id: int, **values: Any) -> None:
         async with self.sessions.begin() as db:
@@ -168,7 +130,7 @@ class Replicator:
         async with self.sessions.begin() as db:
             await db.execute(update(ReplicationJob).where(ReplicationJob.job_id == job_id)
                              .values(seq=ReplicationJob.seq + 1))
-            payload = views.event(await self._job(db, job_id), await self._rows(db, job_id))
+            payload = views.event(await queries.job(db, job_id), await queries.rows(db, job_id))
         try:
             await self.bus.publish_event(subject, payload, msg_id=payload["event_id"])
         except Exception as exc:  # noqa: BLE001
@@ -199,9 +161,14 @@ class Replicator:
         await self.bus.call(Exports.READY, {})
         vcenter_host = await original.place(req, self.call)  # 400 when the original's fields contradict it
         key = vm.uuid or vm.id
+        oma_vm_id = creds["oma_vm_id"]
         now = utcnow()
-        async with self._admission:
+        if oma_vm_id not in self._slot_rows:
+            await admission.ensure_row(self.sessions, oma_vm_id)
+            self._slot_rows.add(oma_vm_id)
+        async with self._admission:  # this process's turn; the slot row's lock is every process's
             async with self.sessions.begin() as db:
+                slots = await admission.lock(db, oma_vm_id)
                 job_id = await self._free_job_id(db, job_id_base(now))
                 busy = await db.scalar(select(ReplicationJob).where(
                     or_(ReplicationJob.vm_id == vm.id, ReplicationJob.vm_key == key),
@@ -211,7 +178,8 @@ class Replicator:
                                           f"VM {vm.name} already has job {busy.job_id} ({busy.status})")
                 job = ReplicationJob(
                     job_id=job_id, vm_id=vm.id, vm_uuid=vm.uuid, vm_key=key, vm_name=vm.name,
-                    ossea_config_id=req.ossea_config_id, replication_type=req.replication_type, status=QUEUED,
+                    ossea_config_id=req.ossea_config_id, oma_vm_id=oma_vm_id,
+                    replication_type=req.replication_type, status=QUEUED,
                     progress_percent=0.0, bytes_transferred=0, seq=0, cleanup_pending=False, created_at=now,
                     total_bytes=sum(d.capacity_bytes or int(d.size_gb * GIB) for d in vm.disks),
                     source_vm=orjson.dumps(vm.model_dump(mode="json", exclude_none=True)).decode(),
@@ -226,18 +194,20 @@ class Replicator:
                         for unit, d in zip(units, vm.disks)]
                 db.add_all(rows)
                 await db.flush()
-                held = await self._holdings(db, key)
+                held = await admission.holdings(db, key)
                 needed = sum(r.unit_number not in held for r in rows)
-                if needed > self.settings.max_attached_disks:
+                cap = admission.capacity(self.settings, slots)
+                if needed > cap:
+                    learnt = " (learnt from the cloud's refusals)" if cap < self.settings.max_attached_disks else ""
                     raise errors.Conflict("Too many disks", f"VM {vm.name} needs {needed} new data disks; the "
-                                          f"appliance VM holds at most {self.settings.max_attached_disks}")
-                admitted = await self._try_admit(db, job, rows)
+                                          f"appliance VM holds at most {cap}{learnt}")
+                admitted = await admission.try_admit(db, job, rows, cap, self.settings.provision_lease)
             JOBS.labels(status=job.status).inc()
             self.log.info("replication job created", extra={"job_id": job_id, "vm_name": vm.name,
                                                             "disks": len(rows), "status": job.status})
             await self.emit(job_id, Replication.EVT_CREATED)
             # Started under the admission lock: a cancel can never slip between admission and start.
-            task = self._start(job_id) if admitted else None
+            task = self._start(job_id, creds) if admitted else None
         await self.refresh_gauges()
         if task is None:
             job, rows = await self.load(job_id)
@@ -264,70 +234,35 @@ class Replicator:
             job_id = f"{base}-{n}"
         return job_id
 
-    @staticmethod
-    async def _holdings(db: AsyncSession, vm_key: str) -> dict[int, JobVolume]:
-        """The VM's live volumes by unit number (the rows that hold them). Whatever the holding row's
-        state: a failed or cancelled incremental job keeps the volumes it took over, and the next job
-        takes them back instead of stranding them on the appliance VM."""
-        q = (select(JobVolume).join(ReplicationJob, ReplicationJob.job_id == JobVolume.job_id)
-             .where(ReplicationJob.vm_key == vm_key, JobVolume.holds_volume.is_(True),
-                    JobVolume.volume_id.is_not(None)))
-        return {r.unit_number: r for r in (await db.scalars(q)).all()}
-
-    async def _try_admit(self, db: AsyncSession, job: ReplicationJob, rows: list[JobVolume]) -> bool:
-        """FIFO: admitted when no older job waits and the new disks fit; reserves the slots at once."""
-        earlier = await db.scalar(select(func.count()).select_from(ReplicationJob).where(
-            ReplicationJob.status == QUEUED, ReplicationJob.id < job.id))
-        if earlier:
-            return False
-        held = await self._holdings(db, job.vm_key)
-        needed = sum(r.unit_number not in held for r in rows)
-        used = await db.scalar(select(func.count()).select_from(JobVolume).where(JobVolume.holds_volume.is_(True)))
-        if used + needed > self.settings.max_attached_disks:
-            return False
-        carry = job.replication_type == "incremental"
-        for r in rows:
-            old = held.get(r.unit_number)
-            if old is not None:  # the VM's volume: taken over, export reused, change id carried
-                r.volume_id, r.volume_name, r.device_id = old.volume_id, old.volume_name, old.device_id
-                r.device_path, r.export_name, r.export_port = old.device_path, old.export_name, old.export_port
-                r.previous_change_id = ((old.change_id or old.previous_change_id or original.seed_change_id(job))
-                                        if carry else None)
-                old.holds_volume = False
-            else:
-                r.volume_name, r.created_by_job = volume_name(job.vm_name, r.unit_number, job.job_id), True
-            r.holds_volume, r.status = True, D_PENDING
-        job.status, job.started_at = PROVISIONING, utcnow()
-        job.current_operation, job.message = "Provisioning volumes", None
-        return True
-
     async def pump(self) -> None:
-        """Admit queued jobs, oldest first, while their disks fit."""
-        started = []
-        async with self._admission:
-            async with self.sessions.begin() as db:
-                queued = (await db.scalars(select(ReplicationJob).where(ReplicationJob.status == QUEUED)
-                                           .order_by(ReplicationJob.id))).all()
-                for job in queued:
-                    if not await self._try_admit(db, job, await self._rows(db, job.job_id)):
-                        break
-                    started.append(job.job_id)
-            for job_id in started:
-                JOBS.labels(status=PROVISIONING).inc()
-                self.log.info("queued replication job admitted", extra={"job_id": job_id})
-                await self.emit(job_id, Replication.EVT_STATUS)
-                self._start(job_id)
+        """Admit queued jobs, oldest first per appliance VM, while their disks fit: whichever
+        process releases disks starts the jobs waiting for them, its own or another's."""
+        async with self.sessions() as db:
+            appliances = await admission.appliances_waiting(db)
+        for oma_vm_id in appliances:
+            async with self._admission:
+                async with self.sessions.begin() as db:
+                    slots = await admission.lock(db, oma_vm_id)
+                    started = await admission.admit_queued(db, oma_vm_id, admission.capacity(self.settings, slots),
+                                                           self.settings.provision_lease)
+                for job_id in started:
+                    JOBS.labels(status=PROVISIONING).inc()
+                    self.log.info("queued replication job admitted", extra={"job_id": job_id})
+                    await self.emit(job_id, Replication.EVT_STATUS)
+                    self._start(job_id)
         await self.refresh_gauges()
 
-    def _start(self, job_id: str) -> asyncio.Task:
-        task = self.app.spawn(self._provision(job_id))
+    def _start(self, job_id: str, creds: dict[str, Any] | None = None) -> asyncio.Task:
+        task = self.spawn(self._provision(job_id, creds))
         self._running[job_id] = task
-        task.add_done_callback(lambda _t: self._running.pop(job_id, None))
+        # Only this task's entry: a job queued again and re-admitted has a newer one.
+        task.add_done_callback(lambda t: self._running.pop(job_id) if self._running.get(job_id) is t else None)
         return task
 
     # -- provisioning ---------------------------------------------------------------------------
 
-    async def _provision(self, job_id: str) -> None:
+    async def _provision(self, job_id: str, creds: dict[str, Any] | None = None) -> None:
+        """Provision every disk of an admitted job at once (`creds`: those the create just fetched)."""
         started = time.monotonic()
         result = "failed"
         ops: CloudOps | None = None
@@ -336,12 +271,16 @@ class Replicator:
             if job.status != PROVISIONING:  # cancelled before it could start: nothing to create
                 result = "cancelled"
                 return
-            creds = await self.credentials(job.ossea_config_id)
+            creds = creds or await self.credentials(job.ossea_config_id)
             ops = self.cloud(creds)
             placement = await ops.placement(creds["zone"]) if any(r.created_by_job for r in rows) else None
             outcomes = await asyncio.gather(*(self._provision_disk(ops, job, r, placement, creds["oma_vm_id"])
                                               for r in rows), return_exceptions=True)
             failures = [o for o in outcomes if isinstance(o, BaseException)]
+            if failures and all(isinstance(f, CloudCapacityError) for f in failures):
+                if await self._requeue_for_capacity(job_id, ops, creds["oma_vm_id"], failures[0]):
+                    result = "requeued"
+                    return
             if failures:
                 raise failures[0]
             await self._ready(job_id)
@@ -355,6 +294,41 @@ class Replicator:
             PROVISION.labels(result=result).observe(time.monotonic() - started)
             if ops is not None:
                 await ops.close()
+
+    async def _requeue_for_capacity(self, job_id: str, ops: CloudOps, oma_vm_id: str,
+                                    refusal: CloudCapacityError) -> bool:
+        """The cloud refused an attach for want of a disk slot on the appliance VM: learn what it
+        holds, give back what this job made (each detach confirmed before its delete), and queue the
+        job again at its place; it starts when disks are released. False (the job then fails) when its
+        volumes could not all be released, or when it needs more disks than the VM can ever hold."""
+        async with self.sessions() as db:
+            ours = set((await db.scalars(select(JobVolume.volume_id).where(
+                JobVolume.holds_volume.is_(True), JobVolume.volume_id.is_not(None)))).all())
+        learned = admission.learned_from(refusal.limit, await ops.attached_to(oma_vm_id), ours)
+        await self.cleanup(job_id, created_only=True, ops=ops)
+        async with self._admission:
+            async with self.sessions.begin() as db:
+                cap = await admission.learn(db, self.settings, oma_vm_id, learned, error_text(refusal))
+                job = await queries.job(db, job_id)
+                rows = await queries.rows(db, job_id)
+                new = sum(r.created_by_job for r in rows)
+                if job.cleanup_pending or job.status != PROVISIONING or new > cap:
+                    return False
+                for r in rows:
+                    if r.created_by_job:
+                        r.status, r.holds_volume, r.error = D_QUEUED, False, None
+                        r.volume_id = r.device_id = r.device_path = None
+                        r.export_name = r.export_port = r.export_uri = None
+                job.status, job.started_at, job.current_operation = QUEUED, None, "Queued"
+                job.message = (f"Waiting for free disk slots: the appliance VM holds at most {cap} disks "
+                               "for replication (learnt from the cloud's refusal)")[:255]
+        JOBS.labels(status=QUEUED).inc()
+        self.log.warning("replication job queued again: the appliance VM has no free disk slot",
+                         extra={"job_id": job_id, "oma_vm_id": oma_vm_id, "capacity": cap,
+                                "reason": error_text(refusal)})
+        await self.emit(job_id, Replication.EVT_STATUS)
+        await self.pump()
+        return True
 
     async def _provision_disk(self, ops: CloudOps, job: ReplicationJob, row: JobVolume,
                               placement: tuple[str, str] | None, oma_vm_id: str) -> None:
@@ -448,10 +422,10 @@ class Replicator:
 
     async def _ready(self, job_id: str) -> None:
         async with self.sessions.begin() as db:
-            job = await self._job(db, job_id)
+            job = await queries.job(db, job_id)
             if job.status != PROVISIONING:
                 return
-            rows = await self._rows(db, job_id)
+            rows = await queries.rows(db, job_id)
             job.status, job.progress_percent, job.ready_at = READY, 100.0, utcnow()
             job.current_operation = "Ready for sync"
             job.message = REUSED_MESSAGE if any(r.reused for r in rows) else NEW_MESSAGE
@@ -463,7 +437,7 @@ class Replicator:
 
     async def fail(self, job_id: str, error: str, ops: CloudOps | None = None, *, pump: bool = True) -> None:
         async with self.sessions.begin() as db:
-            job = await self._job(db, job_id)
+            job = await queries.job(db, job_id)
             if job.status in FINISHED:
                 return
             job.status, job.error, job.completed_at = FAILED, error[:4000], utcnow()
@@ -485,12 +459,12 @@ class Replicator:
                 task.cancel()
                 await asyncio.wait({task})
             async with self.sessions.begin() as db:
-                job = await self._job(db, job_id)
+                job = await queries.job(db, job_id)
                 before = job.status
                 if before in IN_FLIGHT:
                     job.status, job.completed_at, job.current_operation = CANCELLED, utcnow(), "Cancelled"
                     job.cleanup_pending = True
-                    for r in await self._rows(db, job_id):
+                    for r in await queries.rows(db, job_id):
                         if r.status == D_QUEUED:
                             r.status = D_CANCELLED
         if before in IN_FLIGHT:
@@ -527,8 +501,9 @@ class Replicator:
             try:
                 if own:  # the configuration the job started with, by its recorded id
                     ops = self.cloud(await self._cleanup_credentials(job))
-                outcomes = await asyncio.gather(*(self._release_row(ops, job, r, others) for r in targets),
-                                                return_exceptions=True)
+                outcomes = await asyncio.gather(
+                    *(cleanup.release_row(self.sessions, self.bus, ops, job, r, others) for r in targets),
+                    return_exceptions=True)
             except Exception as exc:  # noqa: BLE001 - e.g. the configuration is gone: retried on restart
                 outcomes = [exc]
             finally:
@@ -541,7 +516,7 @@ class Replicator:
         else:
             problems = []
         async with self.sessions.begin() as db:
-            row = await self._job(db, job_id)
+            row = await queries.job(db, job_id)
             row.cleanup_pending = bool(problems)
             if problems:  # said on the job (and in the DELETE reply), not only in a log
                 row.message = f"Cleanup pending: {error_text(problems[0])}"[:255]
@@ -558,41 +533,39 @@ class Replicator:
                                   "which this job's volumes were created with, no longer exists; they stay in "
                                   "the cloud until it is restored (retried every cleanup_retry_interval)") from None
 
-    async def _release_row(self, ops: CloudOps, job: ReplicationJob, row: JobVolume, others: set[str]) -> list[str]:
-        if row.holds_volume and (row.export_name or row.status in (D_EXPORTING, D_READY)):
-            target = ({"export_name": row.export_name} if row.export_name
-                      else {"vm_id": job.vm_key, "disk_unit_number": row.unit_number})
-            try:
-                await self.bus.call(Exports.DEACTIVATE, target)
-            except errors.NotFound:
-                pass
-            except errors.OmaError as exc:  # the volume still goes; export_manager drops exports of gone devices
-                self.log.warning("could not deactivate an export", extra={"job_id": job.job_id,
-                                                                           "reason": error_text(exc), **target})
-        ids = [row.volume_id] if row.volume_id and row.holds_volume else []
-        if row.created_by_job and row.volume_name:  # volumes whose id the row never learnt
-            ids += [v["id"] for v in await ops.by_name(row.volume_name) if v["id"] not in ids and v["id"] not in others]
-        for volume_id in ids:
-            await ops.release(volume_id)
-        if row.holds_volume:
-            await self._set(row.id, holds_volume=False,
-                            status=row.status if row.status == D_FAILED else D_RELEASED)
-        return ids
-
     async def recover(self) -> None:
-        """At start-up: unfinished cleanups are retried, jobs interrupted while provisioning resume
+        """At start-up: unfinished cleanups are retried, provisioning jobs no process holds resume
         (adopting what the cloud already made for them), then the queue moves."""
         async with self.sessions() as db:
-            interrupted = (await db.scalars(select(ReplicationJob.job_id)
-                                            .where(ReplicationJob.status == PROVISIONING))).all()
             pending = (await db.scalars(select(ReplicationJob.job_id).where(
                 ReplicationJob.cleanup_pending.is_(True), ReplicationJob.status != PROVISIONING))).all()
         await self.retry_cleanups(pending)
+        await self.resume_lapsed()
+        await self.pump()
+
+    async def resume_lapsed(self) -> list[str]:
+        """Resume the provisioning jobs whose process stopped renewing its lease (killed, restarted):
+        this one's after a restart, another copy's when it died. Every step is recorded before it
+        acts, so the job picks up where it stopped."""
         async with self._admission:
-            for job_id in interrupted:  # every step is recorded before it acts: pick up where it stopped
+            async with self.sessions.begin() as db:
+                claimed = await recovery.claim_lapsed(db, self.settings.provision_lease)
+            for job_id in claimed:
                 self.log.warning("replication job interrupted by a restart; resuming", extra={"job_id": job_id})
                 self._start(job_id)
-        await self.pump()
+        return claimed
+
+    async def renew_leases(self) -> None:
+        """Keep this process's claim on the jobs it provisions; stop those another copy cancelled
+        (what they make after its cleanup has no holding row: the orphan sweep releases it)."""
+        async with self.sessions.begin() as db:
+            await recovery.renew(db, list(self._running), self.settings.provision_lease)
+            stopped = await recovery.cancelled_elsewhere(db, list(self._running))
+        for job_id in stopped:
+            task = self._running.get(job_id)
+            if task is not None:
+                self.log.info("job cancelled by another copy; provisioning stopped", extra={"job_id": job_id})
+                task.cancel()
 
     async def retry_cleanups(self, job_ids: list[str] | None = None) -> int:
         """Run the cleanups left unfinished (cloud or config service down); return how many still are."""
@@ -628,91 +601,21 @@ class Replicator:
                 continue
             ops = self.cloud(creds)
             try:
-                swept += await self._sweep_account(ops, config_id, creds.get("oma_vm_id"))
+                swept += await cleanup.sweep_account(self.sessions, ops, config_id, creds.get("oma_vm_id"))
             finally:
                 await ops.close()
         if swept:
             await self.refresh_gauges()
         return swept
 
-    async def _sweep_account(self, ops: CloudOps, config_id: int, oma_vm_id: str | None) -> list[str]:
-        named = {v["id"]: (v, parsed) for v in await ops.data_volumes()
-                 if (parsed := parse_volume_name(v.get("name", "")))}
-        if not named:
-            return []
-        async with self.sessions() as db:
-            jobs = {j.job_id: j for j in (await db.scalars(select(ReplicationJob).where(
-                ReplicationJob.job_id.in_({p[0] for _, p in named.values()})))).all()}
-            held = set((await db.scalars(select(JobVolume.volume_id).where(
-                JobVolume.holds_volume.is_(True), JobVolume.volume_id.in_(list(named))))).all())
-        swept = []
-        for volume_id, (vol, (job_id, unit)) in named.items():
-            job = jobs.get(job_id)
-            if (job is None or job.ossea_config_id != config_id or volume_id in held
-                    or vol["name"] != volume_name(job.vm_name, unit, job.job_id)  # the whole name, VM too
-                    or job.status in (QUEUED, PROVISIONING) or job.cleanup_pending
-                    or vol.get("virtualmachineid") not in (None, oma_vm_id)):
-                continue
-            try:
-                await ops.release(volume_id)
-            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
-                self.log.warning("orphan sweep could not release a volume",
-                                 extra={"volume_id": volume_id, "reason": error_text(exc)})
-                continue
-            SWEPT.inc()
-            swept.append(volume_id)
-            self.log.warning("orphaned volume released", extra={"volume_id": volume_id, "volume_name": vol["name"],
-                                                                "job_id": job_id, "unit_number": unit})
-        return swept
-
     # -- progress from the VMA ------------------------------------------------------------------
 
     async def progress(self, job_id: str, report: ProgressReport) -> dict[str, Any]:
+        """A VMA report: recorded (progress.record), then the events, gauges and, on failure, cleanup."""
         async with self._progress_locks[job_id]:
-            events: list[str] = []
             async with self.sessions.begin() as db:
-                job = await self._job(db, job_id)
-                if job.status in FINISHED:
-                    raise errors.Conflict("Job finished", f"job {job_id} is {job.status}: no more progress accepted")
-                if job.status in (QUEUED, PROVISIONING):
-                    raise errors.Conflict("Job not ready", f"job {job_id} is {job.status}: its exports are not ready")
-                rows = {r.unit_number: r for r in await self._rows(db, job_id)}
-                stale = self._apply_bytes(job, report)
-                for i, d in enumerate(report.disks or []):
-                    row = rows.get(d.unit_number)
-                    if row is None:
-                        raise errors.BadRequest("Validation failed", f"disks.{i}.unit_number: job {job_id} has "
-                                                f"no disk with unit number {d.unit_number}")
-                    if d.bytes_transferred is not None:
-                        row.bytes_transferred = max(row.bytes_transferred, d.bytes_transferred)
-                    if d.total_bytes:
-                        row.total_bytes = d.total_bytes
-                    if report.status == COMPLETED and d.change_id:
-                        row.change_id = d.change_id
-                if report.current_operation and not stale:
-                    job.current_operation = report.current_operation
-                if report.status == REPLICATING and job.status == READY:
-                    job.status = REPLICATING
-                    events.append(Replication.EVT_STATUS)
-                if report.status == REPLICATING and not stale:
-                    events.append(Replication.EVT_PROGRESS)
-                elif report.status == COMPLETED:
-                    job.status, job.completed_at, job.progress_percent = COMPLETED, utcnow(), 100.0
-                    job.bytes_transferred = max(job.bytes_transferred, job.total_bytes or 0)
-                    job.vma_eta_seconds, job.current_operation = 0, report.current_operation or "Completed"
-                    events.append(Replication.EVT_COMPLETED)
-                elif report.status == FAILED:
-                    job.status, job.completed_at, job.cleanup_pending = FAILED, utcnow(), not self.keep_failed
-                    job.error = report.error or "the VMA reported a failure"
-                    job.current_operation = report.current_operation or "Failed"
-                    events.append(Replication.EVT_FAILED)
-                status = job.status
-                reply = {"success": True, "job_id": job_id, "status": job.status, "applied": not stale,
-                         "progress_percent": round(job.progress_percent, 2),
-                         "bytes_transferred": job.bytes_transferred, "total_bytes": job.total_bytes,
-                         "vma_throughput_mbps": round(job.vma_throughput_mbps, 2)
-                         if job.vma_throughput_mbps is not None else None,
-                         "vma_eta_seconds": job.vma_eta_seconds}
+                reply, events = await progress.record(db, job_id, report, self.keep_failed)
+            status = reply["status"]
             if status == REPLICATING and reply["vma_throughput_mbps"] is not None:
                 self._throughput[job_id] = reply["vma_throughput_mbps"]
             elif status != REPLICATING:
@@ -723,34 +626,9 @@ class Replicator:
             for subject in events:
                 await self.emit(job_id, subject)
         if status == FAILED and not self.keep_failed:
-            self.app.spawn(self._after_vma_failure(job_id))
+            self.spawn(self._after_vma_failure(job_id))
         THROUGHPUT.set(sum(self._throughput.values()))
         return reply
-
-    @staticmethod
-    def _apply_bytes(job: ReplicationJob, report: ProgressReport) -> bool:
-        """Bytes, percent, EWMA throughput and ETA; True when the report is older than what we have."""
-        if report.total_bytes:
-            job.total_bytes = report.total_bytes
-        b = report.bytes_transferred
-        if b is None:
-            return False
-        if b < job.bytes_transferred:
-            return True  # out of order: never move backwards
-        now = time.time()
-        if b > job.bytes_transferred or job.last_report_ts is None:
-            if job.last_report_ts is not None and now > job.last_report_ts:
-                rate = (b - job.bytes_transferred) / (now - job.last_report_ts) / 1e6
-                old = job.vma_throughput_mbps
-                job.vma_throughput_mbps = rate if old is None else EWMA_ALPHA * rate + (1 - EWMA_ALPHA) * old
-            job.last_report_ts = now
-        job.bytes_transferred = b
-        if job.total_bytes:
-            job.progress_percent = min(100.0, 100.0 * b / job.total_bytes)
-            if job.vma_throughput_mbps:
-                eta = max(job.total_bytes - b, 0) / (job.vma_throughput_mbps * 1e6)
-                job.vma_eta_seconds = math.ceil(min(eta, ETA_MAX))  # a trickle of bytes: years, not an overflow
-        return False
 
     async def _after_vma_failure(self, job_id: str) -> None:
         await self.cleanup(job_id, created_only=True)
@@ -763,18 +641,5 @@ class Replicator:
         return views.detail(job, rows)
 
     async def list(self, q: dict[str, Any]) -> dict[str, Any]:
-        limit, offset = limit_offset(q)
-        conds = list_filters(q, ReplicationJob.status, JOB_STATUSES, ReplicationJob.vm_name)
-        if q.get("since"):
-            conds.append(ReplicationJob.created_at >= parse_since(str(q["since"])))
         async with self.sessions() as db:
-            total = await db.scalar(select(func.count()).select_from(ReplicationJob).where(*conds))
-            jobs = (await db.scalars(select(ReplicationJob).where(*conds).order_by(ReplicationJob.id.desc())
-                                     .limit(limit).offset(offset))).all()
-            rows: dict[str, list[JobVolume]] = defaultdict(list)
-            if jobs:
-                for r in (await db.scalars(select(JobVolume).where(JobVolume.job_id.in_([j.job_id for j in jobs]))
-                                           .order_by(JobVolume.unit_number))).all():
-                    rows[r.job_id].append(r)
-        return {"success": True, "jobs": [views.summary(j, rows[j.job_id]) for j in jobs],
-                "total": total, "limit": limit, "offset": offset}
+            return await queries.list_jobs(db, q)

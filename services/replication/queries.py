@@ -1,0 +1,64 @@
+"""Reads: one job with its disks, and the job list with its filters (session passed in)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.replication import views
+from services.replication.models import JOB_STATUSES, JobVolume, ReplicationJob
+from shared import errors
+
+
+async def job(db: AsyncSession, job_id: str) -> ReplicationJob:
+    found = await db.scalar(select(ReplicationJob).where(ReplicationJob.job_id == job_id))
+    if found is None:
+        raise errors.NotFound("Job not found", f"No replication job with ID: {job_id}")
+    return found
+
+
+async def rows(db: AsyncSession, job_id: str) -> list[JobVolume]:
+    return list((await db.scalars(select(JobVolume).where(JobVolume.job_id == job_id)
+                                  .order_by(JobVolume.unit_number))).all())
+
+
+def parse_since(value: str) -> datetime:
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.BadRequest("Validation failed", "since: expected an RFC 3339 time such as "
+                                "2025-08-12T08:08:02Z") from None
+    return dt.astimezone(timezone.utc).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+async def list_jobs(db: AsyncSession, q: dict[str, Any]) -> dict[str, Any]:
+    """GET /replication/jobs: newest first, filtered by status, vm_name, since; paged."""
+    try:
+        limit = int(q.get("limit", 100))
+        offset = int(q.get("offset", 0))
+    except (TypeError, ValueError):
+        raise errors.BadRequest("Validation failed", "limit/offset: expected integers") from None
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise errors.BadRequest("Validation failed", "limit: 1..1000; offset: >= 0")
+    conds = []
+    if q.get("status"):
+        if q["status"] not in JOB_STATUSES:
+            raise errors.BadRequest("Validation failed", f"status: one of {', '.join(JOB_STATUSES)}")
+        conds.append(ReplicationJob.status == q["status"])
+    if q.get("vm_name"):
+        conds.append(ReplicationJob.vm_name == q["vm_name"])
+    if q.get("since"):
+        conds.append(ReplicationJob.created_at >= parse_since(str(q["since"])))
+    total = await db.scalar(select(func.count()).select_from(ReplicationJob).where(*conds))
+    jobs = (await db.scalars(select(ReplicationJob).where(*conds).order_by(ReplicationJob.id.desc())
+                             .limit(limit).offset(offset))).all()
+    by_job: dict[str, list[JobVolume]] = defaultdict(list)
+    if jobs:
+        for r in (await db.scalars(select(JobVolume).where(JobVolume.job_id.in_([j.job_id for j in jobs]))
+                                   .order_by(JobVolume.unit_number))).all():
+            by_job[r.job_id].append(r)
+    return {"success": True, "jobs": [views.summary(j, by_job[j.job_id]) for j in jobs],
+            "total": total, "limit": limit, "offset": offset}
