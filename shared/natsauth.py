@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Replication
+from shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Inventory, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -60,19 +60,25 @@ def _service(name: str, *extra: str, comment: str = "") -> Permissions:
 def permissions() -> dict[str, Permissions]:
     perms = {
         "gateway": Permissions(
-            publish=["oma.auth.session.>", "oma.auth.user.>", "oma.config.ossea.>", "oma.inventory.>", "oma.replication.>",
+            publish=["oma.auth.session.>", "oma.auth.user.>", Auth.APPLIANCE_ACTION, "oma.config.ossea.>",
+                     "oma.inventory.>", "oma.replication.>",
                      Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
-            deny_publish=["oma.config.credentials.>"],
+            deny_publish=["oma.config.credentials.>", Inventory.CONNECTION],
             # Replies, session revocations (cache eviction) and context updates (live views).
             subscribe=[inbox("gateway"), "oma.evt.auth.>", "oma.live.context_aggregator.>"],
             comment="The only caller of the public request subjects; never the decrypted credentials."),
-        **{name: _service(name) for name in ("auth", "inventory", "export_manager")},
+        **{name: _service(name) for name in ("auth", "export_manager")},
+        "inventory": _service(
+            "inventory", Auth.APPLIANCE_GET,
+            comment="Asks auth for the API URL of the VMA a vCenter is reached through."),
         "config": _service(
             "config", Replication.USING_CONFIG,
             comment="Asks replication which jobs use a configuration before deleting it."),
         "replication": _service(
-            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE,
-            comment="The only caller of the decrypted cloud credentials; ensures/deactivates exports."),
+            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.CONNECTION,
+            Auth.APPLIANCE_SEEN,
+            comment="The only caller of the decrypted cloud and vCenter credentials; ensures/deactivates\n"
+                    "exports; tells auth whether a VMA answered."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

@@ -19,6 +19,7 @@ from services.gateway.content_type import JsonBodies
 from services.gateway.deps import SessionCache
 from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
+    appliances,
     auth,
     contexts,
     health,
@@ -109,7 +110,7 @@ def create_app(settings: Settings, nats_url: str) -> FastAPI:
     app.include_router(health.router)
     app.include_router(auth.router)
     # Every /api/v1 route but login is checked by RequestGuard, before its body is read.
-    for router in (ossea.router, inventory.router, replications.router, contexts.router):
+    for router in (ossea.router, inventory.router, replications.router, contexts.router, appliances.router):
         app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)

@@ -214,7 +214,8 @@ class Replicator:
                     progress_percent=0.0, bytes_transferred=0, seq=0, cleanup_pending=False, created_at=now,
                     total_bytes=sum(d.capacity_bytes or int(d.size_gb * GIB) for d in vm.disks),
                     source_vm=orjson.dumps(vm.model_dump(mode="json", exclude_none=True)).decode(),
-                    current_operation="Queued", message="Waiting for free disk slots on the appliance VM")
+                    current_operation="Queued", message="Waiting for free disk slots on the appliance VM",
+                    vcenter_host=req.vcenter_host, start_sync=req.start_sync)  # issue 16: driver.py
                 db.add(job)
                 await db.flush()  # the parent row first: no ORM relationship orders the inserts
                 rows = [JobVolume(job_id=job_id, unit_number=unit, disk_id=d.id, disk_path=d.path,
@@ -455,6 +456,7 @@ class Replicator:
         JOBS.labels(status=READY).inc()
         self.log.info("replication job ready for sync", extra={"job_id": job_id, "disks": len(rows)})
         await self.emit(job_id, Replication.EVT_STATUS)
+        self.driver.ready(job_id)  # issue 16 hook: start the sync through the job's VMA (driver.py)
 
     # -- failure, cancel, cleanup ---------------------------------------------------------------
 
@@ -490,6 +492,7 @@ class Replicator:
                     for r in await self._rows(db, job_id):
                         if r.status == D_QUEUED:
                             r.status = D_CANCELLED
+        await self.driver.stop(job_id, before)  # issue 16 hook: the VMA's /cleanup of a running sync
         if before in IN_FLIGHT:
             JOBS.labels(status=CANCELLED).inc()
             self._throughput.pop(job_id, None)
@@ -590,6 +593,7 @@ class Replicator:
                 self.log.warning("replication job interrupted by a restart; resuming", extra={"job_id": job_id})
                 self._start(job_id)
         await self.pump()
+        await self.driver.resume()  # issue 16 hook: follow every sync running on a VMA again
 
     async def retry_cleanups(self, job_ids: list[str] | None = None) -> int:
         """Run the cleanups left unfinished (cloud or config service down); return how many still are."""
