@@ -18,9 +18,10 @@ import uvicorn
 from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
 from plugins.vma.simulator import VmaSimulator
 from shared.settings import SERVICES
-from tests.conftest import SEED_TOKEN, assert_error_shape, free_port, login, running, wait_for
+from tests.conftest import SEED_TOKEN, assert_error_shape, free_port, login, mariadb_settings, running, wait_for
 from tests.nbdutil import digest
 from tests.test_replication import API_KEY, SECRET, settings_for
+from tests.test_replication_faults import kill, start_service
 from tests.vcsim import DiskSpec, create_vm, running_vcsim
 
 SCALE = Fraction(1, 64)  # a 1 GiB vCenter disk is a 16 MiB simulated disk
@@ -29,7 +30,7 @@ VM = "orch-vm"
 
 
 @contextlib.asynccontextmanager
-async def orchestrated(make_settings, tmp_path: Path, **overrides):
+async def orchestrated(make_settings, tmp_path: Path, services: tuple[str, ...] = SERVICES, **overrides):
     """The appliance (gateway also on a real port, for the copier's calls), vcsim with one VM of two
     disks, the VMA simulator logged in as `test-vma`, and OSSEA + vCenter configurations."""
     (tmp_path / "dev").mkdir()
@@ -42,7 +43,7 @@ async def orchestrated(make_settings, tmp_path: Path, **overrides):
         with vc.service_instance() as si:
             create_vm(si, VM, disks=(DiskSpec(1, unit=0), DiskSpec(1, unit=1)), cbt=True)
         try:
-            async with running(settings, services=SERVICES) as client, \
+            async with running(settings, services=services) as client, \
                     VmaSimulator(tmp_path / "vma", disk_scale=SCALE, verify_tls=False, appliance_id="test-vma",
                                  appliance_token=SEED_TOKEN) as vma:
                 server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, lifespan="off",
@@ -59,6 +60,7 @@ async def orchestrated(make_settings, tmp_path: Path, **overrides):
                             "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})
                     assert r.status_code == 201, r.text
                     client.config_id = r.json()["configuration"]["id"]
+                    client.settings = settings
                     r = await client.post("/api/v1/vcenter/config", headers=h, json={
                         "action": "create", "configuration": {
                             "host": vc.host, "port": vc.port, "username": vc.username, "password": vc.password,
@@ -148,7 +150,7 @@ async def test_a_job_runs_to_the_end_through_the_vma(make_settings, tmp_path):
 
 
 async def test_a_vma_that_stops_answering_stalls_then_fails_and_a_retry_completes(make_settings, tmp_path):
-    async with orchestrated(make_settings, tmp_path, vma_stall_after=1.0, vma_fail_after=2.0) as \
+    async with orchestrated(make_settings, tmp_path, vma_stall_after=1.0, vma_fail_after=4.0) as \
             (client, h, cloud, vma, vc):
         vm = await discovered_vm(client, h, vc)
         await vma.set_faults(throttle_bps=DISK // 4)  # several seconds: time to drop the tunnel mid-copy
@@ -157,6 +159,13 @@ async def test_a_vma_that_stops_answering_stalls_then_fails_and_a_retry_complete
         await vma.refuse()
         stalled = await job_in(client, h, job_id, "stalled", timeout=20)
         assert "the VMA does not answer" in stalled["current_operation"], stalled
+
+        async def health_says_so():  # a field and a warning, not a degraded /health
+            r = await client.get("/health")
+            vmas = r.json()["services"]["replication"].get("vmas") or {}
+            return r if vmas.get("unreachable") == ["test-vma"] and vmas.get("waiting_jobs") == 1 else None
+        r = await wait_for(health_says_so, timeout=10)
+        assert r.status_code == 200 and any("VMA unreachable" in w for w in r.json()["warnings"]), r.text
         failed = await job_in(client, h, job_id, "failed", timeout=20)
         assert "did not answer" in failed["error"] and "cannot connect" in failed["error"], failed
         assert all(d["attached"] and d["export_name"] for d in failed["disks"])  # kept for the retry
@@ -169,3 +178,30 @@ async def test_a_vma_that_stops_answering_stalls_then_fails_and_a_retry_complete
         assert retry["status"] == "completed", retry
         assert [d["volume_id"] for d in retry["disks"]] == [d["volume_id"] for d in failed["disks"]]
         assert_volumes_equal_source(cloud, vma, vc, vm, retry)
+
+
+async def test_replication_killed_mid_copy_follows_the_sync_again_after_a_restart(make_settings, tmp_path,
+                                                                                   mariadb_name):
+    log = tmp_path / "replication.log"
+    others = tuple(s for s in SERVICES if s != "replication")
+    async with orchestrated(make_settings, tmp_path, services=others, dependency_wait=30,
+                            **mariadb_settings(mariadb_name)) as (client, h, cloud, vma, vc):
+        proc = await start_service("replication", client.settings, log)
+        try:
+            async def answering():
+                return (await client.get("/api/v1/replication/jobs", headers=h)).status_code == 200
+            await wait_for(answering, timeout=60)
+            vm = await discovered_vm(client, h, vc)
+            await vma.set_faults(throttle_bps=DISK // 4)  # about 8 s for both disks
+            job_id = await start(client, h, vm)
+            await job_in(client, h, job_id, "replicating", timeout=60)
+            await kill(proc)
+            proc = await start_service("replication", client.settings, log)
+            await wait_for(answering, timeout=60)
+            job = await job_in(client, h, job_id, "completed", "failed", timeout=60)
+            assert job["status"] == "completed", job
+            assert_volumes_equal_source(cloud, vma, vc, vm, job)
+        finally:
+            await kill(proc)
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]

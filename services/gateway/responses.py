@@ -33,6 +33,8 @@ class ServiceHealth(Body):
     instances: int = Field(0, description="instances answering `$SRV.PING`")
     reason: str | None = None
     warning: str | None = None
+    vmas: dict | None = Field(None, description="replication only: followed_jobs, stalled_jobs, unreachable "
+                              "(VMA appliance ids whose last poll got no answer), waiting_jobs")
 
 
 class Health(Body):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -40,6 +41,14 @@ class ReplicationService(ServiceApp):
             task.cancel()
         await asyncio.gather(*self._janitors, return_exceptions=True)
         await self.jobs.driver.close()
+
+    async def health(self, req: BusRequest) -> dict[str, Any]:
+        body = await super().health(req)
+        body["vmas"] = vmas = self.jobs.driver.health()
+        if vmas["waiting_jobs"]:  # a warning, not `down`: replication itself serves
+            body["warning"] = (f"VMA unreachable: {', '.join(vmas['unreachable'])} "
+                               f"({vmas['waiting_jobs']} running job(s) wait on it)")
+        return body
 
     async def wait_for_services(self) -> list[str]:
         """Until each service in `needs` answers `$SRV.PING.<name>`, at most `dependency_wait`

@@ -309,6 +309,13 @@ class VmaDriver:
                 self.log.info("could not record VMA reachability", extra={"appliance_id": appliance,
                                                                           "reason": error_text(exc)})
 
+    def health(self) -> dict[str, Any]:
+        """The `vmas` field of /health: the VMAs whose last poll got no answer, and the jobs waiting."""
+        down = sorted(a for a, (ok, _) in self._reach.items() if not ok)
+        return {"followed_jobs": len(self._follow), "stalled_jobs": sum(f.stalled for f in self._follow.values()),
+                "unreachable": down,
+                "waiting_jobs": sum(1 for f in self._follow.values() if f.appliance_id in down)}
+
     def _gauges(self) -> None:
         FOLLOWED.set(len(self._follow))
         STALLED_JOBS.set(sum(1 for f in self._follow.values() if f.stalled))
