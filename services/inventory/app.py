@@ -49,16 +49,21 @@ class InventoryService(ServiceApp):
         reply = await self.bus.call(Auth.APPLIANCE_GET, {"appliance_id": appliance_id})
         return reply["appliance"]["api_url"]
 
-    @endpoint(Inventory.CONNECTION)
-    async def vcenter_connection(self, req: BusRequest):
-        """A vCenter's decrypted connection and its VMA's API URL, for replication (never the gateway)."""
+    async def _stored(self, req: BusRequest) -> dict[str, Any]:
+        """The decrypted connection of the vCenter the request names (host or name), else 404."""
         body = req.model(service.DiscoverRequest)
         async with self.sessions() as db:
             row = await service.find(db, body.vcenter)
             if row is None:
-                raise errors.NotFound("vCenter not found", f"No vCenter configuration with host or name "
-                                      f"{body.vcenter!r}")
-            conn = service.connection(row, self.keys)
+                raise errors.NotFound("vCenter not found",
+                                      f"No vCenter configuration with host or name {body.vcenter!r}; create one "
+                                      "with POST /api/v1/vcenter/config")
+            return service.connection(row, self.keys)
+
+    @endpoint(Inventory.CONNECTION)
+    async def vcenter_connection(self, req: BusRequest):
+        """A vCenter's decrypted connection and its VMA's API URL, for replication (never the gateway)."""
+        conn = await self._stored(req)
         if conn["appliance_id"]:
             conn["api_url"] = await self.appliance_url(conn["appliance_id"])
         return {"success": True, "connection": conn}
@@ -102,14 +107,7 @@ class InventoryService(ServiceApp):
 
     @endpoint(Inventory.DISCOVER)
     async def discover(self, req: BusRequest):
-        body = req.model(service.DiscoverRequest)
-        async with self.sessions() as db:
-            row = await service.find(db, body.vcenter)
-            if row is None:
-                raise errors.NotFound("vCenter not found",
-                                      f"No vCenter configuration with host or name {body.vcenter!r}; create one "
-                                      "with POST /api/v1/vcenter/config")
-            conn = service.connection(row, self.keys)
+        conn = await self._stored(req)
         host = conn["host"]
         # One read per vCenter at a time: a request that arrives meanwhile shares its result.
         task = self._inflight.get(host)
