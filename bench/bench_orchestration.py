@@ -133,7 +133,7 @@ async def follow_cpu(oma: Oma, vma: VmaSimulator, proc: asyncio.subprocess.Proce
 
 
 async def main(args, work: Path) -> None:
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
     from services.gateway.app import create_app
 
     db = f"oma_bench_{uuid.uuid4().hex[:8]}"
