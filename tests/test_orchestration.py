@@ -138,6 +138,11 @@ async def test_a_job_runs_to_the_end_through_the_vma(make_settings, tmp_path):
         r = await client.post("/api/v1/appliances", headers=h, json={"action": "get"})
         assert [(a["appliance_id"], a["reachable"]) for a in r.json()["appliances"]] == [("test-vma", True)]
         assert r.json()["appliances"][0]["last_seen"]
+        assert_error_shape(await client.post("/api/v1/appliances", headers=h, json={"action": "update"}), 400)
+        assert_error_shape(await client.post("/api/v1/appliances", headers=h, json={
+            "action": "update", "appliance_id": "nope", "api_url": "http://127.0.0.1:1"}), 404)
+        assert_error_shape(await client.post("/api/v1/appliances", headers=h, json={
+            "action": "update", "appliance_id": "test-vma", "api_url": "file:///etc/passwd"}), 400)
 
         # A guest writes 1% of disk 0; the incremental moves only that, and the volumes match again.
         written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
@@ -205,3 +210,21 @@ async def test_replication_killed_mid_copy_follows_the_sync_again_after_a_restar
             await kill(proc)
     text = log.read_text(errors="replace")
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_oma_admin_registers_a_vma_with_its_api_url(tmp_path, mariadb_name):
+    """`oma-admin appliance add NAME --api-url URL`: listed with the URL; a bad URL is refused."""
+    import json
+
+    from tests.test_gui_accounts import oma_admin
+    db = mariadb_settings(mariadb_name)
+    r = oma_admin(db, tmp_path, "appliance", "add", "vma-01", "--api-url", "http://10.0.0.5:9081/")
+    assert r.returncode == 0 and "token (shown once): vma_" in r.stdout, r.stderr
+    r = oma_admin(db, tmp_path, "appliance", "add", "vma-02")
+    assert r.returncode == 0, r.stderr
+    listed = {a["appliance_id"]: a for a in map(json.loads, oma_admin(db, tmp_path, "appliance", "list")
+                                                  .stdout.splitlines())}
+    assert (listed["vma-01"]["api_url"], listed["vma-01"]["reachable"]) == ("http://10.0.0.5:9081", None)
+    assert listed["vma-02"]["api_url"] == "http://127.0.0.1:9081"  # the reverse tunnel
+    r = oma_admin(db, tmp_path, "appliance", "add", "vma-03", "--api-url", "ftp://x")
+    assert r.returncode == 1 and "api_url" in r.stderr
