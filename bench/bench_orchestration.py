@@ -2,7 +2,8 @@
 
 One appliance (auth, config, inventory, export_manager, context_aggregator in-process; replication
 as its own `oma-service replication` process, so its CPU can be measured), MariaDB, real nbdkit
-exports, the CloudStack simulator, vcsim and the VMA simulator:
+exports, the CloudStack simulator, vcsim and the VMA simulator (`oma-vma-sim`, its own process, as a
+real VMA is):
 
 1. VMS VMs x 2 disks x SIZE are discovered through the VMA and `POST /api/v1/replications`-ed at
    once; timed from the first POST to the last `completed` (provisioning, replicate, the copy, the
@@ -48,6 +49,7 @@ from vcsim import DiskSpec, create_vm, running_vcsim  # noqa: E402
 
 IN_PROCESS = ("auth", "config", "inventory", "export_manager", "context_aggregator")
 TICKS = os.sysconf("SC_CLK_TCK")
+FOLLOW_DISK = 32 * MiB
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,17 +83,57 @@ class Oma:
             await asyncio.sleep(poll)
 
 
-async def throughput(oma: Oma, vma: VmaSimulator, cloud: CloudStackSimulator, args, vc) -> None:
+class Sim:
+    """`oma-vma-sim` in its own process, over a data dir whose source disks are made beforehand."""
+
+    def __init__(self, work: Path, name: str, disk_size: int):
+        self.data_dir, self.disk_size = work / name, disk_size
+        self.layout = VmaSimulator(self.data_dir, disk_size=disk_size, density=1.0)  # paths and disks only
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def make_disks(self, vc, prefix: str) -> None:
+        from plugins.vsphere.source import VSphereSource
+        for vm in await VSphereSource(vc.connection()).discover():
+            if vm["name"].startswith(prefix):
+                for d in vm["disks"]:
+                    await self.layout.source_disk(f"{vc.host}:{vc.port}", vm, d)
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "plugins.vma.simulator", "--port", "0", "--data-dir", str(self.data_dir),
+            "--disk-size", str(self.disk_size), "--density", "1.0", "--insecure-vcenter", "--appliance-id",
+            "test-vma", env={**os.environ, "OMA_VMA_SIM_TOKEN": SEED_TOKEN, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        self.url = (await self.proc.stdout.readline()).decode().strip()
+        assert self.url.startswith("http://"), "oma-vma-sim did not start"
+
+    async def faults(self, **faults) -> None:
+        async with httpx.AsyncClient() as c:
+            assert (await c.post(f"{self.url}/sim/faults", json=faults)).status_code == 200
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            await kill(self.proc, 15)
+
+
+async def use(oma: Oma, sim: Sim) -> None:
+    r = await oma.c.post("/api/v1/appliances", headers=oma.h, json={"action": "update", "appliance_id": "test-vma",
+                                                                   "api_url": sim.url})
+    assert r.status_code == 200, r.text
+
+
+async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -> None:
     vcenter = f"{vc.host}:{vc.port}"
     size = args.size_mib * MiB
+    await use(oma, vma)
     vms = await oma.discover("orch-bench")
-    await source_disks(vma, vc, {vm["path"] for vm in vms})  # made before timing, not by the first copy
     t0 = time.monotonic()
     job_ids = await asyncio.gather(*(oma.start(vm) for vm in vms))
     jobs = await oma.wait(list(job_ids), "completed", "failed")
     t_oma = time.monotonic() - t0
     assert {j["status"] for j in jobs} == {"completed"}, [j["error"] for j in jobs]
-    pairs = [(vma.disk_path(vcenter, j["vm"]["path"], d["disk_id"][5:]), cloud.backing_path(d["volume_id"]),
+    pairs = [(vma.layout.disk_path(vcenter, j["vm"]["path"], d["disk_id"][5:]), cloud.backing_path(d["volume_id"]),
               next(e["uri"] for e in j["nbd_exports"] if e["disk_unit_number"] == d["unit_number"]))
              for j in jobs for d in j["disks"]]
     ok = all(digest(src, size) == digest(dst, size) for src, dst, _ in pairs)
@@ -106,18 +148,11 @@ async def throughput(oma: Oma, vma: VmaSimulator, cloud: CloudStackSimulator, ar
     print(f"  ratio OMA/nbdcopy        : {t_cp / t_oma:8.2f}   (goal >= 0.8)")
 
 
-async def source_disks(vma: VmaSimulator, vc, paths: set[str]) -> None:
-    from plugins.vsphere.source import VSphereSource
-    found = await VSphereSource(vc.connection()).discover()
-    vcenter = f"{vc.host}:{vc.port}"
-    for vm in (v for v in found if v["path"] in paths):
-        for d in vm["disks"]:
-            await vma.source_disk(vcenter, vm, d)
-
-
-async def follow_cpu(oma: Oma, vma: VmaSimulator, proc: asyncio.subprocess.Process, args) -> None:
+async def follow_cpu(oma: Oma, vma: Sim, proc: asyncio.subprocess.Process, args) -> None:
+    await use(oma, vma)
     vms = await oma.discover("orch-follow")
-    await vma.set_faults(throttle_bps=64 * 1024)  # 4 MiB per job takes about a minute
+    # 4 MiB writes at 256 KiB/s: the bytes of each job move every 16 s, and a job runs about 2 minutes.
+    await vma.faults(throttle_bps=256 * 1024)
     job_ids = []
     for i in range(0, len(vms), 20):  # in batches: provisioning 100 jobs at once is not what is measured
         job_ids += await asyncio.gather(*(oma.start(vm) for vm in vms[i:i + 20]))
@@ -128,8 +163,7 @@ async def follow_cpu(oma: Oma, vma: VmaSimulator, proc: asyncio.subprocess.Proce
     used = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
     states = {j["status"] for j in await asyncio.gather(*(oma.job(j) for j in job_ids))}
     print(f"replication following {len(job_ids)} running jobs (poll every {args.poll} s) for {args.window:g} s:")
-    print(f"  CPU {100 * used:.2f}% of a core   (goal < 5%)   job states during the window: {sorted(states)}")
-    await vma.clear_faults()
+    print(f"  CPU {100 * used:.2f}% of a core   (goal < 5%)   job states after the window: {sorted(states)}")
 
 
 async def main(args, work: Path) -> None:
@@ -146,10 +180,11 @@ async def main(args, work: Path) -> None:
     port = free_port()
     settings = Settings(nats_url=await nats.start(), data_dir=work / "data", appliance_tokens=f"test-vma={SEED_TOKEN}",
                         export_backend="nbdkit", nbd_port=free_port(), device_by_id_dir=work / "dev",
-                        max_attached_disks=max(2 * args.vms, args.follow) + 8, provision_wait=0,
+                        max_attached_disks=2 * args.vms + args.follow, provision_wait=0,
                         cloud_timeout=10, cloud_job_timeout=60, oma_url=f"http://127.0.0.1:{port}",
                         vma_poll_interval=args.poll, dependency_wait=60, **mariadb_settings(db))
     proc = None
+    sims = [Sim(work, "vma-copy", args.size_mib * MiB), Sim(work, "vma-follow", FOLLOW_DISK)]
     try:
         with running_vcsim() as vc:
             with vc.service_instance() as si:
@@ -158,9 +193,11 @@ async def main(args, work: Path) -> None:
                     create_vm(si, f"orch-bench{i:02d}", disks=(DiskSpec(gib, unit=0), DiskSpec(gib, unit=1)))
                 for i in range(args.follow):
                     create_vm(si, f"orch-follow{i:03d}", disks=(DiskSpec(1, unit=0),))
-            async with Appliance(settings, IN_PROCESS) as appliance, \
-                    VmaSimulator(work / "vma", density=1.0, verify_tls=False, appliance_id="test-vma",
-                                 appliance_token=SEED_TOKEN, disk_size=args.size_mib * MiB) as vma:
+            await sims[0].make_disks(vc, "orch-bench")  # before timing: a first copy would make them
+            await sims[1].make_disks(vc, "orch-follow")
+            for sim in sims:
+                await sim.start()
+            async with Appliance(settings, IN_PROCESS) as appliance:
                 app = create_app(settings, appliance.nats_url)
                 async with app.router.lifespan_context(app):
                     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
@@ -171,22 +208,23 @@ async def main(args, work: Path) -> None:
                         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
                             while not server.started:
                                 await asyncio.sleep(0.05)
-                            oma = await setup(c, cloud_url, vc, vma)
-                            await throughput(oma, vma, cloud, args, vc)
-                            vma.disk_size = 4 * MiB  # the followed jobs' disks: small, throttled
-                            await follow_cpu(oma, vma, proc, args)
+                            oma = await setup(c, cloud_url, vc)
+                            await throughput(oma, sims[0], cloud, args, vc)
+                            await follow_cpu(oma, sims[1], proc, args)
                     finally:
                         server.should_exit = True
                         await serving
     finally:
         if proc is not None:
             await kill(proc)
+        for sim in sims:
+            await sim.stop()
         await cloud.stop()
         await nats.stop()
         await _mariadb_exec(f"DROP DATABASE IF EXISTS `{db}`")
 
 
-async def setup(c: httpx.AsyncClient, cloud_url: str, vc, vma: VmaSimulator) -> Oma:
+async def setup(c: httpx.AsyncClient, cloud_url: str, vc) -> Oma:
     for _ in range(600):  # the replication process answers
         with contextlib.suppress(httpx.HTTPError):
             r = await c.post("/api/v1/auth/login", json={"appliance_id": "test-vma", "token": SEED_TOKEN})
@@ -194,9 +232,6 @@ async def setup(c: httpx.AsyncClient, cloud_url: str, vc, vma: VmaSimulator) -> 
             if (await c.get("/api/v1/replication/jobs", headers=h)).status_code == 200:
                 break
         await asyncio.sleep(0.1)
-    r = await c.post("/api/v1/appliances", headers=h, json={"action": "update", "appliance_id": "test-vma",
-                                                           "api_url": vma.url})
-    assert r.status_code == 200, r.text
     r = await c.post("/api/v1/ossea/config", headers=h, json={"action": "create", "configuration": {
         "name": "sim", "api_url": cloud_url, "api_key": "bench-key", "secret_key": "bench-secret",
         "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})

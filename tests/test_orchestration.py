@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from plugins.vma.client import HttpVmaClient
 from plugins.vma.simulator import VmaSimulator
 from shared.settings import SERVICES
 from tests.conftest import SEED_TOKEN, assert_error_shape, free_port, login, mariadb_settings, running, wait_for
@@ -183,6 +184,15 @@ async def test_a_vma_that_stops_answering_stalls_then_fails_and_a_retry_complete
         assert retry["status"] == "completed", retry
         assert [d["volume_id"] for d in retry["disks"]] == [d["volume_id"] for d in failed["disks"]]
         assert_volumes_equal_source(cloud, vma, vc, vm, retry)
+
+        # DELETE of a running sync stops the copy on the VMA (its /cleanup) before the volumes go.
+        await vma.set_faults(throttle_bps=DISK // 8)
+        running_id = await start(client, h, vm)
+        await job_in(client, h, running_id, "replicating")
+        r = await client.delete(f"/api/v1/replication/jobs/{running_id}", headers=h)
+        assert r.status_code == 200 and r.json()["previous_status"] == "replicating", r.text
+        async with HttpVmaClient(vma.url) as direct:
+            assert (await direct.progress(running_id)).status == "cancelled"
 
 
 async def test_replication_killed_mid_copy_follows_the_sync_again_after_a_restart(make_settings, tmp_path,
