@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,11 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
     jobs = await oma.wait(list(job_ids), "completed", "failed")
     t_oma = time.monotonic() - t0
     assert {j["status"] for j in jobs} == {"completed"}, [j["error"] for j in jobs]
+    async with httpx.AsyncClient(base_url=vma.url) as c:  # the copy alone, as the VMA timed it
+        spans = [(await c.get(f"/api/v1/progress/{j}")).json()["timing"] for j in job_ids]
+    starts = [datetime.fromisoformat(t["start_time"].replace("Z", "+00:00")) for t in spans]
+    ends = [datetime.fromisoformat(t["last_update"].replace("Z", "+00:00")) for t in spans]
+    t_copy = (max(ends) - min(starts)).total_seconds()
     pairs = [(vma.layout.disk_path(vcenter, j["vm"]["path"], d["disk_id"][5:]), cloud.backing_path(d["volume_id"]),
               next(e["uri"] for e in j["nbd_exports"] if e["disk_unit_number"] == d["unit_number"]))
              for j in jobs for d in j["disks"]]
@@ -144,8 +150,9 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
     total = len(pairs) * size
     print(f"{len(vms)} VMs x 2 disks x {args.size_mib} MiB, through OMA -> VMA simulator -> nbdkit exports")
     print(f"  POST .. completed (OMA)  : {total / t_oma / 1e6:8.1f} MB/s  ({t_oma:.2f} s)  sha256 equal: {ok}")
+    print(f"  of which the VMA's copy  : {total / t_copy / 1e6:8.1f} MB/s  ({t_copy:.2f} s, first start to last end)")
     print(f"  nbdcopy --flush, same    : {total / t_cp / 1e6:8.1f} MB/s  ({t_cp:.2f} s)")
-    print(f"  ratio OMA/nbdcopy        : {t_cp / t_oma:8.2f}   (goal >= 0.8)")
+    print(f"  ratio OMA/nbdcopy        : {t_cp / t_oma:8.2f}   (goal >= 0.8); copy alone/nbdcopy {t_cp / t_copy:.2f}")
 
 
 async def follow_cpu(oma: Oma, vma: Sim, proc: asyncio.subprocess.Process, args) -> None:
@@ -175,7 +182,7 @@ async def main(args, work: Path) -> None:
     nats = EmbeddedNats()
     (work / "dev").mkdir()
     cloud = CloudStackSimulator("bench-key", "bench-secret", device_dir=work / "dev", job_latency=0.05,
-                                max_volumes=10_000, max_primary_gb=10_000_000)
+                                max_volumes=10_000, max_primary_gb=10_000_000, max_data_disks=2 * args.vms + args.follow)
     cloud_url = await cloud.start()
     port = free_port()
     settings = Settings(nats_url=await nats.start(), data_dir=work / "data", appliance_tokens=f"test-vma={SEED_TOKEN}",
