@@ -182,7 +182,8 @@ async def main(args, work: Path) -> None:
     nats = EmbeddedNats()
     (work / "dev").mkdir()
     cloud = CloudStackSimulator("bench-key", "bench-secret", device_dir=work / "dev", job_latency=0.05,
-                                max_volumes=10_000, max_primary_gb=10_000_000, max_data_disks=2 * args.vms + args.follow)
+                                max_volumes=10_000, max_primary_gb=10_000_000,
+                                max_data_disks=2 * args.vms + args.follow)
     cloud_url = await cloud.start()
     port = free_port()
     settings = Settings(nats_url=await nats.start(), data_dir=work / "data", appliance_tokens=f"test-vma={SEED_TOKEN}",

@@ -129,7 +129,8 @@ async def test_a_job_runs_to_the_end_through_the_vma(make_settings, tmp_path):
         r = await client.get("/api/v1/replications/changeid", headers=h,
                              params={"vm_path": vm["path"], "disk_id": job["disks"][0]["disk_id"]})
         assert r.status_code == 200 and r.json()["change_id"] == job["disks"][0]["change_id"], r.text
-        for params in ({"vm_path": vm["path"], "disk_id": "disk-9999"}, {"vm_path": "/DC0/vm/nope", "disk_id": "disk-2000"}):
+        for params in ({"vm_path": vm["path"], "disk_id": "disk-9999"},
+                       {"vm_path": "/DC0/vm/nope", "disk_id": "disk-2000"}):
             r = await client.get("/api/v1/replications/changeid", headers=h, params=params)
             assert r.status_code == 200 and r.json()["change_id"] == "", r.text
         assert_error_shape(await client.get("/api/v1/replications/changeid", params={
