@@ -37,7 +37,8 @@ from shared.db import utcnow
 from shared.plugins import get_backend
 from shared.schemas import DiskProgress, ProgressReport
 from shared.subjects import Auth, Inventory, Replication
-from shared.vma import CleanupRequest, NbdTarget, ProgressResponse, ReplicateRequest, VmaClient, VmaError
+from shared.vma import (CleanupRequest, NbdTarget, ProgressResponse, ReplicateRequest, VmaClient, VmaError,
+                        VmaNotFound)
 
 STALLED_JOBS = Gauge("oma_replication_stalled_jobs", "Jobs whose VMA stopped answering or whose bytes stopped moving")
 FOLLOWED = Gauge("oma_replication_followed_jobs", "Jobs whose sync the replication service follows on a VMA")
@@ -211,7 +212,9 @@ class VmaDriver:
         now = time.monotonic()
         for f, answer in zip(live, answers):
             try:
-                if isinstance(answer, BaseException):
+                if isinstance(answer, VmaNotFound):  # answering, but the job is gone (a VMA restart)
+                    await self.fail(f.job_id, f"the VMA no longer knows the sync: {error_text(answer)}")
+                elif isinstance(answer, BaseException):
                     f.error = error_text(answer) if isinstance(answer, errors.OmaError) else repr(answer)
                     await self._check_stall(f, state.get(f.job_id), now)
                 else:
