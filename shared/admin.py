@@ -22,7 +22,8 @@ FLAG_HELP = {
     "nats-url": "an external NATS (as admin: OMA_NATS_USER / OMA_NATS_PASSWORD); default: the local oma-api's",
 }
 COMMANDS = """commands:
-  appliance add NAME [TOKEN]  register (or re-key) an appliance; prints its token once
+  appliance add NAME [TOKEN] [--api-url URL]
+                              register (or re-key) an appliance; prints its token once
   appliance list              list the registered appliances
   appliance revoke NAME       revoke an appliance; its sessions end now
   contexts rebuild            replay OMA_EVENTS into the VM-context read model
@@ -32,7 +33,7 @@ COMMANDS = """commands:
   user remove NAME            remove an operator; their sessions end now
 The password is asked on the terminal, or read from the first line of standard input.
 """
-COMMAND_KEYS = ("command", "action", "name", "token", "role")
+COMMAND_KEYS = ("command", "action", "name", "token", "role", "api_url")
 
 
 def build_admin_parser() -> argparse.ArgumentParser:
@@ -52,6 +53,8 @@ def build_admin_parser() -> argparse.ArgumentParser:
     add = leaf(appliance_cmd, "add", "register (or re-key) an appliance; prints its token once")
     add.add_argument("name", help="appliance id, as the VMA logs in with")
     add.add_argument("token", nargs="?", help="the token to set (default: a new random one)")
+    add.add_argument("--api-url", "-api-url", dest="api_url", default=None,
+                     help="the VMA's API as OMA reaches it (default http://127.0.0.1:9081, the reverse tunnel)")
     leaf(appliance_cmd, "list", "list the registered appliances")
     leaf(appliance_cmd, "revoke", "revoke an appliance; its sessions end now").add_argument(
         "name", help="appliance id")
@@ -85,7 +88,8 @@ async def _auth_db(settings: Settings):
     return engine, sessionmaker(engine)
 
 
-async def appliance(settings: Settings, action: str, name: str = "", token: str | None = None) -> int:
+async def appliance(settings: Settings, action: str, name: str = "", token: str | None = None,
+                    api_url: str | None = None) -> int:
     from services.auth import service
     from shared.crypto import Keyring
 
@@ -95,7 +99,7 @@ async def appliance(settings: Settings, action: str, name: str = "", token: str 
         async with sessions.begin() as db:
             if action == "add":
                 token = token or service.new_appliance_token()
-                await service.upsert_appliance(db, keys, name, token)
+                await service.upsert_appliance(db, keys, name, token, api_url)
                 print(f"appliance {name} registered; token (shown once): {token}")
             elif action == "list":
                 for row in await service.list_appliances(db):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Config, Contexts, Exports, Inventory, Replication
+from shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Inventory, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -60,21 +60,27 @@ def _service(name: str, *extra: str, comment: str = "") -> Permissions:
 def permissions() -> dict[str, Permissions]:
     perms = {
         "gateway": Permissions(
-            publish=["oma.auth.session.>", "oma.auth.user.>", "oma.config.ossea.>", "oma.inventory.>", "oma.replication.>",
-                     "oma.failover.>", Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
-            deny_publish=["oma.config.credentials.>", Inventory.POWER],
+            publish=["oma.auth.session.>", "oma.auth.user.>", Auth.APPLIANCE_ACTION, "oma.config.ossea.>",
+                     "oma.inventory.>", "oma.replication.>", "oma.failover.>",
+                     Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
+            deny_publish=["oma.config.credentials.>", Inventory.CONNECTION, Inventory.POWER],
             # Replies, session revocations (cache eviction) and context updates (live views).
             subscribe=[inbox("gateway"), "oma.evt.auth.>", "oma.live.context_aggregator.>"],
             comment="The only caller of the public request subjects; never the decrypted credentials,\n"
                     "never the source VMs' power (failover's)."),
-        **{name: _service(name) for name in ("auth", "inventory", "export_manager")},
+        **{name: _service(name) for name in ("auth", "export_manager")},
+        "inventory": _service(
+            "inventory", Auth.APPLIANCE_GET,
+            comment="Asks auth for the API URL of the VMA a vCenter is reached through."),
         "config": _service(
             "config", Replication.USING_CONFIG,
             comment="Asks replication which jobs use a configuration before deleting it."),
         "replication": _service(
             "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.LIST,
-            comment="The only caller of the decrypted cloud credentials; ensures/deactivates exports;\n"
-                    "lists the inventory to check a request's vcenter_host."),
+            Inventory.CONNECTION, Auth.APPLIANCE_SEEN,
+            comment="The only caller of the decrypted cloud and vCenter credentials; ensures/deactivates\n"
+                    "exports; lists the inventory to check a request's vcenter_host; tells auth whether a\n"
+                    "VMA answered."),
         "failover": _service(
             "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Inventory.POWER, Exports.ENSURE,
             Exports.DEACTIVATE,

@@ -111,6 +111,15 @@ class OsseaConfigRequest(Strict):
 
 
 # --- vCenter connections (same anti-sprawl pattern) ------------------------------------------
+class ApplianceAction(Strict):
+    """`POST /api/v1/appliances`: list the VMAs, or set the API URL OMA reaches one at."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"action": "get"}, {"action": "update", "appliance_id": "vma-01", "api_url": "http://127.0.0.1:9081"}]})
+    action: Literal["get", "update"]
+    appliance_id: str | None = Field(None, min_length=1, max_length=255)
+    api_url: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^https?://\S+$")
+
+
 class VCenterFields(Strict):
     name: str | None = Field(None, min_length=1, max_length=255)
     host: str | None = Field(None, min_length=1, max_length=255)
@@ -119,6 +128,8 @@ class VCenterFields(Strict):
     password: str | None = Field(None, min_length=1, max_length=500)
     datacenter: str | None = Field(None, max_length=255)
     verify_tls: bool | None = None
+    # The VMA through which this vCenter is reached (discovery and copies); none: pyvmomi directly.
+    appliance_id: str | None = Field(None, max_length=255)
 
 
 class VCenterRequest(Strict):
@@ -241,6 +252,8 @@ class ReplicationRequest(BaseModel):
     scheduled_by: Token | None = Field(None, description=ORIGINAL_SCHEDULER + "Recorded on the job.")
     existing_context_id: Token | None = Field(None, description=ORIGINAL_SCHEDULER + "The VM context the "
                                               "scheduler knows; recorded on the job.")
+    start_sync: bool | None = Field(None, description="Start the copy through the VMA once the exports are "
+                                    "ready; default: when a VMA reaches the VM's vCenter.")
 
     @model_validator(mode="before")
     @classmethod
@@ -252,7 +265,7 @@ class ReplicationRequest(BaseModel):
 
 
 ORIGINAL_REQUEST_FIELDS = frozenset(ReplicationRequest.model_fields) - {"source_vm", "ossea_config_id",
-                                                                        "replication_type"}
+                                                                        "replication_type", "start_sync"}
 
 
 # --- failover -------------------------------------------------------------------------------
@@ -299,6 +312,14 @@ class DiskProgress(BaseModel):
     bytes_transferred: ByteCount | None = None
     total_bytes: ByteCount | None = None
     change_id: str | None = Field(None, max_length=255)
+
+
+class ChangeIdBody(BaseModel):
+    """The copier's record of a disk's new change id (`POST /api/v1/replications/{job_id}/changeid`)."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"change_id": "52 3c ec 1b 3a 0e 4b 8e-1e 7d 0c 5a 6d 2a 4f 10/42", "disk_id": "disk-2000"}]})
+    change_id: str = Field(min_length=1, max_length=255)
+    disk_id: str = Field(min_length=1, max_length=255)
 
 
 class ProgressReport(BaseModel):

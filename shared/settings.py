@@ -135,6 +135,15 @@ class Settings(BaseSettings):
     # The VMA's API (through the reverse tunnel).
     vma_timeout: float = Field(30.0, gt=0, description="VMA API request timeout (seconds)")
     vma_retries: int = Field(3, ge=0, description="retries of a transient VMA failure (refused, 502/503/504)")
+    # Orchestration through the VMA (docs/replication.md "Running the sync").
+    nbd_host: str = Field("", max_length=255, description="host the VMA reaches OMA's NBD exports at "
+                          "(OMA_NBD_HOST); empty: the export's own URI, else hostless nbd://:port/export")
+    oma_url: str = Field("http://localhost:8082", description="OMA's API as the VMA reaches it (the "
+                         "forward tunnel): the `oma_url` of a replicate call, for the copier's change ids")
+    vma_poll_interval: float = Field(2.0, gt=0, description="seconds between polls of the VMA's progress")
+    vma_stall_after: float = Field(60.0, gt=0, description="seconds without an answer from the VMA or "
+                                   "without moving bytes before a job is `stalled`")
+    vma_fail_after: float = Field(600.0, gt=0, description="seconds stalled before the job fails")
 
     # Replication.
     device_resolver: str = "by-id"

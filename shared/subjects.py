@@ -20,6 +20,11 @@ class Auth:
     APPLIANCE_ADD = "oma.auth.appliance.add"
     APPLIANCE_LIST = "oma.auth.appliance.list"
     APPLIANCE_REVOKE = "oma.auth.appliance.revoke"
+    # VMAs as appliances OMA drives (issue 16): the gateway's action endpoint, one appliance's API
+    # URL (inventory, replication), and what replication found when it last called a VMA.
+    APPLIANCE_ACTION = "oma.auth.appliance.action"
+    APPLIANCE_GET = "oma.auth.appliance.get"
+    APPLIANCE_SEEN = "oma.auth.appliance.seen"
     # Operators (people, web GUI): the gateway logs in, verifies and logs out; oma-admin manages them.
     USER_LOGIN = "oma.auth.user.login"
     USER_VERIFY = "oma.auth.user.verify"
@@ -41,6 +46,8 @@ class Inventory:
     LIST = "oma.inventory.vm.list"
     GET = "oma.inventory.vm.get"
     EVT_DISCOVERED = "oma.evt.inventory.vm.discovered"
+    # The decrypted connection of a vCenter and its VMA (replication only; denied to the gateway).
+    CONNECTION = "oma.inventory.vcenter.connection"
 
 
 class Replication:
@@ -50,6 +57,9 @@ class Replication:
     PROGRESS = "oma.replication.job.progress"
     CANCEL = "oma.replication.job.cancel"
     USING_CONFIG = "oma.replication.job.using_config"  # config asks before deleting a configuration
+    # The copier's change-id calls (services/replication/changeids.py).
+    CHANGEID_GET = "oma.replication.changeid.get"
+    CHANGEID_RECORD = "oma.replication.changeid.record"
     EVT_PREFIX = "oma.evt.replication.job"
     EVT_CREATED = "oma.evt.replication.job.created"
     EVT_STATUS = "oma.evt.replication.job.status_changed"

@@ -22,7 +22,7 @@ from tests.vcsim import (DiskSpec, NicSpec, Vcsim, create_vm, read_vm_direct, ru
 URL = "/api/v1/vcenter/config"
 GIB = 1024 ** 3
 SECRET = "Vc-Pa55w0rd-never-shown"
-CONFIG_FIELDS = {"id", "name", "host", "port", "username", "password", "datacenter", "verify_tls",
+CONFIG_FIELDS = {"id", "name", "host", "port", "username", "password", "datacenter", "verify_tls", "appliance_id",
                  "created_at", "updated_at"}
 SERVICES = ("auth", "inventory")
 

@@ -193,6 +193,14 @@ async def test_real_answers_match_the_documented_bodies(doc, make_settings, tmp_
                 return r if r.status_code == 200 and r.json()["cbt_history"] else None
             check(await wait_for(context_done, timeout=20), "/api/v1/vm-contexts/{vm_name}", 200)
             check(await c.get("/api/v1/vm-contexts", headers=h), "/api/v1/vm-contexts", 200)
+            # The copier's change-id calls and the VMA appliances (issue 16).
+            cid = "/api/v1/replications/changeid"
+            disk_id = job["source_vm"]["disks"][0]["id"]
+            check(await c.post(f"/api/v1/replications/{job_id}/changeid", headers=h, json={
+                "change_id": "52 3c/43", "disk_id": disk_id}), "/api/v1/replications/{job_id}/changeid", 200)
+            check(await c.get(cid, headers=h, params={"vm_path": job["source_vm"]["path"], "disk_id": disk_id}),
+                  cid, 200)
+            check(await c.post("/api/v1/appliances", headers=h, json={"action": "get"}), "/api/v1/appliances", 200)
 
             second = check(await env.post(request(env.config_id, "contract-vm2")), "/api/v1/replications", 201)
             check(await env.delete(second["job_id"]), jobs + "/{job_id}", 200)

@@ -18,3 +18,9 @@ def factory(api_url: str | None = None, settings: Settings | None = None) -> Htt
 @hookimpl
 def oma_register_vma_clients(register) -> None:
     register("http", factory, description=DESCRIPTION)
+
+
+@hookimpl
+def oma_register_inventory_sources(register) -> None:
+    from plugins.vma import inventory
+    register("vma", inventory.factory, description="a vCenter reached through its VMA (POST /api/v1/discover)")

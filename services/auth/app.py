@@ -7,7 +7,7 @@ from prometheus_client import Counter
 from services.auth import operators, service
 from shared import errors
 from shared.crypto import Keyring
-from shared.schemas import LoginRequest
+from shared.schemas import ApplianceAction, LoginRequest
 from shared.service import BusRequest, ServiceApp, endpoint
 from shared.subjects import Auth
 
@@ -90,7 +90,7 @@ class AuthService(ServiceApp):
             raise errors.BadRequest("Validation failed", "name: required, at most 255 characters")
         token = data.get("token") or service.new_appliance_token()
         async with self.sessions.begin() as db:
-            await service.upsert_appliance(db, self.keys, name, token)
+            await service.upsert_appliance(db, self.keys, name, token, data.get("api_url"))
         AUTH_EVENTS.labels(event="appliance_added").inc()
         return {"success": True, "appliance_id": name, "token": token}
 
@@ -98,6 +98,33 @@ class AuthService(ServiceApp):
     async def appliance_list(self, req: BusRequest):
         async with self.sessions() as db:
             return {"success": True, "appliances": await service.list_appliances(db)}
+
+    @endpoint(Auth.APPLIANCE_ACTION)
+    async def appliance_action(self, req: BusRequest):
+        """`POST /api/v1/appliances`: {action: get} lists, {action: update, appliance_id, api_url} sets the URL."""
+        body = req.model(ApplianceAction)
+        async with self.sessions.begin() as db:
+            if body.action == "get":
+                return {"success": True, "appliances": await service.list_appliances(db)}
+            if not body.appliance_id or not body.api_url:
+                raise errors.BadRequest("Missing required fields", "update needs appliance_id and api_url")
+            view = await service.update_appliance(db, body.appliance_id, body.api_url)
+        self.log.info("appliance API URL changed", extra={"appliance_id": body.appliance_id})
+        return {"success": True, "appliance": view}
+
+    @endpoint(Auth.APPLIANCE_GET)
+    async def appliance_get(self, req: BusRequest):
+        async with self.sessions() as db:
+            return {"success": True, "appliance": service.appliance_view(
+                await service.find_appliance(db, str(req.json().get("appliance_id") or "")))}
+
+    @endpoint(Auth.APPLIANCE_SEEN)
+    async def appliance_seen(self, req: BusRequest):
+        data = req.json()
+        name, reachable = str(data.get("appliance_id") or ""), bool(data.get("reachable"))
+        async with self.sessions.begin() as db:
+            await service.appliance_seen(db, name, reachable)
+        return {"success": True}
 
     @endpoint(Auth.APPLIANCE_REVOKE)
     async def appliance_revoke(self, req: BusRequest):

@@ -16,6 +16,10 @@ class Appliance(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The VMA's own API (the reverse tunnel by default) and whether OMA last reached it.
+    api_url: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    reachable: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # None: never tried
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Session(Base):

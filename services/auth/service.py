@@ -1,6 +1,7 @@
 """Appliance tokens and sessions. Tokens are stored only as keyed hashes."""
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import defaultdict, deque
@@ -79,18 +80,59 @@ class LoginThrottle:
         return wait
 
 
-async def upsert_appliance(db: AsyncSession, keys: Keyring, name: str, token: str) -> None:
+DEFAULT_API_URL = "http://127.0.0.1:9081"  # the reverse SSH tunnel to the VMA's port 8081
+
+
+def check_api_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url) or len(url) > 1024:
+        raise errors.BadRequest("Validation failed", "api_url: an http:// or https:// URL such as "
+                                f"{DEFAULT_API_URL}, at most 1024 characters")
+    return url
+
+
+async def upsert_appliance(db: AsyncSession, keys: Keyring, name: str, token: str,
+                           api_url: str | None = None) -> None:
     row = await db.scalar(select(Appliance).where(Appliance.appliance_id == name))
+    url = check_api_url(api_url) if api_url else None
     if row is None:
-        db.add(Appliance(appliance_id=name, token_hash=keys.token_hash(token), enabled=True, created_at=utcnow()))
+        db.add(Appliance(appliance_id=name, token_hash=keys.token_hash(token), enabled=True, created_at=utcnow(),
+                         api_url=url))
     else:
         row.token_hash, row.enabled = keys.token_hash(token), True
+        row.api_url = url or row.api_url
+
+
+def appliance_view(r: Appliance) -> dict:
+    return {"appliance_id": r.appliance_id, "enabled": r.enabled, "created_at": iso(r.created_at),
+            "last_used_at": iso(r.last_used_at), "api_url": r.api_url or DEFAULT_API_URL,
+            "reachable": r.reachable, "last_seen": iso(r.last_seen)}
 
 
 async def list_appliances(db: AsyncSession) -> list[dict]:
     rows = (await db.scalars(select(Appliance).order_by(Appliance.appliance_id))).all()
-    return [{"appliance_id": r.appliance_id, "enabled": r.enabled, "created_at": iso(r.created_at),
-             "last_used_at": iso(r.last_used_at)} for r in rows]
+    return [appliance_view(r) for r in rows]
+
+
+async def find_appliance(db: AsyncSession, name: str) -> Appliance:
+    row = await db.scalar(select(Appliance).where(Appliance.appliance_id == name))
+    if row is None:
+        raise errors.NotFound("Appliance not found", f"No appliance registered as {name!r}")
+    return row
+
+
+async def update_appliance(db: AsyncSession, name: str, api_url: str) -> dict:
+    row = await find_appliance(db, name)
+    row.api_url = check_api_url(api_url)
+    return appliance_view(row)
+
+
+async def appliance_seen(db: AsyncSession, name: str, reachable: bool) -> None:
+    """What the replication service found when it last called the VMA."""
+    values: dict = {"reachable": reachable}
+    if reachable:
+        values["last_seen"] = utcnow()
+    await db.execute(update(Appliance).where(Appliance.appliance_id == name).values(**values))
 
 
 async def revoke_appliance(db: AsyncSession, name: str) -> None:

@@ -12,7 +12,8 @@ from shared.disk_slot import SlotNumber, slot_number
 from shared.service import validation_details
 from shared.subjects import Failover, Inventory, Replication
 
-JOB_STATUSES = ("queued", "provisioning", "ready_for_sync", "replicating", "completed", "failed", "cancelled")
+JOB_STATUSES = ("queued", "provisioning", "ready_for_sync", "replicating", "stalled", "completed", "failed",
+                "cancelled")
 # Metric label values: bounded, whatever subject a producer invents.
 KNOWN_TYPES = ("created", "status_changed", "progressed", "completed", "failed", "discovered")
 

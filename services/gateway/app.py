@@ -20,6 +20,7 @@ from services.gateway.deps import SessionCache
 from services.gateway.fastpath import ContextReplies, FastReads
 from services.gateway.guard import RequestGuard
 from services.gateway.routers import (
+    appliances,
     auth,
     contexts,
     failover,
@@ -117,7 +118,8 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
     app.include_router(health.router)
     app.include_router(auth.router)
     # Every /api/v1 route but login is checked by RequestGuard, before its body is read.
-    for router in (ossea.router, inventory.router, replications.router, contexts.router, failover.router):
+    for router in (ossea.router, inventory.router, replications.router, contexts.router, failover.router,
+                   appliances.router):
         app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)

@@ -35,6 +35,8 @@ class ServiceHealth(Body):
     instances: int = Field(0, description="instances answering `$SRV.PING`")
     reason: str | None = None
     warning: str | None = None
+    vmas: dict | None = Field(None, description="replication only: followed_jobs, stalled_jobs, unreachable "
+                              "(VMA appliance ids whose last poll got no answer), waiting_jobs")
 
 
 class Health(Body):
@@ -92,6 +94,7 @@ class VCenterConfiguration(Body):
     password: Literal["[REDACTED]"] = "[REDACTED]"
     datacenter: str | None = None
     verify_tls: bool
+    appliance_id: str | None = Field(None, description="the VMA this vCenter is reached through")
     created_at: str = Stamp
     updated_at: str = Stamp
 
@@ -517,3 +520,32 @@ class NetworkMappingResult(Ok):
     mapping: NetworkMapping | None = None
     mappings: list[NetworkMapping] | None = None
     message: str | None = None
+
+
+# --- orchestration through the VMA (issue 16) -----------------------------------------------------
+class ChangeId(Body):
+    """The copier reads `change_id` only; empty means a full sync."""
+    change_id: str = Field(description="VMware change id, or empty")
+    vm_path: str | None = None
+    disk_id: str | None = None
+
+
+class ChangeIdRecorded(Ok):
+    job_id: str
+    disk_id: str
+    change_id: str
+
+
+class Appliance(Body):
+    appliance_id: str
+    api_url: str = Field(description="the VMA's API as OMA reaches it")
+    reachable: bool | None = Field(None, description="whether OMA's last call got an answer; null: never called")
+    last_seen: str | None = Field(None, description="UTC time of the last answer")
+    enabled: bool | None = None
+    created_at: str | None = None
+    last_used_at: str | None = None
+
+
+class ApplianceResult(Ok):
+    appliances: list[Appliance] | None = None
+    appliance: Appliance | None = None

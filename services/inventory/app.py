@@ -14,7 +14,7 @@ from shared.crypto import Keyring
 from shared.plugins import get_backend
 from shared.schemas import VCenterRequest
 from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Inventory
+from shared.subjects import Auth, Inventory
 
 CONNECTION_FIELDS = ("host", "port", "username", "password", "datacenter", "verify_tls")
 PUBLISH_BATCH = 256  # events published concurrently at a time
@@ -37,9 +37,29 @@ class InventoryService(ServiceApp):
         self._inflight: dict[str, asyncio.Task] = {}
         self._publishing: dict[str, asyncio.Task] = {}  # the last event batch of each vCenter
 
-    def _source(self, conn: dict[str, Any]) -> Any:
+    async def _source(self, conn: dict[str, Any]) -> Any:
+        """The configured source, or the `vma` source when the vCenter is reached through a VMA."""
+        if conn.get("appliance_id"):
+            conn = {**conn, "api_url": await self.appliance_url(conn["appliance_id"])}
+            return get_backend(self.pm, "inventory", "vma").factory(conn, self.settings)
         return self.source.factory({k: conn[k] for k in CONNECTION_FIELDS if conn.get(k) is not None},
                                    self.settings)
+
+    async def appliance_url(self, appliance_id: str) -> str:
+        reply = await self.bus.call(Auth.APPLIANCE_GET, {"appliance_id": appliance_id})
+        return reply["appliance"]["api_url"]
+
+    async def _stored(self, req: BusRequest) -> dict[str, Any]:
+        """The decrypted connection of the vCenter the request names (host or name), else 404."""
+        return await self._connection(req.model(service.DiscoverRequest).vcenter)
+
+    @endpoint(Inventory.CONNECTION)
+    async def vcenter_connection(self, req: BusRequest):
+        """A vCenter's decrypted connection and its VMA's API URL, for replication (never the gateway)."""
+        conn = await self._stored(req)
+        if conn["appliance_id"]:
+            conn["api_url"] = await self.appliance_url(conn["appliance_id"])
+        return {"success": True, "connection": conn}
 
     # -- vCenter connections: the anti-sprawl `action` endpoint ---------------------------------
 
@@ -67,7 +87,7 @@ class InventoryService(ServiceApp):
             values = self.store.merge_for_test(stored, values)
         require(values, service.CREATE_REQUIRED, "test")
         try:
-            found = await self._source(values).test()
+            found = await (await self._source(values)).test()
         except errors.OmaError as exc:
             self.log.info("vcenter connection test failed", extra={"vcenter": values["host"], "status": exc.status,
                                                                    "error": exc.error})
@@ -79,6 +99,7 @@ class InventoryService(ServiceApp):
     # -- discovery -----------------------------------------------------------------------------
 
     async def _connection(self, vcenter: str) -> dict[str, Any]:
+        """The decrypted connection of a vCenter (host or name), else 404."""
         async with self.sessions() as db:
             row = await service.find(db, vcenter)
             if row is None:
@@ -99,8 +120,7 @@ class InventoryService(ServiceApp):
 
     @endpoint(Inventory.DISCOVER)
     async def discover(self, req: BusRequest):
-        body = req.model(service.DiscoverRequest)
-        conn = await self._connection(body.vcenter)
+        conn = await self._stored(req)
         host = conn["host"]
         # One read per vCenter at a time: a request that arrives meanwhile shares its result.
         task = self._inflight.get(host)
@@ -120,7 +140,7 @@ class InventoryService(ServiceApp):
         try:
             self.reads += 1
             self.log.info("discovery started", extra={"vcenter": host})
-            found = await self._source(conn).discover()
+            found = await (await self._source(conn)).discover()
             read_s = time.perf_counter() - started
             self.log.info("discovery read", extra={"vcenter": host, "vms": len(found), "seconds": round(read_s, 3)})
             async with self.sessions.begin() as db:

@@ -32,6 +32,7 @@ class VCenterConfig(Base):
     password: Mapped[str] = mapped_column(Text)  # Keyring ciphertext, never plaintext
     datacenter: Mapped[str | None] = mapped_column(String(255))
     verify_tls: Mapped[bool] = mapped_column(Boolean)
+    appliance_id: Mapped[str | None] = mapped_column(String(255))  # its VMA; None: pyvmomi directly
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 

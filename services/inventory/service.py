@@ -76,7 +76,7 @@ class GetRequest(BaseModel):
 def connection(row: VCenterConfig, keys: Keyring) -> dict[str, Any]:
     """The decrypted connection fields (a VCenterConnection's keyword arguments)."""
     return {"host": row.host, "port": row.port, "username": row.username, "password": keys.decrypt(row.password, f"password of vCenter configuration {row.id}"),
-            "datacenter": row.datacenter, "verify_tls": row.verify_tls}
+            "datacenter": row.datacenter, "verify_tls": row.verify_tls, "appliance_id": row.appliance_id}
 
 
 def duplicate(what: str, value: str) -> errors.Conflict:
@@ -121,7 +121,7 @@ class VCenters(actions.Store[VCenterConfig]):
         """A configuration as every response shows it: the password redacted."""
         return {"id": row.id, "name": row.name, "host": row.host, "port": row.port, "username": row.username,
                 "password": REDACTED, "datacenter": row.datacenter, "verify_tls": row.verify_tls,
-                "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
+                "appliance_id": row.appliance_id, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
 
     async def create(self, db: AsyncSession, values: dict[str, Any]) -> VCenterConfig:
         require(values, CREATE_REQUIRED, "create")
@@ -131,7 +131,7 @@ class VCenters(actions.Store[VCenterConfig]):
         row = VCenterConfig(name=values["name"], host=values["host"], port=values.get("port") or 443,
                             username=values["username"], password=self.keys.encrypt(values["password"]),
                             datacenter=values.get("datacenter") or None, verify_tls=values.get("verify_tls", True),
-                            created_at=now, updated_at=now)
+                            appliance_id=values.get("appliance_id") or None, created_at=now, updated_at=now)
         db.add(row)
         await _flush(db, row)
         return row
@@ -144,7 +144,7 @@ class VCenters(actions.Store[VCenterConfig]):
         for name, value in values.items():
             if name == "password":
                 value = self.keys.encrypt(value)
-            elif name == "datacenter":
+            elif name in ("datacenter", "appliance_id"):
                 value = value or None
             setattr(row, name, value)
         row.updated_at = utcnow()

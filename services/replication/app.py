@@ -11,6 +11,8 @@ from sqlalchemy import or_, select
 
 from services.replication import admission
 from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
+from services.replication import changeids
+from services.replication.driver import VmaDriver
 from services.replication.service import Replicator
 from shared import errors
 from shared.schemas import ProgressReport, ReplicationRequest
@@ -29,6 +31,7 @@ class ReplicationService(ServiceApp):
     async def setup(self) -> None:
         self.jobs = Replicator(settings=self.settings, bus=self.bus, sessions=self.sessions, log=self.log,
                                pm=self.pm, spawn=self.spawn)
+        self.jobs.driver = VmaDriver(self.jobs)  # issue 16: syncs started and followed through the VMA
         # In the background: recovery needs the config and export services, which may start after us.
         # Not `spawn`ed: shutdown must not wait for their sleeps; teardown cancels them.
         self._janitors = [asyncio.create_task(self._recover()), asyncio.create_task(self._leases())]
@@ -39,6 +42,15 @@ class ReplicationService(ServiceApp):
         for task in self._janitors:
             task.cancel()
         await asyncio.gather(*self._janitors, return_exceptions=True)
+        await self.jobs.driver.close()
+
+    async def health(self, req: BusRequest) -> dict[str, Any]:
+        body = await super().health(req)
+        body["vmas"] = vmas = self.jobs.driver.health()
+        if vmas["waiting_jobs"]:  # a warning, not `down`: replication itself serves
+            body["warning"] = (f"VMA unreachable: {', '.join(vmas['unreachable'])} "
+                               f"({vmas['waiting_jobs']} running job(s) wait on it)")
+        return body
 
     async def wait_for_services(self) -> list[str]:
         """Until each service in `needs` answers `$SRV.PING.<name>`, at most `dependency_wait`
@@ -153,6 +165,14 @@ class ReplicationService(ServiceApp):
     @endpoint(Replication.CANCEL)
     async def cancel(self, req: BusRequest):
         return await self.jobs.cancel(self._job_id(req))
+
+    @endpoint(Replication.CHANGEID_GET)
+    async def changeid_get(self, req: BusRequest):
+        return await changeids.lookup(self.sessions, req.model(changeids.ChangeIdQuery))
+
+    @endpoint(Replication.CHANGEID_RECORD)
+    async def changeid_record(self, req: BusRequest):
+        return await changeids.record(self.sessions, req.model(changeids.ChangeIdRecord))
 
     @endpoint(Replication.USING_CONFIG)
     async def using_config(self, req: BusRequest):

@@ -27,8 +27,9 @@ from shared.db import Base, utcnow
 # Job statuses (docs/events.md).
 QUEUED, PROVISIONING, READY, REPLICATING = "queued", "provisioning", "ready_for_sync", "replicating"
 COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
-JOB_STATUSES = (QUEUED, PROVISIONING, READY, REPLICATING, COMPLETED, FAILED, CANCELLED)
-IN_FLIGHT = (QUEUED, PROVISIONING, READY, REPLICATING)
+STALLED = "stalled"  # replicating, but the VMA stopped answering or the bytes stopped moving
+JOB_STATUSES = (QUEUED, PROVISIONING, READY, REPLICATING, STALLED, COMPLETED, FAILED, CANCELLED)
+IN_FLIGHT = (QUEUED, PROVISIONING, READY, REPLICATING, STALLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
 # Disk statuses, in step order; `released` = volume detached and deleted, `handed_over` = a later
@@ -83,6 +84,10 @@ class ReplicationJob(Base):
     ready_at: Mapped[datetime | None] = mapped_column(DateTime)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    # Orchestration (services/replication/driver.py).
+    # (vcenter_host above: the vCenter, and so the VMA; empty: source_vm.vcenter)
+    start_sync: Mapped[bool | None] = mapped_column(Boolean)       # None: when the vCenter has a VMA
+    stalled_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class JobVolume(Base):

@@ -184,7 +184,7 @@ class Replicator:
                     total_bytes=sum(d.capacity_bytes or int(d.size_gb * GIB) for d in vm.disks),
                     source_vm=orjson.dumps(vm.model_dump(mode="json", exclude_none=True)).decode(),
                     current_operation="Queued", message="Waiting for free disk slots on the appliance VM",
-                    **original.job_fields(req, vcenter_host))
+                    **original.job_fields(req, vcenter_host), start_sync=req.start_sync)  # issue 16: driver.py
                 db.add(job)
                 await db.flush()  # the parent row first: no ORM relationship orders the inserts
                 rows = [JobVolume(job_id=job_id, unit_number=unit, disk_id=d.id, disk_path=d.path,
@@ -432,6 +432,7 @@ class Replicator:
         JOBS.labels(status=READY).inc()
         self.log.info("replication job ready for sync", extra={"job_id": job_id, "disks": len(rows)})
         await self.emit(job_id, Replication.EVT_STATUS)
+        self.driver.ready(job_id)  # issue 16 hook: start the sync through the job's VMA (driver.py)
 
     # -- failure, cancel, cleanup ---------------------------------------------------------------
 
@@ -467,6 +468,7 @@ class Replicator:
                     for r in await queries.rows(db, job_id):
                         if r.status == D_QUEUED:
                             r.status = D_CANCELLED
+        await self.driver.stop(job_id, before)  # issue 16 hook: the VMA's /cleanup of a running sync
         if before in IN_FLIGHT:
             JOBS.labels(status=CANCELLED).inc()
             self._throughput.pop(job_id, None)
@@ -542,6 +544,7 @@ class Replicator:
         await self.retry_cleanups(pending)
         await self.resume_lapsed()
         await self.pump()
+        await self.driver.resume()  # issue 16 hook: follow every sync running on a VMA again
 
     async def resume_lapsed(self) -> list[str]:
         """Resume the provisioning jobs whose process stopped renewing its lease (killed, restarted):

@@ -46,7 +46,7 @@ async def _ping_all(nc: Any, timeout: float) -> dict[str, int]:
 
 # What /health tells anyone about a service: no pids, paths or addresses, and never a secret,
 # whatever a service puts in its health reply.
-PUBLIC_FIELDS = ("status", "database", "reason", "warning")
+PUBLIC_FIELDS = ("status", "database", "reason", "warning", "vmas")  # vmas: replication's VMA reachability
 PUBLIC_EXPORTER = ("backend", "running", "exports")
 
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Path, Query, Request
 from services.gateway.deps import BusDep
 from services.gateway.proxy import errors_doc, forward
 from services.gateway import responses as r
-from shared.schemas import OFFSET_MAX, ProgressReport, ReplicationRequest
+from shared.schemas import OFFSET_MAX, ChangeIdBody, ProgressReport, ReplicationRequest
 from shared.subjects import Replication
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="e.g. job-20250812-080802")]
@@ -65,3 +65,18 @@ async def cancel_job(job_id: JobId, bus: BusDep, request: Request):
     """Cancel a job in flight and clean up what it created."""
     return await forward(bus, Replication.CANCEL, {"job_id": job_id},
                          timeout=cancel_timeout(request.app.state.settings))
+
+
+# The copier's change-id calls (services/replication/changeids.py), as the original VMA makes them.
+@router.get("/replications/changeid", response_model=r.ChangeId, responses=errors_doc(400, 401))
+async def get_change_id(bus: BusDep, vm_path: str = Query(min_length=1, max_length=1024),
+                        disk_id: str = Query(min_length=1, max_length=255, description="disk-<key>")):
+    """The change id the next copy of the disk starts from; empty for a first (full) sync."""
+    return await forward(bus, Replication.CHANGEID_GET, {"vm_path": vm_path, "disk_id": disk_id})
+
+
+@router.post("/replications/{job_id}/changeid", response_model=r.ChangeIdRecorded,
+             responses=errors_doc(400, 401, 404))
+async def record_change_id(job_id: JobId, body: ChangeIdBody, bus: BusDep):
+    """The disk's new change id after a successful copy; the job's completion adds it to the CBT history."""
+    return await forward(bus, Replication.CHANGEID_RECORD, {"job_id": job_id, **body.model_dump()})

@@ -31,12 +31,13 @@ STATUS = {
     "provisioning": ("◷", "Provisioning", "busy"),
     "ready_for_sync": ("◔", "Ready for sync", "busy"),
     "replicating": ("↻", "Replicating", "busy"),
+    "stalled": ("⚠", "Stalled (VMA silent or no bytes moving)", "bad"),
     "completed": ("✓", "Completed", "ok"),
     "failed": ("✕", "Failed", "bad"),
     "cancelled": ("⊘", "Cancelled", "idle"),
     "gone": ("⌀", "Gone from vCenter", "idle"),
 }
-ACTIVE = ("queued", "provisioning", "ready_for_sync", "replicating")
+ACTIVE = ("queued", "provisioning", "ready_for_sync", "replicating", "stalled")
 
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:

@@ -1,0 +1,66 @@
+"""The inventory source `vma`: discovery through the VMA's `POST /api/v1/discover`, for a vCenter
+that OMA reaches only through the VMA's tunnel. It answers the VMs in the shape the direct vSphere
+source gives (plugins/vsphere/source.py), so the inventory stores the same fields either way: VMs,
+disks with their unit numbers and keys, NICs with their MACs. What the VMA does not report
+(instance UUID, controllers, CBT flag) stays empty; the VM is then keyed by its moref.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from shared.settings import Settings
+from shared.vma import DiscoverRequest, VmaDisk, VmaNetwork, VmaVm
+
+
+def vcenter_address(host: str, port: int | None) -> str:
+    """The `vcenter` field the VMA logs in with: host, or host:port when not 443."""
+    return host if not port or port == 443 else f"{host}:{port}"
+
+
+def _disk(d: VmaDisk) -> dict[str, Any]:
+    key = d.id.removeprefix("disk-")
+    return {"id": d.id, "key": int(key) if key.isdigit() else None, "label": d.label,
+            "unit_number": d.unit_number, "path": d.vmdk_path or d.path, "size_gb": d.size_gb,
+            "capacity_bytes": d.capacity_bytes or None, "datastore": d.datastore,
+            "thin_provisioned": d.provisioning_type == "thin"}
+
+
+def _nic(n: VmaNetwork) -> dict[str, Any]:
+    return {"network": n.network_name, "mac_address": n.mac_address, "adapter_type": n.adapter_type,
+            "connected": n.connected}
+
+
+def inventory_vm(vm: VmaVm) -> dict[str, Any]:
+    return {"id": vm.id, "name": vm.name, "path": vm.path, "datacenter": vm.datacenter,
+            "cpus": vm.num_cpu or vm.cpus, "memory_mb": vm.memory_mb, "guest_os_full_name": vm.guest_os,
+            "power_state": vm.power_state, "disks": [_disk(d) for d in vm.disks],
+            "nics": [_nic(n) for n in vm.networks]}
+
+
+class VmaSource:
+    """Discovers one vCenter through one VMA. `connection`: host, port, username, password,
+    datacenter and the VMA's `api_url`."""
+
+    def __init__(self, connection: dict[str, Any], settings: Settings | None = None):
+        from plugins.vma.plugin import factory
+        self.connection = connection
+        self._client = lambda: factory(connection.get("api_url"), settings)
+
+    def _request(self) -> DiscoverRequest:
+        c = self.connection
+        return DiscoverRequest(vcenter=vcenter_address(c["host"], c.get("port")), username=c["username"],
+                               password=c["password"], datacenter=c.get("datacenter"))
+
+    async def discover(self) -> list[dict[str, Any]]:
+        async with self._client() as client:
+            found = await client.discover(self._request())
+        return sorted((inventory_vm(vm) for vm in found.vms), key=lambda vm: vm["path"])
+
+    async def test(self) -> dict[str, Any]:
+        async with self._client() as client:
+            found = await client.discover(self._request())
+        return {"api_version": None, "vm_count": len(found.vms), "about": f"through the VMA at {client.base_url}"}
+
+
+def factory(connection: dict[str, Any], settings: Any = None) -> VmaSource:
+    return VmaSource(connection, settings)
