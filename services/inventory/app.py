@@ -112,7 +112,7 @@ class InventoryService(ServiceApp):
     async def power(self, req: BusRequest):
         """Power a source VM off (guest shutdown, then hard) or on: failover's cutover and rollback."""
         body = req.model(service.PowerRequest)
-        source = self._source(await self._connection(body.vcenter))
+        source = await self._source(await self._connection(body.vcenter))
         on = None if body.action == "state" else body.action == "on"
         result = await source.power(body.vm_id, on, body.shutdown_timeout)
         self.log.info("source VM power changed", extra={"vcenter": body.vcenter, **result})

@@ -31,7 +31,7 @@ class ReplicationService(ServiceApp):
     async def setup(self) -> None:
         self.jobs = Replicator(settings=self.settings, bus=self.bus, sessions=self.sessions, log=self.log,
                                pm=self.pm, spawn=self.spawn)
-        self.jobs.driver = VmaDriver(self.jobs)  # issue 16: syncs started and followed through the VMA
+        self.jobs.driver = VmaDriver(self.jobs, self.pm)  # issue 16: syncs started and followed through the VMA
         # In the background: recovery needs the config and export services, which may start after us.
         # Not `spawn`ed: shutdown must not wait for their sleeps; teardown cancels them.
         self._janitors = [asyncio.create_task(self._recover()), asyncio.create_task(self._leases())]
@@ -43,14 +43,6 @@ class ReplicationService(ServiceApp):
             task.cancel()
         await asyncio.gather(*self._janitors, return_exceptions=True)
         await self.jobs.driver.close()
-
-    async def health(self, req: BusRequest) -> dict[str, Any]:
-        body = await super().health(req)
-        body["vmas"] = vmas = self.jobs.driver.health()
-        if vmas["waiting_jobs"]:  # a warning, not `down`: replication itself serves
-            body["warning"] = (f"VMA unreachable: {', '.join(vmas['unreachable'])} "
-                               f"({vmas['waiting_jobs']} running job(s) wait on it)")
-        return body
 
     async def wait_for_services(self) -> list[str]:
         """Until each service in `needs` answers `$SRV.PING.<name>`, at most `dependency_wait`
@@ -120,20 +112,26 @@ class ReplicationService(ServiceApp):
                 self.log.exception("orphan sweep failed")
 
     async def health(self, req: BusRequest) -> dict[str, Any]:
-        """Adds each appliance VM's disk capacity: configured, learnt from the cloud, held."""
+        """Adds the VMAs the running syncs depend on, and each appliance VM's disk capacity
+        (configured, learnt from the cloud, held). Both are warnings, not `down`: replication serves."""
         body = await super().health(req)
+        warnings = []
+        body["vmas"] = vmas = self.jobs.driver.health()
+        if vmas["waiting_jobs"]:
+            warnings.append(f"VMA unreachable: {', '.join(vmas['unreachable'])} "
+                            f"({vmas['waiting_jobs']} running job(s) wait on it)")
         try:
             async with self.sessions() as db:
                 body["appliance_vms"] = await admission.report(db, self.settings)
-            # The gateway's /health shows `warning`: a capacity below the setting is the operator's news.
-            lowered = [f"appliance VM {a['oma_vm_id']} holds at most {a['capacity']} data disks for replication "
-                       f"(OMA_MAX_ATTACHED_DISKS={a['configured']}; the cloud refused more)"
-                       for a in body["appliance_vms"] if a["capacity"] < a["configured"]]
-            if lowered:
-                body["warning"] = "; ".join(lowered)
+            # A capacity below the setting is the operator's news.
+            warnings += [f"appliance VM {a['oma_vm_id']} holds at most {a['capacity']} data disks for replication "
+                         f"(OMA_MAX_ATTACHED_DISKS={a['configured']}; the cloud refused more)"
+                         for a in body["appliance_vms"] if a["capacity"] < a["configured"]]
         except Exception as exc:  # noqa: BLE001 - the database line above already says it is down
             body["appliance_vms"] = None
             self.log.debug("capacity report unavailable", extra={"reason": type(exc).__name__})
+        if warnings:
+            body["warning"] = "; ".join(warnings)
         return body
 
     @staticmethod

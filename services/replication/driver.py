@@ -66,11 +66,11 @@ def device_uri(row: JobVolume, nbd_host: str) -> str:
 
 
 class VmaDriver:
-    def __init__(self, jobs: Any):
+    def __init__(self, jobs: Any, pm: Any):
         self.jobs = jobs
         self.settings = jobs.settings
         self.log = jobs.log
-        self.vma = get_backend(jobs.pm, "vma", "http")
+        self.vma = get_backend(pm, "vma", "http")
         self._clients: dict[str, VmaClient] = {}
         self._follow: dict[str, Follow] = {}
         self._reach: dict[str, tuple[bool, float]] = {}  # appliance -> (reachable, when told auth)
