@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -28,6 +27,8 @@ from typing import Any, Self
 
 import orjson
 from aiohttp import web
+
+from plugins.simserve import serve_until_signalled
 
 from .signing import format_date, lookup, verify
 
@@ -903,15 +904,7 @@ async def _serve(args: argparse.Namespace) -> None:
         max_volumes=args.max_volumes, max_primary_gb=args.max_primary_gb)
     for command, seconds in _latencies(args.latency).items():
         sim.set_latency(command, seconds)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(await sim.start(args.host, args.port), flush=True)  # the ready signal for scripts
-    try:
-        await stop.wait()
-    finally:
-        await sim.stop()
+    await serve_until_signalled(sim, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pyVmomi import vim, vmodl
 
 from plugins.ossea.simulator import _loopback_only_control
+from plugins.simserve import serve_until_signalled
 from plugins.vsphere.source import VCenterAuthError, VCenterConnection, VSphereSource
 from plugins.vma.client import redact_url
 from shared.errors import BadRequest, Conflict, NotFound, OmaError
@@ -568,15 +568,7 @@ async def _serve(args: argparse.Namespace) -> None:
                        verify_tls=not args.insecure_vcenter, appliance_id=args.appliance_id,
                        appliance_token=args.appliance_token or os.environ.get("OMA_VMA_SIM_TOKEN"),
                        strict_change_ids=args.strict_change_ids, nbd_host=args.nbd_host)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(await sim.start(args.host, args.port), flush=True)  # the ready signal for scripts
-    try:
-        await stop.wait()
-    finally:
-        await sim.stop()
+    await serve_until_signalled(sim, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> None:
