@@ -422,9 +422,13 @@ class Replicator:
 
     async def _ready(self, job_id: str) -> None:
         async with self.sessions.begin() as db:
-            job = await queries.job(db, job_id)
-            if job.status != PROVISIONING:
+            # Atomic: of two provisioning runs of one job (a resumed one racing a late one), one
+            # makes it ready, so its sync starts once.
+            moved = await db.execute(update(ReplicationJob).where(
+                ReplicationJob.job_id == job_id, ReplicationJob.status == PROVISIONING).values(status=READY))
+            if moved.rowcount != 1:
                 return
+            job = await queries.job(db, job_id)
             rows = await queries.rows(db, job_id)
             job.status, job.progress_percent, job.ready_at = READY, 100.0, utcnow()
             job.current_operation = "Ready for sync"
@@ -554,6 +558,9 @@ class Replicator:
             async with self.sessions.begin() as db:
                 claimed = await recovery.claim_lapsed(db, self.settings.provision_lease)
             for job_id in claimed:
+                task = self._running.get(job_id)
+                if task is not None and not task.done():  # ours and alive (a late renewal): claim renewed
+                    continue
                 self.log.warning("replication job interrupted by a restart; resuming", extra={"job_id": job_id})
                 self._start(job_id)
         return claimed
