@@ -15,6 +15,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import Gauge
 from sqlalchemy import select, update
@@ -59,10 +60,17 @@ class Follow:
 
 
 def device_uri(row: JobVolume, nbd_host: str) -> str:
-    """The target the VMA writes: nbd://OMA_NBD_HOST:port/export, else the export's URI, else hostless."""
-    if nbd_host or not (row.export_uri or "").startswith("nbd://"):
+    """The target the VMA writes: the export's URI (nbd:// or, with TLS, nbds:// with its PSK query),
+    its host replaced by OMA_NBD_HOST when set; without a URI, nbd://OMA_NBD_HOST:port/export (hostless
+    when unset)."""
+    uri = urlsplit(row.export_uri or "")
+    if uri.scheme not in ("nbd", "nbds"):
         return f"nbd://{nbd_host}:{row.export_port}/{row.export_name}"
-    return row.export_uri  # type: ignore[return-value]
+    if not nbd_host:
+        return row.export_uri  # type: ignore[return-value]
+    user = f"{uri.username}@" if uri.username else ""
+    port = f":{uri.port}" if uri.port else ""
+    return urlunsplit(uri._replace(netloc=f"{user}{nbd_host}{port}"))
 
 
 class VmaDriver:
