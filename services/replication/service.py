@@ -442,11 +442,14 @@ class Replicator:
 
     async def fail(self, job_id: str, error: str, ops: CloudOps | None = None, *, pump: bool = True) -> None:
         async with self.sessions.begin() as db:
-            job = await queries.job(db, job_id)
-            if job.status in FINISHED:
+            await queries.job(db, job_id)  # 404 for an unknown job
+            # Atomic: of two failures of one job (two disks), one fails it and cleans up.
+            moved = await db.execute(update(ReplicationJob).where(
+                ReplicationJob.job_id == job_id, ReplicationJob.status.not_in(FINISHED)).values(
+                status=FAILED, error=error[:4000], completed_at=utcnow(), current_operation="Failed",
+                cleanup_pending=not self.keep_failed))
+            if moved.rowcount != 1:
                 return
-            job.status, job.error, job.completed_at = FAILED, error[:4000], utcnow()
-            job.current_operation, job.cleanup_pending = "Failed", not self.keep_failed
         JOBS.labels(status=FAILED).inc()
         self._throughput.pop(job_id, None)
         self.log.warning("replication job failed", extra={"job_id": job_id, "error": error})
