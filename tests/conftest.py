@@ -76,7 +76,10 @@ def free_port() -> int:
 def make_settings(tmp_path: Path, nats_url: str):
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = dict(nats_url=nats_url, data_dir=tmp_path / "data", nbd_port=free_port(),
-                                    appliance_tokens=f"test-vma={SEED_TOKEN}", startup_timeout=20)
+                                    appliance_tokens=f"test-vma={SEED_TOKEN}", startup_timeout=20,
+                                    # The session's stream holds every earlier test's events: a read model
+                                    # started here wants this test's events, not a replay of all of them.
+                                    contexts_deliver_policy="new")
         base.update(overrides)
         return Settings(**base)
     return make

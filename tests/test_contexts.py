@@ -141,7 +141,8 @@ async def bus(nats_url):
 @pytest.fixture
 def ctx_settings(make_settings, bus):
     def make(**overrides: Any) -> Settings:
-        overrides = {**TEST_TUNABLES, **overrides}
+        # The stream is purged for each of these tests: replay all of it, as a fresh appliance does.
+        overrides = {**TEST_TUNABLES, "contexts_deliver_policy": "all", **overrides}
         overrides.setdefault("contexts_consumer", f"context_aggregator-test-{uuid.uuid4().hex[:8]}")
         bus.consumers.append(overrides["contexts_consumer"])
         return make_settings(**overrides)
