@@ -8,28 +8,31 @@ cleanup of a test failover is the same compensations run forward (`CLEANUP_STEPS
 
 A test failover (replication keeps running): validate -> snapshot -> clone -> create_vm -> swap_root
 -> attach_data -> start -> verify (shared/reference/failover.md, route A). A live cutover boots the
-replica volumes themselves: validate -> power_off_source -> snapshot (safety) -> release (exports off,
-volumes off the appliance) -> create_vm (exact name, production networks, source MACs) -> swap_root ->
+replica volumes themselves: validate -> power_off_source -> final_sync (an incremental replication job
+through the VMA, run to completion) -> snapshot (safety) -> release (replication hands the volumes over;
+exports off, volumes off the appliance) -> create_vm (exact name, production networks, source MACs) -> swap_root ->
 attach_data -> start -> verify; its rollback detaches every volume before destroying the VM.
 """
 from __future__ import annotations
 
 import asyncio
 import re
+from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from plugins.ossea.client import CloudParamError, CloudStackError
 from shared import errors
-from shared.subjects import Exports, Inventory
+from shared.db import iso, utcnow
+from shared.subjects import Exports, Inventory, Replication
 
 RUNNING_STATES = ("Running", "Starting")
 # Step name -> the cleanup step that undoes it (None: nothing to undo).
 TEST_STEPS = ("validate", "snapshot", "clone", "create_vm", "swap_root", "attach_data", "start", "verify")
 CLEANUP_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "delete_clones", "delete_snapshots")
-LIVE_STEPS = ("validate", "power_off_source", "snapshot", "release", "create_vm", "swap_root", "attach_data",
-              "start", "verify")
+LIVE_STEPS = ("validate", "power_off_source", "final_sync", "snapshot", "release", "create_vm", "swap_root",
+              "attach_data", "start", "verify")
 ROLLBACK_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "revert_snapshots", "reattach", "power_on_source",
                   "delete_snapshots")
 
@@ -53,21 +56,23 @@ class Ctx:
     timeout: float
     bus: Any = None          # shared.bus.Bus: the source's power, the replica's exports
     save: Callable[[], Awaitable[None]] | None = None  # persist `plan` now (before acting on it)
+    final_sync_timeout: float = 3600.0
 
     @property
     def live(self) -> bool:
         return self.plan.get("mode") == "live"
 
-    async def until(self, what: str, probe: Callable[[], Awaitable[Any]]) -> Any:
+    async def until(self, what: str, probe: Callable[[], Awaitable[Any]], timeout: float | None = None) -> Any:
         """Poll `probe` until it returns something truthy (cloud jobs another run left pending)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        timeout = timeout or self.timeout
+        deadline = loop.time() + timeout
         while True:
             found = await probe()
             if found:
                 return found
             if loop.time() > deadline:
-                raise errors.UpstreamTimeout("Failover step timed out", f"{what} within {self.timeout:g}s")
+                raise errors.UpstreamTimeout("Failover step timed out", f"{what} within {timeout:g}s")
             await asyncio.sleep(self.poll)
 
 
@@ -79,8 +84,8 @@ def safe_name(text: str, limit: int) -> str:
     return name[:limit].rstrip("-")
 
 
-def test_vm_name(vm_name: str, failover_id: str) -> str:
-    stamp = failover_id.removeprefix("fo-").replace("-", "")[:14]
+def test_vm_name(vm_name: str, now: datetime) -> str:
+    stamp = f"{now:%Y%m%d%H%M%S}"
     return f"{safe_name(vm_name, 63 - 6 - len(stamp))}-test-{stamp}"
 
 
@@ -463,13 +468,53 @@ async def power_off_source(ctx: Ctx) -> None:
     await _power(ctx, "off")
 
 
+async def final_sync(ctx: Ctx) -> None:
+    """The last incremental sync, after the source stopped writing: a replication job of the VM that
+    replication starts through the VMA (services/replication/driver.py) and runs to `completed`.
+    Its request time is recorded before the request, so a restart finds the job instead of asking twice."""
+    p = ctx.plan
+    if not p.get("final_sync"):
+        return
+    if not p.get("final_sync_job_id"):
+        job_id = await _final_sync_requested(ctx) if p.get("final_sync_requested_at") else None
+        if job_id is None:
+            p["final_sync_requested_at"] = iso(utcnow())
+            await ctx.save()
+            reply = await ctx.bus.call(Replication.CREATE, {
+                "source_vm": p["source_vm"], "ossea_config_id": p["ossea_config_id"],
+                "replication_type": "incremental", "start_sync": True}, timeout=p["provision_wait"] + 30)
+            job_id = reply["job_id"]
+        p["final_sync_job_id"] = job_id
+        await ctx.save()
+    job_id = p["final_sync_job_id"]
+
+    async def completed() -> bool:
+        job = await ctx.bus.call(Replication.GET, {"job_id": job_id})
+        if job["status"] in ("failed", "cancelled"):
+            raise errors.BadGateway("Final sync failed", f"replication job {job_id} {job['status']}: {job.get('error')}")
+        return job["status"] == "completed"
+    await ctx.until(f"final sync {job_id} completed", completed, ctx.final_sync_timeout)
+    p["replication_job_id"] = job_id  # the job that holds the replica now: the hand-over names it
+
+
+async def _final_sync_requested(ctx: Ctx) -> str | None:
+    """The VM's replication job created since the final sync was requested, if that request landed."""
+    listed = await ctx.bus.call(Replication.LIST, {"vm_name": ctx.plan["vm_name"], "limit": 5})
+    since = ctx.plan["final_sync_requested_at"]
+    return next((j["job_id"] for j in listed.get("jobs", []) if (j.get("created_at") or "") >= since), None)
+
+
 async def power_on_source(ctx: Ctx) -> None:
     if ctx.plan.get("source_power") == "poweredOn":
         await _power(ctx, "on")
 
 
 async def release(ctx: Ctx) -> None:
-    """The replica leaves the appliance: its exports stop serving, its volumes are detached."""
+    """The replica leaves the appliance: replication hands its volumes over to the new VM (no sync,
+    delete or cleanup of the VM touches them from now on; 409 while a sync runs), its exports stop
+    serving, its volumes are detached."""
+    await ctx.bus.call(Replication.HANDOVER, {"job_id": ctx.plan["replication_job_id"],
+                                              "failover_id": ctx.failover_id})
     for disk in ctx.plan["disks"]:
         if disk.get("export_name"):
             await ctx.bus.call(Exports.DEACTIVATE, {"export_name": disk["export_name"]})
@@ -488,6 +533,9 @@ async def reattach(ctx: Ctx) -> None:
         if disk.get("export_name"):
             await ctx.bus.call(Exports.ENSURE, {"vm_id": disk["export_vm_id"], "disk_unit_number": disk["unit"],
                                                 "vm_name": ctx.plan["vm_name"], "device_path": disk["device_path"]})
+    # Replication takes the volumes back; without a revert their change ids are void (a full sync next).
+    await ctx.bus.call(Replication.RECLAIM, {"job_id": ctx.plan["replication_job_id"], "failover_id": ctx.failover_id,
+                                             "reverted": bool(ctx.plan.get("reverted", True))})
 
 
 async def revert_snapshots(ctx: Ctx) -> None:
@@ -520,7 +568,7 @@ RUN: dict[str, Step] = {
     "swap_root": swap_root, "attach_data": attach_data, "start": start, "verify": verify,
     "stop_vm": stop_vm, "detach_volumes": detach_volumes, "destroy_vm": destroy_vm,
     "delete_clones": delete_clones, "delete_snapshots": delete_snapshots,
-    "power_off_source": power_off_source, "release": release, "revert_snapshots": revert_snapshots,
+    "power_off_source": power_off_source, "final_sync": final_sync, "release": release, "revert_snapshots": revert_snapshots,
     "reattach": reattach, "power_on_source": power_on_source}
 # What undoes each forward step (run in reverse order on failure).
 UNDO: dict[str, Step | None] = {
