@@ -10,8 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -21,6 +22,8 @@ from plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSi
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.nbdutil import nbdcopy, random_file
 from tests.test_replication import Env, replication_env, request
+from tests.test_orchestration import VM, assert_volumes_equal_source, discovered_vm, job_in, orchestrated
+from tests.test_orchestration import start as start_sync
 from tests.vcsim import DiskSpec, NicSpec, create_vm, find_by_name, running_vcsim
 
 KEY, SECRET = "sim-key", "sim-secret"
@@ -388,45 +391,71 @@ def live_source() -> Any:
         yield vc
 
 
-async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict[str, str]) -> None:
-    assert not [v for v in env.sim.vms.values() if v["name"] == "live01"]       # that VM is gone
+async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict[str, str],
+                            name: str = "live01") -> None:
+    assert not [v for v in env.sim.vms.values() if v["name"] == name]           # that VM is gone
     assert [env.sim.volumes[v].vm_id for v in replicas] == [DEFAULT_VM_ID] * 2  # back on the appliance
     assert env.client.appliance.services["export_manager"].exporter.list_exports() == served  # served again
-    assert power_state(vc, "live01") == "poweredOn"
+    assert power_state(vc, name) == "poweredOn"
     assert env.sim.lab.snapshots == {}
 
 
-async def test_live_cutover_then_rollback(make_settings, tmp_path):
-    with live_source() as vc:
-        async with replication_env(make_settings, tmp_path, services=LIVE_SERVICES, cloud_poll_interval=0.05,
-                                   failover_shutdown_timeout=2) as env:
-            c, h = env.client, env.headers
-            replicas = await prepare_live(env, vc)
-            exporter = c.appliance.services["export_manager"].exporter
-            served = exporter.list_exports()
-            assert len(served) == 2
+def when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=None)
 
-            live = await finished(env, (await failover(env, "live", "live01"))["failover_id"])
-            assert live["status"] == "completed", live
-            assert power_state(vc, "live01") == "poweredOff"                         # vCenter says so
-            [target] = [v for v in env.sim.vms.values() if v["name"] == "live01"]    # the exact name
-            assert target["state"] == "Running"
-            disks = sorted((v for v in env.sim.volumes.values() if v.vm_id == target["id"]), key=lambda v: v.device_id)
-            assert [(d.id, d.type) for d in disks] == [(replicas[0], "ROOT"), (replicas[1], "DATADISK")]
-            nics = env.sim.lab.nics[target["id"]]
-            assert [n["macaddress"] for n in nics] == [n.mac_address for n in LIVE_NICS]   # source MACs kept
-            assert [n["networkid"] for n in nics] == list(PROD_NETWORK_IDS)
-            assert exporter.list_exports() == {}                                      # the exports were released
-            assert len(env.sim.lab.snapshots) == 2                                   # the safety snapshots
-            await context_status(env, "failed_over_live", "live01")
-            assert_error_shape(await c.post("/api/v1/failover", headers=h, json={
-                "action": "test", "vm_name": "live01"}), 409)
 
-            back = await finished(env, (await failover(env, "rollback", "live01"))["failover_id"])
-            assert back["status"] == "completed", back
-            assert (await finished(env, live["failover_id"]))["status"] == "rolled_back"
-            await check_rolled_back(env, vc, replicas, served)
-            await context_status(env, "rolled_back", "live01")
+async def test_live_cutover_with_the_final_sync_through_the_vma_then_rollback(make_settings, tmp_path):
+    """The source in vcsim, reached through the VMA simulator: the final sync is a replication job the
+    VMA runs after the power-off, and it carries what the guest wrote after the last sync."""
+    async with orchestrated(make_settings, tmp_path, vm_spec={"nics": LIVE_NICS, "power_on": True},
+                            cloud_poll_interval=0.05, failover_shutdown_timeout=2) as (c, h, cloud, vma, vc):
+        env = Env(c, h, cloud, c.config_id, tmp_path, [])
+        vm = await discovered_vm(c, h, vc)
+        for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+            r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+                "source_network": nic.network, "production_network_id": net}})
+            assert r.status_code == 201, r.text
+        first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
+        assert first["status"] == "completed", first
+        replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
+        served = c.appliance.services["export_manager"].exporter.list_exports()
+        # The guest writes after the last sync: only a sync after the power-off carries it over.
+        written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
+
+        live = await finished(env, (await failover(env, "live", VM))["failover_id"], timeout=120)
+        assert live["status"] == "completed", live
+        assert [s["name"] for s in live["steps"]][:4] == ["validate", "power_off_source", "final_sync", "snapshot"]
+        steps = {s["name"]: s for s in live["steps"]}
+        final = await env.job(live["final_sync_job_id"])
+        assert final["replication_type"] == "incremental" and final["status"] == "completed", final
+        assert when(steps["power_off_source"]["completed_at"]) <= when(final["created_at"])   # after the power-off
+        assert when(final["completed_at"]) <= when(steps["snapshot"]["started_at"])           # before the snapshots
+        assert final["bytes_transferred"] == written                                          # the delta, by the VMA
+        assert [d["volume_id"] for d in sorted(final["disks"], key=lambda d: d["unit_number"])] == replicas
+        assert_volumes_equal_source(cloud, vma, vc, vm, final)  # the replicas hold the source's last bytes
+        assert power_state(vc, VM) == "poweredOff"
+        [target] = [v for v in cloud.vms.values() if v["name"] == VM]
+        assert target["state"] == "Running"
+        disks = sorted((v for v in cloud.volumes.values() if v.vm_id == target["id"]), key=lambda v: v.device_id)
+        assert [(d.id, d.type) for d in disks] == [(replicas[0], "ROOT"), (replicas[1], "DATADISK")]
+        assert [n["macaddress"] for n in cloud.lab.nics[target["id"]]] == [n.mac_address for n in LIVE_NICS]
+
+        # Replication was told: the volumes are the new VM's, no sync of the VM and no release of them.
+        r = await c.post("/api/v1/replications", headers=h, json={
+            "source_vm": vm, "ossea_config_id": c.config_id, "replication_type": "incremental"})
+        assert live["failover_id"] in assert_error_shape(r, 409)["details"]
+        assert "rollback" in r.json()["details"]
+        assert_error_shape(await env.delete(final["job_id"]), 409)
+        assert [cloud.volumes[v].vm_id for v in replicas] == [target["id"]] * 2
+
+        back = await finished(env, (await failover(env, "rollback", VM))["failover_id"], timeout=120)
+        assert back["status"] == "completed", back
+        await check_rolled_back(env, vc, replicas, served, VM)
+        # Given back, reverted to the snapshots taken after the final sync: syncs resume incrementally.
+        written = (await vma.mutate(vm["path"], vm["disks"][1]["id"], 1))["bytes_written"]
+        again = await job_in(c, h, await start_sync(c, h, vm, "incremental"), "completed", "failed")
+        assert again["status"] == "completed" and again["bytes_transferred"] == written, again
+        assert_volumes_equal_source(cloud, vma, vc, vm, again)
 
 
 async def test_a_failed_live_cutover_puts_everything_back(make_settings, tmp_path):
@@ -436,9 +465,9 @@ async def test_a_failed_live_cutover_puts_everything_back(make_settings, tmp_pat
             replicas = await prepare_live(env, vc)
             served = env.client.appliance.services["export_manager"].exporter.list_exports()
             env.sim.fail("startVirtualMachine", errorcode=533, errortext="Insufficient capacity to start")
-            job = await finished(env, (await failover(env, "live", "live01"))["failover_id"])
+            job = await finished(env, (await failover(env, "live", "live01", final_sync=False))["failover_id"])
             assert job["status"] == "compensated" and "Insufficient capacity" in job["error"], (job["error"], job["steps"])
-            assert [s["status"] for s in job["steps"]][:-1] == ["compensated"] * 8   # verify never ran
+            assert [s["status"] for s in job["steps"]][:-1] == ["compensated"] * 9   # verify never ran
             await check_rolled_back(env, vc, replicas, served)
             await context_status(env, "ready_for_failover", "live01")
 
@@ -506,6 +535,35 @@ async def kill_on_call(sim: CloudStackSimulator, proc: FailoverProcess, mark: in
     sim.release(command)
 
 
+def hold_power(env: Env, action: str) -> Callable[[FailoverProcess], Awaitable[None]]:
+    """Like `kill_on_call` for the source's power (vCenter, through the inventory service): the power
+    `action` is held until the failover service that asked for it is SIGKILLed, then carried out."""
+    inventory = env.client.appliance.services["inventory"]
+    real = inventory._source
+    asked, go = asyncio.Event(), asyncio.Event()
+
+    class Held:
+        def __init__(self, source: Any):
+            self.source = source
+
+        async def power(self, vm_id: str, on: bool | None, timeout: float) -> dict[str, Any]:
+            if on is (action == "on") and not asked.is_set():
+                asked.set()
+                await go.wait()
+            return await self.source.power(vm_id, on, timeout)
+
+    async def source(conn: dict[str, Any]) -> Any:
+        return Held(await real(conn))
+    inventory._source = source
+
+    async def kill(proc: FailoverProcess) -> None:
+        await asyncio.wait_for(asked.wait(), 60)
+        proc.kill()
+        go.set()
+        inventory._source = real
+    return kill
+
+
 @contextlib.asynccontextmanager
 async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: tuple[str, ...],
                    point: tuple[str, str, str, Any]) -> AsyncIterator[tuple[Env, Any]]:
@@ -524,13 +582,20 @@ async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: t
                 return r.status_code == 200
             await wait_for(up, timeout=60, interval=0.2)
 
-            async def run(action: str, vm_name: str = "app01") -> dict[str, Any]:
+            async def run(action: str, vm_name: str = "app01", **options: Any) -> dict[str, Any]:
                 mark = len(env.sim.calls)
+                held = None
                 if phase == action:
-                    env.sim.hang(command)
-                failover_id = (await failover(env, action, vm_name))["failover_id"]
-                if phase == action:
+                    if command.startswith("power:"):
+                        held = hold_power(env, command.removeprefix("power:"))
+                    else:
+                        env.sim.hang(command)
+                failover_id = (await failover(env, action, vm_name, **options))["failover_id"]
+                if held is not None:
+                    await held(proc)
+                elif phase == action:
                     await kill_on_call(env.sim, proc, mark, command, match)
+                if phase == action:
                     proc.start()
                 job = await finished(env, failover_id)
                 assert job["status"] == "completed", job
@@ -553,12 +618,14 @@ async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tm
 
 
 LIVE_KILL_POINTS = [
-    ("live", "snapshot", "createSnapshot", None), ("live", "release", "detachVolume", None),
+    ("live", "power_off_source", "power:off", None), ("live", "snapshot", "createSnapshot", None), ("live", "release", "detachVolume", None),
     ("live", "create_vm", "deployVirtualMachine", None), ("live", "swap_root", "deleteVolume", None),
     ("live", "attach_data", "attachVolume", no_device_0), ("live", "start", "startVirtualMachine", None),
+    ("live", "verify", "listNics", None),
     ("rollback", "stop_vm", "stopVirtualMachine", None), ("rollback", "detach_volumes", "detachVolume", None),
     ("rollback", "destroy_vm", "destroyVirtualMachine", None),
     ("rollback", "revert_snapshots", "revertSnapshot", None), ("rollback", "reattach", "attachVolume", None),
+    ("rollback", "power_on_source", "power:on", None),
     ("rollback", "delete_snapshots", "deleteSnapshot", None)]
 
 
@@ -568,7 +635,7 @@ async def test_kill_9_during_live_cutover_and_rollback(make_settings, tmp_path, 
         async with killable(make_settings, tmp_path, mariadb_name, LIVE_SERVICES, point) as (env, run):
             replicas = await prepare_live(env, vc)
             served = env.client.appliance.services["export_manager"].exporter.list_exports()
-            await run("live", "live01")
+            await run("live", "live01", final_sync=False)  # no VMA here: the final sync is tested above
             [target] = [v for v in env.sim.vms.values() if v["name"] == "live01"]
             assert target["state"] == "Running" and power_state(vc, "live01") == "poweredOff"
             assert [v.id for v in sorted((v for v in env.sim.volumes.values() if v.vm_id == target["id"]),

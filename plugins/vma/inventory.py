@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.settings import Settings
-from shared.vma import DiscoverRequest, VmaDisk, VmaNetwork, VmaVm
+from shared.vma import DiscoverRequest, PowerRequest, VCenterCredentials, VmaDisk, VmaNetwork, VmaVm
 
 
 def vcenter_address(host: str, port: int | None) -> str:
@@ -38,8 +38,9 @@ def inventory_vm(vm: VmaVm) -> dict[str, Any]:
 
 
 class VmaSource:
-    """Discovers one vCenter through one VMA. `connection`: host, port, username, password,
-    datacenter and the VMA's `api_url`."""
+    """Discovers one vCenter through one VMA, and powers its VMs (failover's cutover and rollback)
+    through the VMA's power routes. `connection`: host, port, username, password, datacenter and the
+    VMA's `api_url`."""
 
     def __init__(self, connection: dict[str, Any], settings: Settings | None = None):
         from plugins.vma.plugin import factory
@@ -55,6 +56,21 @@ class VmaSource:
         async with self._client() as client:
             found = await client.discover(self._request())
         return sorted((inventory_vm(vm) for vm in found.vms), key=lambda vm: vm["path"])
+
+    async def power(self, vm_id: str, on: bool | None, shutdown_timeout: float = 120.0) -> dict[str, Any]:
+        """As the vSphere source's `power`: on, off (a guest shutdown, forced after `shutdown_timeout`),
+        or None to read the state; the state before and after."""
+        c = self.connection
+        creds = VCenterCredentials(vcenter=vcenter_address(c["host"], c.get("port")), username=c["username"],
+                                   password=c["password"])
+        async with self._client() as client:
+            if on is None:
+                state = (await client.power_state(vm_id, creds)).power_state
+                return {"vm_id": vm_id, "previous_state": state, "power_state": state, "method": "none"}
+            request = PowerRequest(**creds.model_dump(), vm_id=vm_id, timeout=max(1, round(shutdown_timeout)))
+            done = await (client.power_on(request) if on else client.power_off(request))
+        return {"vm_id": vm_id, "previous_state": done.previous_state, "power_state": done.new_state,
+                "method": done.shutdown_method or ("power_on" if on else "none")}
 
     async def test(self) -> dict[str, Any]:
         async with self._client() as client:
