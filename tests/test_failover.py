@@ -378,6 +378,9 @@ async def prepare_live(env: Env, vc: Any) -> list[str]:
         assert r.status_code == 201, r.text
     r = await env.post({"source_vm": source, "ossea_config_id": env.config_id})
     assert r.status_code == 201, r.text
+    # No VMA here: the sync is reported done on the copier's push route (a ready job is still in flight,
+    # and replication hands no volumes over while a sync may start).
+    assert (await env.progress(r.json()["job_id"], {"status": "completed"})).status_code == 200
     by_unit = {d["unit_number"]: d["volume_id"] for d in (await env.job(r.json()["job_id"]))["disks"]}
     return [by_unit[u] for u in sorted(by_unit)]
 
