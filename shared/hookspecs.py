@@ -52,5 +52,11 @@ def oma_register_vma_clients(register: Register) -> None:
     `VmaClient` (shared.vma) that talks to the appliance next to vCenter."""
 
 
+@hookspec
+def oma_register_converters(register: Register) -> None:
+    """Register guest converters (failover's `convert` option): `register(name, factory)`;
+    `factory(settings)` returns an object with `check()` and async `convert(device_path)` (plugins/convert.py)."""
+
+
 def _all() -> list[Callable[..., Any]]:
     return [v for k, v in globals().items() if k.startswith("oma_")]

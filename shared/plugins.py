@@ -17,6 +17,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "vsphere": "plugins.vsphere.plugin",
     "device": "plugins.device",
     "vma": "plugins.vma.plugin",
+    "convert": "plugins.convert",
 }
 
 KINDS = {
@@ -26,6 +27,7 @@ KINDS = {
     "exporter": "oma_register_exporters",
     "device-resolver": "oma_register_device_resolvers",
     "vma": "oma_register_vma_clients",
+    "converter": "oma_register_converters",
 }
 
 

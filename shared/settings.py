@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     failover_stub_template: str = Field("oma-failover-stub", description="template (name or id) of the stub VM")
     failover_shutdown_timeout: float = Field(120.0, ge=0, le=3600,
                                              description="seconds a guest shutdown may take before a hard power-off")
+    convert_timeout: float = Field(3600.0, gt=0, description="seconds a guest conversion (virt-v2v) may take")
+    convert_libguestfs_backend_settings: str = Field("", max_length=255, description="LIBGUESTFS_BACKEND_SETTINGS "
+                                                     "for virt-v2v, e.g. force_tcg where /dev/kvm is unusable")
+    convert_virtio_win: Path | None = Field(None, description="virtio-win ISO or directory (VIRTIO_WIN) for "
+                                            "converting Windows guests")
     failover_final_sync_timeout: float = Field(3600.0, gt=0, le=86400, description="seconds a live cutover's "
                                                "final sync (after the source power-off) may take before it fails")
 

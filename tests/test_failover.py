@@ -256,7 +256,7 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         assert started["status"] == "running" and started["failover_id"].startswith("fo-")
         job = await finished(env, started["failover_id"])
         assert job["status"] == "completed", job
-        assert [s["status"] for s in job["steps"]] == ["done"] * 8
+        assert [s["status"] for s in job["steps"]] == ["done"] * 9
         assert {r["kind"] for r in job["resources"]} == {"snapshot", "volume", "vm", "stub_root"}
         assert all(r["cloud_id"] for r in job["resources"])
         await check_test_vm(env, job, reply)
@@ -337,7 +337,8 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
                              ({"action": "cleanup", "vm_name": "nobody"}, 409),
                              ({"action": "live", "vm_name": "x"}, 409),
                              ({"action": "rollback", "vm_name": "x"}, 409),
-                             ({"action": "test", "vm_name": "x", "options": {"final_sync": True}}, 400)):
+                             ({"action": "test", "vm_name": "x", "options": {"final_sync": True}}, 400),
+                             ({"action": "test", "vm_name": "x", "options": {"convert": "nope"}}, 400)):
             r = await env.client.post("/api/v1/failover", headers=env.headers, json=body)
             assert_error_shape(r, status)
         assert_error_shape(await env.client.get("/api/v1/failover/jobs/fo-nope", headers=env.headers), 404)
@@ -348,6 +349,34 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
         assert "VM Network" in assert_error_shape(r, 400)["details"]
         r = await env.client.post("/api/v1/network/mappings", headers=env.headers, json={"action": "get"})
         assert [m["source_network"] for m in r.json()["mappings"]] == ["Backup Net"]
+
+
+# -- the virt-v2v converter, for real ----------------------------------------------------------------
+
+async def test_virt_v2v_runs_for_real_and_its_failure_compensates(make_settings, tmp_path):
+    """`virt-v2v-in-place -i disk` on the boot clone of a replica that holds a filesystem and no
+    operating system: virt-v2v's inspection finds no guest, the `convert` step fails with virt-v2v's own
+    message, and the compensation leaves nothing behind. libguestfs runs its appliance under TCG
+    (force_tcg): /dev/kvm is unusable on these machines (shared/reference/failover.md §2)."""
+    async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
+                               convert_libguestfs_backend_settings="force_tcg", convert_timeout=900) as env:
+        reply = await prepare(env, "conv01", disks=2)
+        boot = min(reply["nbd_exports"], key=lambda e: e["disk_unit_number"])["device_path"]
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "no-os", boot], check=True)  # a filesystem, no OS
+        job = await finished(env, (await failover(env, "test", "conv01", convert="virt-v2v"))["failover_id"],
+                             timeout=900)
+        assert job["status"] == "compensated", job
+        steps = {s["name"]: s for s in job["steps"]}
+        assert steps["convert"]["status"] == "compensated" and steps["create_vm"]["status"] == "pending"
+        assert "virt-v2v-in-place exited with 1" in steps["convert"]["error"], steps["convert"]
+        # virt-v2v's own words, not ours
+        assert "virt-v2v-in-place: error: inspection could not detect the source guest" in job["error"], job["error"]
+        assert [steps[n]["status"] for n in ("snapshot", "clone")] == ["compensated"] * 2
+        replicas = {v["volume_id"] for v in reply["created_volumes"]}
+        assert await leftovers(env.sim, replicas) == {"vms": [], "volumes": [], "snapshots": []}
+        on_appliance = {v.id for v in env.sim.volumes.values() if v.vm_id == DEFAULT_VM_ID and v.type == "DATADISK"}
+        assert on_appliance == replicas   # the clone was attached for the conversion, then detached and deleted
+        await context_status(env, "ready_for_failover", "conv01")
 
 
 # -- live cutover and rollback, with the source in vcsim ----------------------------------------------
@@ -470,7 +499,7 @@ async def test_a_failed_live_cutover_puts_everything_back(make_settings, tmp_pat
             env.sim.fail("startVirtualMachine", errorcode=533, errortext="Insufficient capacity to start")
             job = await finished(env, (await failover(env, "live", "live01", final_sync=False))["failover_id"])
             assert job["status"] == "compensated" and "Insufficient capacity" in job["error"], (job["error"], job["steps"])
-            assert [s["status"] for s in job["steps"]][:-1] == ["compensated"] * 9   # verify never ran
+            assert [s["status"] for s in job["steps"]][:-1] == ["compensated"] * 10   # verify never ran
             await check_rolled_back(env, vc, replicas, served)
             await context_status(env, "ready_for_failover", "live01")
 

@@ -48,7 +48,7 @@ from services.replication.cloud import error_text
 from shared import errors
 from shared.bus import Reply, event_envelope
 from shared.db import free_id, iso, limit_offset, list_filters, utcnow
-from shared.plugins import get_backend
+from shared.plugins import BackendNotFound, get_backend
 from shared.schemas import FailoverRequest, NetworkMappingRequest
 from shared.subjects import Config, Failover, Replication
 
@@ -121,7 +121,14 @@ class Failovers:
         self.sessions = app.sessions
         self.log = app.log
         self.cloud_backend = get_backend(app.pm, "cloud", self.settings.cloud_backend)
+        self.resolver = get_backend(app.pm, "device-resolver", self.settings.device_resolver).factory(self.settings)
         self._running: dict[str, asyncio.Task] = {}
+
+    def converter(self, name: str) -> Any:
+        try:
+            return get_backend(self.app.pm, "converter", name).factory(self.settings)
+        except BackendNotFound as exc:
+            raise errors.BadRequest("Converter not available", f"options.convert: {exc}") from None
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -167,9 +174,7 @@ class Failovers:
 
     async def _admit(self, req: FailoverRequest) -> FailoverJob:
         opts, live = req.options, req.action == "live"
-        if opts.convert not in (None, "none"):
-            raise errors.BadRequest("Converter not available", f"options.convert: {opts.convert!r} is not "
-                                    "installed; only 'none' is available")
+        self.converter(opts.convert or "none").check()  # 400 for an unknown or uninstalled converter
         if opts.final_sync and not live:
             raise errors.BadRequest("Final sync is a live cutover's", "options.final_sync: a test failover "
                                     "boots clones while replication goes on; only `live` syncs after the power-off")
@@ -201,7 +206,7 @@ class Failovers:
             # The final sync (live; on by default): a replication job of the same source VM, through its VMA.
             "final_sync": live and opts.final_sync is not False, "source_vm": source,
             "ossea_config_id": replica["ossea_config_id"], "replication_job_id": replica["job_id"],
-            "provision_wait": self.settings.provision_wait}
+            "provision_wait": self.settings.provision_wait, "convert": opts.convert or "none"}
         job = FailoverJob(action=req.action, vm_name=req.vm_name, status=RUNNING,
                           ossea_config_id=replica["ossea_config_id"], replication_job_id=replica["job_id"],
                           options=orjson.dumps(opts.model_dump(exclude_none=True)).decode(),
@@ -306,7 +311,8 @@ class Failovers:
                 await self._set_job(owner, plan=orjson.dumps(plan).decode())
             ctx = st.Ctx(client, JobResources(self.sessions, owner), plan, owner,
                          self.settings.cloud_poll_interval, self.settings.cloud_job_timeout, self.bus, save,
-                         self.settings.failover_final_sync_timeout)
+                         self.settings.failover_final_sync_timeout, self.converter(plan.get("convert") or "none"),
+                         self.resolver, self.settings.device_wait)
             if job.status == RUNNING:
                 await self._forward(job, ctx)
             if job.status == COMPENSATING:

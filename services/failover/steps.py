@@ -6,10 +6,11 @@ never creates twice. Every creating step records the unique name before it asks,
 soon as the cloud answers. A compensation undoes its step from whatever state the cloud is in; the
 cleanup of a test failover is the same compensations run forward (`CLEANUP_STEPS`).
 
-A test failover (replication keeps running): validate -> snapshot -> clone -> create_vm -> swap_root
--> attach_data -> start -> verify (shared/reference/failover.md, route A). A live cutover boots the
+A test failover (replication keeps running): validate -> snapshot -> clone -> convert (optional, the
+boot clone on the appliance) -> create_vm -> swap_root -> attach_data -> start -> verify (shared/reference/failover.md, route A). A live cutover boots the
 replica volumes themselves: validate -> power_off_source -> final_sync (an incremental replication job
-through the VMA, run to completion) -> snapshot (safety) -> release (replication hands the volumes over;
+through the VMA, run to completion) -> snapshot (safety) -> convert (optional, the boot replica in
+place) -> release (replication hands the volumes over;
 exports off, volumes off the appliance) -> create_vm (exact name, production networks, source MACs) -> swap_root ->
 attach_data -> start -> verify; its rollback detaches every volume before destroying the VM.
 """
@@ -29,10 +30,10 @@ from shared.subjects import Exports, Inventory, Replication
 
 RUNNING_STATES = ("Running", "Starting")
 # Step name -> the cleanup step that undoes it (None: nothing to undo).
-TEST_STEPS = ("validate", "snapshot", "clone", "create_vm", "swap_root", "attach_data", "start", "verify")
+TEST_STEPS = ("validate", "snapshot", "clone", "convert", "create_vm", "swap_root", "attach_data", "start", "verify")
 CLEANUP_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "delete_clones", "delete_snapshots")
-LIVE_STEPS = ("validate", "power_off_source", "final_sync", "snapshot", "release", "create_vm", "swap_root",
-              "attach_data", "start", "verify")
+LIVE_STEPS = ("validate", "power_off_source", "final_sync", "snapshot", "convert", "release", "create_vm",
+              "swap_root", "attach_data", "start", "verify")
 ROLLBACK_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "revert_snapshots", "reattach", "power_on_source",
                   "delete_snapshots")
 
@@ -57,6 +58,9 @@ class Ctx:
     bus: Any = None          # shared.bus.Bus: the source's power, the replica's exports
     save: Callable[[], Awaitable[None]] | None = None  # persist `plan` now (before acting on it)
     final_sync_timeout: float = 3600.0
+    converter: Any = None    # plugins/convert.py: the plan's `convert`
+    resolver: Any = None     # the device-resolver plugin: a volume attached to the appliance -> its device
+    device_wait: float = 30.0
 
     @property
     def live(self) -> bool:
@@ -355,6 +359,38 @@ async def verify(ctx: Ctx) -> None:
     ctx.plan["target_vm_id"] = row.cloud_id
 
 
+async def convert(ctx: Ctx) -> None:
+    """The guest conversion (plugins/convert.py) of the boot disk on the appliance: a test converts its
+    boot clone (attached to the appliance for it, then detached; a failure leaves it to the clone's
+    undo), a live cutover the boot replica in place (still attached; its undo puts the replica back to
+    the safety snapshot). A converter's failure fails the step with the converter's own message."""
+    if ctx.converter is None or ctx.plan.get("convert", "none") == "none" or ctx.plan.get("converted"):
+        return
+    boot, oma = (await _disks(ctx))[0], ctx.plan["oma_vm_id"]
+
+    async def on_oma() -> bool:
+        now = await volume(ctx, boot)
+        return bool(now and now.get("virtualmachineid") == oma)
+    if not ctx.live:
+        await _settle(ctx, lambda: ctx.cloud.attach_volume(boot, oma), on_oma)
+    device = await ctx.resolver.resolve(boot, ctx.device_wait)
+    ctx.plan["convert_started"] = True  # the disk may change from here on
+    await ctx.save()
+    result = await ctx.converter.convert(device)
+    if not ctx.live:
+        await _settle(ctx, lambda: ctx.cloud.detach_volume(boot), lambda: _not_attached(ctx, boot))
+    ctx.plan["converted"] = bool(result.get("converted"))
+
+
+async def undo_live_convert(ctx: Ctx) -> None:
+    """A conversion that started may have changed the boot replica: every replica goes back to its
+    safety snapshot (off the appliance, as a revert needs), then back on it with its exports; replication
+    is told whether the revert worked. Nothing to do when the release's undo already did it."""
+    if ctx.plan.get("convert_started") and not ctx.plan.get("restored"):
+        await release(ctx)
+        await revert_and_reattach(ctx)
+
+
 # -- compensations (and the cleanup of a test failover) ---------------------------------------
 
 async def stop_vm(ctx: Ctx) -> None:
@@ -560,11 +596,13 @@ async def revert_snapshots(ctx: Ctx) -> None:
 async def revert_and_reattach(ctx: Ctx) -> None:
     await revert_snapshots(ctx)
     await reattach(ctx)
+    ctx.plan["restored"] = True
+    await ctx.save()
 
 
 Step = Callable[[Ctx], Awaitable[None]]
 RUN: dict[str, Step] = {
-    "validate": validate, "snapshot": take_snapshots, "clone": clone, "create_vm": create_vm,
+    "validate": validate, "snapshot": take_snapshots, "clone": clone, "convert": convert, "create_vm": create_vm,
     "swap_root": swap_root, "attach_data": attach_data, "start": start, "verify": verify,
     "stop_vm": stop_vm, "detach_volumes": detach_volumes, "destroy_vm": destroy_vm,
     "delete_clones": delete_clones, "delete_snapshots": delete_snapshots,
@@ -572,9 +610,9 @@ RUN: dict[str, Step] = {
     "reattach": reattach, "power_on_source": power_on_source}
 # What undoes each forward step (run in reverse order on failure).
 UNDO: dict[str, Step | None] = {
-    "validate": None, "snapshot": delete_snapshots, "clone": delete_clones, "create_vm": destroy_vm,
+    "validate": None, "snapshot": delete_snapshots, "clone": delete_clones, "convert": None, "create_vm": destroy_vm,
     "swap_root": detach_volumes, "attach_data": detach_volumes, "start": stop_vm, "verify": None}
 # A live cutover's undo puts the replica back as it was: reverted while it is off the appliance (the VM
 # may have written to it), then on the appliance with its exports; the source powered on.
 UNDO_LIVE: dict[str, Step | None] = {
-    **UNDO, "power_off_source": power_on_source, "release": revert_and_reattach}
+    **UNDO, "power_off_source": power_on_source, "convert": undo_live_convert, "release": revert_and_reattach}
