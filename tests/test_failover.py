@@ -297,6 +297,18 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         again = await finished(env, (await failover(env, "test"))["failover_id"])
         assert again["status"] == "completed", again
 
+        # The test VM needs the OSSEA configuration too (its cleanup does): with replication's jobs gone
+        # (the test VM runs on clones), failover still refuses its deletion; after the cleanup it goes.
+        async def delete_config():
+            return await env.client.post("/api/v1/ossea/config", headers=env.headers,
+                                         json={"action": "delete", "id": env.config_id})
+        for job_id in (reply["job_id"], incremental["job_id"]):
+            assert (await env.delete(job_id)).status_code == 200
+        body = assert_error_shape(await delete_config(), 409)
+        assert f"used by failover jobs: {again['failover_id']}" in body["details"], body
+        assert (await finished(env, (await failover(env, "cleanup"))["failover_id"]))["status"] == "completed"
+        assert (await delete_config()).status_code == 200
+
 
 async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
