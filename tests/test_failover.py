@@ -441,6 +441,7 @@ async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict
     assert [env.sim.volumes[v].vm_id for v in replicas] == [DEFAULT_VM_ID] * 2  # back on the appliance
     assert env.client.appliance.services["export_manager"].exporter.list_exports() == served  # served again
     assert power_state(vc, name) == "poweredOn"
+    assert await leftovers(env.sim, set(replicas)) == {"vms": [], "volumes": [], "snapshots": []}
     assert env.sim.lab.snapshots == {}
 
 
