@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,15 +16,19 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from plugins.ossea.client import CloudParamError, CloudStackClient
 from plugins.ossea.sim_vms import PROD_NETWORK_IDS, SMALL_OFFERING_ID, STUB_TEMPLATE_ID, TEST_NETWORK_IDS
 from plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSimulator
+from services.failover.models import FailoverJob
+from services.failover.service import failover_id_base
+from shared.db import free_id
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.nbdutil import nbdcopy, random_file
-from tests.test_replication import Env, replication_env, request
 from tests.test_orchestration import VM, assert_volumes_equal_source, discovered_vm, job_in, orchestrated
 from tests.test_orchestration import start as start_sync
+from tests.test_replication import Env, replication_env, request
 from tests.vcsim import DiskSpec, NicSpec, create_vm, find_by_name, running_vcsim
 
 KEY, SECRET = "sim-key", "sim-secret"
@@ -253,7 +258,7 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         reply = await prepare(env)
         replicas = {v["volume_id"] for v in reply["created_volumes"]}
         started = await failover(env, "test")
-        assert started["status"] == "running" and started["failover_id"].startswith("fo-")
+        assert started["status"] == "running" and re.fullmatch(r"fo-\d{8}-\d{6}(-\d+)?", started["failover_id"])
         job = await finished(env, started["failover_id"])
         assert job["status"] == "completed", job
         assert [s["status"] for s in job["steps"]] == ["done"] * 9
@@ -340,6 +345,25 @@ async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_s
         assert again["status"] == "completed" and again["target_id"] == failed["target_id"], again
         assert await leftovers(env.sim, {v["volume_id"] for v in reply["created_volumes"]}) == \
             {"vms": [], "volumes": [], "snapshots": []}
+
+
+async def test_failover_ids_share_a_second_by_a_suffix():
+    """`fo-YYYYMMDD-HHMMSS` as replication's job ids: `-2`, `-3`... only when that second is taken."""
+    engine = create_async_engine("sqlite+aiosqlite://")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(FailoverJob.__table__.create)
+        sessions = async_sessionmaker(engine)
+        base = failover_id_base(datetime(2026, 11, 30, 12, 0, 0))
+        async with sessions.begin() as db:
+            assert await free_id(db, FailoverJob.failover_id, base) == base == "fo-20261130-120000"
+            for taken in (base, f"{base}-2", "fo-20261130-1200001"):
+                db.add(FailoverJob(failover_id=taken, action="test", vm_name="v", status="completed",
+                                   options="{}", plan="{}"))
+            await db.flush()
+            assert await free_id(db, FailoverJob.failover_id, base) == f"{base}-3"
+    finally:
+        await engine.dispose()
 
 
 async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):

@@ -239,7 +239,7 @@ class Failovers:
         transaction: the lock's primary key is what makes a second concurrent failover of the VM a 409;
         an id another process took in the same second (the unique index) is picked again."""
         job.created_at = job.created_at or utcnow()
-        for attempt in range(5):
+        for _ in range(5):
             job.id = None  # type: ignore[assignment]  # a rolled-back attempt's autoincrement value
             try:
                 async with self.sessions.begin() as db:
