@@ -24,6 +24,7 @@ from plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSi
 from services.failover.models import FailoverJob
 from services.failover.service import failover_id_base
 from shared.db import free_id
+from shared.settings import SERVICES as SETTINGS_SERVICES
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.nbdutil import nbdcopy, random_file
 from tests.test_orchestration import VM, assert_volumes_equal_source, discovered_vm, job_in, orchestrated
@@ -604,6 +605,12 @@ async def kill_on_call(sim: CloudStackSimulator, proc: FailoverProcess, mark: in
     sim.release(command)
 
 
+def failover_up(env: Env) -> Callable[[], Awaitable[bool]]:
+    async def up() -> bool:
+        return (await env.client.get("/api/v1/failover/jobs", headers=env.headers)).status_code == 200
+    return up
+
+
 def hold_power(env: Env, action: str) -> Callable[[FailoverProcess], Awaitable[None]]:
     """Like `kill_on_call` for the source's power (vCenter, through the inventory service): the power
     `action` is held until the failover service that asked for it is SIGKILLed, then carried out."""
@@ -646,10 +653,7 @@ async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: t
         proc = FailoverProcess(env.client.settings, tmp_path / "failover.log")
         proc.start()
         try:
-            async def up():
-                r = await env.client.get("/api/v1/failover/jobs", headers=env.headers)
-                return r.status_code == 200
-            await wait_for(up, timeout=60, interval=0.2)
+            await wait_for(failover_up(env), timeout=60, interval=0.2)
 
             async def run(action: str, vm_name: str = "app01", **options: Any) -> dict[str, Any]:
                 mark = len(env.sim.calls)
@@ -711,3 +715,52 @@ async def test_kill_9_during_live_cutover_and_rollback(make_settings, tmp_path, 
                                          key=lambda v: v.device_id)] == replicas
             await run("rollback", "live01")
             await check_rolled_back(env, vc, replicas, served)
+
+
+async def test_kill_9_during_the_final_sync_follows_the_same_sync(make_settings, tmp_path, mariadb_name):
+    """The VMA's copy of the final sync is held (its `hang` fault) while the failover service is
+    SIGKILLed: the restarted step waits for the same replication job (none is created twice), which
+    completes once the copy goes on; the cutover completes and its rollback leaves nothing behind."""
+    others = tuple(s for s in SETTINGS_SERVICES if s != "failover")
+    async with orchestrated(make_settings, tmp_path, services=others, vm_spec={"nics": LIVE_NICS, "power_on": True},
+                            **mariadb_settings(mariadb_name)) as (c, h, cloud, vma, vc):
+        env = Env(c, h, cloud, c.config_id, tmp_path, [])
+        proc = FailoverProcess(c.settings, tmp_path / "failover.log")
+        proc.start()
+        try:
+            await wait_for(failover_up(env), timeout=60, interval=0.2)
+            vm = await discovered_vm(c, h, vc)
+            for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+                r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+                    "source_network": nic.network, "production_network_id": net}})
+                assert r.status_code == 201, r.text
+            first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
+            assert first["status"] == "completed", first
+            replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
+            served = c.appliance.services["export_manager"].exporter.list_exports()
+            written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
+            await vma.set_faults(hang=True)
+            failover_id = (await failover(env, "live", VM))["failover_id"]
+
+            async def final_sync_running():
+                r = await c.get("/api/v1/replication/jobs", headers=h, params={"vm_name": VM})
+                newer = [j for j in r.json()["jobs"] if j["job_id"] != first["job_id"]]
+                return newer if newer and newer[0]["status"] == "replicating" else None
+            [final] = await wait_for(final_sync_running, timeout=60, interval=0.05)
+            proc.kill()
+            proc.start()
+            await vma.clear_faults()
+            live = await finished(env, failover_id, timeout=120)
+            assert live["status"] == "completed", live
+            steps = {s["name"]: s for s in live["steps"]}
+            assert steps["final_sync"]["attempts"] == 2 and live["final_sync_job_id"] == final["job_id"], steps
+            r = await c.get("/api/v1/replication/jobs", headers=h, params={"vm_name": VM})
+            assert [j["job_id"] for j in r.json()["jobs"]] == [final["job_id"], first["job_id"]]  # none twice
+            done = await env.job(final["job_id"])
+            assert done["status"] == "completed" and done["bytes_transferred"] == written, done
+            assert power_state(vc, VM) == "poweredOff"
+            back = await finished(env, (await failover(env, "rollback", VM))["failover_id"], timeout=120)
+            assert back["status"] == "completed", back
+            await check_rolled_back(env, vc, replicas, served, VM)
+        finally:
+            proc.stop()
