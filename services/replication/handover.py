@@ -80,7 +80,7 @@ async def reclaim(db: AsyncSession, body: ReclaimRequest) -> dict[str, Any]:
     row = await failed_over(db, job.vm_key)
     if row is not None and row.failover_id != body.failover_id:
         raise refusal(row, "another failover's rollback can give them back")
-    held = sorted((await admission.holdings(db, job.vm_key)).values(), key=lambda r: r.unit_number)
+    held = sorted(await admission.holdings(db, job.vm_key), key=lambda r: r.unit_number)
     if row is None:  # a resumed step: already given back
         return {"success": True, "vm_name": job.vm_name, "failed_over": False,
                 "volume_ids": [r.volume_id for r in held]}
@@ -93,6 +93,6 @@ async def reclaim(db: AsyncSession, body: ReclaimRequest) -> dict[str, Any]:
 
 
 async def _reply(db: AsyncSession, row: FailedOverVm) -> dict[str, Any]:
-    held = sorted((await admission.holdings(db, row.vm_key)).values(), key=lambda r: r.unit_number)
+    held = sorted(await admission.holdings(db, row.vm_key), key=lambda r: r.unit_number)
     return {"success": True, "vm_name": row.vm_name, "failed_over": True, "failover_id": row.failover_id,
             "since": iso(row.created_at), "volume_ids": [r.volume_id for r in held]}
