@@ -211,7 +211,10 @@ class Failovers:
                           ossea_config_id=replica["ossea_config_id"], replication_job_id=replica["job_id"],
                           options=orjson.dumps(opts.model_dump(exclude_none=True)).decode(),
                           plan=orjson.dumps(plan).decode(), created_at=now)
-        await self._insert(job, st.LIVE_STEPS if live else st.TEST_STEPS, lock=True)
+        steps = st.LIVE_STEPS if live else st.TEST_STEPS
+        if plan["convert"] == "none":  # no step that does nothing: its bookkeeping would cost time
+            steps = tuple(n for n in steps if n != "convert")
+        await self._insert(job, steps, lock=True)
         return job
 
     async def _admit_undo(self, req: FailoverRequest) -> FailoverJob:
