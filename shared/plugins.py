@@ -60,15 +60,27 @@ def get_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
     return pm
 
 
-def backends(pm: pluggy.PluginManager, kind: str) -> dict[str, Backend]:
+def _registered(pm: pluggy.PluginManager, hook_name: str) -> dict[str, Backend]:
     found: dict[str, Backend] = {}
-    hook = getattr(pm.hook, KINDS[kind])
-    for impl in reversed(hook.get_hookimpls()):  # later registrations override earlier ones
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # later ones override earlier
         def register(name: str, factory: Callable[..., Any], description: str = "",
                      _plugin: str = impl.plugin_name) -> None:
             found[name] = Backend(name, factory, description, _plugin)
         impl.function(register=register)
     return found
+
+
+def backends(pm: pluggy.PluginManager, kind: str) -> dict[str, Backend]:
+    return _registered(pm, KINDS[kind])
+
+
+def settings_sections(pm: pluggy.PluginManager) -> dict[str, type[hookspecs.PluginSettings]]:
+    """section -> the plugin's settings model (`oma_register_settings`)."""
+    sections = {name: b.factory for name, b in _registered(pm, "oma_register_settings").items()}
+    for name, model in sections.items():
+        if not (name.isidentifier() and name.islower() and issubclass(model, hookspecs.PluginSettings)):
+            raise TypeError(f"settings section {name!r}: a lower-case identifier and a PluginSettings subclass")
+    return sections
 
 
 def get_backend(pm: pluggy.PluginManager, kind: str, name: str) -> Backend:

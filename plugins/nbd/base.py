@@ -26,6 +26,7 @@ from shared.errors import BadRequest, NotFound, Unavailable
 
 from . import probe
 from .probe import ExportCheckError, describe_oserror, resource_error
+from .settings import DEFAULT_PORT, NbdSettings
 
 __all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError", "SpawnError", "ProcessExporter",
            "validate_export_name", "validate_device_path", "parse_version", "pid_alive"]
@@ -49,7 +50,7 @@ class SpawnError(ExporterStartError):
 
 @dataclass
 class ExporterConfig:
-    port: int = 10809
+    port: int = DEFAULT_PORT
     host: str = "127.0.0.1"                     # listen address; loopback unless configured
     state_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR) / "exports")
     binary: str | None = None                   # default: the backend's command found on PATH
@@ -78,28 +79,30 @@ class ExporterConfig:
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> "ExporterConfig":
-        """The `nbd_*` block of shared.settings.Settings (state in DATA_DIR/exports)."""
+        """From the `nbd` settings section (NbdSettings) of shared.settings.Settings; state in
+        DATA_DIR/exports."""
         if settings is None:
             from shared.settings import Settings
             settings = Settings()
+        nbd: NbdSettings = settings.nbd
         return cls(
-            port=settings.nbd_port,
-            host=settings.nbd_listen_addr,
+            port=nbd.port,
+            host=nbd.listen_addr,
             state_dir=Path(settings.data_dir) / "exports",
-            binary=settings.nbd_binary,
-            watchdog_interval=settings.nbd_watchdog_interval,
-            watchdog_max_backoff=settings.nbd_watchdog_max_backoff,
-            reload_debounce=settings.nbd_reload_debounce,
-            attach_pidfile=settings.nbd_attach_pidfile,
-            user=settings.nbd_user or None,
-            group=settings.nbd_group or None,
-            base_config=settings.nbd_base_config,
-            start_timeout=settings.nbd_start_timeout,
-            check_timeout=settings.nbd_check_timeout,
-            tls=settings.nbd_tls,
-            tls_username=settings.nbd_tls_username,
-            tls_psk_file=settings.nbd_tls_psk_file,
-            tls_client_psk_file=settings.nbd_tls_client_psk_file,
+            binary=nbd.binary,
+            watchdog_interval=nbd.watchdog_interval,
+            watchdog_max_backoff=nbd.watchdog_max_backoff,
+            reload_debounce=nbd.reload_debounce,
+            attach_pidfile=nbd.attach_pidfile,
+            user=nbd.user or None,
+            group=nbd.group or None,
+            base_config=nbd.base_config,
+            start_timeout=nbd.start_timeout,
+            check_timeout=nbd.check_timeout,
+            tls=nbd.tls,
+            tls_username=nbd.tls_username,
+            tls_psk_file=nbd.tls_psk_file,
+            tls_client_psk_file=nbd.tls_client_psk_file,
         )
 
 

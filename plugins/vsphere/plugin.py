@@ -10,15 +10,14 @@ DESCRIPTION = "VMware vCenter through pyvmomi (PropertyCollector bulk reads)"
 
 
 def factory(connection: VCenterConnection | dict[str, Any], settings: Any = None) -> VSphereSource:
-    """Build a `VSphereSource`. `connection` is a VCenterConnection or a dict of its fields;
-    `settings` may carry `vsphere_timeout` (seconds, default 60)."""
+    """Build a `VSphereSource`. `connection` is a VCenterConnection or a dict of its fields; the
+    timeout is `settings.vsphere_timeout` (a core setting: the gateway's wait derives from it)."""
     if isinstance(connection, dict):
         connection = VCenterConnection(**connection)
-    if isinstance(settings, dict):
-        timeout = settings.get("vsphere_timeout")
-    else:
-        timeout = getattr(settings, "vsphere_timeout", None)
-    return VSphereSource(connection, timeout=float(timeout) if timeout else 60.0)
+    if settings is None:
+        from shared.settings import Settings  # not at the top: shared.settings loads the plugins
+        settings = Settings()
+    return VSphereSource(connection, timeout=settings.vsphere_timeout)
 
 
 @hookimpl
