@@ -78,7 +78,8 @@ def settings_sections(pm: pluggy.PluginManager) -> dict[str, type[hookspecs.Plug
     """section -> the plugin's settings model (`oma_register_settings`)."""
     sections = {name: b.factory for name, b in _registered(pm, "oma_register_settings").items()}
     for name, model in sections.items():
-        if not (name.isidentifier() and name.islower() and issubclass(model, hookspecs.PluginSettings)):
+        if not (name.isidentifier() and name.islower() and isinstance(model, type)
+                and issubclass(model, hookspecs.PluginSettings)):
             raise TypeError(f"settings section {name!r}: a lower-case identifier and a PluginSettings subclass")
     return sections
 

@@ -7,11 +7,9 @@ from pydantic import Field
 
 from shared.hookspecs import PluginSettings
 
-DEFAULT_PORT = 10809
-
 
 class NbdSettings(PluginSettings):
-    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="NBD server port")
+    port: int = Field(10809, ge=1, le=65535, description="NBD server port")
     listen_addr: str = Field("127.0.0.1", description="NBD listen address; beyond loopback only with nbd_tls")
     binary: str | None = Field(None, description="NBD server command; default nbdkit / nbd-server on PATH")
     user: str = Field("root", description="nbd-server: user that opens the devices ('' = none)")
