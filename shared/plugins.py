@@ -19,6 +19,15 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "vma": "plugins.vma.plugin",
 }
 
+# The plugins' settings sections (`oma_register_settings`), entry-point group `oma.settings`. They are
+# loaded while shared.settings builds the Settings tree, so these modules import pydantic and
+# shared.hookspecs only, never their plugin's code (which may import shared.settings).
+SETTINGS_PLUGINS: dict[str, str] = {
+    "nbd": "plugins.nbd.settings",
+    "vma": "plugins.vma.settings",
+    "device": "plugins.device",
+}
+
 KINDS = {
     "storage": "oma_register_storage_backends",
     "cloud": "oma_register_cloud_backends",
@@ -49,13 +58,15 @@ class Backend:
     plugin: str
 
 
-def get_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
+def get_plugin_manager(load_entrypoints: bool = True, *, settings: bool = False) -> pluggy.PluginManager:
+    """The backends' plugins, or with `settings` the settings sections' (SETTINGS_PLUGINS)."""
+    builtin, group = (SETTINGS_PLUGINS, "oma.settings") if settings else (DEFAULT_PLUGINS, "oma")
     pm = pluggy.PluginManager("oma")
     pm.add_hookspecs(hookspecs)
-    for name, module in DEFAULT_PLUGINS.items():
+    for name, module in builtin.items():
         pm.register(importlib.import_module(module), name=name)
     if load_entrypoints:
-        pm.load_setuptools_entrypoints("oma")  # skips names registered above
+        pm.load_setuptools_entrypoints(group)  # skips names registered above
     pm.check_pending()
     return pm
 

@@ -194,7 +194,7 @@ def compose(sections: dict[str, type[PluginSettings]]) -> type[CoreSettings]:
 
 def _plugin_sections() -> dict[str, type[PluginSettings]]:
     from shared.plugins import get_plugin_manager, settings_sections
-    return settings_sections(get_plugin_manager())
+    return settings_sections(get_plugin_manager(settings=True))
 
 
 Settings = compose(_plugin_sections())
@@ -210,10 +210,10 @@ class Variable:
 
 
 def variables(cls: type[CoreSettings] | None = None) -> list[Variable]:
-    """Every OMA_ variable of the tree, the core's first, then each plugin section's."""
+    """Every OMA_ variable of the tree: the core's, then the plugin sections' by name."""
     cls = cls or Settings
     out = [Variable(f"OMA_{n.upper()}", n, (n,), f) for n, f in CoreSettings.model_fields.items()]
-    for section, model in cls._sections.items():
+    for section, model in sorted(cls._sections.items()):
         out += [Variable(f"OMA_{section.upper()}_{n.upper()}", f"{section}_{n}", (section, n), f, section)
                 for n, f in model.model_fields.items()]
     return out

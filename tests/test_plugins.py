@@ -95,7 +95,7 @@ def test_a_plugin_settings_section_joins_the_one_tree(monkeypatch):
         def oma_register_settings(register):
             register("throwaway", ThrowawaySettings)
 
-    pm = get_plugin_manager(load_entrypoints=False)
+    pm = get_plugin_manager(load_entrypoints=False, settings=True)
     pm.register(Plugin(), name="throwaway")
     sections = settings_sections(pm)
     assert set(sections) == {"nbd", "vma", "device", "throwaway"}

@@ -85,7 +85,7 @@ class ExporterConfig:
     def from_settings(cls, settings: Any = None) -> "ExporterConfig":
         """From the `nbd` settings section (NbdSettings) of shared.settings.Settings; state in
         DATA_DIR/exports."""
-        if settings is None:
+        if settings is None:  # imported here: plugins.nbd.settings is loaded while shared.settings is built
             from shared.settings import Settings
             settings = Settings()
         nbd: NbdSettings = settings.nbd

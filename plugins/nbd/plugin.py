@@ -8,7 +8,6 @@ from shared.hookspecs import Register, hookimpl
 from .base import ExporterConfig
 from .nbdkit import NbdkitExporter
 from .nbdserver import NbdServerExporter
-from .settings import NbdSettings
 
 
 def nbdkit_exporter(settings: Any = None) -> NbdkitExporter:
@@ -17,11 +16,6 @@ def nbdkit_exporter(settings: Any = None) -> NbdkitExporter:
 
 def nbd_server_exporter(settings: Any = None) -> NbdServerExporter:
     return NbdServerExporter(ExporterConfig.from_settings(settings))
-
-
-@hookimpl
-def oma_register_settings(register: Register) -> None:
-    register("nbd", NbdSettings)
 
 
 @hookimpl

@@ -1,11 +1,12 @@
-"""The `nbd` plugin's settings: `OMA_NBD_<FIELD>`, `settings.nbd.<field>` (docs/exporters.md)."""
+"""The `nbd` plugin's settings: `OMA_NBD_<FIELD>`, `settings.nbd.<field>` (docs/exporters.md).
+Loaded while shared.settings is built: imports pydantic and shared.hookspecs only."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import Field
 
-from shared.hookspecs import PluginSettings
+from shared.hookspecs import PluginSettings, Register, hookimpl
 
 
 class NbdSettings(PluginSettings):
@@ -27,3 +28,8 @@ class NbdSettings(PluginSettings):
                                       "DATA_DIR/exports/nbd-tls.psk, generated 0600 when missing")
     tls_client_psk_file: str | None = Field(None, description="where the VMA keeps its copy of the PSK "
                                             "file (tls-psk-file in export URIs); default: nbd_tls_psk_file")
+
+
+@hookimpl
+def oma_register_settings(register: Register) -> None:
+    register("nbd", NbdSettings)

@@ -4,20 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 from shared.hookspecs import hookimpl
+from shared.settings import Settings
 from plugins.vsphere.source import VCenterConnection, VSphereSource
 
 DESCRIPTION = "VMware vCenter through pyvmomi (PropertyCollector bulk reads)"
 
 
-def factory(connection: VCenterConnection | dict[str, Any], settings: Any = None) -> VSphereSource:
+def factory(connection: VCenterConnection | dict[str, Any], settings: Settings | None = None) -> VSphereSource:
     """Build a `VSphereSource`. `connection` is a VCenterConnection or a dict of its fields; the
     timeout is `settings.vsphere_timeout` (a core setting: the gateway's wait derives from it)."""
     if isinstance(connection, dict):
         connection = VCenterConnection(**connection)
-    if settings is None:
-        from shared.settings import Settings  # not at the top: shared.settings loads the plugins
-        settings = Settings()
-    return VSphereSource(connection, timeout=settings.vsphere_timeout)
+    return VSphereSource(connection, timeout=(settings or Settings()).vsphere_timeout)
 
 
 @hookimpl
