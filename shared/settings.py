@@ -252,22 +252,18 @@ def markdown(cls: type[CoreSettings] | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
-# flag -> (settings field, help). Single-dash long flags as in the seed; `--flag` works too.
-FLAGS: dict[str, str] = {
-    "port": "HTTP server port (default 8080)",
-    "debug": "enable debug logging",
-    "db-type": "database type: mariadb or memory (default memory)",
-    "db-host": "MariaDB hostname (default localhost)",
-    "db-port": "MariaDB port (default 3306)",
-    "db-name": "database name (default migratekit_oma)",
-    "db-user": "database username (default oma_user)",
-    "db-pass": "database password",
-    "auth-enabled": "enable authentication (default true)",
-    "nats-url": "NATS URL; empty starts an embedded nats-server",
-    "host": "HTTP listen address (default 0.0.0.0)",
-    "data-dir": "directory for local state (keys, export state)",
-    "metrics-port": "port of /metrics when a service runs alone",
-}
+# The command-line flags: single-dash long flags as in the seed (`--flag` works too), each a core
+# setting's name with dashes; the help is the setting's description and default.
+FLAGS = ("port", "debug", "db-type", "db-host", "db-port", "db-name", "db-user", "db-pass", "auth-enabled",
+         "nats-url", "host", "data-dir", "metrics-port")
+
+
+def flag_help(flag: str) -> str:
+    field = CoreSettings.model_fields[flag.replace("-", "_")]
+    default = _default(field)
+    return field.description if default == "(empty)" else f"{field.description} (default {default})"
+
+
 BOOL_FLAGS = {"debug", "auth-enabled"}
 
 
@@ -297,7 +293,7 @@ def build_parser(prog: str, extra: dict[str, str] | None = None, only: tuple[str
                  **kw: Any) -> argparse.ArgumentParser:
     """The flags of FLAGS (or the `only` ones, for a command that uses a few) and `extra`."""
     parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS, **kw)
-    flags = {k: v for k, v in FLAGS.items() if only is None or k in only}
+    flags = {k: flag_help(k) for k in FLAGS if only is None or k in only}
     for flag, help_text in {**flags, **(extra or {})}.items():
         names = (f"-{flag}", f"--{flag}")
         if flag in BOOL_FLAGS:
