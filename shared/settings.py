@@ -63,6 +63,12 @@ class Settings(BaseSettings):
                            description="oma-api processes: 1 = all in one; N = the services and N-1 gateway "
                                        "workers; auto = 2 on two cores or more")
 
+    # The demo (`oma-api -demo`, shared/demo.py, docs/demo.md).
+    demo: bool = Field(False, description="run the demo: the appliance with a synthetic vCenter, the VMA and "
+                                          "CloudStack simulators; the GUI says on every page it is a demo")
+    demo_vma_url: str = Field("", max_length=255, description="the demo's VMA simulator (set by -demo): where "
+                              "POST /api/v1/demo/mutate sends a guest write")
+
     # Auth.
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")
     appliance_tokens: str = Field("", repr=False, description="name=token,... registered at start-up")
@@ -187,8 +193,9 @@ FLAGS: dict[str, str] = {
     "host": "HTTP listen address (default 0.0.0.0)",
     "data-dir": "directory for local state (keys, export state)",
     "metrics-port": "port of /metrics when a service runs alone",
+    "demo": "oma-api: the appliance with simulated vCenter, VMA and CloudStack, ready to migrate (docs/demo.md)",
 }
-BOOL_FLAGS = {"debug", "auth-enabled"}
+BOOL_FLAGS = {"debug", "auth-enabled", "demo"}
 
 
 class FlagError(Exception):
