@@ -138,11 +138,12 @@ class Demo:
         await _call(http, "GET", f"/api/v1/vms/discover?vcenter={inv.host}")
 
     def _write_state(self) -> None:
-        """For scripts and tests: where the simulators are and the cloud's keys (0600)."""
+        """For scripts and tests (0600): where the simulators are, the cloud's keys, and the VMA's
+        appliance token, which logs in to the API (`POST /api/v1/auth/login`)."""
         path = self.data_dir / "demo.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"url": self.url, "vma_url": self.vma_url, "vma_id": VMA_ID,
+            json.dump({"url": self.url, "vma_url": self.vma_url, "appliance_id": VMA_ID, "token": self.vma_token,
                        "cloudstack": {"url": self.cloud_url, "api_key": self.api_key, "secret_key": self.secret_key},
                        "vcenter": {"host": self.inventory.host, "username": self.inventory.username}}, f)
 

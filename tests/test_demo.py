@@ -1,0 +1,140 @@
+"""`oma-api -demo` (issue 23), started as a subprocess as a newcomer would: the printed URL and
+password, the GUI's demo banner, then a whole migration through the API against its simulators:
+two VMs replicated to completed, a guest write from the demo panel and an incremental that copies
+just it, a test failover and its cleanup, a live cutover and its rollback; then nothing left in the
+cloud (no VM but the appliance's, no snapshot, every volume a replica on the appliance) and, after
+SIGTERM, no process left behind and no data directory."""
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+
+from plugins.ossea.client import CloudStackClient
+from plugins.ossea.simulator import DEFAULT_VM_ID
+from tests.conftest import assert_error_shape, free_port, wait_for
+from tests.demo_util import DemoProcess, launch
+
+MIGRATED = ("app01", "web01")  # app01: a SCSI and a SATA disk, two NICs, Windows; web01: one of each
+
+
+async def job_done(c: httpx.AsyncClient, path: str, *statuses: str, timeout: float = 90) -> dict:
+    async def check():
+        body = (await c.get(path)).json()
+        return body if body.get("status") in statuses else None
+    return await wait_for(check, timeout=timeout, interval=0.2)
+
+
+async def replicate(c: httpx.AsyncClient, vm: dict, config_id: int, kind: str = "initial") -> dict:
+    r = await c.post("/api/v1/replications", json={"source_vm": vm, "ossea_config_id": config_id,
+                                                    "replication_type": kind})
+    assert r.status_code in (201, 202), r.text
+    job = await job_done(c, f"/api/v1/replication/jobs/{r.json()['job_id']}", "completed", "failed")
+    assert job["status"] == "completed", job
+    return job
+
+
+async def failover(c: httpx.AsyncClient, action: str, vm_name: str) -> dict:
+    r = await c.post("/api/v1/failover", json={"action": action, "vm_name": vm_name, "options": {}})
+    assert r.status_code == 202, r.text
+    job = await job_done(c, f"/api/v1/failover/jobs/{r.json()['failover_id']}", "completed", "failed",
+                         "compensated", "compensation_failed")
+    assert job["status"] == "completed", job
+    return job
+
+
+async def power_state(c: httpx.AsyncClient, vm_name: str) -> str:
+    r = await c.get("/api/v1/vms/discover", params={"vcenter": "demo-vcenter"})
+    assert r.status_code == 200, r.text
+    return next(v for v in r.json()["vms"] if v["name"] == vm_name)["power_state"]
+
+
+async def a_whole_migration(demo: DemoProcess) -> None:
+    state = json.loads((demo.data_dir / "demo.json").read_text())
+    async with httpx.AsyncClient(base_url=demo.url, timeout=60) as c:
+        # The GUI: the banner on every page, the sign-in with the printed password, the VMs listed.
+        page = await c.get("/ui/login")
+        assert page.status_code == 200 and "simulated" in page.text and "demo-banner" in page.text
+        r = await c.post("/ui/login", data={"username": "demo", "password": demo.password,
+                                            "csrf_token": c.cookies["oma_ui_login"]})
+        assert r.status_code == 303, r.text
+        dashboard = await c.get("/ui/")
+        assert dashboard.status_code == 200 and "demo-banner" in dashboard.text
+        assert all(f">{name}<" in dashboard.text for name in MIGRATED), dashboard.text
+        panel = await c.get("/ui/demo")
+        assert panel.status_code == 200 and "app01: Hard disk 2 (disk-16001)" in panel.text
+
+        r = await c.post("/api/v1/auth/login", json={"appliance_id": state["appliance_id"], "token": state["token"]})
+        assert r.status_code == 200, r.text
+        c.headers["Authorization"] = f"Bearer {r.json()['session_token']}"
+
+        # The synthetic inventory: a dozen VMs of 1 to 8 disks, several NICs, Linux and Windows.
+        vms = {v["name"]: v for v in (await c.get("/api/v1/vms", params={"limit": 100})).json()["vms"]}
+        assert len(vms) == 12
+        assert {len(v["disks"]) for v in vms.values()} >= {1, 2, 3, 4, 8}
+        assert {len(v["nics"]) for v in vms.values()} == {1, 2, 3}
+        assert any("Windows" in v["guest_os_full_name"] for v in vms.values())
+        assert any("Linux" in v["guest_os_full_name"] for v in vms.values())
+        [config] = (await c.post("/api/v1/ossea/config", json={"action": "get"})).json()["configurations"]
+
+        # Nothing to change before a replication made the disk; outside the inventory, 404.
+        assert_error_shape(await c.post("/api/v1/demo/mutate", json={"vm_name": "app01"}), 409)
+        assert_error_shape(await c.post("/api/v1/demo/mutate", json={"vm_name": "nope"}), 404)
+        assert_error_shape(await c.post("/api/v1/demo/mutate", json={"vm_name": "app01", "percent": 0}), 400)
+
+        jobs = {name: await replicate(c, vms[name], config["id"]) for name in MIGRATED}
+        assert jobs["app01"]["bytes_transferred"] == (40 + 10) << 20  # 1 MiB per GiB of the source
+
+        # A guest writes 2% of app01's SATA disk (from the demo panel's form); the incremental moves
+        # exactly those bytes.
+        r = await c.post("/ui/demo/mutate", data={"target": "disk-16001 app01", "percent": "2"},
+                         headers={"X-CSRF-Token": re.search(r'"X-CSRF-Token": "([^"]+)"', dashboard.text)[1],
+                                  "HX-Request": "true"})
+        assert r.status_code == 200 and "app01 disk-16001" in r.text, r.text
+        written = int(re.search(r"\((\d+) bytes\)", r.text)[1])
+        assert 0 < written <= 0.03 * (10 << 20)
+        inc = await replicate(c, vms["app01"], config["id"], "incremental")
+        assert inc["bytes_transferred"] == written, inc
+
+        # Test failover and its cleanup; live cutover (the source powered off) and its rollback.
+        test = await failover(c, "test", "app01")
+        await failover(c, "cleanup", "app01")
+        assert (await c.get(f"/api/v1/failover/jobs/{test['failover_id']}")).json()["status"] == "cleaned_up"
+        live = await failover(c, "live", "app01")
+        assert await power_state(c, "app01") == "poweredOff"
+        await failover(c, "rollback", "app01")
+        assert (await c.get(f"/api/v1/failover/jobs/{live['failover_id']}")).json()["status"] == "rolled_back"
+        assert await power_state(c, "app01") == "poweredOn"
+
+        replicas = {d["volume_id"] for name in MIGRATED
+                    for d in (await c.get(f"/api/v1/replication/jobs/{jobs[name]['job_id']}")).json()["disks"]}
+        assert len(replicas) == 3
+
+    # The cloud: no VM but the appliance's, no snapshot, every volume the appliance's ROOT or a replica
+    # attached to it, and no hazard.
+    cs = state["cloudstack"]
+    async with CloudStackClient(cs["url"], cs["api_key"], cs["secret_key"]) as cloud:
+        assert [vm["id"] for vm in await cloud.list_virtual_machines()] == [DEFAULT_VM_ID]
+        assert await cloud.list_snapshots() == []
+        volumes = await cloud.list_volumes()
+        assert {v["id"] for v in volumes if v["type"] == "DATADISK"} == replicas
+        assert all(v.get("virtualmachineid") == DEFAULT_VM_ID for v in volumes), volumes
+    async with httpx.AsyncClient() as sim:
+        assert (await sim.get(cs["url"].removesuffix("/client/api") + "/sim/hazards")).json() == []
+
+
+async def test_a_whole_migration_on_the_demo_then_sigterm_leaves_nothing(tmp_path):
+    demo = launch(free_port(), log=tmp_path / "demo.log")
+    try:
+        demo.wait_ready()
+        tree = demo.descendants()
+        assert tree, "nats-server, the gateway worker and nbdkit run under the demo"
+        assert demo.data_dir.name.startswith("oma-demo-") and (demo.data_dir / "demo.json").exists()
+        await a_whole_migration(demo)
+        demo.descendants()
+    finally:
+        code = demo.stop()
+    assert code == 0, (tmp_path / "demo.log").read_text()[-3000:]
+    assert demo.left_behind() == []
+    assert not demo.data_dir.exists()  # the temporary data directory goes with it
