@@ -35,10 +35,9 @@ class DemoProcess:
                 raise AssertionError(f"oma-api -demo exited {self.proc.returncode}: {self.output}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no URL and password printed in {timeout} s: {self.output!r}")
-            chunk = self.proc.stdout.read()
-            if chunk:
-                self.output += chunk
-            else:
+            try:
+                self.output += os.read(self.proc.stdout.fileno(), 65536).decode()
+            except BlockingIOError:
                 time.sleep(0.02)
         elapsed = time.monotonic() - self.started
         self.url = READY.search(self.output)["url"].removesuffix("/ui/")
@@ -99,5 +98,5 @@ def launch(port: int, *extra: str, log: Path | None = None) -> DemoProcess:
     with open(log or os.devnull, "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", "from shared.cli import oma_api; oma_api()", "-demo",
                                  "-port", str(port), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=err, stdin=subprocess.DEVNULL, text=True)
+                                stderr=err, stdin=subprocess.DEVNULL)
     return DemoProcess(proc, time.monotonic())

@@ -293,7 +293,7 @@ class VmaSimulator:
     def _known_image(self, vcenter: str | None, vm_path: str, disk: str) -> DiskImage:
         key = disk.removeprefix("disk-")
         roots = [self.data_dir / quote(vcenter, safe="")] if vcenter else \
-            [p for p in self.data_dir.iterdir() if p.is_dir()]
+            [p for p in self.data_dir.iterdir() if p.is_dir()] if self.data_dir.is_dir() else []  # no disk yet
         found = [r / quote(vm_path, safe="") / f"disk-{key}.img" for r in roots]
         found = [p for p in found if p.exists()]
         if len(found) != 1:
