@@ -169,6 +169,8 @@ def demo_settings(settings: Settings) -> tuple[Settings, Path | None]:
     update: dict[str, Any] = {"data_dir": data_dir}
     if "host" not in given:
         update["host"] = "127.0.0.1"
+    if "processes" not in given:  # a gateway worker apart costs ~2 CPU seconds of imports at start
+        update["processes"] = "1"
     return settings.model_copy(update=update), temp
 
 

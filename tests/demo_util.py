@@ -63,6 +63,19 @@ class DemoProcess:
         self.seen |= found
         return found
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the demo and every process under it (waited-for children included) so far:
+        what the start-up costs, whatever the machine's load."""
+        total = 0
+        for pid in [self.proc.pid, *(p for p, _ in self.descendants())]:
+            try:
+                text = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        return total / os.sysconf("SC_CLK_TCK")
+
     def left_behind(self) -> list[tuple[int, str]]:
         """Descendants seen earlier that still run (same pid and start time, not a zombie)."""
         alive = []
