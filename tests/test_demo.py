@@ -18,8 +18,9 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from plugins.ossea.client import CloudStackClient
 from plugins.ossea.simulator import DEFAULT_VM_ID
-from tests.conftest import assert_error_shape, free_port, wait_for
+from tests.conftest import free_port, wait_for
 from tests.demo_util import DemoProcess, launch
+from tests.test_openapi_contract import Contract
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -111,13 +112,17 @@ async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
         assert any("Linux" in v["guest_os_full_name"] for v in vms.values())
         [config] = (await c.post("/api/v1/ossea/config", json={"action": "get"})).json()["configurations"]
 
-        # Nothing to change before a replication made the disk; outside the inventory, 404.
-        assert_error_shape(await c.post("/api/v1/demo/mutate", json={"vm_name": "app01"}), 409)
-        assert_error_shape(await c.post("/api/v1/demo/mutate", json={"vm_name": "nope"}), 404)
-        assert_error_shape(await c.post("/api/v1/demo/mutate", json={"vm_name": "app01", "percent": 0}), 400)
+        # The demo panel's API, its answers as the OpenAPI document says: nothing to change before a
+        # replication made the disk (409), no such VM (404), a bad share (400), then a write.
+        check, mutate = Contract((await c.get("/openapi.json")).json()), "/api/v1/demo/mutate"
+        check(await c.post(mutate, json={"vm_name": "web01"}), mutate, 409)
+        check(await c.post(mutate, json={"vm_name": "nope"}), mutate, 404)
+        check(await c.post(mutate, json={"vm_name": "web01", "percent": 0}), mutate, 400)
 
         jobs = {name: await replicate(c, vms[name], config["id"]) for name in MIGRATED}
         assert jobs["app01"]["bytes_transferred"] == (40 + 10) << 20  # 1 MiB per GiB of the source
+        done = check(await c.post(mutate, json={"vm_name": "web01", "percent": 1}), mutate, 200)
+        assert done["disk_id"] == "disk-2000" and done["bytes_written"] >= 64 << 10, done
 
         # A guest writes 2% of app01's SATA disk from the demo panel; the incremental moves exactly those.
         text = await mutate_in_panel(page, demo, "app01: Hard disk 2 (disk-16001)", "2")
