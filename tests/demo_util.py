@@ -104,10 +104,10 @@ def _stat(pid: int) -> tuple[int, str, str] | None:
     return int(fields[1]), fields[19], fields[0]
 
 
-def launch(port: int, *extra: str, log: Path | None = None) -> DemoProcess:
+def launch(port: int, *extra: str, log: Path | None = None, tmpdir: Path | None = None) -> DemoProcess:
     """`oma-api -demo -port PORT` from this checkout (the console script may point at another one);
-    its log (stderr) to `log`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    its log (stderr) to `log`, its TMPDIR `tmpdir`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
     with open(log or os.devnull, "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", "from shared.cli import oma_api; oma_api()", "-demo",
                                  "-port", str(port), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,

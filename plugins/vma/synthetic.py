@@ -2,8 +2,8 @@
 disks on SCSI and SATA controllers, one to three NICs, Linux and Windows guests), answered in the
 vSphere source's shape (plugins/vsphere/source.py), with power state kept in memory.
 
-`oma-api -demo` runs the VMA simulator on it when no vcsim is given (docs/demo.md); so does
-`oma-vma-sim --synthetic`. It accepts one user name and password, as a vCenter would.
+`oma-api -demo` runs the VMA simulator on it (`VmaSimulator(..., inventory=SyntheticInventory(pw))`,
+docs/demo.md). It accepts one user name and password, as a vCenter would.
 """
 from __future__ import annotations
 
