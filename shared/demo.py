@@ -120,13 +120,12 @@ class Demo:
                 await asyncio.sleep(0.05)
 
     async def _configure(self, http: aiohttp.ClientSession) -> None:
-        from plugins.ossea.simulator import DEFAULT_VM_ID
         from plugins.vma.synthetic import NETWORKS
 
         inv = self.inventory
         await _call(http, "POST", "/api/v1/ossea/config", {"action": "create", "configuration": {
             "name": "demo-cloud", "api_url": self.cloud_url, "api_key": self.api_key,
-            "secret_key": self.secret_key, "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})
+            "secret_key": self.secret_key, "zone": "OSSEA-Zone", "oma_vm_id": self.cloud.oma_vm_id}})
         await _call(http, "POST", "/api/v1/vcenter/config", {"action": "create", "configuration": {
             "name": "demo-vcenter", "host": inv.host, "port": 443, "username": inv.username,
             "password": inv.password, "verify_tls": False, "appliance_id": VMA_ID}})

@@ -17,7 +17,6 @@ from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from plugins.ossea.client import CloudStackClient
-from plugins.ossea.simulator import DEFAULT_VM_ID
 from tests.conftest import free_port, wait_for
 from tests.demo_util import DemoProcess, launch
 from tests.test_openapi_contract import Contract
@@ -111,6 +110,7 @@ async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
         assert any("Windows" in v["guest_os_full_name"] for v in vms.values())
         assert any("Linux" in v["guest_os_full_name"] for v in vms.values())
         [config] = (await c.post("/api/v1/ossea/config", json={"action": "get"})).json()["configurations"]
+        appliance_vm = config["oma_vm_id"]
 
         # The demo panel's API, its answers as the OpenAPI document says: nothing to change before a
         # replication made the disk (409), no such VM (404), a bad share (400), then a write.
@@ -149,11 +149,11 @@ async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
     # attached to it, and no hazard.
     cs = state["cloudstack"]
     async with CloudStackClient(cs["url"], cs["api_key"], cs["secret_key"]) as cloud:
-        assert [vm["id"] for vm in await cloud.list_virtual_machines()] == [DEFAULT_VM_ID]
+        assert [vm["id"] for vm in await cloud.list_virtual_machines()] == [appliance_vm]
         assert await cloud.list_snapshots() == []
         volumes = await cloud.list_volumes()
         assert {v["id"] for v in volumes if v["type"] == "DATADISK"} == replicas
-        assert all(v.get("virtualmachineid") == DEFAULT_VM_ID for v in volumes), volumes
+        assert all(v.get("virtualmachineid") == appliance_vm for v in volumes), volumes
     async with httpx.AsyncClient() as sim:
         assert (await sim.get(cs["url"].removesuffix("/client/api") + "/sim/hazards")).json() == []
 
