@@ -1,9 +1,10 @@
-"""`oma-api -demo` (issue 23), started as a subprocess as a newcomer would: the printed URL and
-password, the GUI's demo banner, then a whole migration through the API against its simulators:
-two VMs replicated to completed, a guest write from the demo panel and an incremental that copies
-just it, a test failover and its cleanup, a live cutover and its rollback; then nothing left in the
-cloud (no VM but the appliance's, no snapshot, every volume a replica on the appliance) and, after
-SIGTERM, no process left behind and no data directory."""
+"""`oma-api -demo` (issue 23), started as a subprocess as a newcomer would, with its printed URL
+and password. In Chromium: the sign-in, the demo banner, the discovered VMs, two of them replicated
+from the dashboard to Completed, a guest write and an incremental from the demo panel. Through the
+API: the incremental copied exactly the bytes written, a test failover and its cleanup, a live
+cutover (the source powered off) and its rollback. Then the cloud holds nothing left over (no VM
+but the appliance's, no snapshot, every volume a replica on the appliance), and after SIGTERM no
+process is left behind and nothing in TMPDIR."""
 from __future__ import annotations
 
 import json
@@ -33,13 +34,14 @@ async def job_done(c: httpx.AsyncClient, path: str, *statuses: str, timeout: flo
     return await wait_for(check, timeout=timeout, interval=0.2)
 
 
-async def replicate(c: httpx.AsyncClient, vm: dict, config_id: int, kind: str = "initial") -> dict:
-    r = await c.post("/api/v1/replications", json={"source_vm": vm, "ossea_config_id": config_id,
-                                                    "replication_type": kind})
-    assert r.status_code in (201, 202), r.text
-    job = await job_done(c, f"/api/v1/replication/jobs/{r.json()['job_id']}", "completed", "failed")
+async def latest_job(c: httpx.AsyncClient, vm_name: str, kind: str) -> dict:
+    """The VM's newest job, once it is of this kind and has ended; it must have completed."""
+    async def ended():
+        [job] = (await c.get("/api/v1/replication/jobs", params={"vm_name": vm_name, "limit": 1})).json()["jobs"]
+        return job if job["replication_type"] == kind and job["status"] in ("completed", "failed") else None
+    job = await wait_for(ended, timeout=90, interval=0.2)
     assert job["status"] == "completed", job
-    return job
+    return (await c.get(f"/api/v1/replication/jobs/{job['job_id']}")).json()
 
 
 async def failover(c: httpx.AsyncClient, action: str, vm_name: str) -> dict:
@@ -76,27 +78,45 @@ async def signed_in(browser: Browser, demo: DemoProcess) -> Page:
     return page
 
 
-async def mutate_in_panel(page: Page, demo: DemoProcess, label: str, percent: str) -> str:
-    """The demo panel's form (no axe violation on it); returns what the status region announces."""
+async def start_from_the_dashboard(page: Page, demo: DemoProcess) -> None:
+    """An operator selects the two VMs and starts them; the rows reach Completed live."""
+    await page.goto(demo.url + "/ui/")
+    for name in MIGRATED:
+        await page.get_by_label(f"Select {name}", exact=True).check()
+    await page.get_by_role("button", name=re.compile("Start replication")).click()
+    await expect(page.get_by_role("status")).to_contain_text("Started 2 replications.")
+    for name in MIGRATED:
+        row = page.locator("tbody tr").filter(has=page.get_by_role("rowheader", name=name, exact=True))
+        await expect(row).to_contain_text("Completed", timeout=90_000)
+    await expect(page.locator("#counters")).to_contain_text("Completed")  # refreshed every 2 s at most
+    if os.environ.get("OMA_GUI_SCREENSHOTS"):
+        await page.screenshot(path=DOCS / "gui" / "demo.png", full_page=True)
+
+
+async def change_and_copy_in_panel(page: Page, demo: DemoProcess, label: str, vm_name: str, percent: str) -> str:
+    """The demo panel (no axe violation on it): a guest write, then an incremental of the VM; returns
+    what the status region announced of the write."""
     await page.goto(demo.url + "/ui/demo")
     await page.wait_for_load_state("load")
     result = await Axe().run(page)
     assert result.violations_count == 0, result.generate_report()
-    if os.environ.get("OMA_GUI_SCREENSHOTS"):
-        await page.screenshot(path=DOCS / "gui" / "demo-panel.png", full_page=True)
     await page.get_by_role("combobox", name=re.compile("^VM and disk")).select_option(label=label)
     await page.get_by_label("Share of the disk (%)").fill(percent)
     await page.get_by_role("button", name="Write to the disk").click()
-    announce = page.locator("#announce")
+    announce = page.get_by_role("status")
     await expect(announce).to_contain_text("An incremental replication copies just that")
-    return await announce.inner_text()
+    written = await announce.inner_text()
+    if os.environ.get("OMA_GUI_SCREENSHOTS"):
+        await page.screenshot(path=DOCS / "gui" / "demo-panel.png", full_page=True)
+    await page.get_by_role("combobox", name="VM", exact=True).select_option(vm_name)
+    await page.get_by_role("button", name="Start an incremental replication").click()
+    await expect(announce).to_contain_text("Started 1 replication.")
+    return written
 
 
 async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
     state = json.loads((demo.data_dir / "demo.json").read_text())
     page = await signed_in(browser, demo)
-    if os.environ.get("OMA_GUI_SCREENSHOTS"):
-        await page.screenshot(path=DOCS / "gui" / "demo.png", full_page=True)
     async with httpx.AsyncClient(base_url=demo.url, timeout=60) as c:
         r = await c.post("/api/v1/auth/login", json={"appliance_id": state["appliance_id"], "token": state["token"]})
         assert r.status_code == 200, r.text
@@ -119,16 +139,18 @@ async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
         check(await c.post(mutate, json={"vm_name": "nope"}), mutate, 404)
         check(await c.post(mutate, json={"vm_name": "web01", "percent": 0}), mutate, 400)
 
-        jobs = {name: await replicate(c, vms[name], config["id"]) for name in MIGRATED}
+        await start_from_the_dashboard(page, demo)
+        jobs = {name: await latest_job(c, name, "initial") for name in MIGRATED}
         assert jobs["app01"]["bytes_transferred"] == (40 + 10) << 20  # 1 MiB per GiB of the source
         done = check(await c.post(mutate, json={"vm_name": "web01", "percent": 1}), mutate, 200)
         assert done["disk_id"] == "disk-2000" and done["bytes_written"] >= 64 << 10, done
 
-        # A guest writes 2% of app01's SATA disk from the demo panel; the incremental moves exactly those.
-        text = await mutate_in_panel(page, demo, "app01: Hard disk 2 (disk-16001)", "2")
+        # A guest writes 2% of app01's SATA disk from the demo panel, which then starts an
+        # incremental: it moves exactly the bytes written.
+        text = await change_and_copy_in_panel(page, demo, "app01: Hard disk 2 (disk-16001)", "app01", "2")
         written = int(re.search(r"\((\d+) bytes\)", text)[1])
         assert "app01 disk-16001" in text and 0 < written <= 0.03 * (10 << 20), text
-        inc = await replicate(c, vms["app01"], config["id"], "incremental")
+        inc = await latest_job(c, "app01", "incremental")
         assert inc["bytes_transferred"] == written, inc
 
         # Test failover and its cleanup; live cutover (the source powered off) and its rollback.

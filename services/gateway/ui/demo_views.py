@@ -6,6 +6,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 
 from services.gateway import demo
+from services.gateway.routers.replications import create_timeout
+from services.gateway.ui import data
 from services.gateway.ui import session as sess
 from services.gateway.ui.render import render
 from services.gateway.ui.views import PageRoute
@@ -25,7 +27,7 @@ async def panel(request: Request, user: sess.User):
     _require_demo(request)
     found = await request.app.state.bus.call(Inventory.LIST, {"limit": 1000})
     disks = [(vm["name"], d["id"], d.get("label") or d["id"]) for vm in found["vms"] for d in vm.get("disks") or []]
-    return render(request, "demo.html", disks=disks)
+    return render(request, "demo.html", disks=disks, vms=[vm["name"] for vm in found["vms"]])
 
 
 @router.post("/demo/mutate")
@@ -37,3 +39,16 @@ async def mutate(request: Request, user: sess.Operator, target: Annotated[str, F
     body = demo.MutateRequest.model_validate({"vm_name": vm_name, "disk_id": disk_id, "percent": percent})
     done = await demo.mutate(request.app.state.settings, request.app.state.bus, body)
     return render(request, "_demo_mutated.html", done=done)
+
+
+@router.post("/demo/incremental")
+async def incremental(request: Request, user: sess.Operator, vm_name: Annotated[str, Form(max_length=255)] = ""):
+    """An incremental replication of one VM to the demo's cloud (the dashboard starts initial ones)."""
+    _require_demo(request)
+    bus = request.app.state.bus
+    configs = await data.configurations(bus)
+    if not configs:
+        raise errors.BadRequest("No target", "add an OSSEA configuration first (POST /api/v1/ossea/config)")
+    await data.start_replication(bus, vm_name, configs[0]["id"], create_timeout(request.app.state.settings),
+                                 "incremental")
+    return render(request, "_started.html", started=1, failed=[])
