@@ -205,3 +205,13 @@ async def test_a_whole_migration_on_the_demo_then_sigterm_leaves_nothing(tmp_pat
     assert code == 0, (tmp_path / "demo.log").read_text()[-3000:]
     assert demo.left_behind() == []
     assert list(tmp.iterdir()) == []  # the temporary data directory went with it
+
+
+def test_the_demo_refuses_a_database_outside_its_data_directory(capsys):
+    from shared.cli import oma_api
+
+    with pytest.raises(SystemExit) as exit_:
+        oma_api(["-demo", "-db-type", "mariadb"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        "oma-api: -demo runs on the memory database only (it keeps nothing outside its data dir)"
