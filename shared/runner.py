@@ -151,8 +151,8 @@ async def run_all(settings: Settings, started: Started | None = None) -> None:
         return
     async with Appliance(settings) as appliance, _running_hook(started, appliance):
         log.info("services started", extra={"nats": appliance.nats_url, "services": list(appliance.services)})
-        # returns on SIGTERM/SIGINT
-        await serve_gateway(appliance.client_settings("gateway"), appliance.nats_url)
+        # returns on SIGTERM/SIGINT, also one received while the services started
+        await serve_gateway(appliance.client_settings("gateway"), appliance.nats_url, stop=stop)
     log.info("stopped")
 
 

@@ -7,6 +7,7 @@ but the appliance's, no snapshot, every volume a replica on the appliance), and 
 process is left behind and nothing in TMPDIR."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -205,6 +206,22 @@ async def test_a_whole_migration_on_the_demo_then_sigterm_leaves_nothing(tmp_pat
     assert code == 0, (tmp_path / "demo.log").read_text()[-3000:]
     assert demo.left_behind() == []
     assert list(tmp.iterdir()) == []  # the temporary data directory went with it
+
+
+async def test_sigterm_during_start_up_stops_it_too(tmp_path):
+    """A signal that comes while the services start, before uvicorn handles signals itself, was
+    lost: the demo then ran on. Now it stops as soon as the gateway is up, leaving nothing."""
+    tmp, log = tmp_path / "tmp", tmp_path / "demo.log"
+    tmp.mkdir()
+    demo = launch(free_port(), "-debug", log=log, tmpdir=tmp)
+    try:
+        await wait_for(lambda: asyncio.to_thread(lambda: '"msg": "services started"' in log.read_text()),
+                       timeout=90, interval=0.01)
+        demo.descendants()
+    finally:
+        code = demo.stop()
+    assert code == 0, log.read_text()[-3000:]
+    assert demo.left_behind() == [] and list(tmp.iterdir()) == []
 
 
 def test_the_demo_refuses_a_database_outside_its_data_directory(capsys):
