@@ -45,6 +45,12 @@ LARGE_OFFERING = {"id": "5e000000-0000-4000-8000-000000000003", "name": "Large I
                   "cpuspeed": 2000, "memory": 8192, "iscustomized": False, "storagetype": "shared"}
 
 
+def changed(settings: Settings, **changes: Any) -> Settings:
+    """The settings with some fields changed, validated again: a plugin section's field is given by
+    its flat name (`nbd_port`), as to `Settings(...)`."""
+    return type(settings)(**{**settings.model_dump(), **changes})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,11 +85,10 @@ class Demo:
         stack.push_async_callback(self.cloud.stop)
         self.vma_url = await self.vma.start("127.0.0.1", 0)
         stack.push_async_callback(self.vma.stop)
-        return self.settings.model_copy(update={
-            "data_dir": self.data_dir, "device_by_id_dir": self.data_dir / "dev", "nbd_port": free_port(),
-            "nbd_listen_addr": "127.0.0.1", "oma_url": self.url, "demo_vma_url": self.vma_url,
-            "vma_poll_interval": min(self.settings.vma_poll_interval, 0.5),
-            "cloud_poll_interval": min(self.settings.cloud_poll_interval, 0.2)})
+        return changed(self.settings, data_dir=self.data_dir, device_by_id_dir=self.data_dir / "dev",
+                       nbd_port=free_port(), nbd_listen_addr="127.0.0.1", oma_url=self.url,
+                       demo_vma_url=self.vma_url, vma_poll_interval=min(self.settings.vma_poll_interval, 0.5),
+                       cloud_poll_interval=min(self.settings.cloud_poll_interval, 0.2))
 
     # -- seeding, once the services are up ------------------------------------------------------
 
@@ -170,7 +175,7 @@ def demo_settings(settings: Settings) -> tuple[Settings, Path | None]:
         update["host"] = "127.0.0.1"
     if "processes" not in given:  # a gateway worker apart costs ~2 CPU seconds of imports at start
         update["processes"] = "1"
-    return settings.model_copy(update=update), temp
+    return changed(settings, **update), temp
 
 
 async def run_demo(settings: Settings) -> None:

@@ -35,7 +35,7 @@ async def mutate(settings: Settings, bus: Bus, body: MutateRequest) -> dict[str,
                                                 f"{', '.join(disks) or 'none'})")
     payload = {"vm": vm["path"], "disk": disk, "percent": body.percent}
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.vma_timeout)) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.request_timeout)) as http:
             async with http.post(f"{settings.demo_vma_url}/sim/mutate", json=payload) as r:
                 answer = await r.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
