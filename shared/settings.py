@@ -76,6 +76,12 @@ class CoreSettings(BaseSettings):
                            description="oma-api processes: 1 = all in one; N = the services and N-1 gateway "
                                        "workers; auto = 2 on two cores or more")
 
+    # The demo (`oma-api -demo`, shared/demo.py, docs/demo.md).
+    demo: bool = Field(False, description="run the demo: the appliance with a synthetic vCenter, the VMA and "
+                                          "CloudStack simulators; the GUI says on every page it is a demo")
+    demo_vma_url: str = Field("", max_length=255, description="the demo's VMA simulator (set by -demo): where "
+                              "POST /api/v1/demo/mutate sends a guest write")
+
     # Auth.
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")
     appliance_tokens: str = Field("", repr=False, description="name=token,... registered at start-up")
@@ -255,7 +261,7 @@ def markdown(cls: type[CoreSettings] | None = None) -> str:
 # The command-line flags: single-dash long flags as in the seed (`--flag` works too), each a core
 # setting's name with dashes; the help is the setting's description and default.
 FLAGS = ("port", "debug", "db-type", "db-host", "db-port", "db-name", "db-user", "db-pass", "auth-enabled",
-         "nats-url", "host", "data-dir", "metrics-port")
+         "nats-url", "host", "data-dir", "metrics-port", "demo")
 
 
 def flag_help(flag: str) -> str:
@@ -264,7 +270,7 @@ def flag_help(flag: str) -> str:
     return field.description if default == "(empty)" else f"{field.description} (default {default})"
 
 
-BOOL_FLAGS = {"debug", "auth-enabled"}
+BOOL_FLAGS = {"debug", "auth-enabled", "demo"}
 
 
 class FlagError(Exception):

@@ -82,12 +82,13 @@ async def configurations(bus: Bus) -> list[dict[str, Any]]:
     return (await bus.call(Config.ACTION, {"action": "get"}))["configurations"]
 
 
-async def start_replication(bus: Bus, vm_name: str, config_id: int, timeout: float) -> dict[str, Any]:
+async def start_replication(bus: Bus, vm_name: str, config_id: int, timeout: float,
+                            kind: str = "initial") -> dict[str, Any]:
     """The inventory's record of the VM, posted as POST /api/v1/replications would be (and with its
-    timeout, `routers.replications.create_timeout`)."""
+    timeout, `routers.replications.create_timeout`); `kind` is the replication_type."""
     listed = (await bus.call(Inventory.LIST, {"name": vm_name, "limit": 1000}))["vms"]
     vm = next((v for v in listed if v["name"] == vm_name), None)
     if vm is None:
         raise errors.NotFound("VM not in the inventory", f"{vm_name!r}: run discovery for its vCenter first")
     return await bus.call(Replication.CREATE, {"source_vm": vm, "ossea_config_id": config_id,
-                                               "replication_type": "initial"}, timeout=timeout)
+                                               "replication_type": kind}, timeout=timeout)
