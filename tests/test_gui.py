@@ -43,8 +43,8 @@ GiB = 2**30
 class Gui:
     """The running appliance, its HTTP address and an API client for the VMA's side."""
 
-    def __init__(self, url: str, client: Any, headers: dict[str, str]):
-        self.url, self.client, self.headers = url, client, headers
+    def __init__(self, url: str, client: Any, headers: dict[str, str], vc: Any):
+        self.url, self.client, self.headers, self.vc = url, client, headers, vc
 
     async def job_of(self, vm: str, status: str | None = None) -> str:
         async def current():
@@ -102,7 +102,7 @@ async def gui(nats_url: str, tmp_path_factory) -> AsyncIterator[Gui]:
                 async with client.appliance.services["auth"].sessions.begin() as db:
                     await operators.add_operator(db, "olivia", PASSWORDS["olivia"], "operator")
                     await operators.add_operator(db, "victor", PASSWORDS["victor"], "viewer")
-                gui = Gui("", client, h)
+                gui = Gui("", client, h, vc)
                 for name in VMS:  # every discovered VM has a context before the browser looks
                     await wait_for(lambda n=name: _has_context(gui, n), timeout=20)
                 async with http_server(client.app) as url:
@@ -184,6 +184,77 @@ def row(page: Page, vm: str):
     return page.locator("tbody tr").filter(has=page.get_by_role("rowheader", name=vm, exact=True))
 
 
+async def replicate_to_the_end(gui: Gui, page: Page, vm: str) -> str:
+    """Report a ready job's progress as the VMA does (half, then complete with the disk's new change
+    id) and see its row's bar follow to 100% over the event stream. Returns the job id."""
+    job = await gui.job_of(vm, "ready_for_sync")
+    bar = page.get_by_role("progressbar", name=f"Progress of {vm}")
+    await gui.progress(job, status="replicating", current_operation="Transferring Data",
+                       bytes_transferred=GiB // 2, total_bytes=GiB)
+    await expect(bar).to_have_attribute("value", "50.0", timeout=15_000)
+    await expect(bar).to_have_attribute("aria-valuetext", re.compile(r"^50%"))
+    await gui.progress(job, status="completed", bytes_transferred=GiB, total_bytes=GiB,
+                       disks=[{"unit_number": 0, "change_id": f"52 {vm}/7"}])
+    await expect(bar).to_have_attribute("value", "100.0", timeout=15_000)
+    await expect(row(page, vm)).to_contain_text("Completed")
+    await expect(page.get_by_role("status")).to_contain_text(f"{vm}: replication completed.")
+    return job
+
+
+def create_vms(gui: Gui, *names: str) -> None:
+    with gui.vc.service_instance() as si:
+        for name in names:
+            create_vm(si, name, disks=(DiskSpec(1, unit=0),), cbt=True)
+
+
+async def test_operator_discovers_vms_and_watches_two_replications_live(gui: Gui, browser: Browser):
+    """The issue's "done when": sign in, discover from vcsim, select two, start, and watch both
+    bars reach 100% with no reload while another row stays as it was, its checkbox still checked."""
+    new = ("gui-delta", "gui-epsilon", "gui-zeta")
+    await asyncio.to_thread(create_vms, gui, *new)
+    async with signed_in(browser, gui, "olivia") as (page, watch):
+        await page.get_by_role("navigation", name="Main").get_by_role("link", name="Discovery").click()
+        await expect(page.get_by_role("heading", name="Discovery", level=1)).to_be_visible()
+        await page.get_by_role("button", name=re.compile("^Discover now on ")).click()
+        await expect(page.locator("#run-summary")).to_contain_text("3 new, 0 changed, 0 gone", timeout=30_000)
+        for vm in new:
+            await expect(row(page, vm)).to_contain_text("New")
+        await expect(row(page, "gui-alpha")).to_contain_text("Seen")
+        await page.get_by_label("Select gui-delta").check()
+        await page.get_by_label("Select gui-epsilon").check()
+        await expect(page.locator("#selected-count")).to_have_text("2")
+        await page.get_by_role("button", name=re.compile("Start replication")).click()
+        await expect(page.get_by_role("status")).to_contain_text("Started 2 replications.")
+        for vm in ("gui-delta", "gui-epsilon"):
+            await expect(row(page, vm)).to_contain_text("Ready for sync", timeout=30_000)
+
+        await page.get_by_label("Select gui-zeta").check()
+        await page.evaluate("window.__notReloaded = true")
+        zeta_before = await row(page, "gui-zeta").inner_text()
+        jobs = [await replicate_to_the_end(gui, page, vm) for vm in ("gui-delta", "gui-epsilon")]
+
+        assert await page.evaluate("window.__notReloaded") is True
+        for vm in new:
+            await expect(page.get_by_label(f"Select {vm}")).to_be_checked()
+        assert await row(page, "gui-zeta").inner_text() == zeta_before
+        await _check(page, Axe(), "discovery")
+        watch.assert_clean()
+
+        # The Jobs screen lists both, filtered by VM and by state.
+        await page.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
+        await page.get_by_label("VM name (exact)").fill("gui-delta")
+        await page.get_by_label("State").select_option("completed")
+        await page.get_by_role("button", name="Apply filters").click()
+        table = page.get_by_role("table", name=re.compile("^Replication jobs"))
+        await expect(table.get_by_role("rowheader")).to_have_text([jobs[0]])
+        await expect(table).to_contain_text("Completed")
+        await page.goto(gui.url + "/ui/jobs?status=completed")
+        for job in jobs:
+            await expect(table.get_by_role("rowheader", name=job, exact=True)).to_have_count(1)
+        await _check(page, Axe(), "jobs")
+        watch.assert_clean()
+
+
 async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, browser: Browser):
     async with signed_in(browser, gui, "olivia") as (page, watch):
         for vm in VMS:
@@ -204,17 +275,7 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         await page.evaluate("window.__notReloaded = true")
         gamma_before = await row(page, "gui-gamma").inner_text()
 
-        bar = page.get_by_role("progressbar", name="Progress of gui-alpha")
-        await gui.progress(alpha, status="replicating", current_operation="Transferring Data",
-                           bytes_transferred=GiB // 2, total_bytes=GiB)
-        await expect(bar).to_have_attribute("value", "50.0", timeout=15_000)
-        await expect(bar).to_have_attribute("aria-valuetext", re.compile(r"^50%"))
-        await expect(row(page, "gui-alpha")).to_contain_text("Transferring Data")
-        await gui.progress(alpha, status="completed", bytes_transferred=GiB, total_bytes=GiB,
-                           disks=[{"unit_number": 0, "change_id": "52 aa-01/7"}])
-        await expect(bar).to_have_attribute("value", "100.0", timeout=15_000)
-        await expect(row(page, "gui-alpha")).to_contain_text("Completed")
-        await expect(page.get_by_role("status")).to_contain_text("gui-alpha: replication completed.")
+        assert await replicate_to_the_end(gui, page, "gui-alpha") == alpha
 
         assert await page.evaluate("window.__notReloaded") is True
         await expect(page.get_by_label("Select gui-gamma")).to_be_checked()
@@ -227,7 +288,7 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         # The VM page: the job, its disk and the change id recorded by the completion.
         await row(page, "gui-alpha").get_by_role("link", name="gui-alpha").click()
         await expect(page.get_by_role("heading", name="gui-alpha", level=1)).to_be_visible()
-        await expect(page.get_by_role("table", name=re.compile("^Change ids"))).to_contain_text("52 aa-01/7")
+        await expect(page.get_by_role("table", name=re.compile("^Change ids"))).to_contain_text("52 gui-alpha/7")
         await expect(page.get_by_role("table", name=re.compile("^Jobs"))).to_contain_text(alpha)
         await page.screenshot(path=SHOTS / "vm-detail.png", full_page=True)
         watch.assert_clean()

@@ -8,7 +8,7 @@ from typing import Any
 from services.gateway.ui.render import STATUS, vm_view
 from shared import errors
 from shared.bus import Bus
-from shared.subjects import Config, Contexts, Inventory, Replication
+from shared.subjects import Auth, Config, Contexts, Failover, Inventory, Replication
 
 PAGE_SIZES = (25, 50, 100)
 # The list request pages by name only; a name filter or another order reads the whole list,
@@ -91,3 +91,40 @@ async def start_replication(bus: Bus, vm_name: str, config_id: int, timeout: flo
         raise errors.NotFound("VM not in the inventory", f"{vm_name!r}: run discovery for its vCenter first")
     return await bus.call(Replication.CREATE, {"source_vm": vm, "ossea_config_id": config_id,
                                                "replication_type": "initial"}, timeout=timeout)
+
+
+# --- discovery, jobs, settings ----------------------------------------------------------------
+async def vcenters(bus: Bus) -> list[dict[str, Any]]:
+    return (await bus.call(Inventory.VCENTER_ACTION, {"action": "get"}))["configurations"]
+
+
+async def inventory_page(bus: Bus, vcenter: str, q: str, page: int, size: int) -> dict[str, Any]:
+    """One page of a vCenter's stored inventory (gone VMs too), each VM with its context's row
+    view (`row`; a VM whose context is not built yet shows as discovered)."""
+    listed = await bus.call(Inventory.LIST, {"vcenter": vcenter, "include_gone": True, "limit": size,
+                                             "offset": (page - 1) * size, **({"name": q} if q else {})})
+    views = {v["name"]: v for v in await details(bus, [vm["name"] for vm in listed["vms"]])}
+    for vm in listed["vms"]:
+        vm["disk_gb"] = sum(d.get("size_gb") or 0 for d in vm.get("disks") or ())
+        vm["row"] = views.get(vm["name"]) or vm_view({"context": {"vm_name": vm["name"],
+                                                                  "current_status": "discovered"}})
+    return listed
+
+
+async def jobs_page(bus: Bus, kind: str, status: str, vm_name: str, page: int, size: int) -> dict[str, Any]:
+    """Replication or failover jobs, newest first, as GET /replication/jobs or /failover/jobs."""
+    q = {"limit": size, "offset": (page - 1) * size, **({"status": status} if status else {}),
+         **({"vm_name": vm_name} if vm_name else {})}
+    return await bus.call(Replication.LIST if kind == "replication" else Failover.LIST, q)
+
+
+async def failovers(bus: Bus, vm_name: str) -> list[dict[str, Any]]:
+    return (await bus.call(Failover.LIST, {"vm_name": vm_name, "limit": 20}))["jobs"]
+
+
+async def settings_page(bus: Bus) -> dict[str, Any]:
+    """Every configuration as the API answers it: secrets come back redacted from the services."""
+    ossea, vcs, vmas, maps = await asyncio.gather(
+        configurations(bus), vcenters(bus), bus.call(Auth.APPLIANCE_ACTION, {"action": "get"}),
+        bus.call(Failover.MAPPINGS, {"action": "get"}))
+    return {"ossea": ossea, "vcenters": vcs, "appliances": vmas["appliances"], "mappings": maps["mappings"]}

@@ -38,11 +38,27 @@ STATUS = {
     "gone": ("⌀", "Gone from vCenter", "idle"),
 }
 ACTIVE = ("queued", "provisioning", "ready_for_sync", "replicating", "stalled")
+# Replication job states are the VM statuses above without discovered/gone; failover jobs have their own.
+JOB_STATES = {
+    "replication": {s: STATUS[s] for s in (*ACTIVE, "completed", "failed", "cancelled")},
+    "failover": {
+        "running": ("↻", "Running", "busy"),
+        "completed": ("✓", "Completed", "ok"),
+        "failed": ("✕", "Failed", "bad"),
+        "compensating": ("↺", "Undoing its steps", "busy"),
+        "compensated": ("⊘", "Undone", "idle"),
+        "compensation_failed": ("⚠", "Undo failed", "bad"),
+        "cleaned_up": ("⊘", "Cleaned up", "idle"),
+        "rolled_back": ("⊘", "Rolled back", "idle"),
+    },
+}
 
 
-def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+def render(request: Request, name: str, status_code: int = 200, headers: dict[str, str] | None = None,
+           **context: Any) -> HTMLResponse:
     context.setdefault("user", getattr(request.state, "user", None))
-    return templates.TemplateResponse(request, name, context, status_code=status, headers=SECURITY_HEADERS)
+    return templates.TemplateResponse(request, name, context, status_code=status_code,
+                                      headers={**SECURITY_HEADERS, **(headers or {})})
 
 
 def fragment(name: str, **context: Any) -> str:
@@ -87,11 +103,33 @@ def when_text(stamp: str | None) -> str:
     return at.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _parse(stamp: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+    except ValueError:
+        return None
+
+
+def duration_text(start: str | None, end: str | None) -> str:
+    """From start to end (or to now, when still running): "4 min"."""
+    began = _parse(start)
+    if began is None:
+        return "—"
+    ended = _parse(end) or datetime.now(timezone.utc)
+    return eta_text(max(0.0, (ended - began).total_seconds()))
+
+
+def badge(states: dict[str, tuple[str, str, str]], state: str) -> dict[str, str]:
+    icon, label, tone = states.get(state, ("?", state.replace("_", " ").capitalize(), "idle"))
+    return {"icon": icon, "label": label, "tone": tone}
+
+
 def vm_view(body: dict[str, Any]) -> dict[str, Any]:
     """A VM's row from its context (the GET /vm-contexts/{name} body)."""
     ctx, job = body["context"], body.get("current_job") or {}
     status = ctx["current_status"]
-    icon, label, tone = STATUS.get(status, ("?", status.replace("_", " ").capitalize(), "idle"))
+    b = badge(STATUS, status)
+    icon, label, tone = b["icon"], b["label"], b["tone"]
     pct = job.get("progress_percent")
     rate, eta = job.get("vma_throughput_mbps"), job.get("vma_eta_seconds")
     active = status in ACTIVE
@@ -109,3 +147,7 @@ def vm_view(body: dict[str, Any]) -> dict[str, Any]:
         "last_sync": when_text(last_sync), "job": job or None, "error": job.get("error"),
         "bytes": f"{bytes_text(job.get('bytes_transferred'))} of {bytes_text(job.get('total_bytes'))}" if job else "—",
     }
+
+
+templates.env.filters.update(when=when_text, bytes=bytes_text)
+templates.env.globals.update(duration=duration_text, badge=badge)

@@ -13,13 +13,15 @@ from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.gateway.routers.health import get_health
+from services.gateway.routers.inventory import discover_timeout, vcenter_timeout
+from services.gateway.routers.ossea import config_timeout
 from services.gateway.routers.replications import create_timeout
 from services.gateway.ui import data
 from services.gateway.ui import session as sess
-from services.gateway.ui.render import STATUS, SECURITY_HEADERS, fragment, render, vm_view
+from services.gateway.ui.render import JOB_STATES, STATUS, SECURITY_HEADERS, fragment, render, vm_view
 from shared import errors
 from shared.service import validation_details
-from shared.subjects import Auth, Contexts
+from shared.subjects import Auth, Config, Contexts, Inventory
 
 
 
@@ -53,6 +55,32 @@ REVERIFY = 60.0        # an open event stream re-checks its session this often
 
 def _redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
+
+
+Page = Annotated[int, Query(ge=1, le=100_000)]
+Size = Annotated[int, Query()]
+
+
+def _size(size: int) -> int:
+    if size not in data.PAGE_SIZES:
+        raise errors.BadRequest("Validation failed", f"size: one of {', '.join(map(str, data.PAGE_SIZES))}")
+    return size
+
+
+def _one_of(name: str, value: str, allowed: Any) -> str:
+    if value and value not in allowed:
+        raise errors.BadRequest("Validation failed", f"{name}: one of {', '.join(allowed)}")
+    return value
+
+
+def _events_url(names: list[str], **flags: str) -> str:
+    """The page's one event stream, for the VMs it shows."""
+    return "/ui/events?" + urlencode([*flags.items(), *(("vm", n) for n in names)])
+
+
+async def _targets(request: Request, user: dict[str, Any]) -> list[dict[str, Any]]:
+    """The OSSEA configurations an operator can start replications to (none for a viewer)."""
+    return await data.configurations(request.app.state.bus) if user["role"] == "operator" else []
 
 
 # --- sign in and out -------------------------------------------------------------------------
@@ -103,20 +131,14 @@ async def dashboard(request: Request, user: sess.User,
                     q: Annotated[str, Query(max_length=255)] = "",
                     status: Annotated[str, Query(max_length=32)] = "",
                     sort: Annotated[str, Query(pattern="^-?(name|status|progress)$")] = "name",
-                    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
-                    size: Annotated[int, Query()] = data.PAGE_SIZES[0]):
-    if size not in data.PAGE_SIZES:
-        raise errors.BadRequest("Validation failed", f"size: one of {', '.join(map(str, data.PAGE_SIZES))}")
-    if status and status not in STATUS:
-        raise errors.BadRequest("Validation failed", f"status: one of {', '.join(STATUS)}")
-    query = data.Query(q=q.strip(), status=status, sort=sort.lstrip("-"), desc=sort.startswith("-"), page=page,
-                       size=size)
+                    page: Page = 1, size: Size = data.PAGE_SIZES[0]):
+    query = data.Query(q=q.strip(), status=_one_of("status", status, STATUS), sort=sort.lstrip("-"),
+                       desc=sort.startswith("-"), page=page, size=_size(size))
     bus = request.app.state.bus
     (rows, total), counts, configs = await asyncio.gather(
-        data.vm_page(bus, query), data.counters(bus),
-        data.configurations(bus) if user["role"] == "operator" else asyncio.sleep(0, []))
+        data.vm_page(bus, query), data.counters(bus), _targets(request, user))
     pages = max(1, -(-total // query.size))
-    events_url = "/ui/events?" + urlencode([("counters", "true"), *(("vm", r["name"]) for r in rows)])
+    events_url = _events_url([r["name"] for r in rows], counters="true")
     return render(request, "dashboard.html", rows=rows, total=total, counts=counts, query=query, pages=pages,
                   statuses=STATUS, configs=configs, all_vms=sum(counts.values()), events_url=events_url, cells=CELLS)
 
@@ -144,9 +166,80 @@ async def start_replications(request: Request, user: sess.Operator,
 # --- one VM ----------------------------------------------------------------------------------
 @router.get("/vms/{vm_name:path}")
 async def vm_detail(request: Request, vm_name: str, user: sess.User):
-    body = await request.app.state.bus.call(Contexts.GET, {"vm_name": vm_name})
-    events_url = "/ui/events?" + urlencode([("detail", "true"), ("vm", vm_name)])
-    return render(request, "vm.html", vm=vm_view(body), body=body, events_url=events_url)
+    bus = request.app.state.bus
+    body, failovers = await asyncio.gather(bus.call(Contexts.GET, {"vm_name": vm_name}),
+                                           data.failovers(bus, vm_name))
+    return render(request, "vm.html", vm=vm_view(body), body=body, failovers=failovers,
+                  failover_states=JOB_STATES["failover"],
+                  events_url=_events_url([vm_name], detail="true"))
+
+
+# --- discovery -------------------------------------------------------------------------------
+@router.get("/discovery")
+async def discovery(request: Request, user: sess.User, vcenter: Annotated[str, Query(max_length=255)] = "",
+                    q: Annotated[str, Query(max_length=255)] = "", page: Page = 1, size: Size = data.PAGE_SIZES[0],
+                    found: int | None = None, new: int = 0, changed: int = 0, gone: int = 0):
+    """The vCenters with "Discover now", and one vCenter's stored VMs to select and replicate.
+    `found`..`gone`: the summary of the run that redirected here."""
+    bus = request.app.state.bus
+    vcs, configs = await asyncio.gather(data.vcenters(bus), _targets(request, user))
+    chosen = next((v for v in vcs if vcenter in (v["host"], v["name"])), None) if vcenter else (vcs or [None])[0]
+    if vcenter and chosen is None:
+        raise errors.NotFound("vCenter not configured", f"{vcenter!r}: add it in Settings")
+    listed = await data.inventory_page(bus, chosen["host"], q.strip(), page, _size(size)) if chosen else None
+    names = [vm["name"] for vm in listed["vms"]] if listed else []
+    summary = {"found": found, "new": new, "changed": changed, "gone": gone} if found is not None else None
+    last_run = max((vm["last_seen"] or "" for vm in listed["vms"]), default="") if listed else ""
+    return render(request, "discovery.html", vcenters=vcs, chosen=chosen, listed=listed, q=q.strip(), page=page,
+                  size=size, pages=max(1, -(-listed["total"] // size)) if listed else 1, summary=summary,
+                  last_run=last_run, configs=configs, events_url=_events_url(names) if names else None)
+
+
+@router.post("/discovery")
+async def run_discovery(request: Request, user: sess.Operator,
+                        vcenter: Annotated[str, Form(min_length=1, max_length=255)]):
+    """Read the vCenter now; the browser then loads its VMs with the run's summary (htmx follows
+    HX-Redirect with a full page load, so the page's event stream covers the new rows)."""
+    bus = request.app.state.bus
+    result = await bus.call(Inventory.DISCOVER, {"vcenter": vcenter},
+                            timeout=discover_timeout(bus.timeout, request.app.state.settings))
+    s = result["summary"]
+    url = "/ui/discovery?" + urlencode({"vcenter": result["vcenter"], "found": s["found"], "new": s["new"],
+                                        "changed": s["changed"], "gone": s["gone"]})
+    return render(request, "_announce_text.html", text=f"Discovery finished: {s['found']} VMs found.",
+                  headers={"HX-Redirect": url})
+
+
+# --- jobs ------------------------------------------------------------------------------------
+@router.get("/jobs")
+async def jobs(request: Request, user: sess.User, kind: Annotated[str, Query(pattern="^(replication|failover)$")]
+               = "replication", status: Annotated[str, Query(max_length=32)] = "",
+               vm: Annotated[str, Query(max_length=255)] = "", page: Page = 1, size: Size = data.PAGE_SIZES[0]):
+    states = JOB_STATES[kind]
+    listed = await data.jobs_page(request.app.state.bus, kind, _one_of("status", status, states), vm.strip(),
+                                  page, _size(size))
+    filters = {"kind": kind, "status": status, "vm": vm.strip(), "size": size}
+    return render(request, "jobs.html", listed=listed, kind=kind, status=status, vm=vm.strip(), states=states,
+                  page=page, size=size, pages=max(1, -(-listed["total"] // size)),
+                  filters={k: v for k, v in filters.items() if v})
+
+
+# --- settings --------------------------------------------------------------------------------
+@router.get("/settings")
+async def settings_page(request: Request, user: sess.User):
+    return render(request, "settings.html", **await data.settings_page(request.app.state.bus))
+
+
+@router.post("/settings/test")
+async def test_connection(request: Request, user: sess.Operator,
+                          kind: Annotated[str, Form(pattern="^(ossea|vcenter)$")],
+                          config_id: Annotated[int, Form(ge=1)]):
+    """The stored configuration's connection test, as the API's `{"action": "test", "id": …}`."""
+    bus, settings = request.app.state.bus, request.app.state.settings
+    subject, timeout = ((Config.ACTION, config_timeout(bus.timeout, settings)) if kind == "ossea"
+                        else (Inventory.VCENTER_ACTION, vcenter_timeout(bus.timeout, settings)))
+    result = await bus.call(subject, {"action": "test", "id": config_id}, timeout=timeout)
+    return render(request, "_announce_text.html", text=f"Configuration {config_id}: {result['message']}.")
 
 
 # --- health ----------------------------------------------------------------------------------
