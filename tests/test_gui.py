@@ -38,6 +38,7 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 VMS = ("gui-alpha", "gui-beta", "gui-gamma", HOSTILE)
 PASSWORDS = {"olivia": "operator-password-1", "victor": "viewer-password-1"}
 GiB = 2**30
+ACTIONS = re.compile("Start replication|Discover now|Test connection")  # what only an operator gets
 
 
 class Gui:
@@ -210,7 +211,7 @@ def create_vms(gui: Gui, *names: str) -> None:
 async def test_operator_discovers_vms_and_watches_two_replications_live(gui: Gui, browser: Browser):
     """The issue's "done when": sign in, discover from vcsim, select two, start, and watch both
     bars reach 100% with no reload while another row stays as it was, its checkbox still checked."""
-    new = ("gui-delta", "gui-epsilon", "gui-zeta")
+    new = ("found-delta", "found-epsilon", "found-zeta")
     await asyncio.to_thread(create_vms, gui, *new)
     async with signed_in(browser, gui, "olivia") as (page, watch):
         await page.get_by_role("navigation", name="Main").get_by_role("link", name="Discovery").click()
@@ -220,29 +221,29 @@ async def test_operator_discovers_vms_and_watches_two_replications_live(gui: Gui
         for vm in new:
             await expect(row(page, vm)).to_contain_text("New")
         await expect(row(page, "gui-alpha")).to_contain_text("Seen")
-        await page.get_by_label("Select gui-delta").check()
-        await page.get_by_label("Select gui-epsilon").check()
+        await page.get_by_label("Select found-delta").check()
+        await page.get_by_label("Select found-epsilon").check()
         await expect(page.locator("#selected-count")).to_have_text("2")
         await page.get_by_role("button", name=re.compile("Start replication")).click()
         await expect(page.get_by_role("status")).to_contain_text("Started 2 replications.")
-        for vm in ("gui-delta", "gui-epsilon"):
+        for vm in ("found-delta", "found-epsilon"):
             await expect(row(page, vm)).to_contain_text("Ready for sync", timeout=30_000)
 
-        await page.get_by_label("Select gui-zeta").check()
+        await page.get_by_label("Select found-zeta").check()
         await page.evaluate("window.__notReloaded = true")
-        zeta_before = await row(page, "gui-zeta").inner_text()
-        jobs = [await replicate_to_the_end(gui, page, vm) for vm in ("gui-delta", "gui-epsilon")]
+        zeta_before = await row(page, "found-zeta").inner_text()
+        jobs = [await replicate_to_the_end(gui, page, vm) for vm in ("found-delta", "found-epsilon")]
 
         assert await page.evaluate("window.__notReloaded") is True
         for vm in new:
             await expect(page.get_by_label(f"Select {vm}")).to_be_checked()
-        assert await row(page, "gui-zeta").inner_text() == zeta_before
+        assert await row(page, "found-zeta").inner_text() == zeta_before
         await _check(page, Axe(), "discovery")
         watch.assert_clean()
 
         # The Jobs screen lists both, filtered by VM and by state.
         await page.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
-        await page.get_by_label("VM name (exact)").fill("gui-delta")
+        await page.get_by_label("VM name (exact)").fill("found-delta")
         await page.get_by_label("State").select_option("completed")
         await page.get_by_role("button", name="Apply filters").click()
         table = page.get_by_role("table", name=re.compile("^Replication jobs"))
@@ -302,6 +303,17 @@ async def test_viewer_sees_no_actions_and_forged_posts_are_refused(gui: Gui, bro
         await expect(page.locator("header")).to_contain_text("victor (viewer)")
         await page.screenshot(path=SHOTS / "dashboard-viewer.png", full_page=True)
 
+        for path in ("/ui/discovery", "/ui/jobs", "/ui/vms/gui-gamma", "/ui/settings"):
+            await page.goto(gui.url + path)
+            await expect(page.get_by_role("heading", level=1)).to_be_visible()
+            await expect(page.locator("main").get_by_role("button", name=ACTIONS)).to_have_count(0)
+            await expect(page.locator("main").get_by_role("checkbox")).to_have_count(0)
+        await expect(page.get_by_role("table", name="OSSEA configurations")).to_contain_text("simulated-cloud")
+
+        for path, form in (("/ui/discovery", {"vcenter": gui.vc.host}),
+                           ("/ui/settings/test", {"kind": "ossea", "config_id": "1"})):
+            r = await page.request.post(gui.url + path, form=form)
+            assert r.status == 403 and (await r.json())["error"] == "CSRF check failed"
         form = {"vm": "gui-gamma", "config_id": "1"}
         r = await page.request.post(gui.url + "/ui/replications", form=form)  # the session cookie, no token
         assert r.status == 403 and (await r.json())["error"] == "CSRF check failed"
@@ -324,6 +336,10 @@ async def test_viewer_sees_no_actions_and_forged_posts_are_refused(gui: Gui, bro
 async def test_hostile_vm_name_is_shown_as_text(gui: Gui, browser: Browser):
     async with signed_in(browser, gui, "olivia") as (page, watch):
         await expect(page.get_by_role("rowheader", name=HOSTILE, exact=True)).to_be_visible()
+        await expect(page.locator("main img")).to_have_count(0)
+        await page.goto(gui.url + "/ui/discovery")
+        await expect(page.get_by_role("rowheader", name=HOSTILE, exact=True)).to_be_visible()
+        await expect(page.get_by_label(f"Select {HOSTILE}")).to_have_count(1)
         await expect(page.locator("main img")).to_have_count(0)
         await page.get_by_role("link", name=HOSTILE, exact=True).click()
         await expect(page.get_by_role("heading", name=HOSTILE, level=1)).to_be_visible()
@@ -369,6 +385,15 @@ async def test_every_screen_is_accessible_and_stays_on_its_origin(gui: Gui, brow
         await expect(page.get_by_role("heading", name="VM context not found", level=1)).to_be_visible()
         await _check(page, axe, None)
         watch.expect_error("404")  # Chromium logs the 404 itself
+        await page.goto(gui.url + "/ui/jobs?kind=failover")
+        await expect(page.get_by_role("heading", name="No failover jobs yet")).to_be_visible()
+        await _check(page, axe, None)
+        await page.goto(gui.url + "/ui/jobs?vm=no-such-vm")
+        await expect(page.get_by_role("heading", name="No replication jobs match these filters")).to_be_visible()
+        await _check(page, axe, None)
+        await page.goto(gui.url + "/ui/discovery?vcenter=" + gui.vc.host + "&q=no-such-vm")
+        await expect(page.get_by_role("heading", name="No VMs match this filter")).to_be_visible()
+        await _check(page, axe, None)
         await page.goto(gui.url + "/ui/health")
         await expect(page.get_by_role("table", name="Services")).to_contain_text("context_aggregator")
         await _check(page, axe, "health")
@@ -379,6 +404,26 @@ async def test_every_screen_is_accessible_and_stays_on_its_origin(gui: Gui, brow
         watch.assert_clean()
     finally:
         await context.close()
+
+
+async def test_settings_show_configurations_redacted_and_test_them(gui: Gui, browser: Browser):
+    async with signed_in(browser, gui, "olivia") as (page, watch):
+        await page.get_by_role("navigation", name="Main").get_by_role("link", name="Settings").click()
+        ossea = page.get_by_role("table", name="OSSEA configurations")
+        await expect(ossea).to_contain_text("simulated-cloud")
+        await expect(ossea).to_contain_text(API_KEY)
+        await expect(ossea).to_contain_text("write-only, not shown")
+        vcenters = page.get_by_role("table", name="vCenter connections")
+        await expect(vcenters).to_contain_text(gui.vc.host)
+        await expect(page.get_by_role("table", name=re.compile("^VMAs"))).to_contain_text("test-vma")
+        html = await page.content()
+        assert SECRET not in html and gui.vc.password not in html
+        await page.get_by_role("button", name="Test connection of simulated-cloud").click()
+        await expect(page.get_by_role("status")).to_contain_text("OSSEA connection test successful")
+        await vcenters.get_by_role("button", name=re.compile("^Test connection")).click()
+        await expect(page.get_by_role("status")).to_contain_text("vCenter connection test successful")
+        await _check(page, Axe(), "settings")
+        watch.assert_clean()
 
 
 async def _check(page: Page, axe: Axe, shot: str | None) -> None:
