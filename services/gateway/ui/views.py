@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from urllib.parse import urlencode
 from typing import Annotated, Any
 
@@ -53,6 +55,10 @@ CELLS = ("status", "phase", "progress", "rate", "eta", "sync")  # the dashboard 
 REVERIFY = 60.0        # an open event stream re-checks its session this often
 
 
+def _bus(request: Request) -> data.Bus:
+    return data.Bus(request.app.state)
+
+
 def _redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
 
@@ -80,7 +86,7 @@ def _events_url(names: list[str], **flags: str) -> str:
 
 async def _targets(request: Request, user: dict[str, Any]) -> list[dict[str, Any]]:
     """The OSSEA configurations an operator can start replications to (none for a viewer)."""
-    return await data.configurations(request.app.state.bus) if user["role"] == "operator" else []
+    return await data.configurations(_bus(request)) if user["role"] == "operator" else []
 
 
 # --- sign in and out -------------------------------------------------------------------------
@@ -106,7 +112,7 @@ async def login(request: Request, username: Annotated[str, Form(max_length=64)] 
         raise errors.Forbidden("CSRF check failed", "reload the sign-in page and try again")
     client = request.client.host if request.client else ""
     try:
-        result = await request.app.state.bus.call(
+        result = await _bus(request).call(
             Auth.USER_LOGIN, {"username": username, "password": password, "client_addr": client})
     except (errors.Unauthorized, errors.TooManyRequests) as exc:
         text = "Wrong username or password." if exc.status == 401 else f"Too many failed attempts: {exc.details}."
@@ -119,7 +125,7 @@ async def login(request: Request, username: Annotated[str, Form(max_length=64)] 
 
 @router.post("/logout")
 async def logout(request: Request, user: sess.CheckedUser):
-    await request.app.state.bus.call(Auth.USER_LOGOUT, {"token": request.cookies.get(sess.COOKIE)})
+    await _bus(request).call(Auth.USER_LOGOUT, {"token": request.cookies.get(sess.COOKIE)})
     response = _redirect("/ui/login")
     response.delete_cookie(sess.COOKIE, path="/ui")
     return response
@@ -134,13 +140,19 @@ async def dashboard(request: Request, user: sess.User,
                     page: Page = 1, size: Size = data.PAGE_SIZES[0]):
     query = data.Query(q=q.strip(), status=_one_of("status", status, STATUS), sort=sort.lstrip("-"),
                        desc=sort.startswith("-"), page=page, size=_size(size))
-    bus = request.app.state.bus
+    bus, started = _bus(request), time.perf_counter()
     (rows, total), counts, configs = await asyncio.gather(
         data.vm_page(bus, query), data.counters(bus), _targets(request, user))
+    read = time.perf_counter()
     pages = max(1, -(-total // query.size))
     events_url = _events_url([r["name"] for r in rows], counters="true")
-    return render(request, "dashboard.html", rows=rows, total=total, counts=counts, query=query, pages=pages,
-                  statuses=STATUS, configs=configs, all_vms=sum(counts.values()), events_url=events_url, cells=CELLS)
+    response = render(request, "dashboard.html", rows=rows, total=total, counts=counts, query=query, pages=pages,
+                      statuses=STATUS, configs=configs, all_vms=sum(counts.values()), events_url=events_url,
+                      cells=CELLS)
+    # Where a page's time goes (bench/bench_gui.py reads it): the bus reads, then the template.
+    response.headers["Server-Timing"] = (f"reads;dur={(read - started) * 1000:.1f}, "
+                                         f"render;dur={(time.perf_counter() - read) * 1000:.1f}")
+    return response
 
 
 @router.post("/replications")
@@ -152,7 +164,7 @@ async def start_replications(request: Request, user: sess.Operator,
         raise errors.BadRequest("Nothing selected" if not vm else "Too many VMs", "select 1 to 100 VMs")
     if config_id is None:
         raise errors.BadRequest("No target", "add an OSSEA configuration first (POST /api/v1/ossea/config)")
-    bus = request.app.state.bus
+    bus = _bus(request)
     timeout = create_timeout(request.app.state.settings)
     results = await asyncio.gather(*(data.start_replication(bus, name, config_id, timeout) for name in vm),
                                    return_exceptions=True)
@@ -166,7 +178,7 @@ async def start_replications(request: Request, user: sess.Operator,
 # --- one VM ----------------------------------------------------------------------------------
 @router.get("/vms/{vm_name:path}")
 async def vm_detail(request: Request, vm_name: str, user: sess.User):
-    bus = request.app.state.bus
+    bus = _bus(request)
     body, failovers = await asyncio.gather(bus.call(Contexts.GET, {"vm_name": vm_name}),
                                            data.failovers(bus, vm_name))
     return render(request, "vm.html", vm=vm_view(body), body=body, failovers=failovers,
@@ -181,7 +193,7 @@ async def discovery(request: Request, user: sess.User, vcenter: Annotated[str, Q
                     found: int | None = None, new: int = 0, changed: int = 0, gone: int = 0):
     """The vCenters with "Discover now", and one vCenter's stored VMs to select and replicate.
     `found`..`gone`: the summary of the run that redirected here."""
-    bus = request.app.state.bus
+    bus = _bus(request)
     vcs, configs = await asyncio.gather(data.vcenters(bus), _targets(request, user))
     chosen = next((v for v in vcs if vcenter in (v["host"], v["name"])), None) if vcenter else (vcs or [None])[0]
     if vcenter and chosen is None:
@@ -200,7 +212,7 @@ async def run_discovery(request: Request, user: sess.Operator,
                         vcenter: Annotated[str, Form(min_length=1, max_length=255)]):
     """Read the vCenter now; the browser then loads its VMs with the run's summary (htmx follows
     HX-Redirect with a full page load, so the page's event stream covers the new rows)."""
-    bus = request.app.state.bus
+    bus = _bus(request)
     result = await bus.call(Inventory.DISCOVER, {"vcenter": vcenter},
                             timeout=discover_timeout(bus.timeout, request.app.state.settings))
     s = result["summary"]
@@ -216,7 +228,7 @@ async def jobs(request: Request, user: sess.User, kind: Annotated[str, Query(pat
                = "replication", status: Annotated[str, Query(max_length=32)] = "",
                vm: Annotated[str, Query(max_length=255)] = "", page: Page = 1, size: Size = data.PAGE_SIZES[0]):
     states = JOB_STATES[kind]
-    listed = await data.jobs_page(request.app.state.bus, kind, _one_of("status", status, states), vm.strip(),
+    listed = await data.jobs_page(_bus(request), kind, _one_of("status", status, states), vm.strip(),
                                   page, _size(size))
     filters = {"kind": kind, "status": status, "vm": vm.strip(), "size": size}
     return render(request, "jobs.html", listed=listed, kind=kind, status=status, vm=vm.strip(), states=states,
@@ -227,7 +239,7 @@ async def jobs(request: Request, user: sess.User, kind: Annotated[str, Query(pat
 # --- settings --------------------------------------------------------------------------------
 @router.get("/settings")
 async def settings_page(request: Request, user: sess.User):
-    return render(request, "settings.html", **await data.settings_page(request.app.state.bus))
+    return render(request, "settings.html", **await data.settings_page(_bus(request)))
 
 
 @router.post("/settings/test")
@@ -235,7 +247,7 @@ async def test_connection(request: Request, user: sess.Operator,
                           kind: Annotated[str, Form(pattern="^(ossea|vcenter)$")],
                           config_id: Annotated[int, Form(ge=1)]):
     """The stored configuration's connection test, as the API's `{"action": "test", "id": …}`."""
-    bus, settings = request.app.state.bus, request.app.state.settings
+    bus, settings = _bus(request), request.app.state.settings
     subject, timeout = ((Config.ACTION, config_timeout(bus.timeout, settings)) if kind == "ossea"
                         else (Inventory.VCENTER_ACTION, vcenter_timeout(bus.timeout, settings)))
     result = await bus.call(subject, {"action": "test", "id": config_id}, timeout=timeout)
@@ -264,30 +276,35 @@ async def events(request: Request, user: sess.StreamUser,
                  detail: bool = False, counters: bool = False):
     """Fragments for the VMs the page shows (`vm`), named `<key>-<cell>` for the sse-swap cells;
     `counters` for the dashboard's totals, `announce` for the polite status region."""
-    bus, watched = request.app.state.bus, set(vm[:100])
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+    bus, watched = _bus(request), set(vm[:100])
+    # Coalesced as they arrive: the latest context per VM waits for its turn (at most one a second),
+    # so a burst of updates costs no backlog and the last state always gets out.
+    pending: dict[str, dict[str, Any]] = {}
+    wake = asyncio.Event()
+    changed = False  # anything changed since the counters were last sent
 
     async def on_update(msg: Any) -> None:
+        nonlocal changed
         update = orjson.loads(msg.data)
-        if (update.get("vm_name") in watched or counters) and not queue.full():
-            queue.put_nowait(update)
+        changed = True
+        name = update.get("vm_name")
+        if name in watched:
+            if name not in pending:  # one already pending has its turn counted
+                wake.set()
+            pending[name] = update["context"]
 
-    sub = await bus.nc.subscribe(Contexts.EVT_UPDATED, cb=on_update)
+    sub = await request.app.state.bus.nc.subscribe(Contexts.EVT_UPDATED, cb=on_update)
     try:
-        pending: dict[str, dict[str, Any]] = {}   # latest context per VM, not yet sent
         sent: dict[str, float] = {}                # when each VM was last sent
         last_status: dict[str, str] = {}
         loop = asyncio.get_running_loop()
         checked = counted = loop.time()
-        counters_due = False
         while not await request.is_disconnected():
-            try:
-                update = await asyncio.wait_for(queue.get(), timeout=UPDATE_INTERVAL / 2)
-                counters_due = counters_due or counters
-                if update["vm_name"] in watched:
-                    pending[update["vm_name"]] = update["context"]
-            except asyncio.TimeoutError:
-                pass
+            now = loop.time()
+            next_due = min((sent.get(n, 0.0) + UPDATE_INTERVAL - now for n in pending), default=UPDATE_INTERVAL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=min(max(next_due, 0.0), UPDATE_INTERVAL / 2))
+            wake.clear()
             now = loop.time()
             for name in [n for n in pending if now - sent.get(n, 0.0) >= UPDATE_INTERVAL]:
                 view, sent[name] = vm_view(pending.pop(name)), now
@@ -298,8 +315,8 @@ async def events(request: Request, user: sess.StreamUser,
                 if last_status.get(name) != view["status"] and view["status"] in ("completed", "failed"):
                     yield ServerSentEvent(event="announce", raw_data=fragment("_announce.html", view=view))
                 last_status[name] = view["status"]
-            if counters_due and now - counted >= 2 * UPDATE_INTERVAL:
-                counters_due, counted = False, now
+            if counters and changed and now - counted >= 2 * UPDATE_INTERVAL:
+                changed, counted = False, now
                 yield ServerSentEvent(event="counters", raw_data=fragment(
                     "_counters.html", counts=await data.counters(bus), statuses=STATUS))
             if now - checked > REVERIFY:  # idle expiry and logout end the stream too
