@@ -38,7 +38,7 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 VMS = ("gui-alpha", "gui-beta", "gui-gamma", HOSTILE)
 PASSWORDS = {"olivia": "operator-password-1", "victor": "viewer-password-1"}
 GiB = 2**30
-ACTIONS = re.compile("Start replication|Discover now|Test connection")  # what only an operator gets
+ACTIONS = re.compile("Start replication|Discover now|Test connection|Test failover|Clean up|Cut over|Roll back")  # what only an operator gets
 
 
 class Gui:
@@ -294,6 +294,18 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         await page.screenshot(path=SHOTS / "vm-detail.png", full_page=True)
         watch.assert_clean()
 
+        # Failover actions: enabled only where allowed, each behind a confirmation page.
+        await expect(page.get_by_role("button", name="Clean up the test…")).to_be_disabled()
+        await expect(page.get_by_role("button", name="Roll back the cutover…")).to_be_disabled()
+        await page.get_by_role("button", name="Test failover…").click()
+        await expect(page.get_by_role("heading", name="Test failover: gui-alpha?", level=1)).to_be_visible()
+        await _check(page, Axe(), "confirm-failover")
+        await page.get_by_role("button", name="Test failover", exact=True).click()
+        # The failover service refuses it: vcsim's VM has no NIC to map to a cloud network.
+        await expect(page.get_by_role("alert")).to_contain_text("No NICs")
+        watch.expect_error("400")
+        watch.assert_clean()
+
 
 async def test_viewer_sees_no_actions_and_forged_posts_are_refused(gui: Gui, browser: Browser):
     async with signed_in(browser, gui, "victor") as (page, watch):
@@ -311,9 +323,14 @@ async def test_viewer_sees_no_actions_and_forged_posts_are_refused(gui: Gui, bro
         await expect(page.get_by_role("table", name="OSSEA configurations")).to_contain_text("simulated-cloud")
 
         for path, form in (("/ui/discovery", {"vcenter": gui.vc.host}),
-                           ("/ui/settings/test", {"kind": "ossea", "config_id": "1"})):
+                           ("/ui/settings/test", {"kind": "ossea", "config_id": "1"}),
+                           ("/ui/failover", {"vm": "gui-gamma", "action": "test"})):
             r = await page.request.post(gui.url + path, form=form)
             assert r.status == 403 and (await r.json())["error"] == "CSRF check failed"
+        r = await page.goto(gui.url + "/ui/failover?vm=gui-gamma&action=test")
+        assert r.status == 403
+        await expect(page.get_by_role("heading", name="Not allowed", level=1)).to_be_visible()
+        watch.expect_error("403")
         form = {"vm": "gui-gamma", "config_id": "1"}
         r = await page.request.post(gui.url + "/ui/replications", form=form)  # the session cookie, no token
         assert r.status == 403 and (await r.json())["error"] == "CSRF check failed"

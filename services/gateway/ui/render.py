@@ -151,3 +151,26 @@ def vm_view(body: dict[str, Any]) -> dict[str, Any]:
 
 templates.env.filters.update(when=when_text, bytes=bytes_text)
 templates.env.globals.update(duration=duration_text, badge=badge)
+
+
+FAILOVER_ACTIONS = {  # action -> (button, what the confirmation says it does)
+    "test": ("Test failover", "boots a copy of the replica in the cloud on the test networks; the source VM keeps running"),
+    "cleanup": ("Clean up the test", "deletes the test failover's VM and volumes from the cloud"),
+    "live": ("Cut over", "powers the source VM off and boots the replica in the cloud on the production networks"),
+    "rollback": ("Roll back the cutover", "removes the cut-over VM from the cloud and powers the source VM on again"),
+}
+
+
+def failover_actions(body: dict[str, Any], failovers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The VM page's failover buttons, each enabled only in the state it is allowed in (the
+    failover service checks again): test and cutover need a completed replication and no failover
+    running; cleanup and rollback undo the latest completed test or cutover."""
+    busy = any(f["status"] in ("running", "compensating") for f in failovers)
+    replicated = body["context"]["successful_jobs"] > 0
+    done = next((f for f in failovers if f["status"] == "completed"), None)
+    why = {"test": None if replicated else "needs a completed replication",
+           "live": None if replicated else "needs a completed replication",
+           "cleanup": None if done and done["action"] == "test" else "no completed test failover to clean up",
+           "rollback": None if done and done["action"] == "live" else "no completed cutover to roll back"}
+    return [{"action": a, "label": label, "why": "a failover is running" if busy else why[a]}
+            for a, (label, _) in FAILOVER_ACTIONS.items()]

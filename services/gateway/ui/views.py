@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 from typing import Annotated, Any
 
 import orjson
@@ -20,10 +20,11 @@ from services.gateway.routers.ossea import config_timeout
 from services.gateway.routers.replications import create_timeout
 from services.gateway.ui import data
 from services.gateway.ui import session as sess
-from services.gateway.ui.render import JOB_STATES, STATUS, SECURITY_HEADERS, fragment, render, vm_view
+from services.gateway.ui.render import (FAILOVER_ACTIONS, JOB_STATES, STATUS, SECURITY_HEADERS, failover_actions,
+                                       fragment, render, vm_view)
 from shared import errors
 from shared.service import validation_details
-from shared.subjects import Auth, Config, Contexts, Inventory
+from shared.subjects import Auth, Config, Contexts, Failover, Inventory
 
 
 
@@ -149,8 +150,9 @@ async def dashboard(request: Request, user: sess.User,
     response = render(request, "dashboard.html", rows=rows, total=total, counts=counts, query=query, pages=pages,
                       statuses=STATUS, configs=configs, all_vms=sum(counts.values()), events_url=events_url,
                       cells=CELLS)
-    # Where a page's time goes (bench/bench_gui.py reads it): the bus reads, then the template.
-    response.headers["Server-Timing"] = (f"reads;dur={(read - started) * 1000:.1f}, "
+    # Where a page's time goes (bench/bench_gui.py reads it): the session check, the bus reads, the template.
+    response.headers["Server-Timing"] = (f"auth;dur={request.state.auth_ms:.1f}, "
+                                         f"reads;dur={(read - started) * 1000:.1f}, "
                                          f"render;dur={(time.perf_counter() - read) * 1000:.1f}")
     return response
 
@@ -182,8 +184,28 @@ async def vm_detail(request: Request, vm_name: str, user: sess.User):
     body, failovers = await asyncio.gather(bus.call(Contexts.GET, {"vm_name": vm_name}),
                                            data.failovers(bus, vm_name))
     return render(request, "vm.html", vm=vm_view(body), body=body, failovers=failovers,
-                  failover_states=JOB_STATES["failover"],
+                  failover_states=JOB_STATES["failover"], actions=failover_actions(body, failovers),
                   events_url=_events_url([vm_name], detail="true"))
+
+
+# --- failover: a confirmation page, then the action ---------------------------------------------
+FailoverAction = Annotated[str, Query(pattern="^(test|cleanup|live|rollback)$")]
+
+
+@router.get("/failover")
+async def confirm_failover(request: Request, user: sess.OperatorPage, vm: Annotated[str, Query(min_length=1, max_length=255)],
+                           action: FailoverAction):
+    label, effect = FAILOVER_ACTIONS[action]
+    return render(request, "confirm.html", vm_name=vm, action=action, label=label, effect=effect)
+
+
+@router.post("/failover")
+async def start_failover(request: Request, user: sess.Operator, vm: Annotated[str, Form(min_length=1, max_length=255)],
+                         action: Annotated[str, Form(pattern="^(test|cleanup|live|rollback)$")]):
+    """As POST /api/v1/failover; the browser then shows the VM page with the job in its history."""
+    result = await _bus(request).call(Failover.ACTION, {"action": action, "vm_name": vm})
+    return render(request, "_announce_text.html", text=f"{FAILOVER_ACTIONS[action][0]} of {vm} started "
+                  f"({result['failover_id']}).", headers={"HX-Redirect": "/ui/vms/" + quote(vm, safe="")})
 
 
 # --- discovery -------------------------------------------------------------------------------
