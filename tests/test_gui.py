@@ -160,6 +160,13 @@ class Watch:
         assert len(seen) == 1, self.errors
         self.errors.remove(seen[0])
 
+    def expect_htmx_error(self, status: str, path: str) -> None:
+        """An htmx request answered with an error status: Chromium's line and htmx's own."""
+        self.expect_error(status)
+        seen = [e for e in self.errors if e.startswith(f"Response Status Error Code {status} from {path}")]
+        assert len(seen) == 1, self.errors
+        self.errors.remove(seen[0])
+
     def assert_clean(self) -> None:
         assert (self.errors, self.dialogs, self.foreign) == ([], [], [])
 
@@ -289,6 +296,8 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         # The VM page: the job, its disk and the change id recorded by the completion.
         await row(page, "gui-alpha").get_by_role("link", name="gui-alpha").click()
         await expect(page.get_by_role("heading", name="gui-alpha", level=1)).to_be_visible()
+        await expect(page).to_have_title("gui-alpha · OMA")
+        await expect(page.get_by_role("region", name="Failover history")).to_contain_text("No failovers yet")
         await expect(page.get_by_role("table", name=re.compile("^Change ids"))).to_contain_text("52 gui-alpha/7")
         await expect(page.get_by_role("table", name=re.compile("^Jobs"))).to_contain_text(alpha)
         await page.screenshot(path=SHOTS / "vm-detail.png", full_page=True)
@@ -303,7 +312,7 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         await page.get_by_role("button", name="Test failover", exact=True).click()
         # The failover service refuses it: vcsim's VM has no NIC to map to a cloud network.
         await expect(page.get_by_role("alert")).to_contain_text("No NICs")
-        watch.expect_error("400")
+        watch.expect_htmx_error("400", "/ui/failover")
         watch.assert_clean()
 
 

@@ -115,7 +115,7 @@ async def context_read(state: Any, subject: str, payload: dict[str, Any]) -> byt
     no change since, else the bus request (both answer 200 or raise). The GUI reads through it too."""
     cache: ContextReplies = state.context_replies.current()
     vm_name = payload.get("vm_name")
-    key = vm_name or (payload.get("status"), payload.get("limit", 100), payload.get("offset", 0))
+    key = vm_name or tuple(payload.values())  # (status,) limit, offset: build the payload in that order
     body = cache.get_vm(vm_name) if vm_name else cache.get_list(key)
     if body is None:
         generation = cache.generation

@@ -56,7 +56,7 @@ class Query:
 
 async def counters(bus: Bus) -> dict[str, int]:
     """VMs per status (the list's `total` for each status filter, which the service caches)."""
-    totals = await asyncio.gather(*(bus.call(Contexts.LIST, {"status": s, "limit": 1}) for s in STATUS))
+    totals = await asyncio.gather(*(bus.call(Contexts.LIST, {"status": s, "limit": 1, "offset": 0}) for s in STATUS))
     return {s: t["total"] for s, t in zip(STATUS, totals)}
 
 
@@ -133,8 +133,13 @@ async def jobs_page(bus: Bus, kind: str, status: str, vm_name: str, page: int, s
     return await bus.call(Replication.LIST if kind == "replication" else Failover.LIST, q)
 
 
-async def failovers(bus: Bus, vm_name: str) -> list[dict[str, Any]]:
-    return (await bus.call(Failover.LIST, {"vm_name": vm_name, "limit": 20}))["jobs"]
+async def failovers(bus: Bus, vm_name: str) -> list[dict[str, Any]] | None:
+    """The VM's last 20 failovers; None when the failover service does not answer (the rest of
+    the VM page is still worth showing)."""
+    try:
+        return (await bus.call(Failover.LIST, {"vm_name": vm_name, "limit": 20}))["jobs"]
+    except errors.Unavailable:
+        return None
 
 
 async def settings_page(bus: Bus) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html
+templates.env.auto_reload = False  # no stat() of the file at each include: they ship with the code
 
 # Scripts and styles from this origin only: an injected tag or inline handler cannot run.
 SECURITY_HEADERS = {
@@ -64,6 +65,11 @@ def render(request: Request, name: str, status_code: int = 200, headers: dict[st
 def fragment(name: str, **context: Any) -> str:
     """A template rendered to a string (live updates), through the same autoescaping environment."""
     return templates.get_template(name).render(**context)
+
+
+def cell_html(view: dict[str, Any], cell: str) -> str:
+    """One live cell of a VM row (the _cells.html macro, as the pages draw it)."""
+    return str(templates.get_template("_cells.html").module.cell(view, cell))
 
 
 def vm_key(vm_name: str) -> str:
@@ -161,10 +167,13 @@ FAILOVER_ACTIONS = {  # action -> (button, what the confirmation says it does)
 }
 
 
-def failover_actions(body: dict[str, Any], failovers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def failover_actions(body: dict[str, Any], failovers: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The VM page's failover buttons, each enabled only in the state it is allowed in (the
     failover service checks again): test and cutover need a completed replication and no failover
     running; cleanup and rollback undo the latest completed test or cutover."""
+    if failovers is None:  # the failover service does not answer
+        return [{"action": a, "label": label, "why": "the failover service does not answer"}
+                for a, (label, _) in FAILOVER_ACTIONS.items()]
     busy = any(f["status"] in ("running", "compensating") for f in failovers)
     replicated = body["context"]["successful_jobs"] > 0
     done = next((f for f in failovers if f["status"] == "completed"), None)

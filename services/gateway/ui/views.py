@@ -20,8 +20,8 @@ from services.gateway.routers.ossea import config_timeout
 from services.gateway.routers.replications import create_timeout
 from services.gateway.ui import data
 from services.gateway.ui import session as sess
-from services.gateway.ui.render import (FAILOVER_ACTIONS, JOB_STATES, STATUS, SECURITY_HEADERS, failover_actions,
-                                       fragment, render, vm_view)
+from services.gateway.ui.render import (FAILOVER_ACTIONS, JOB_STATES, STATUS, SECURITY_HEADERS, cell_html,
+                                       failover_actions, fragment, render, vm_view)
 from shared import errors
 from shared.service import validation_details
 from shared.subjects import Auth, Config, Contexts, Failover, Inventory
@@ -181,8 +181,8 @@ async def start_replications(request: Request, user: sess.Operator,
 @router.get("/vms/{vm_name:path}")
 async def vm_detail(request: Request, vm_name: str, user: sess.User):
     bus = _bus(request)
-    body, failovers = await asyncio.gather(bus.call(Contexts.GET, {"vm_name": vm_name}),
-                                           data.failovers(bus, vm_name))
+    body = await bus.call(Contexts.GET, {"vm_name": vm_name})
+    failovers = await data.failovers(bus, vm_name)
     return render(request, "vm.html", vm=vm_view(body), body=body, failovers=failovers,
                   failover_states=JOB_STATES["failover"], actions=failover_actions(body, failovers),
                   events_url=_events_url([vm_name], detail="true"))
@@ -331,7 +331,7 @@ async def events(request: Request, user: sess.StreamUser,
             for name in [n for n in pending if now - sent.get(n, 0.0) >= UPDATE_INTERVAL]:
                 view, sent[name] = vm_view(pending.pop(name)), now
                 for cell in CELLS:
-                    yield ServerSentEvent(event=f"{view['key']}-{cell}", raw_data=fragment("_cells.html", view=view, cell=cell))
+                    yield ServerSentEvent(event=f"{view['key']}-{cell}", raw_data=cell_html(view, cell))
                 if detail:
                     yield ServerSentEvent(event=f"{view['key']}-job", raw_data=fragment("_job.html", vm=view))
                 if last_status.get(name) != view["status"] and view["status"] in ("completed", "failed"):
