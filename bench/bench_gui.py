@@ -101,6 +101,22 @@ async def dashboard(client: httpx.AsyncClient, nc: nats.NATS, label: str, path: 
           f"{pct(total, 99):6.1f} ms; server p50/p99: {parts} ms")
 
 
+async def page_times(client: httpx.AsyncClient, nats_url: str, n: int, vms: int) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        for label, path, count in (
+                ("GET /ui/ (first page, 25 VMs)", "/ui/", n),
+                ("GET /ui/?status=replicating&page=100", "/ui/?status=replicating&page=100", n),
+                ("GET /ui/?size=100", "/ui/?size=100", n),
+                ("GET /ui/?q=bench-vm-09 (whole list read)", "/ui/?q=bench-vm-09", max(25, n // 10)),
+                ("GET /ui/?sort=-progress (whole list read)", "/ui/?sort=-progress", max(25, n // 10))):
+            for cold in (False, True):
+                await dashboard(client, nc, label, path, count, cold)
+    finally:
+        await nc.close()
+    await measure(client, "GET /ui/vms/{name}", [f"/ui/vms/bench-vm-{vms // 2:05d}"] * n)
+
+
 async def live_stream(base: str, cookies: httpx.Cookies, nats_url: str, n_vms: int, seconds: float,
                       rate: float) -> None:
     vms = [f"live-vm-{i:03d}" for i in range(n_vms)]
@@ -166,6 +182,7 @@ async def main() -> None:
     ap.add_argument("--live-vms", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=5.0)
+    ap.add_argument("--live-only", action="store_true", help="skip the page times")
     args = ap.parse_args()
 
     db_name = f"oma_bench_{uuid.uuid4().hex[:8]}"
@@ -182,19 +199,8 @@ async def main() -> None:
             n = args.requests
             print(f"gateway: oma-api subprocess (uvicorn) at {base}, MariaDB {DB['host']}:{DB['port']}/{db_name}, "
                   f"{args.vms} VMs")
-            nc = await nats.connect(nats_url)
-            try:
-                for label, path, count in (
-                        ("GET /ui/ (first page, 25 VMs)", "/ui/", n),
-                        ("GET /ui/?status=replicating&page=100", "/ui/?status=replicating&page=100", n),
-                        ("GET /ui/?size=100", "/ui/?size=100", n),
-                        ("GET /ui/?q=bench-vm-09 (whole list read)", "/ui/?q=bench-vm-09", max(25, n // 10)),
-                        ("GET /ui/?sort=-progress (whole list read)", "/ui/?sort=-progress", max(25, n // 10))):
-                    for cold in (False, True):
-                        await dashboard(client, nc, label, path, count, cold)
-            finally:
-                await nc.close()
-            await measure(client, "GET /ui/vms/{name}", [f"/ui/vms/bench-vm-{args.vms // 2:05d}"] * n)
+            if not args.live_only:
+                await page_times(client, nats_url, n, args.vms)
             await live_stream(base, client.cookies, nats_url, args.live_vms, args.seconds, args.rate)
     finally:
         if proc is not None:

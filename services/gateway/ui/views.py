@@ -329,7 +329,9 @@ async def events(request: Request, user: sess.StreamUser,
             wake.clear()
             now = loop.time()
             for name in [n for n in pending if now - sent.get(n, 0.0) >= UPDATE_INTERVAL]:
-                view, sent[name] = vm_view(pending.pop(name)), now
+                # Stamped as it goes out, not when the round began: a slow round must not let the
+                # next one send this VM again sooner than a second later.
+                view, sent[name] = vm_view(pending.pop(name)), loop.time()
                 for cell in CELLS:
                     yield ServerSentEvent(event=f"{view['key']}-{cell}", raw_data=cell_html(view, cell))
                 if detail:
