@@ -25,7 +25,6 @@ import asyncio
 import collections
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_contexts import DB, bulk_insert, measure, pct, sql, start_api  # noqa: E402
+from bench_contexts import DB, bulk_insert, measure, pct, sql, start_api, stop  # noqa: E402
 
 from services.gateway.ui.render import vm_key  # noqa: E402
 from shared.natsserver import EmbeddedNats  # noqa: E402
@@ -203,14 +202,7 @@ async def main() -> None:
                 await page_times(client, nats_url, n, args.vms)
             await live_stream(base, client.cookies, nats_url, args.live_vms, args.seconds, args.rate)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        await server.stop()
-        await sql(f"DROP DATABASE IF EXISTS `{db_name}`")
+        await stop(proc, server, db_name)
 
 
 if __name__ == "__main__":
