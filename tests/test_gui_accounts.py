@@ -173,6 +173,7 @@ async def test_cookie_is_secure_over_https(make_settings):
         assert "secure" in cookie.lower()
 
 
+@pytest.mark.nats_forbidden  # another service's user asks on purpose, to be refused
 async def test_gateway_may_call_the_operator_subjects_on_the_secured_bus(tmp_path):
     """The embedded NATS with shared/natsauth.py's permissions: the gateway is answered, another
     service's user may not even ask."""
