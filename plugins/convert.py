@@ -11,12 +11,23 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from shared import errors
-from shared.hookspecs import hookimpl
+from shared.hookspecs import PluginSettings, hookimpl
 
 OUTPUT_KEPT = 4000  # characters of the converter's output kept in an error (its message is at the end)
+
+
+class ConvertSettings(PluginSettings):
+    timeout: float = Field(3600.0, gt=0, description="seconds a guest conversion (virt-v2v) may take")
+    libguestfs_backend_settings: str = Field("", max_length=255, description="LIBGUESTFS_BACKEND_SETTINGS for "
+                                             "virt-v2v, e.g. force_tcg where /dev/kvm is unusable")
+    virtio_win: Path | None = Field(None, description="virtio-win ISO or directory (VIRTIO_WIN) for converting "
+                                    "Windows guests")
 
 
 class ConversionFailed(errors.BadGateway):
@@ -49,12 +60,12 @@ class VirtV2v(NoConverter):
                                     "on this appliance (Debian package virt-v2v)")
 
     def environment(self) -> dict[str, str]:
-        s = self.settings
+        s = self.settings.convert
         env = {**os.environ, "LIBGUESTFS_BACKEND": "direct"}
-        if s.convert_libguestfs_backend_settings:  # e.g. force_tcg where /dev/kvm is unusable
-            env["LIBGUESTFS_BACKEND_SETTINGS"] = s.convert_libguestfs_backend_settings
-        if s.convert_virtio_win:
-            env["VIRTIO_WIN"] = str(s.convert_virtio_win)
+        if s.libguestfs_backend_settings:  # e.g. force_tcg where /dev/kvm is unusable
+            env["LIBGUESTFS_BACKEND_SETTINGS"] = s.libguestfs_backend_settings
+        if s.virtio_win:
+            env["VIRTIO_WIN"] = str(s.virtio_win)
         return env
 
     async def convert(self, device_path: str) -> dict[str, Any]:
@@ -63,16 +74,21 @@ class VirtV2v(NoConverter):
             self.program, "-i", "disk", device_path, env=self.environment(), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), self.settings.convert_timeout)
+            out, _ = await asyncio.wait_for(proc.communicate(), self.settings.convert.timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             proc.kill()
             await proc.wait()
-            raise ConversionFailed(f"{self.program} did not finish within {self.settings.convert_timeout:g} s") \
+            raise ConversionFailed(f"{self.program} did not finish within {self.settings.convert.timeout:g} s") \
                 from None
         text = out.decode(errors="replace").strip()
         if proc.returncode != 0:
             raise ConversionFailed(f"{self.program} exited with {proc.returncode}: {text[-OUTPUT_KEPT:]}")
         return {"converter": self.name, "converted": True, "output": text[-OUTPUT_KEPT:]}
+
+
+@hookimpl
+def oma_register_settings(register):
+    register("convert", ConvertSettings)
 
 
 @hookimpl

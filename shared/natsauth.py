@@ -77,11 +77,12 @@ def permissions() -> dict[str, Permissions]:
             "config", Replication.USING_CONFIG, Failover.USING_CONFIG,
             comment="Asks replication and failover which jobs use a configuration before deleting it."),
         "replication": _service(
-            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.LIST,
-            Inventory.CONNECTION, Auth.APPLIANCE_SEEN,
+            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Exports.READY, Inventory.LIST,
+            Inventory.CONNECTION, Auth.APPLIANCE_SEEN, "$SRV.PING.config", "$SRV.PING.export_manager",
             comment="The only caller of the decrypted cloud and vCenter credentials; ensures/deactivates\n"
-                    "exports; lists the inventory to check a request's vcenter_host; tells auth whether a\n"
-                    "VMA answered."),
+                    "exports (asking first whether the NBD server serves); lists the inventory to check a\n"
+                    "request's vcenter_host; tells auth whether a VMA answered; waits at start for the\n"
+                    "services it needs ($SRV.PING)."),
         "failover": _service(
             "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Replication.CREATE,
             Replication.HANDOVER, Replication.RECLAIM, Inventory.POWER, Exports.ENSURE, Exports.DEACTIVATE,
