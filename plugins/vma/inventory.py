@@ -60,21 +60,6 @@ class VmaSource:
             found = await client.discover(self._request())
         return sorted((inventory_vm(vm) for vm in found.vms), key=lambda vm: vm["path"])
 
-    async def power(self, vm_id: str, on: bool | None, shutdown_timeout: float = 120.0) -> dict[str, Any]:
-        """As the vSphere source's `power`: on, off (a guest shutdown, forced after `shutdown_timeout`),
-        or None to read the state; the state before and after."""
-        c = self.connection
-        creds = VCenterCredentials(vcenter=vcenter_address(c["host"], c.get("port")), username=c["username"],
-                                   password=c["password"])
-        async with self._client() as client:
-            if on is None:
-                state = (await client.power_state(vm_id, creds)).power_state
-                return {"vm_id": vm_id, "previous_state": state, "power_state": state, "method": "none"}
-            request = PowerRequest(**creds.model_dump(), vm_id=vm_id, timeout=max(1, round(shutdown_timeout)))
-            done = await (client.power_on(request) if on else client.power_off(request))
-        return {"vm_id": vm_id, "previous_state": done.previous_state, "power_state": done.new_state,
-                "method": done.shutdown_method or ("power_on" if on else "none")}
-
     async def test(self) -> dict[str, Any]:
         async with self._client() as client:
             found = await client.discover(self._request())
