@@ -68,5 +68,11 @@ class PluginSettings(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+@hookspec
+def oma_register_converters(register: Register) -> None:
+    """Register guest converters (failover's `convert` option): `register(name, factory)`;
+    `factory(settings)` returns an object with `check()` and async `convert(device_path)` (plugins/convert.py)."""
+
+
 def _all() -> list[Callable[..., Any]]:
     return [v for k, v in globals().items() if k.startswith("oma_")]

@@ -17,6 +17,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "vsphere": "plugins.vsphere.plugin",
     "device": "plugins.device",
     "vma": "plugins.vma.plugin",
+    "convert": "plugins.convert",
 }
 
 # The plugins' settings sections (`oma_register_settings`), entry-point group `oma.settings`. They are
@@ -26,6 +27,7 @@ SETTINGS_PLUGINS: dict[str, str] = {
     "nbd": "plugins.nbd.settings",
     "vma": "plugins.vma.settings",
     "device": "plugins.device",
+    "convert": "plugins.convert",
 }
 
 KINDS = {
@@ -35,6 +37,7 @@ KINDS = {
     "exporter": "oma_register_exporters",
     "device-resolver": "oma_register_device_resolvers",
     "vma": "oma_register_vma_clients",
+    "converter": "oma_register_converters",
 }
 
 

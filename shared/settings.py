@@ -115,6 +115,8 @@ class CoreSettings(BaseSettings):
     failover_stub_template: str = Field("oma-failover-stub", description="template (name or id) of the stub VM")
     failover_shutdown_timeout: float = Field(120.0, ge=0, le=3600,
                                              description="seconds a guest shutdown may take before a hard power-off")
+    failover_final_sync_timeout: float = Field(3600.0, gt=0, le=86400, description="seconds a live cutover's "
+                                               "final sync (after the source power-off) may take before it fails")
 
     # Inventory.
     inventory_source: str = Field("vsphere", description="inventory source backend (plugin)")

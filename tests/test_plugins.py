@@ -98,7 +98,7 @@ def test_a_plugin_settings_section_joins_the_one_tree(monkeypatch):
     pm = get_plugin_manager(load_entrypoints=False, settings=True)
     pm.register(Plugin(), name="throwaway")
     sections = settings_sections(pm)
-    assert set(sections) == {"nbd", "vma", "device", "throwaway"}
+    assert set(sections) == {"nbd", "vma", "device", "convert", "throwaway"}
     tree = compose(sections)
     monkeypatch.setenv("OMA_THROWAWAY_DEPTH", "7")
     assert tree().throwaway.depth == 7 and tree(throwaway_depth=9).throwaway.depth == 9

@@ -38,8 +38,9 @@ def inventory_vm(vm: VmaVm) -> dict[str, Any]:
 
 
 class VmaSource:
-    """Discovers one vCenter through one VMA. `connection`: host, port, username, password,
-    datacenter and the VMA's `api_url`."""
+    """Discovers one vCenter through one VMA, and powers its VMs (failover's cutover and rollback)
+    through the VMA's power routes. `connection`: host, port, username, password, datacenter and the
+    VMA's `api_url`."""
 
     def __init__(self, connection: dict[str, Any], settings: Settings | None = None):
         from plugins.vma.plugin import factory

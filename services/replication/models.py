@@ -133,3 +133,16 @@ class ApplianceSlots(Base):
     learned_capacity: Mapped[int | None] = mapped_column(Integer)
     learned_reason: Mapped[str | None] = mapped_column(String(255))
     learned_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class FailedOverVm(Base):
+    """A source VM whose live cutover runs it in OSSEA on the replica volumes (services/replication/
+    handover.py). Its holding rows keep holding (the appliance's slots stay reserved for a rollback),
+    but no cleanup, delete or new sync touches the volumes until the failover service gives them back."""
+    __tablename__ = "failed_over_vms"
+
+    vm_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    vm_name: Mapped[str] = mapped_column(String(255))
+    failover_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64))       # the job holding the volumes at the cutover
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
