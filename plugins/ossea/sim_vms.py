@@ -25,17 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .signing import format_date
-from .simulator import (
-    DEFAULT_ZONE_ID,
-    DOMAIN_ID,
-    GIB,
-    ApiError,
-    Volume,
-    _Args,
-    _now,
-    _Submit,
-    _uuid,
-)
+from .sim_common import DEFAULT_ZONE_ID, DOMAIN_ID, GIB, ApiError, _Args, _now, _uuid, filtered, page
+from .sim_jobs import _Submit
+from .sim_volumes import Volume
 
 if TYPE_CHECKING:
     from .simulator import CloudStackSimulator
@@ -182,33 +174,33 @@ class VmLab:
     def _list_templates(self, args: _Args) -> dict[str, Any]:
         args.required("templatefilter")
         args.entity(self.templates, "id", required=False)
-        rows = self.sim._filtered(args, list(self.templates.values()), "id", "name", "zoneid")
-        return self.sim._page(args, "template", rows)
+        rows = filtered(args, list(self.templates.values()), "id", "name", "zoneid")
+        return page(args, "template", rows)
 
     def _list_service_offerings(self, args: _Args) -> dict[str, Any]:
         args.entity(self.service_offerings, "id", required=False)
-        rows = self.sim._filtered(args, list(self.service_offerings.values()), "id", "name")
-        return self.sim._page(args, "serviceoffering", rows)
+        rows = filtered(args, list(self.service_offerings.values()), "id", "name")
+        return page(args, "serviceoffering", rows)
 
     def _list_networks(self, args: _Args) -> dict[str, Any]:
         args.entity(self.networks, "id", required=False)
         rows = [{k: v for k, v in n.items() if not k.startswith("_")} for n in self.networks.values()]
-        return self.sim._page(args, "network", self.sim._filtered(args, rows, "id", "name", "zoneid"))
+        return page(args, "network", filtered(args, rows, "id", "name", "zoneid"))
 
     def _list_nics(self, args: _Args) -> dict[str, Any]:
         vm = args.entity(self.sim.vms, "virtualmachineid")
-        return self.sim._page(args, "nic", list(self.nics.get(vm["id"], [])))
+        return page(args, "nic", list(self.nics.get(vm["id"], [])))
 
     def _list_snapshots(self, args: _Args) -> dict[str, Any]:
         args.entity(self.snapshots, "id", required=False)
         rows = [self.snapshot_json(s) for s in self.snapshots.values()]
-        return self.sim._page(args, "snapshot", self.sim._filtered(args, rows, "id", "volumeid", "name"))
+        return page(args, "snapshot", filtered(args, rows, "id", "volumeid", "name"))
 
     def _list_virtual_machines(self, args: _Args) -> dict[str, Any]:
         args.entity(self.sim.vms, "id", required=False)
         rows = [self._vm_json(v) for v in self.sim.vms.values()]
-        rows = self.sim._filtered(args, rows, "id", "name", "zoneid", "state")
-        return self.sim._page(args, "virtualmachine", rows)
+        rows = filtered(args, rows, "id", "name", "zoneid", "state")
+        return page(args, "virtualmachine", rows)
 
     # -- deploy ---------------------------------------------------------------------------------
 

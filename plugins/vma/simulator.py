@@ -26,8 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, Field, ValidationError
 from pyVmomi import vim, vmodl
 
-from plugins.ossea.simulator import _loopback_only_control
-from plugins.simserve import serve_until_signalled
+from plugins.simserve import loopback_only_control, serve_until_signalled
 from plugins.vsphere.source import VCenterAuthError, VCenterConnection, VSphereSource
 from plugins.vma.client import redact_url
 from shared.errors import BadRequest, Conflict, NotFound, OmaError
@@ -194,7 +193,7 @@ class VmaSimulator:
     # -- lifecycle ------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_loopback_only_control, _errors])
+        app = web.Application(middlewares=[loopback_only_control, _errors])
         r, p = app.router, API_PREFIX
         r.add_post(f"{p}/discover", self._discover)
         r.add_post(f"{p}/replicate", self._replicate)
