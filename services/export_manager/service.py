@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.export_manager.models import ACTIVE, INACTIVE, VmExportMapping
 from shared import errors
+from shared.contracts import validate_device_path
 from shared.db import iso
 from shared.disk_slot import SlotNumber
 from shared.schemas import VM_KEY_MAX, VM_KEY_PATTERN
@@ -104,14 +105,6 @@ class ListRequest(BaseModel):
 
 def export_name_for(vm_id: str, unit: int) -> str:
     return f"{EXPORT_PREFIX}{vm_id}-disk{unit}"
-
-
-def check_device(path: str) -> str:
-    if not os.path.isabs(path):
-        raise errors.BadRequest("Device path must be absolute", {"device_path": path})
-    if not os.path.exists(path):
-        raise errors.NotFound("Device not found", {"device_path": path})
-    return path
 
 
 # ----- concurrency helpers
@@ -260,7 +253,7 @@ class ExportManager:
     async def ensure(self, req: EnsureRequest) -> dict[str, Any]:
         name = export_name_for(req.vm_id, req.disk_unit_number)
         try:
-            device = check_device(req.device_path)
+            device = validate_device_path(req.device_path)
             async with self.locks.hold((req.vm_id, req.disk_unit_number)):
                 action, m, old_device, readded = await self._ensure_locked(req, name, device)
         except Exception:
