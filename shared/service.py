@@ -25,12 +25,12 @@ from shared import bus as busmod
 from shared import db, errors, metrics
 from shared.errors import validation_details  # noqa: F401 - imported from here by services
 from shared.logging import correlation_id
+from shared.schemas import VERSION
 from shared.settings import Settings
 from shared.subjects import health
 
 log = logging.getLogger("oma.service")
 M = TypeVar("M", bound=BaseModel)
-VERSION = "1.0.0"
 
 
 def endpoint(subject: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
@@ -44,10 +44,6 @@ class BusRequest:
     def __init__(self, req: Request):
         self.raw = req
         self.headers = req.headers or {}
-
-    @property
-    def data(self) -> bytes:
-        return self.raw.data
 
     def json(self) -> Any:
         if not self.raw.data:

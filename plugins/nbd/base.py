@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shared.contracts import Exporter  # noqa: F401 - the contract, re-exported for the backends
-from shared.errors import BadRequest, NotFound, Unavailable
+from shared.contracts import Exporter, validate_device_path  # noqa: F401 - the contract, re-exported for the backends
+from shared.errors import BadRequest, Unavailable
+from shared.settings import Settings, default_data_dir
 
 from . import probe
 from .probe import ExportCheckError, describe_oserror, resource_error
@@ -33,7 +34,6 @@ __all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError
 log = logging.getLogger("oma.nbd")
 
 EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-DEFAULT_DATA_DIR = "/var/lib/oma"
 
 
 class ExporterStartError(Unavailable):
@@ -49,9 +49,9 @@ class SpawnError(ExporterStartError):
 
 @dataclass
 class ExporterConfig:
-    port: int = 10809
+    port: int = Settings.model_fields["nbd_port"].default  # the defaults are the settings'
     host: str = "127.0.0.1"                     # listen address; loopback unless configured
-    state_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR) / "exports")
+    state_dir: Path = field(default_factory=lambda: default_data_dir() / "exports")
     binary: str | None = None                   # default: the backend's command found on PATH
     watchdog_interval: float = 1.0              # seconds between liveness checks; 0 disables
     watchdog_max_backoff: float = 30.0          # longest wait between failed restarts
@@ -80,7 +80,6 @@ class ExporterConfig:
     def from_settings(cls, settings: Any = None) -> "ExporterConfig":
         """The `nbd_*` block of shared.settings.Settings (state in DATA_DIR/exports)."""
         if settings is None:
-            from shared.settings import Settings
             settings = Settings()
         return cls(
             port=settings.nbd_port,
@@ -109,15 +108,6 @@ def validate_export_name(name: str) -> str:
             "export_name": name,
             "rule": "1-200 characters of letters, digits, '-', '_', '.', starting with a letter or digit"})
     return name
-
-
-def validate_device_path(device_path: str | os.PathLike) -> str:
-    path = os.fspath(device_path) if isinstance(device_path, (str, os.PathLike)) else None
-    if not path or not os.path.isabs(path) or "\n" in path:
-        raise BadRequest("Device path must be absolute", {"device_path": str(device_path)})
-    if not os.path.exists(path):
-        raise NotFound("Device not found", {"device_path": path})
-    return path
 
 
 def parse_version(text: str) -> tuple[int, ...]:

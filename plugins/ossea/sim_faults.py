@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .sim_common import _now
 from .signing import format_date
-
-if TYPE_CHECKING:
-    from .sim_jobs import Job
+from .sim_common import _now
 
 
 @dataclass
@@ -27,7 +24,7 @@ class Faults:
 
     job_latency: float
     async_commands: frozenset[str]
-    _running: Job | None
+    _running: Any  # the job whose work is running (Jobs sets it)
 
     def _init_faults(self) -> None:
         self.hazards: list[dict[str, Any]] = []  # inconsistent states CloudStack would be left in

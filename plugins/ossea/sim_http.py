@@ -9,8 +9,8 @@ from aiohttp import web
 
 from plugins.simserve import json_body, loopback_only_control
 
-from .sim_common import ApiError, _Args, _now
 from .signing import lookup, verify
+from .sim_common import ApiError, _Args, _now
 
 API_PATH = "/client/api"
 AUTH_ERROR = "unable to verify user credentials and/or request signature"

@@ -9,13 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .sim_common import ACCOUNT_ID, ApiError, _Args, _now, _uuid
 from .signing import format_date
-
-if TYPE_CHECKING:
-    from .sim_faults import Fault
+from .sim_common import ACCOUNT_ID, ApiError, _Args, _now, _uuid
+from .sim_faults import Fault
 
 JOB_CMD_PACKAGE = "org.apache.cloudstack.api.command.user.volume"
 

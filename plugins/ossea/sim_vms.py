@@ -22,15 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from shared.schemas import GIB
 
 from .signing import format_date
-from .sim_common import DEFAULT_ZONE_ID, DOMAIN_ID, GIB, ApiError, _Args, _now, _uuid, filtered, page
+from .sim_common import DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, filtered, page
 from .sim_jobs import _Submit
-from .sim_volumes import Volume
-
-if TYPE_CHECKING:
-    from .simulator import CloudStackSimulator
+from .sim_volumes import Volume, Volumes
 
 ASYNC_COMMANDS = frozenset({
     "deployVirtualMachine", "startVirtualMachine", "stopVirtualMachine", "destroyVirtualMachine",
@@ -87,7 +86,7 @@ def _sparse_copy(src: Path, dst: Path, size: int) -> None:
 class VmLab:
     """The VM side of one simulator. Tests reach it as `sim.lab`."""
 
-    def __init__(self, sim: CloudStackSimulator):
+    def __init__(self, sim: Volumes):  # the whole simulator; typed by the part it works on
         self.sim = sim
         self.kvm_snapshot_enabled = True      # global setting kvm.snapshot.enabled
         self.snapshot_revert_supported = True  # storage support for revertSnapshot
@@ -499,7 +498,7 @@ class VmLab:
                 "locationtype": "PRIMARY"}
 
 
-def install(sim: CloudStackSimulator) -> VmLab:
+def install(sim: Volumes) -> VmLab:
     lab = VmLab(sim)
     sim._handlers.update(lab.handlers())
     sim.async_commands = sim.async_commands | ASYNC_COMMANDS

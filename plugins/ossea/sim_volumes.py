@@ -11,11 +11,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from plugins.device import disk_serial  # the OMA VM's /dev/disk/by-id name of a volume
+from shared.schemas import GIB
+
+from .signing import format_date
 from .sim_common import (
     CUSTOM_OFFERING_ID,
     DEFAULT_ZONE_ID,
     DOMAIN_ID,
-    GIB,
     ApiError,
     _Args,
     _now,
@@ -24,18 +27,12 @@ from .sim_common import (
     page,
 )
 from .sim_jobs import _raising, _Submit
-from .signing import format_date
 
 MAX_CUSTOM_GB = 1024  # custom.diskoffering.size.max
 CDROM_DEVICE_ID = 3
 NOT_ATTACHED_TEXT = "Please specify a volume that is not attached to any VM."
 STRAGGLER_DETACH = "straggler_detach"  # the hazard kind of apache/cloudstack #14214
 ASYNC_COMMANDS = frozenset({"createVolume", "attachVolume", "detachVolume"})
-
-
-def disk_serial(volume_id: str) -> str:
-    """The virtio serial KVM gives a volume: its UUID without dashes, first 20 characters."""
-    return volume_id.replace("-", "")[:20]
 
 
 def data_disk_limit_text(limit: int) -> str:

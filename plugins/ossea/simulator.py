@@ -23,7 +23,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from plugins.device import disk_serial  # noqa: F401
 from plugins.simserve import serve_until_signalled
+from shared.schemas import GIB
 
 from . import sim_vms
 from .sim_common import (  # noqa: F401  (re-exported: tests and benchmarks import them from here)
@@ -34,7 +36,6 @@ from .sim_common import (  # noqa: F401  (re-exported: tests and benchmarks impo
     DEFAULT_ZONE_NAME,
     DOMAIN_ID,
     FIXED_OFFERING_ID,
-    GIB,
     ApiError,
     _Args,
     _uuid,
@@ -51,7 +52,6 @@ from .sim_volumes import (  # noqa: F401
     Volume,
     Volumes,
     data_disk_limit_text,
-    disk_serial,
     pci_slots_text,
 )
 
