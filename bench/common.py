@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from shared.natsserver import free_port  # noqa: E402
+from tests.procutil import descendants  # noqa: E402
 
 TOKEN = "vma_test_token_abc123def456789012345678"
 SIM_KEY, SIM_SECRET = "bench-key", "bench-secret"
@@ -63,22 +64,8 @@ def wait_healthy(procs: list[subprocess.Popen], base: str, timeout: float, path:
 
 
 def process_tree(pids: list[int]) -> list[int]:
-    """The pids and all their descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
+    """The pids and all their live descendants."""
+    return [q for p in pids for q in (p, *descendants(p))]
 
 
 async def nbdcopy_seconds(copies: list[tuple[str, str]]) -> float:

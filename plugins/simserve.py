@@ -6,9 +6,34 @@ import asyncio
 import ipaddress
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
+
+
+class Served:
+    """A simulator's lifecycle: `start(host, port)` sets `_runner` up, `stop()` ends with
+    `_close()`; `async with sim:` starts it on a free loopback port and stops it."""
+
+    _runner: web.AppRunner | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 async def serve_until_signalled(sim: Any, host: str, port: int) -> None:

@@ -97,6 +97,14 @@ def page(args: _Args, key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"count": total, key: items} if items else {}  # CloudStack: an empty list is {}
 
 
+def listing(args: _Args, key: str, table: Mapping[str, Any], *names: str,
+            rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A list command: an unknown `id` refused (431), then the rows (default: the table's own)
+    filtered by the parameters `names` and paged under `key`."""
+    args.entity(table, "id", required=False)
+    return page(args, key, filtered(args, list(table.values()) if rows is None else rows, *names))
+
+
 def filtered(args: _Args, rows: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
     """The rows whose fields `names` equal the call's parameters of those names (when given)."""
     wanted = {n: args.get(n) for n in names if args.get(n) is not None}

@@ -2,12 +2,12 @@
 error rules, hangs and latency before a call acts) and the unsigned /sim/ control endpoint."""
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from plugins.simserve import json_body, loopback_only_control
+from plugins.simserve import Served, json_body, loopback_only_control
 
 from .signing import lookup, verify
 from .sim_common import ApiError, _Args, _now
@@ -16,13 +16,12 @@ API_PATH = "/client/api"
 AUTH_ERROR = "unable to verify user credentials and/or request signature"
 
 
-class HttpApi:
+class HttpApi(Served):
     """Mixed into CloudStackSimulator: serves it (the API, and the control endpoint over the other
     parts' methods). `async with` starts and stops it, or `await sim.start(host, port)` ...
     `await sim.stop()`."""
 
     def _init_http(self) -> None:
-        self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
         self.port = 0
 
@@ -58,16 +57,7 @@ class HttpApi:
     async def stop(self) -> None:
         self.release()  # let hung requests answer so the server can shut down
         self._cancel_jobs()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        await self._close()
 
     @property
     def base_url(self) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from shared.schemas import GIB
 
 from .signing import format_date
-from .sim_common import DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, filtered, page
+from .sim_common import DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, listing, page
 from .sim_jobs import _Submit
 from .sim_volumes import Volume, Volumes
 
@@ -172,34 +172,26 @@ class VmLab:
 
     def _list_templates(self, args: _Args) -> dict[str, Any]:
         args.required("templatefilter")
-        args.entity(self.templates, "id", required=False)
-        rows = filtered(args, list(self.templates.values()), "id", "name", "zoneid")
-        return page(args, "template", rows)
+        return listing(args, "template", self.templates, "id", "name", "zoneid")
 
     def _list_service_offerings(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.service_offerings, "id", required=False)
-        rows = filtered(args, list(self.service_offerings.values()), "id", "name")
-        return page(args, "serviceoffering", rows)
+        return listing(args, "serviceoffering", self.service_offerings, "id", "name")
 
     def _list_networks(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.networks, "id", required=False)
         rows = [{k: v for k, v in n.items() if not k.startswith("_")} for n in self.networks.values()]
-        return page(args, "network", filtered(args, rows, "id", "name", "zoneid"))
+        return listing(args, "network", self.networks, "id", "name", "zoneid", rows=rows)
 
     def _list_nics(self, args: _Args) -> dict[str, Any]:
         vm = args.entity(self.sim.vms, "virtualmachineid")
         return page(args, "nic", list(self.nics.get(vm["id"], [])))
 
     def _list_snapshots(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.snapshots, "id", required=False)
         rows = [self.snapshot_json(s) for s in self.snapshots.values()]
-        return page(args, "snapshot", filtered(args, rows, "id", "volumeid", "name"))
+        return listing(args, "snapshot", self.snapshots, "id", "volumeid", "name", rows=rows)
 
     def _list_virtual_machines(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.sim.vms, "id", required=False)
         rows = [self._vm_json(v) for v in self.sim.vms.values()]
-        rows = filtered(args, rows, "id", "name", "zoneid", "state")
-        return page(args, "virtualmachine", rows)
+        return listing(args, "virtualmachine", self.sim.vms, "id", "name", "zoneid", "state", rows=rows)
 
     # -- deploy ---------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from .sim_common import (
     _now,
     _uuid,
     filtered,
+    listing,
     page,
 )
 from .sim_jobs import _raising, _Submit
@@ -137,9 +138,7 @@ class Volumes:
     # -- commands -------------------------------------------------------------------------------
 
     def _list_disk_offerings(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.offerings, "id", required=False)
-        rows = filtered(args, list(self.offerings.values()), "id", "name")
-        return page(args, "diskoffering", rows)
+        return listing(args, "diskoffering", self.offerings, "id", "name")
 
     def _list_volumes(self, args: _Args) -> dict[str, Any]:
         args.entity(self.volumes, "id", required=False)

@@ -39,8 +39,7 @@ from .sim_common import (  # noqa: F401  (re-exported: tests and benchmarks impo
     ApiError,
     _Args,
     _uuid,
-    filtered,
-    page,
+    listing,
 )
 from .sim_faults import Faults
 from .sim_http import API_PATH, AUTH_ERROR, HttpApi  # noqa: F401
@@ -120,13 +119,10 @@ class CloudStackSimulator(HttpApi, Jobs, Faults, Volumes):
         return vm_id
 
     def _list_zones(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.zones, "id", required=False)
-        return page(args, "zone", filtered(args, list(self.zones.values()), "id", "name"))
+        return listing(args, "zone", self.zones, "id", "name")
 
     def _list_virtual_machines(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.vms, "id", required=False)
-        rows = filtered(args, list(self.vms.values()), "id", "name", "zoneid", "state")
-        return page(args, "virtualmachine", rows)
+        return listing(args, "virtualmachine", self.vms, "id", "name", "zoneid", "state")
 
 
 # -- command line -------------------------------------------------------------------------------

@@ -363,12 +363,19 @@ class ExportManager:
         return out
 
     # ----- deactivate / remove
-    async def deactivate(self, sel: Selector) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def _held(self, sel: Selector) -> AsyncIterator[Selector]:
+        """Hold the lock of the export `sel` names; yields the selector of its key (the row is
+        read again under the lock)."""
         async with self.sessions() as db:
             key = Snapshot.of(await find(db, sel)).key
         async with self.locks.hold(key):
+            yield Selector(vm_id=key[0], disk_unit_number=key[1])
+
+    async def deactivate(self, sel: Selector) -> dict[str, Any]:
+        async with self._held(sel) as held:
             async with self.sessions.begin() as db:
-                row = await find(db, Selector(vm_id=key[0], disk_unit_number=key[1]))
+                row = await find(db, held)
                 changed = row.status != INACTIVE
                 row.status = INACTIVE
                 await db.flush()
@@ -383,11 +390,9 @@ class ExportManager:
                 "message": "Export deactivated" if changed else "Export was already inactive"}
 
     async def remove(self, sel: Selector) -> dict[str, Any]:
-        async with self.sessions() as db:
-            key = Snapshot.of(await find(db, sel)).key
-        async with self.locks.hold(key):
+        async with self._held(sel) as held:
             async with self.sessions.begin() as db:
-                row = await find(db, Selector(vm_id=key[0], disk_unit_number=key[1]))
+                row = await find(db, held)
                 m = Snapshot.of(row)
                 await db.delete(row)
             removed = await self.exporter.remove_export(m.export_name)
