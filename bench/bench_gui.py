@@ -15,8 +15,7 @@
    per second (target: at most 1), the gaps between two updates of one VM as the client saw them,
    and whether every VM's last update arrived (the stream did not fall behind).
 
-The database is dropped at the end. Needs MariaDB on 127.0.0.1:3306 (root, no password; or the
-OMA_TEST_DB_* variables).
+The set-up is bench_contexts.seeded_api's (MariaDB as there, the database dropped at the end).
 """
 from __future__ import annotations
 
@@ -28,31 +27,29 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import nats
 import orjson
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from bench_contexts import DB, bulk_insert, measure, pct, sql, start_api, stop  # noqa: E402
+from bench_contexts import measure, pct, seeded_api  # noqa: E402
 
 from services.gateway.ui.render import vm_key  # noqa: E402
-from shared.natsserver import EmbeddedNats  # noqa: E402
 from shared.subjects import Contexts  # noqa: E402
+from tests.mariadbutil import MARIADB  # noqa: E402
 
 PASSWORD = "bench operator password"
 
 
 def add_operator(db_name: str) -> None:
-    flags = ["-db-type", "mariadb", "-db-host", DB["host"], "-db-port", str(DB["port"]), "-db-name", db_name,
-             "-db-user", DB["user"]]
+    flags = ["-db-type", "mariadb", "-db-host", MARIADB["host"], "-db-port", str(MARIADB["port"]), "-db-name", db_name,
+             "-db-user", MARIADB["user"]]
     r = subprocess.run(["oma-admin", *flags, "user", "add", "bench", "--role", "operator"], input=PASSWORD + "\n",
-                       capture_output=True, text=True, env={**os.environ, "OMA_DB_PASS": DB["password"]}, timeout=120)
+                       capture_output=True, text=True, env={**os.environ, "OMA_DB_PASS": MARIADB["password"]}, timeout=120)
     if r.returncode:
         raise SystemExit(f"oma-admin user add failed: {r.stderr}")
 
@@ -184,26 +181,16 @@ async def main() -> None:
     ap.add_argument("--live-only", action="store_true", help="skip the page times")
     args = ap.parse_args()
 
-    db_name = f"oma_bench_{uuid.uuid4().hex[:8]}"
-    await sql(f"CREATE DATABASE `{db_name}`")
-    server = EmbeddedNats()
-    nats_url = await server.start()
-    proc = None
-    try:
-        proc, base = start_api(db_name, nats_url)
-        await bulk_insert(db_name, args.vms, 2)
+    async with seeded_api(args.vms, 2) as (base, nats_url, db_name):
         add_operator(db_name)
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             await sign_in(client)
             n = args.requests
-            print(f"gateway: oma-api subprocess (uvicorn) at {base}, MariaDB {DB['host']}:{DB['port']}/{db_name}, "
+            print(f"gateway: oma-api subprocess (uvicorn) at {base}, MariaDB {MARIADB['host']}:{MARIADB['port']}/{db_name}, "
                   f"{args.vms} VMs")
             if not args.live_only:
                 await page_times(client, nats_url, n, args.vms)
             await live_stream(base, client.cookies, nats_url, args.live_vms, args.seconds, args.rate)
-    finally:
-        await stop(proc, server, db_name)
-
 
 if __name__ == "__main__":
     asyncio.run(main())

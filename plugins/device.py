@@ -17,7 +17,8 @@ from shared import errors
 from shared.hookspecs import PluginSettings, hookimpl
 
 
-def serial_of(volume_id: str) -> str:
+def disk_serial(volume_id: str) -> str:
+    """The virtio serial KVM gives a volume: its UUID without dashes, first 20 characters."""
     return volume_id.replace("-", "")[:20]
 
 
@@ -32,7 +33,7 @@ class ByIdResolver:
 
     async def resolve(self, volume_id: str, timeout: float) -> str:
         """Wait (bounded) for `virtio-<serial>`; return the real device path it points to."""
-        link = self.directory / f"virtio-{serial_of(volume_id)}"
+        link = self.directory / f"virtio-{disk_serial(volume_id)}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:

@@ -33,7 +33,6 @@ class Base(AsyncAttrs, DeclarativeBase):
 
 class StorageBackend(Protocol):
     async def create_engine(self, service: str) -> AsyncEngine: ...
-    def describe(self) -> str: ...
 
 
 def utcnow() -> datetime:

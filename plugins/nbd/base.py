@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shared.contracts import Exporter  # noqa: F401 - the contract, re-exported for the backends
-from shared.errors import BadRequest, NotFound, Unavailable
+from shared.contracts import Exporter, validate_device_path  # noqa: F401 - the contract, re-exported for the backends
+from shared.errors import BadRequest, Unavailable
 
 from . import probe
 from .probe import ExportCheckError, describe_oserror, resource_error
@@ -34,7 +34,6 @@ __all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError
 log = logging.getLogger("oma.nbd")
 
 EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-DEFAULT_DATA_DIR = "/var/lib/oma"
 
 
 class ExporterStartError(Unavailable):
@@ -51,12 +50,18 @@ class SpawnError(ExporterStartError):
 _NBD = NbdSettings()  # the defaults: one definition, the settings section's (plugins/nbd/settings.py)
 
 
+def _data_dir() -> Path:
+    # Imported when called: shared.settings loads plugins.nbd.settings (this package) while it is built.
+    from shared.settings import default_data_dir
+    return default_data_dir()
+
+
 @dataclass
 class ExporterConfig:
     """What an exporter runs with: the `nbd` settings section, or any part of it given directly."""
     port: int = _NBD.port
     host: str = _NBD.listen_addr
-    state_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR) / "exports")
+    state_dir: Path = field(default_factory=lambda: _data_dir() / "exports")
     binary: str | None = _NBD.binary
     watchdog_interval: float = _NBD.watchdog_interval
     watchdog_max_backoff: float = _NBD.watchdog_max_backoff
@@ -116,15 +121,6 @@ def validate_export_name(name: str) -> str:
             "export_name": name,
             "rule": "1-200 characters of letters, digits, '-', '_', '.', starting with a letter or digit"})
     return name
-
-
-def validate_device_path(device_path: str | os.PathLike) -> str:
-    path = os.fspath(device_path) if isinstance(device_path, (str, os.PathLike)) else None
-    if not path or not os.path.isabs(path) or "\n" in path:
-        raise BadRequest("Device path must be absolute", {"device_path": str(device_path)})
-    if not os.path.exists(path):
-        raise NotFound("Device not found", {"device_path": path})
-    return path
 
 
 def parse_version(text: str) -> tuple[int, ...]:

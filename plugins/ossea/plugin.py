@@ -4,14 +4,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from shared.contracts import CloudConfigError, CloudParamError
 from shared.hookspecs import Register, hookimpl
 
-from .client import (
-    CloudConfigError,
-    CloudCredentials,
-    CloudParamError,
-    CloudStackClient,
-)
+from .client import CloudCredentials, CloudStackClient
 
 
 def create_client(credentials: CloudCredentials | Mapping[str, Any], settings: Any = None,

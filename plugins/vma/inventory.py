@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from plugins.vma.client import factory as client_factory
 from shared.settings import Settings
-from shared.vma import DiscoverRequest, PowerRequest, VCenterCredentials, VmaDisk, VmaNetwork, VmaVm
-
-
-def vcenter_address(host: str, port: int | None) -> str:
-    """The `vcenter` field the VMA logs in with: host, or host:port when not 443."""
-    return host if not port or port == 443 else f"{host}:{port}"
+from shared.vma import DiscoverRequest, PowerRequest, VCenterCredentials, VmaDisk, VmaNetwork, VmaVm, vcenter_address
 
 
 def _disk(d: VmaDisk) -> dict[str, Any]:
@@ -43,9 +39,8 @@ class VmaSource:
     VMA's `api_url`."""
 
     def __init__(self, connection: dict[str, Any], settings: Settings | None = None):
-        from plugins.vma.plugin import factory
         self.connection = connection
-        self._client = lambda: factory(connection.get("api_url"), settings)
+        self._client = lambda: client_factory(connection.get("api_url"), settings)
 
     def _credentials(self) -> dict[str, Any]:
         c = self.connection

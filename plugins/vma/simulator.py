@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from aiohttp import web
@@ -26,8 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, Field, ValidationError
 from pyVmomi import vim, vmodl
 
-from plugins.ossea.simulator import _loopback_only_control
-from plugins.simserve import serve_until_signalled
+from plugins.simserve import Served, loopback_only_control, serve_until_signalled
 from plugins.vsphere.source import VCenterAuthError, VCenterConnection, VSphereSource
 from plugins.vma.client import redact_url
 from shared.errors import BadRequest, Conflict, NotFound, OmaError
@@ -170,7 +169,7 @@ class FaultsRequest(BaseModel):
     refuse_seconds: float | None = Field(default=None, gt=0, le=3600)
 
 
-class VmaSimulator:
+class VmaSimulator(Served):
     def __init__(self, data_dir: Path | str | None = None, *, disk_scale: Fraction | float = 1,
                  disk_size: int | None = None, density: float = 0.5, verify_tls: bool = True,
                  appliance_id: str | None = None, appliance_token: str | None = None,
@@ -196,7 +195,7 @@ class VmaSimulator:
     # -- lifecycle ------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_loopback_only_control, _errors])
+        app = web.Application(middlewares=[loopback_only_control, _errors])
         r, p = app.router, API_PREFIX
         r.add_post(f"{p}/discover", self._discover)
         r.add_post(f"{p}/replicate", self._replicate)
@@ -238,18 +237,9 @@ class VmaSimulator:
         await asyncio.gather(*(j.task for j in self.jobs.values() if j.task), return_exceptions=True)
         if self._refuse_timer:
             self._refuse_timer.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._close()
         if self._tmp:
             self._tmp.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def url(self) -> str:

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from services.config import service
 from shared import errors
 from shared.actions import given, run_action
-from shared.crypto import Keyring
 from shared.plugins import get_backend
 from shared.schemas import OsseaConfigRequest
 from shared.service import BusRequest, ServiceApp, endpoint
@@ -25,10 +23,8 @@ USERS_OF_CONFIG = (
 class ConfigService(ServiceApp):
     name = "config"
     description = "OSSEA (CloudStack) configuration"
-    migrations = Path(__file__).parent / "migrations"
 
     async def setup(self) -> None:
-        self.keys = Keyring.from_file(self.settings.secret_key_path)
         self.store = service.Configs(self.keys)
         # Resolved now, so a misconfigured backend name fails at start-up, not at the first test.
         self.cloud = get_backend(self.pm, "cloud", self.settings.cloud_backend)

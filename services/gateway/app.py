@@ -34,6 +34,7 @@ from services.gateway.routers import (
 from shared import bus as busmod
 from shared import metrics
 from shared.logging import correlation_id
+from shared.schemas import VERSION
 from shared.settings import Settings
 from shared.subjects import Auth
 
@@ -101,7 +102,7 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
         yield
         await nc.drain()
 
-    app = FastAPI(title="OMA API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
+    app = FastAPI(title="OMA API", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings

@@ -24,11 +24,18 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, utcnow
 
-# Job statuses (docs/events.md).
-QUEUED, PROVISIONING, READY, REPLICATING = "queued", "provisioning", "ready_for_sync", "replicating"
-COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
-STALLED = "stalled"  # replicating, but the VMA stopped answering or the bytes stopped moving
-JOB_STATUSES = (QUEUED, PROVISIONING, READY, REPLICATING, STALLED, COMPLETED, FAILED, CANCELLED)
+from shared.schemas import (  # noqa: F401  (the job statuses, named here by the replication modules)
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    JOB_STATUSES,
+    PROVISIONING,
+    QUEUED,
+    READY,
+    REPLICATING,
+    STALLED,
+)
+
 IN_FLIGHT = (QUEUED, PROVISIONING, READY, REPLICATING, STALLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
