@@ -44,7 +44,7 @@ from services.failover.models import (
     FailoverStep,
     NetworkMapping,
 )
-from services.replication.cloud import error_text
+from shared.errors import error_text
 from shared import errors
 from shared.bus import Reply, event_envelope
 from shared.db import free_id, iso, limit_offset, list_filters, utcnow

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from plugins.ossea.client import CloudParamError, CloudStackError
+from shared.contracts import CloudError as CloudStackError, CloudParamError
 from shared import errors
 from shared.db import iso, utcnow
 from shared.subjects import Exports, Inventory, Replication
