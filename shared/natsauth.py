@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Inventory, Replication
+from shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Failover, Inventory, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -61,7 +61,7 @@ def permissions() -> dict[str, Permissions]:
     perms = {
         "gateway": Permissions(
             publish=["oma.auth.session.>", "oma.auth.user.>", Auth.APPLIANCE_ACTION, "oma.config.ossea.>",
-                     "oma.inventory.>", "oma.replication.>", "oma.failover.>",
+                     "oma.inventory.>", "oma.replication.>", "oma.failover.>", "oma.scheduler.>",
                      Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
             deny_publish=["oma.config.credentials.>", Inventory.CONNECTION, Inventory.POWER],
             # Replies, session revocations (cache eviction) and context updates (live views).
@@ -77,10 +77,14 @@ def permissions() -> dict[str, Permissions]:
             comment="Asks replication which jobs use a configuration before deleting it."),
         "replication": _service(
             "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.LIST,
-            Inventory.CONNECTION, Auth.APPLIANCE_SEEN,
+            Inventory.CONNECTION, Auth.APPLIANCE_SEEN, Failover.MAPPINGS,
             comment="The only caller of the decrypted cloud and vCenter credentials; ensures/deactivates\n"
                     "exports; lists the inventory to check a request's vcenter_host; tells auth whether a\n"
-                    "VMA answered."),
+                    "VMA answered; reads the network mappings (preflight)."),
+        "scheduler": _service(
+            "scheduler", Replication.CREATE, Replication.GET, Replication.PREFLIGHT, Inventory.LIST,
+            comment="Starts the syncs of protection groups and follows them; asks replication for preflight;\n"
+                    "finds the groups' VMs in the inventory."),
         "failover": _service(
             "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Inventory.POWER, Exports.ENSURE,
             Exports.DEACTIVATE,

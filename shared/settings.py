@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover")
+SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover",
+            "scheduler")
 
 # Default metrics port of each service when it runs alone (`oma-service NAME`).
 METRICS_PORTS = {name: 9101 + i for i, name in enumerate(SERVICES)}
@@ -95,6 +96,14 @@ class Settings(BaseSettings):
     failover_stub_template: str = Field("oma-failover-stub", description="template (name or id) of the stub VM")
     failover_shutdown_timeout: float = Field(120.0, ge=0, le=3600,
                                              description="seconds a guest shutdown may take before a hard power-off")
+
+    # Scheduler (protection groups and their schedules; docs/scheduler.md).
+    scheduler_tick: float = Field(5.0, gt=0, description="seconds between the scheduler's rounds (due "
+                                  "schedules, starting queued VMs, following running syncs)")
+    scheduler_min_interval: float = Field(60.0, gt=0, description="shortest schedule interval accepted "
+                                          "(seconds); lowered in tests")
+    scheduler_start_lease: float = Field(300.0, gt=0, description="seconds a VM claimed by a scheduler may "
+                                         "stay `starting`; after it, the VM is recorded failed, never started twice")
 
     # Inventory.
     inventory_source: str = "vsphere"
