@@ -375,8 +375,10 @@ class ScheduleFields(Strict):
 class ScheduleRequest(Strict):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [
         {"action": "create", "schedule": {"name": "hourly", "interval_seconds": 3600, "max_concurrent": 5}},
-        {"action": "update", "id": 1, "schedule": {"enabled": False}}, {"action": "get"}]})
-    action: Literal["get", "create", "update", "delete"]
+        {"action": "update", "id": 1, "schedule": {"enabled": False}}, {"action": "run", "id": 1},
+        {"action": "get"}]})
+    action: Literal["get", "create", "update", "delete", "run"] = Field(
+        description="`run`: fire at the next round, whatever the interval (the interval goes on from then)")
     id: Id | None = None
     schedule: ScheduleFields | None = None
 

@@ -401,6 +401,8 @@ class VmContextList(Page):
 
 class ContextJob(Body):
     id: str
+    dirty_rate: float | None = Field(None, description="a completed incremental: bytes_transferred / the "
+                                     "VM's disk size (the share of the disks that changed)")
     status: str
     replication_type: str | None = None
     progress_percent: float | None = None
@@ -442,11 +444,22 @@ class CbtRecord(Body):
     recorded_at: str | None = None
 
 
+class SyncCycles(Body):
+    """Warm-migration figures of the last completed incremental (docs/vm-contexts.md)."""
+    sync_count: int = Field(description="completed syncs")
+    last_changed_bytes: int | None = None
+    dirty_rate: float | None = Field(None, description="last_changed_bytes / the VM's disk size")
+    dirty_bytes_per_second: float | None = Field(None, description="changed bytes per second between the "
+                                                 "starts of the last two syncs")
+    estimated_cutover_seconds: float | None = Field(None, description="the last incremental's duration")
+
+
 class VmContextDetail(Body):
     """The seed's VM context: no `success` key."""
     context: VmContext
     current_job: ContextJob | None = None
     job_history: list[ContextJob]
+    cycles: SyncCycles | None = None
     disks: list[ContextDisk]
     cbt_history: list[CbtRecord]
 

@@ -139,6 +139,13 @@ class Scheduler:
                                  .values(schedule_id=None, updated_at=now))
                 await db.delete(row)
             return {"success": True, "message": f"Schedule {row.name!r} (ID {row.id}) deleted", "id": row.id}
+        if req.action == "run":
+            async with self.sessions.begin() as db:
+                row = await self._schedule(db, schedule_id)
+                if not row.enabled:
+                    raise errors.Conflict("Schedule disabled", f"schedule {row.id} ({row.name}) is disabled")
+                row.next_run_at, row.updated_at = now, now
+            return {"success": True, "message": "Schedule runs at the next round", "schedule": self.schedule_public(row)}
         if not values:
             raise errors.BadRequest("Missing required fields", "update needs a schedule with at least one field")
         async with self.sessions.begin() as db:

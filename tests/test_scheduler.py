@@ -1,0 +1,153 @@
+"""Protection groups and schedules (issue 20): the action endpoints and their errors, the database
+claims that keep two schedulers from firing a schedule or starting a VM twice (two schedulers on one
+MariaDB), and scheduled incremental syncs end to end: real NATS, MariaDB, vcsim, the VMA simulator
+(a real copy into nbdkit exports) and the CloudStack simulator, with a second `oma-service scheduler`
+process running beside the appliance's own."""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from services.scheduler.models import V_COMPLETED, V_PENDING, V_STARTING, ExecutionVm, Schedule
+from services.scheduler.service import Scheduler, now_s
+from shared import db as dbmod
+from shared.plugins import get_backend, get_plugin_manager
+from shared.schemas import GroupRequest, ScheduleRequest
+from shared.settings import SERVICES
+from tests.conftest import assert_error_shape, login, mariadb_settings, running, wait_for
+from tests.test_orchestration import orchestrated
+from tests.test_replication_faults import kill, start_service
+from tests.vcsim import DiskSpec, create_vm
+
+LIGHT = ("auth", "scheduler")
+
+
+async def test_groups_and_schedules_actions_and_their_errors(make_settings):
+    async with running(make_settings(scheduler_min_interval=5), services=LIGHT) as c:
+        h = await login(c)
+        assert_error_shape(await c.post("/api/v1/groups", json={"action": "get"}), 401)
+        assert_error_shape(await c.post("/api/v1/schedules", json={"action": "get"}), 401)
+        assert_error_shape(await c.post("/api/v1/preflight", json={"group_id": 1}), 401)
+        assert_error_shape(await c.get("/api/v1/schedules/1/executions"), 401)
+
+        r = await c.post("/api/v1/schedules", headers=h, json={"action": "create", "schedule": {
+            "name": "hourly", "interval_seconds": 3600, "max_concurrent": 2}})
+        assert r.status_code == 201, r.text
+        sched = r.json()["schedule"]
+        assert (sched["max_concurrent"], sched["skip_if_running"], sched["enabled"]) == (2, True, True)
+        assert sched["next_run_at"]
+        for bad, status in (({"action": "create", "schedule": {"name": "fast", "interval_seconds": 1}}, 400),
+                            ({"action": "create", "schedule": {"name": "x"}}, 400),
+                            ({"action": "create", "schedule": {"name": "hourly", "interval_seconds": 60}}, 409),
+                            ({"action": "update", "id": 99, "schedule": {"enabled": False}}, 404),
+                            ({"action": "update", "id": sched["id"]}, 400),
+                            ({"action": "delete"}, 400), ({"action": "nope"}, 400),
+                            ({"action": "create", "schedule": {"name": "s", "interval_seconds": "60"}}, 400)):
+            assert_error_shape(await c.post("/api/v1/schedules", headers=h, json=bad), status)
+
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "create", "group": {
+            "name": "db", "ossea_config_id": 1, "schedule_id": sched["id"], "vm_names": ["a", "b", "a"]}})
+        assert r.status_code == 201, r.text
+        group = r.json()["group"]
+        assert (group["vm_names"], group["vm_count"], group["next_run_at"]) == (["a", "b"], 2, sched["next_run_at"])
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "add_vms", "id": group["id"],
+                                                             "vm_names": ["c", "a"]})
+        assert r.json()["group"]["vm_names"] == ["a", "b", "c"], r.text
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "remove_vms", "id": group["id"],
+                                                             "vm_names": ["b"]})
+        assert r.json()["group"]["vm_names"] == ["a", "c"], r.text
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "update", "id": group["id"], "group": {
+            "vm_names": ["c", "d"], "description": "databases"}})
+        assert (r.json()["group"]["vm_names"], r.json()["group"]["description"]) == (["c", "d"], "databases")
+        for bad, status in (({"action": "create", "group": {"name": "g"}}, 400),
+                            ({"action": "create", "group": {"name": "db", "ossea_config_id": 1}}, 409),
+                            ({"action": "create", "group": {"name": "g2", "ossea_config_id": 1,
+                                                            "schedule_id": 999}}, 404),
+                            ({"action": "add_vms", "id": group["id"]}, 400),
+                            ({"action": "add_vms", "id": 999, "vm_names": ["x"]}, 404),
+                            ({"action": "get", "id": 0}, 400),
+                            ({"action": "create", "group": {"name": "g3", "ossea_config_id": 1,
+                                                            "vm_names": ["a\nb"]}}, 400)):
+            assert_error_shape(await c.post("/api/v1/groups", headers=h, json=bad), status)
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "get"})
+        assert [g["name"] for g in r.json()["groups"]] == ["db"]
+
+        # The schedule fired at the first round (no VM in the inventory: each fails with its reason).
+        r = await c.get(f"/api/v1/schedules/{sched['id']}/executions", headers=h)
+        assert r.status_code == 200 and r.json()["total"] >= 0, r.text
+        assert_error_shape(await c.get("/api/v1/schedules/999/executions", headers=h), 404)
+        assert_error_shape(await c.get(f"/api/v1/schedules/{sched['id']}/executions/exec-nope", headers=h), 404)
+        assert_error_shape(await c.post("/api/v1/preflight", headers=h, json={"vm_names": ["a"]}), 400)
+        assert_error_shape(await c.post("/api/v1/preflight", headers=h, json={"group_id": 999}), 404)
+
+        # Deleting the schedule unlinks its groups; deleting the group removes it.
+        r = await c.post("/api/v1/schedules", headers=h, json={"action": "delete", "id": sched["id"]})
+        assert r.status_code == 200, r.text
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "get", "id": group["id"]})
+        assert r.json()["group"]["schedule_id"] is None
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "delete", "id": group["id"]})
+        assert r.status_code == 200, r.text
+        assert_error_shape(await c.post("/api/v1/groups", headers=h, json={"action": "get", "id": group["id"]}), 404)
+
+
+async def _scheduler_on(settings, name: str) -> tuple[Scheduler, Any]:
+    storage = get_backend(get_plugin_manager(), "storage", settings.db_type).factory(settings)
+    engine = await storage.create_engine("scheduler")
+    await dbmod.run_migrations(engine, "scheduler", Path("services/scheduler/migrations"))
+    import logging
+    return Scheduler(settings=settings, bus=None, sessions=dbmod.sessionmaker(engine),
+                     log=logging.getLogger(name), instance=name, spawn=None), engine
+
+
+async def test_two_schedulers_on_one_mariadb_fire_once_and_claim_each_vm_once(make_settings, mariadb_name):
+    """Two schedulers with their own connection pools race on the same rows: a due schedule makes one
+    execution per group however often both fire it, and the group's VMs are claimed once each, never
+    more than max_concurrent at a time."""
+    settings = make_settings(**mariadb_settings(mariadb_name), scheduler_min_interval=1)
+    (one, e1), (two, e2) = await _scheduler_on(settings, "one"), await _scheduler_on(settings, "two")
+    try:
+        r = await one.schedules(ScheduleRequest(action="create", schedule={
+            "name": "s", "interval_seconds": 3600, "max_concurrent": 7}))
+        sid = r.body["schedule"]["id"]
+        for name in ("g1", "g2"):
+            await one.groups(GroupRequest(action="create", group={
+                "name": name, "ossea_config_id": 1, "schedule_id": sid,
+                "vm_names": [f"{name}-vm{i:02d}" for i in range(50)]}))
+        fired = await asyncio.gather(*(s.fire_due() for _ in range(10) for s in (one, two)))
+        assert sum(fired) == 1
+        listed = await one.executions({"schedule_id": sid})
+        assert listed["total"] == 2 and all(e["vms"]["pending"] == 50 for e in listed["executions"])
+
+        async with one.sessions() as db:
+            groups = sorted(set((await db.scalars(select(ExecutionVm.group_id))).all()))
+        claims: Counter[str] = Counter()
+        owners: Counter[str] = Counter()
+        for _ in range(20):
+            for gid in groups:
+                results = await asyncio.gather(*(s.claim(gid) for s in (one, two, one, two)))
+                batch = [vm for claimed, _ in results for _, _, vm in claimed]
+                assert len(batch) <= 7, batch
+                claims.update(batch)
+            async with one.sessions() as db:
+                owners.update((await db.scalars(select(ExecutionVm.claimed_by).where(
+                    ExecutionVm.status == V_STARTING))).all())
+            async with one.sessions.begin() as db:  # the syncs end: room for the next ones
+                await db.execute(update(ExecutionVm).where(ExecutionVm.status == V_STARTING)
+                                 .values(status=V_COMPLETED))
+        assert len(claims) == 100 and set(claims.values()) == {1}
+        assert set(owners) == {"one", "two"}, owners
+        async with one.sessions() as db:
+            assert not (await db.scalars(select(ExecutionVm).where(ExecutionVm.status == V_PENDING))).all()
+        await one.close_finished()
+        listed = await two.executions({"schedule_id": sid})
+        assert [e["status"] for e in listed["executions"]] == ["completed", "completed"]
+        async with one.sessions() as db:
+            sched = await db.get(Schedule, sid)
+            assert sched.next_run_at > now_s()
+    finally:
+        await e1.dispose()
+        await e2.dispose()
