@@ -4,7 +4,8 @@ replication's create runs it and refuses with the failed checks (400), and `POST
 both say the same thing with the same reasons (docs/scheduler.md "Preflight").
 
 Each check is `pass`, `warn` (unknown, or it will wait) or `fail` (it cannot work):
-- `cbt`: Changed Block Tracking on the source VM (the inventory's record). Off fails an incremental
+- `cbt`: Changed Block Tracking on the source VM: the VMA's `cbt-status` when a VMA reaches its vCenter,
+  else the inventory's record (read from vSphere). Off fails an incremental
   (a warm migration needs deltas); an initial full copy only warns.
 - `disk_slots`: the disks that need a new volume against the appliance VM's capacity (fail) and its
   free slots now (warn: the job waits in the queue).
@@ -126,6 +127,9 @@ async def _quietly(what: str, coro: Awaitable[Any]) -> Any:
     except (errors.OmaError, TimeoutError, OSError) as exc:
         log.info("preflight fact unavailable", extra={"fact": what, "reason": type(exc).__name__})
         return None
+    except Exception:  # noqa: BLE001 - a bug in one fact's reader: a warn, never a failed create
+        log.exception("preflight fact reader failed", extra={"fact": what})
+        return None
 
 
 def _inventory_vm(found: Any, vm: dict[str, Any]) -> dict[str, Any] | None:
@@ -152,10 +156,11 @@ def _available(accounts: list[dict[str, Any]] | None) -> tuple[bool, int | None]
 
 
 async def gather(vm: dict[str, Any], *, call: Call, client: Any, new_disks: int, capacity: int,
-                 free_slots: int) -> Facts:
+                 free_slots: int, cbt_probe: Callable[[dict[str, Any]], Awaitable[bool | None]]) -> Facts:
     """The facts of a `source_vm` (as a request gives it): the inventory's record and the network
-    mappings over the bus (`call`), the account and the target names from the cloud (`client`), the
-    slots from the caller (replication's admission)."""
+    mappings over the bus (`call`), CBT from the VM's VMA (`cbt_probe`, given the inventory's record),
+    the account and the target names from the cloud (`client`), the slots from the caller
+    (replication's admission)."""
     name = vm["name"]
     facts = Facts(vm_name=name, target_name=target_name(name), new_disks=new_disks, capacity=capacity,
                   free_slots=free_slots)
@@ -168,7 +173,8 @@ async def gather(vm: dict[str, Any], *, call: Call, client: Any, new_disks: int,
         if listers["list_virtual_machines"] else asyncio.sleep(0))
     known = _inventory_vm(found, vm)
     if known is not None:
-        facts.cbt_enabled = bool(known.get("cbt_enabled"))
+        probed = await _quietly("cbt through the VMA", cbt_probe(known))
+        facts.cbt_enabled = bool(known.get("cbt_enabled")) if probed is None else probed
     nics = vm.get("nics") if isinstance(vm.get("nics"), list) else (known or {}).get("nics") or []
     facts.networks = [str(n["network"]) for n in nics if isinstance(n, dict) and n.get("network")]
     facts.unmapped = _unmapped(facts.networks, (known or {}).get("vcenter"), mappings) if facts.networks else []

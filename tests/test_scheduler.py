@@ -19,7 +19,7 @@ from shared.plugins import get_backend, get_plugin_manager
 from shared.schemas import GroupRequest, ScheduleRequest
 from shared.settings import SERVICES
 from tests.conftest import assert_error_shape, login, mariadb_settings, running, wait_for
-from tests.test_orchestration import orchestrated
+from tests.test_orchestration import VM, orchestrated
 from tests.test_replication_faults import kill, start_service
 from tests.vcsim import DiskSpec, create_vm
 
@@ -151,3 +151,143 @@ async def test_two_schedulers_on_one_mariadb_fire_once_and_claim_each_vm_once(ma
     finally:
         await e1.dispose()
         await e2.dispose()
+
+
+GROUP_VMS = [f"sched-vm{i}" for i in range(5)]
+DONE = ("completed", "failed", "cancelled")
+
+
+async def make_group(client, h, vms: list[str], **schedule: Any) -> tuple[dict, dict]:
+    r = await client.post("/api/v1/schedules", headers=h, json={"action": "create", "schedule": {
+        "name": "warm", **schedule}})
+    assert r.status_code == 201, r.text
+    sched = r.json()["schedule"]
+    r = await client.post("/api/v1/groups", headers=h, json={"action": "create", "group": {
+        "name": "wave-1", "ossea_config_id": client.config_id, "schedule_id": sched["id"], "vm_names": vms}})
+    assert r.status_code == 201, r.text
+    return sched, r.json()["group"]
+
+
+async def jobs_of(client, h, group_id: int) -> list[dict]:
+    r = await client.get("/api/v1/replication/jobs", headers=h, params={"limit": 1000})
+    assert r.status_code == 200, r.text
+    return [j for j in r.json()["jobs"] if j.get("vm_group_id") == str(group_id)]
+
+
+async def test_a_group_syncs_on_schedule_at_most_n_at_once_with_two_schedulers(make_settings, tmp_path,
+                                                                                mariadb_name):
+    log = tmp_path / "scheduler-2.log"
+    async with orchestrated(make_settings, tmp_path, scheduler_tick=0.2, scheduler_min_interval=1,
+                            **mariadb_settings(mariadb_name)) as (client, h, cloud, vma, vc):
+        with vc.service_instance() as si:
+            for name in GROUP_VMS:
+                create_vm(si, name, disks=(DiskSpec(1, unit=0),), cbt=True)
+        r = await client.get("/api/v1/vms/discover", params={"vcenter": vc.host}, headers=h)
+        assert r.status_code == 200, r.text
+        second = await start_service("scheduler", client.settings, log)
+        try:
+            await wait_for(lambda: _true_after_ping(client), timeout=30)
+            sched, group = await make_group(client, h, GROUP_VMS, interval_seconds=3, max_concurrent=2)
+            most = 0
+
+            async def sample() -> None:  # replication's view of the group's syncs in flight
+                nonlocal most
+                while True:
+                    live = [j for j in await jobs_of(client, h, group["id"]) if j["status"] not in DONE]
+                    most = max(most, len(live))
+                    await asyncio.sleep(0.1)
+            sampler = asyncio.create_task(sample())
+
+            async def two_rounds_each():
+                jobs = await jobs_of(client, h, group["id"])
+                done = Counter(j["vm_name"] for j in jobs if j["status"] == "completed")
+                return jobs if all(done[n] >= 2 for n in GROUP_VMS) else None
+            try:
+                jobs = await wait_for(two_rounds_each, timeout=150, interval=0.5)
+            finally:
+                sampler.cancel()
+            assert 1 <= most <= 2, most
+            assert not [j for j in jobs if j["status"] == "failed"], jobs
+            # One job per VM and execution, whichever scheduler started it.
+            per_run = Counter((j["schedule_execution_id"], j["vm_name"]) for j in jobs)
+            assert set(per_run.values()) == {1}, per_run
+            assert all(j["replication_type"] == "incremental" and j["scheduled_by"].startswith("scheduler:")
+                       for j in jobs)
+
+            r = await client.get(f"/api/v1/schedules/{sched['id']}/executions", headers=h)
+            assert r.status_code == 200, r.text
+            runs = r.json()["executions"]
+            ran = [e for e in runs if e["vms_started"]]
+            assert {e["execution_id"] for e in ran} == {j["schedule_execution_id"] for j in jobs}
+            assert all(e["group_id"] == group["id"] for e in runs)
+            detail = (await client.get(f"/api/v1/schedules/{sched['id']}/executions/{ran[-1]['execution_id']}",
+                                       headers=h)).json()["executions"][0]
+            assert sorted(v["vm_name"] for v in detail["vm_results"]) == GROUP_VMS
+            assert {v["status"] for v in detail["vm_results"]} == {"completed"}, detail
+            by_job = {j["job_id"]: j for j in jobs}
+            assert all(by_job[v["job_id"]]["schedule_execution_id"] == detail["execution_id"]
+                       for v in detail["vm_results"])
+            # Later incrementals copied CBT deltas (nothing changed: nothing moved).
+            later = [j for j in jobs if j["vma_sync_type"] == "incremental"]
+            assert later and all(j["bytes_transferred"] == 0 for j in later), later
+        finally:
+            await kill(second)
+    text = log.read_text(errors="replace")
+    assert "scheduler running" in text and "Traceback" not in text, text[-3000:]
+
+
+async def _true_after_ping(client) -> bool:
+    r = await client.get("/health")
+    return r.status_code == 200 and "scheduler" in r.json().get("services", {})
+
+
+async def test_mutating_more_between_cycles_shows_a_rising_dirty_rate(make_settings, tmp_path):
+    """1 %, 2 % and 4 % of a disk written between scheduled cycles: each cycle's incremental copies what
+    changed, and the VM context shows the dirty rate rising with it."""
+    async with orchestrated(make_settings, tmp_path, scheduler_tick=0.2, scheduler_min_interval=1) as \
+            (client, h, cloud, vma, vc):
+        r = await client.get("/api/v1/vms/discover", params={"vcenter": vc.host}, headers=h)
+        vm = next(v for v in r.json()["vms"] if v["name"] == VM)
+        disk_bytes = sum(d["capacity_bytes"] for d in vm["disks"])
+        # A long interval: the cycles are started by `run`, so each mutation lands between two syncs.
+        sched, group = await make_group(client, h, [VM], interval_seconds=3600, max_concurrent=1)
+
+        async def cycle(n: int) -> dict:
+            async def finished():
+                r = await client.get(f"/api/v1/schedules/{sched['id']}/executions", headers=h)
+                runs = [e for e in r.json()["executions"] if e["status"] == "completed" and e["vms_started"]]
+                return runs if len(runs) >= n else None
+            try:
+                await wait_for(finished, timeout=60, interval=0.2)
+            except AssertionError:
+                r = await client.get(f"/api/v1/schedules/{sched['id']}/executions", headers=h)
+                last = r.json()["executions"][0]["execution_id"] if r.json()["executions"] else "-"
+                r2 = await client.get(f"/api/v1/schedules/{sched['id']}/executions/{last}", headers=h)
+                raise AssertionError(f"cycle {n} did not finish: {r.json()} {r2.text}") from None
+            job = max((j for j in await jobs_of(client, h, group["id"])), key=lambda j: j["created_at"] + j["job_id"])
+            assert job["status"] == "completed", job
+
+            async def context_has_it():
+                r = await client.get(f"/api/v1/vm-contexts/{VM}", headers=h)
+                return r.json() if r.status_code == 200 and r.json()["current_job"]["id"] == job["job_id"] \
+                    and r.json()["current_job"]["status"] == "completed" else None
+            return await wait_for(context_has_it, timeout=20)
+
+        ctx = await cycle(1)  # the first sync is a full copy: no dirty rate
+        assert ctx["current_job"]["dirty_rate"] is None and ctx["cycles"]["sync_count"] == 1
+        rates, written = [], []
+        for n, percent in enumerate((1, 2, 4), start=2):
+            written.append((await vma.mutate(vm["path"], vm["disks"][0]["id"], percent))["bytes_written"])
+            r = await client.post("/api/v1/schedules", headers=h, json={"action": "run", "id": sched["id"]})
+            assert r.status_code == 200, r.text
+            ctx = await cycle(n)
+            job = ctx["current_job"]
+            assert job["vma_sync_type"] == "incremental" and job["bytes_transferred"] == written[-1], job
+            assert job["dirty_rate"] == round(written[-1] / disk_bytes, 6)
+            assert ctx["cycles"]["dirty_rate"] == job["dirty_rate"]
+            assert ctx["cycles"]["last_changed_bytes"] == written[-1]
+            assert ctx["cycles"]["estimated_cutover_seconds"] > 0
+            rates.append(job["dirty_rate"])
+        assert rates[0] < rates[1] < rates[2], rates
+        assert ctx["cycles"]["sync_count"] == 4
+        assert [j["dirty_rate"] for j in ctx["job_history"][:3]] == rates[::-1]

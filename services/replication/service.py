@@ -234,7 +234,8 @@ class Replicator:
         ops = self.cloud(creds)
         try:
             facts = await preflight.gather(vm.model_dump(mode="json", exclude_none=True), call=self.bus.call,
-                                           client=ops.client, capacity=cap, free_slots=max(cap - used, 0),
+                                           client=ops.client, cbt_probe=self.driver.cbt_enabled,
+                                           capacity=cap, free_slots=max(cap - used, 0),
                                            new_disks=sum(u not in held for u in vm.disk_slots()))
         finally:
             await ops.close()
