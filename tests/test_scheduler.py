@@ -14,14 +14,18 @@ from sqlalchemy import select, update
 
 from services.scheduler.models import V_COMPLETED, V_PENDING, V_STARTING, ExecutionVm, Schedule
 from services.scheduler.service import Scheduler, now_s
+from plugins.ossea.sim_vms import PROD_NETWORK_IDS
+from plugins.ossea.simulator import _vm_row
 from shared import db as dbmod
+from shared import preflight
 from shared.plugins import get_backend, get_plugin_manager
 from shared.schemas import GroupRequest, ScheduleRequest
 from shared.settings import SERVICES
 from tests.conftest import assert_error_shape, login, mariadb_settings, running, wait_for
 from tests.test_orchestration import VM, orchestrated
 from tests.test_replication_faults import kill, start_service
-from tests.vcsim import DiskSpec, create_vm
+from tests.test_replication import replication_env
+from tests.vcsim import DiskSpec, NicSpec, create_vm, running_vcsim
 
 LIGHT = ("auth", "scheduler")
 
@@ -291,3 +295,81 @@ async def test_mutating_more_between_cycles_shows_a_rising_dirty_rate(make_setti
         assert rates[0] < rates[1] < rates[2], rates
         assert ctx["cycles"]["sync_count"] == 4
         assert [j["dirty_rate"] for j in ctx["job_history"][:3]] == rates[::-1]
+
+
+# --- preflight ---------------------------------------------------------------------------------
+PREFLIGHT_VMS = {  # name -> (create_vm keywords, the checks that must fail)
+    "pf-ok": (dict(cbt=True, nics=[NicSpec("VM Network")]), set()),
+    "pf-nocbt": (dict(cbt=False), {"cbt"}),
+    "pf-disks": (dict(cbt=True, disks=[DiskSpec(1, unit=u) for u in range(3)]), {"disk_slots"}),
+    "pf-net": (dict(cbt=True, nics=[NicSpec("DC0_DVPG0")]), {"network"}),
+    "pf-taken": (dict(cbt=True), {"target_name"}),
+}
+
+
+async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuses_with_the_same(
+        make_settings, tmp_path):
+    with running_vcsim() as vc:
+        with vc.service_instance() as si:
+            for name, (kw, _) in PREFLIGHT_VMS.items():
+                create_vm(si, name, **{"disks": [DiskSpec(1)], **kw})
+        async with replication_env(make_settings, tmp_path, services=SERVICES, max_attached_disks=2) as env:
+            c, h = env.client, env.headers
+            env.sim.vms["c0ffee00-0000-4000-8000-000000000001"] = _vm_row(
+                "c0ffee00-0000-4000-8000-000000000001", "pf-taken", "OSSEA-Zone")  # the name is taken
+            r = await c.post("/api/v1/vcenter/config", headers=h, json={"action": "create", "configuration": {
+                "name": "lab", "host": vc.host, "port": vc.port, "username": vc.username,
+                "password": vc.password, "verify_tls": False}})
+            assert r.status_code == 201, r.text
+            found = (await c.get("/api/v1/vms/discover", params={"vcenter": "lab"}, headers=h)).json()["vms"]
+            source = {v["name"]: v for v in found}
+            r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+                "source_network": "VM Network", "production_network_id": PROD_NETWORK_IDS[0]}})
+            assert r.status_code == 201, r.text
+            r = await c.post("/api/v1/groups", headers=h, json={"action": "create", "group": {
+                "name": "pf", "ossea_config_id": env.config_id, "vm_names": [*PREFLIGHT_VMS, "pf-unknown"]}})
+            assert r.status_code == 201, r.text
+
+            r = await c.post("/api/v1/preflight", headers=h, json={"group_id": r.json()["group"]["id"]})
+            assert r.status_code == 200, r.text
+            results = {x["vm_name"]: x for x in r.json()["results"]}
+            assert r.json()["summary"] == {"vms": 6, "ready": 1, "not_ready": 5}
+            assert [c_["check"] for c_ in results["pf-ok"]["checks"]] == list(preflight.CHECKS)
+            assert {c_["status"] for c_ in results["pf-ok"]["checks"]} == {"pass"}, results["pf-ok"]
+            assert results["pf-unknown"]["checks"][0]["check"] == "inventory"
+            volumes = set(env.sim.volumes)
+            for name, (_, expected) in PREFLIGHT_VMS.items():
+                failed = [c_ for c_ in results[name]["checks"] if c_["status"] == "fail"]
+                assert {c_["check"] for c_ in failed} == expected, results[name]
+                assert all(c_["reason"] for c_ in results[name]["checks"])
+                r = await env.post({"source_vm": source[name], "ossea_config_id": env.config_id,
+                                    "replication_type": "incremental"})
+                if not expected:
+                    assert r.status_code == 201, r.text
+                    continue
+                body = assert_error_shape(r, 400)
+                assert body["error"] == "Preflight failed"
+                assert all(c_["reason"] in body["details"] for c_ in failed), (body, failed)
+            assert {v for v in env.sim.volumes if v not in volumes} == \
+                {v["volume_id"] for v in (await jobs_for(env, "pf-ok"))[0]["disks"]}  # refused: nothing made
+            reasons = {n: [c_["reason"] for c_ in results[n]["checks"] if c_["status"] == "fail"] for n in results}
+            assert "3 new data disks" in reasons["pf-disks"][0] and "at most 2" in reasons["pf-disks"][0]
+            assert "'DC0_DVPG0'" in reasons["pf-net"][0] and "CBT" in reasons["pf-nocbt"][0]
+
+            # The account's volume limit reached: a new VM cannot get its volumes; one that holds its
+            # volumes already (pf-ok, for its next incremental) needs none.
+            env.sim.max_volumes = len(env.sim.volumes)
+            r = await c.post("/api/v1/preflight", headers=h, json={"vm_names": ["pf-taken", "pf-ok"],
+                                                                   "ossea_config_id": env.config_id})
+            results = {x["vm_name"]: x for x in r.json()["results"]}
+            limit = next(c_ for c_ in results["pf-taken"]["checks"] if c_["check"] == "volume_limit")
+            assert limit["status"] == "fail" and "volume limit is reached" in limit["reason"], limit
+            assert next(c_ for c_ in results["pf-ok"]["checks"] if c_["check"] == "volume_limit")["status"] == "pass"
+            body = assert_error_shape(await env.post({"source_vm": source["pf-taken"], "ossea_config_id": env.config_id}),
+                                      400)
+            assert limit["reason"] in body["details"]
+
+
+async def jobs_for(env, vm_name: str) -> list[dict]:
+    r = await env.client.get("/api/v1/replication/jobs", headers=env.headers, params={"vm_name": vm_name})
+    return [await env.job(j["job_id"]) for j in r.json()["jobs"]]
