@@ -4,7 +4,8 @@
 of --group-size on one schedule; replication and inventory are played by this script over NATS (a
 create answers at once, a job completes --job-seconds later), so the figures are the scheduler's own.
 Printed, for two phases, the scheduler process's rounds per second (`oma_scheduler_ticks_total`),
-the mean round time (`oma_scheduler_tick_duration_seconds`) and its CPU (from /proc):
+the mean round time (`oma_scheduler_tick_duration_seconds`, wall: it includes waiting for the CPU on a
+loaded machine) and its CPU (from /proc; per round, the figure that does not depend on the load):
 - idle: every VM in a group, the schedule not due; rounds back to back (OMA_SCHEDULER_TICK=--tick);
 - firing: the schedule runs: every VM is started (at most --max-concurrent per group at once),
   followed and completed; the wall time from `run` until every VM of every group is done.
@@ -147,9 +148,10 @@ async def main(args: argparse.Namespace) -> None:
             return wall, ticks, spent, cpu_seconds(proc.pid) - c0
 
         wall, ticks, spent, cpu = await window(args.seconds)
-        print(f"idle    : {ticks / wall:8.1f} rounds/s, {1000 * spent / max(ticks, 1):7.2f} ms a round, "
-              f"CPU {100 * cpu / wall:5.1f} % of a core over {wall:.1f} s"
-              f" -> at the default 5 s tick: {100 * spent / max(ticks, 1) / 5:.2f} % of a core")
+        per_round = cpu / max(ticks, 1)
+        print(f"idle    : {ticks / wall:8.1f} rounds/s, {1000 * spent / max(ticks, 1):7.2f} ms a round (wall), "
+              f"{1000 * per_round:6.2f} ms CPU a round, CPU {100 * cpu / wall:5.1f} % of a core over {wall:.1f} s"
+              f" -> at the default 5 s tick: {100 * per_round / 5:.2f} % of a core")
         await bus.call(Scheduler.SCHEDULES, {"action": "update", "id": sched["id"], "schedule": {"enabled": True}})
 
         async def all_done() -> bool:
@@ -159,8 +161,8 @@ async def main(args: argparse.Namespace) -> None:
         r = await bus.call(Scheduler.EXECUTIONS, {"schedule_id": sched["id"], "limit": 1000})
         started = sum(e["vms_started"] for e in r["executions"])
         floor = args.job_seconds * -(-args.group_size // args.max_concurrent)
-        print(f"firing  : {ticks / wall:8.1f} rounds/s, {1000 * spent / max(ticks, 1):7.2f} ms a round, "
-              f"CPU {100 * cpu / wall:5.1f} % of a core; {started} VMs started and completed in {wall:.1f} s "
+        print(f"firing  : {ticks / wall:8.1f} rounds/s, {1000 * spent / max(ticks, 1):7.2f} ms a round (wall), "
+              f"CPU {100 * cpu / wall:5.1f} % of a core, {cpu:.1f} s CPU; {started} VMs started and completed in {wall:.1f} s "
               f"(floor {floor:.1f} s: {-(-args.group_size // args.max_concurrent)} waves of {args.job_seconds} s); "
               f"{len(fake.created)} creates, at most {fake.in_flight_max} jobs in flight "
               f"(limit {groups * args.max_concurrent})")

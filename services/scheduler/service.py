@@ -51,6 +51,7 @@ from shared.subjects import Inventory, Replication
 DEFAULT_MAX_CONCURRENT = 5
 FOLLOW_CONCURRENCY = 16  # job reads in flight while following running syncs
 PREFLIGHT_CONCURRENCY = 8
+START_CONCURRENCY = 32  # creates in flight from one round
 JOB_DONE = {"completed": V_COMPLETED, "failed": V_FAILED, "cancelled": V_FAILED}
 
 TICKS = Counter("oma_scheduler_ticks_total", "Scheduler rounds", ["result"])
@@ -379,6 +380,10 @@ class Scheduler:
 
     async def expire_stale(self) -> None:
         cutoff = now_s() - timedelta(seconds=self.settings.scheduler_start_lease)
+        async with self.sessions() as db:  # read first: an idle round writes nothing
+            if await db.scalar(select(ExecutionVm.id).where(ExecutionVm.status == V_STARTING,
+                                                            ExecutionVm.claimed_at < cutoff).limit(1)) is None:
+                return
         async with self.sessions.begin() as db:
             gone = await db.execute(update(ExecutionVm).where(
                 ExecutionVm.status == V_STARTING, ExecutionVm.claimed_at < cutoff).values(
@@ -421,35 +426,42 @@ class Scheduler:
         async with self.sessions() as db:
             groups = (await db.scalars(select(ExecutionVm.group_id).where(ExecutionVm.status == V_PENDING)
                                        .distinct())).all()
-        started = 0
-        for group_id in groups:
-            claimed, config_id = await self.claim(group_id)
-            for row_id, execution_id, vm_name in claimed:
-                self.spawn(self._start(row_id, execution_id, vm_name, group_id, config_id))
-            started += len(claimed)
-        return started
+        claimed = await self.claim(sorted(groups)) if groups else []
+        if claimed:  # in the background: a create answers once the job's volumes are ready
+            self.spawn(self._start(claimed))
+        return len(claimed)
 
-    async def claim(self, group_id: int) -> tuple[list[tuple[int, str, str]], int | None]:
-        """Mark the group's next waiting VMs `starting` for this process, as many as its limit leaves
-        room for. The group row's lock makes processes take turns: the count is never stale."""
+    async def claim(self, group_ids: list[int]) -> list[tuple[int, str, str, int, int]]:
+        """Mark the groups' next waiting VMs `starting` for this process, as many as each group's
+        limit leaves room for: (row id, execution id, VM name, group id, config id). The group rows
+        are locked first (in id order: two processes never deadlock), so the counts are never stale."""
         now = now_s()
         async with self.sessions.begin() as db:
-            group = (await db.scalars(select(ProtectionGroup).where(ProtectionGroup.id == group_id)
-                                      .with_for_update())).one_or_none()
-            if group is None:
-                return [], None
-            limit = (await db.scalar(select(Schedule.max_concurrent).where(Schedule.id == group.schedule_id))
-                     if group.schedule_id else None) or DEFAULT_MAX_CONCURRENT
-            active = len((await db.scalars(select(ExecutionVm.id).where(
-                ExecutionVm.group_id == group_id, ExecutionVm.status.in_(V_ACTIVE)).with_for_update())).all())
-            if active >= limit:
-                return [], group.ossea_config_id
+            groups = {g.id: g for g in (await db.scalars(select(ProtectionGroup).where(
+                ProtectionGroup.id.in_(group_ids)).order_by(ProtectionGroup.id).with_for_update())).all()}
+            if not groups:
+                return []
+            sids = {g.schedule_id for g in groups.values() if g.schedule_id}
+            limits = dict((await db.execute(select(Schedule.id, Schedule.max_concurrent)
+                                            .where(Schedule.id.in_(sids)))).all()) if sids else {}
+            room = {gid: limits.get(g.schedule_id, DEFAULT_MAX_CONCURRENT) for gid, g in groups.items()}
+            # Locking reads: they see what other processes committed before we got the group locks.
+            for gid in (await db.scalars(select(ExecutionVm.group_id).where(
+                    ExecutionVm.group_id.in_(list(groups)), ExecutionVm.status.in_(V_ACTIVE)).with_for_update())).all():
+                room[gid] -= 1
+            waiting = [gid for gid, n in room.items() if n > 0]
+            if not waiting:
+                return []
             rows = (await db.scalars(select(ExecutionVm).where(
-                ExecutionVm.group_id == group_id, ExecutionVm.status == V_PENDING)
-                .order_by(ExecutionVm.id).limit(limit - active).with_for_update())).all()
+                ExecutionVm.group_id.in_(waiting), ExecutionVm.status == V_PENDING)
+                .order_by(ExecutionVm.id).with_for_update())).all()
+            claimed = []
             for r in rows:
-                r.status, r.claimed_by, r.claimed_at = V_STARTING, self.instance, now
-            return [(r.id, r.execution_id, r.vm_name) for r in rows], group.ossea_config_id
+                if room[r.group_id] > 0:
+                    room[r.group_id] -= 1
+                    r.status, r.claimed_by, r.claimed_at = V_STARTING, self.instance, now
+                    claimed.append((r.id, r.execution_id, r.vm_name, r.group_id, groups[r.group_id].ossea_config_id))
+            return claimed
 
     async def source_vm(self, vm_name: str) -> dict[str, Any]:
         """The VM as the inventory stores it (the `source_vm` a replication takes), by exact name."""
@@ -459,38 +471,50 @@ class Scheduler:
             raise errors.NotFound("VM not found", f"{vm_name} is not in the inventory (run a discovery)")
         return vm
 
-    async def _start(self, row_id: int, execution_id: str, vm_name: str, group_id: int, config_id: int) -> None:
-        status, job_id, reason = V_RUNNING, None, None
-        try:
-            reply = await self.bus.call(Replication.CREATE, {
-                "source_vm": await self.source_vm(vm_name), "ossea_config_id": config_id,
-                "replication_type": "incremental", "schedule_execution_id": execution_id,
-                "vm_group_id": str(group_id), "scheduled_by": f"scheduler:{self.instance}"},
-                timeout=self.settings.provision_wait + self.settings.request_timeout)
-            job_id = reply["job_id"]
-        except errors.Conflict as exc:  # e.g. a sync of this VM already runs
-            status, reason = V_SKIPPED, f"{exc.error}: {exc.details}"
-        except errors.BusTimeout as exc:
-            status, reason = V_FAILED, f"{exc.details}; a job may have started (not retried)"
-        except errors.OmaError as exc:  # preflight refusals (400) included: their reasons are kept
-            status, reason = V_FAILED, f"{exc.error}: {exc.details}" if exc.details else exc.error
-        except Exception as exc:  # noqa: BLE001 - the row must not stay `starting`
-            self.log.exception("scheduled start failed", extra={"vm_name": vm_name, "execution_id": execution_id})
-            status, reason = V_FAILED, type(exc).__name__
-        STARTS.labels(result=status).inc()
+    async def _start(self, claimed: list[tuple[int, str, str, int, int]]) -> None:
+        """Create the claimed VMs' jobs, then record every outcome in one transaction (only on the rows
+        this process still holds)."""
+        gate = asyncio.Semaphore(START_CONCURRENCY)
+
+        async def one(execution_id: str, vm_name: str, group_id: int, config_id: int) -> tuple[str, Any, Any]:
+            async with gate:
+                try:
+                    reply = await self.bus.call(Replication.CREATE, {
+                        "source_vm": await self.source_vm(vm_name), "ossea_config_id": config_id,
+                        "replication_type": "incremental", "schedule_execution_id": execution_id,
+                        "vm_group_id": str(group_id), "scheduled_by": f"scheduler:{self.instance}"},
+                        timeout=self.settings.provision_wait + self.settings.request_timeout)
+                    return V_RUNNING, reply["job_id"], None
+                except errors.Conflict as exc:  # e.g. a sync of this VM already runs
+                    return V_SKIPPED, None, f"{exc.error}: {exc.details}"
+                except errors.BusTimeout as exc:
+                    return V_FAILED, None, f"{exc.details}; a job may have started (not retried)"
+                except errors.OmaError as exc:  # preflight refusals (400) included: their reasons are kept
+                    return V_FAILED, None, f"{exc.error}: {exc.details}" if exc.details else exc.error
+                except Exception as exc:  # noqa: BLE001 - the row must not stay `starting`
+                    self.log.exception("scheduled start failed", extra={"vm_name": vm_name})
+                    return V_FAILED, None, type(exc).__name__
+
+        outcomes = await asyncio.gather(*(one(*c[1:]) for c in claimed))
         async with self.sessions.begin() as db:
-            await db.execute(update(ExecutionVm).where(
-                ExecutionVm.id == row_id, ExecutionVm.status == V_STARTING, ExecutionVm.claimed_by == self.instance)
-                .values(status=status, job_id=job_id, reason=reason,
-                        finished_at=None if status == V_RUNNING else now_s()))
-        self.log.info("scheduled sync", extra={"vm_name": vm_name, "execution_id": execution_id, "status": status,
-                                               "job_id": job_id})
+            for (row_id, execution_id, vm_name, _, _), (status, job_id, reason) in zip(claimed, outcomes):
+                STARTS.labels(result=status).inc()
+                await db.execute(update(ExecutionVm).where(
+                    ExecutionVm.id == row_id, ExecutionVm.status == V_STARTING,
+                    ExecutionVm.claimed_by == self.instance).values(
+                    status=status, job_id=job_id, reason=reason, finished_at=None if status == V_RUNNING else now_s()))
+                self.log.info("scheduled sync", extra={"vm_name": vm_name, "execution_id": execution_id,
+                                                       "status": status, "job_id": job_id})
 
     async def close_finished(self) -> None:
+        """Executions whose VMs are all done (read first: an idle round writes nothing)."""
         open_vms = exists().where(ExecutionVm.execution_id == Execution.execution_id, ExecutionVm.status.in_(V_OPEN))
-        async with self.sessions.begin() as db:
-            await db.execute(update(Execution).where(Execution.status == E_RUNNING, ~open_vms)
-                             .values(status=E_COMPLETED, finished_at=now_s()), execution_options={"synchronize_session": False})
+        async with self.sessions() as db:
+            done = (await db.scalars(select(Execution.id).where(Execution.status == E_RUNNING, ~open_vms))).all()
+        if done:
+            async with self.sessions.begin() as db:
+                await db.execute(update(Execution).where(Execution.id.in_(done), Execution.status == E_RUNNING, ~open_vms)
+                                 .values(status=E_COMPLETED, finished_at=now_s()))
 
     # -- preflight ------------------------------------------------------------------------------
 
