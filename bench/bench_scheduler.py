@@ -162,7 +162,8 @@ async def main(args: argparse.Namespace) -> None:
         started = sum(e["vms_started"] for e in r["executions"])
         floor = args.job_seconds * -(-args.group_size // args.max_concurrent)
         print(f"firing  : {ticks / wall:8.1f} rounds/s, {1000 * spent / max(ticks, 1):7.2f} ms a round (wall), "
-              f"CPU {100 * cpu / wall:5.1f} % of a core, {cpu:.1f} s CPU; {started} VMs started and completed in {wall:.1f} s "
+              f"CPU {100 * cpu / wall:5.1f} % of a core, {cpu:.1f} s CPU; {started} VMs started and completed "
+              f"in {wall:.1f} s "
               f"(floor {floor:.1f} s: {-(-args.group_size // args.max_concurrent)} waves of {args.job_seconds} s); "
               f"{len(fake.created)} creates, at most {fake.in_flight_max} jobs in flight "
               f"(limit {groups * args.max_concurrent})")

@@ -59,8 +59,8 @@ async def test_groups_and_schedules_actions_and_their_errors(make_settings):
         group = r.json()["group"]
         assert (group["vm_names"], group["vm_count"], group["next_run_at"]) == (["a", "b"], 2, sched["next_run_at"])
         r = await c.post("/api/v1/groups", headers=h, json={"action": "add_vms", "id": group["id"],
-                                                             "vm_names": ["c", "a"]})
-        assert r.json()["group"]["vm_names"] == ["a", "b", "c"], r.text
+                                                             "vm_names": ["c", "a", "C", "B"]})
+        assert r.json()["group"]["vm_names"] == ["a", "b", "c"], r.text  # names compare as MariaDB does
         r = await c.post("/api/v1/groups", headers=h, json={"action": "remove_vms", "id": group["id"],
                                                              "vm_names": ["b"]})
         assert r.json()["group"]["vm_names"] == ["a", "c"], r.text
@@ -278,7 +278,7 @@ async def test_mutating_more_between_cycles_shows_a_rising_dirty_rate(make_setti
             return await wait_for(context_has_it, timeout=20)
 
         ctx = await cycle(1)  # the first sync is a full copy: no dirty rate
-        assert ctx["current_job"]["dirty_rate"] is None and ctx["cycles"]["sync_count"] == 1
+        assert ctx["current_job"]["dirty_rate"] is None and ctx["context"]["cycles"]["sync_count"] == 1
         rates, written = [], []
         for n, percent in enumerate((1, 2, 4), start=2):
             written.append((await vma.mutate(vm["path"], vm["disks"][0]["id"], percent))["bytes_written"])
@@ -288,12 +288,12 @@ async def test_mutating_more_between_cycles_shows_a_rising_dirty_rate(make_setti
             job = ctx["current_job"]
             assert job["vma_sync_type"] == "incremental" and job["bytes_transferred"] == written[-1], job
             assert job["dirty_rate"] == round(written[-1] / disk_bytes, 6)
-            assert ctx["cycles"]["dirty_rate"] == job["dirty_rate"]
-            assert ctx["cycles"]["last_changed_bytes"] == written[-1]
-            assert ctx["cycles"]["estimated_cutover_seconds"] > 0
+            assert ctx["context"]["cycles"]["dirty_rate"] == job["dirty_rate"]
+            assert ctx["context"]["cycles"]["last_changed_bytes"] == written[-1]
+            assert ctx["context"]["cycles"]["estimated_cutover_seconds"] > 0
             rates.append(job["dirty_rate"])
         assert rates[0] < rates[1] < rates[2], rates
-        assert ctx["cycles"]["sync_count"] == 4
+        assert ctx["context"]["cycles"]["sync_count"] == 4
         assert [j["dirty_rate"] for j in ctx["job_history"][:3]] == rates[::-1]
 
 
@@ -365,8 +365,8 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
             limit = next(c_ for c_ in results["pf-taken"]["checks"] if c_["check"] == "volume_limit")
             assert limit["status"] == "fail" and "volume limit is reached" in limit["reason"], limit
             assert next(c_ for c_ in results["pf-ok"]["checks"] if c_["check"] == "volume_limit")["status"] == "pass"
-            body = assert_error_shape(await env.post({"source_vm": source["pf-taken"], "ossea_config_id": env.config_id}),
-                                      400)
+            body = assert_error_shape(await env.post({"source_vm": source["pf-taken"],
+                                                      "ossea_config_id": env.config_id}), 400)
             assert limit["reason"] in body["details"]
 
 

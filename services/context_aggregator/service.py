@@ -276,7 +276,8 @@ def cycles(jobs: list[Any], disk_bytes: int | None, synced: int) -> dict[str, An
 
 
 def job_dict(j: ContextJob, disk_bytes: int | None = None) -> dict[str, Any]:
-    return {"id": j.job_id, "dirty_rate": dirty_rate(j, disk_bytes), "status": j.status, "replication_type": j.replication_type,
+    return {"id": j.job_id, "dirty_rate": dirty_rate(j, disk_bytes), "status": j.status,
+            "replication_type": j.replication_type,
             "progress_percent": j.progress_percent, "current_operation": j.current_operation,
             "vma_throughput_mbps": j.vma_throughput_mbps, "vma_eta_seconds": j.vma_eta_seconds,
             "bytes_transferred": j.bytes_transferred, "total_bytes": j.total_bytes, "error": j.error,
@@ -361,10 +362,10 @@ async def get_context(db: Any, vm_name: str) -> dict[str, Any]:
     disks = (await db.execute(DISKS, name)).all()
     cbt = await db.execute(CBT_HISTORY, name)
     disk_bytes = sum(d.capacity_bytes or int((d.size_gb or 0) * 2**30) for d in disks) or None
-    return {"context": context_dict(ctx),
+    # The warm-migration figures go inside `context`: the detail's top level keeps the seed's keys.
+    return {"context": {**context_dict(ctx), "cycles": cycles(jobs, disk_bytes, ctx.successful_jobs)},
             "current_job": job_dict(current, disk_bytes) if current else None,
             "job_history": [job_dict(j, disk_bytes) for j in jobs],
-            "cycles": cycles(jobs, disk_bytes, ctx.successful_jobs),
             "disks": [disk_dict(d) for d in disks],
             "cbt_history": [{"job_id": r.job_id, "unit_number": r.unit_number, "change_id": r.change_id,
                              "previous_change_id": r.previous_change_id, "recorded_at": iso(r.recorded_at)}

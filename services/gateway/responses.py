@@ -368,10 +368,21 @@ class JobCancelled(Message):
 
 
 # --- VM contexts -------------------------------------------------------------------------------
+class SyncCycles(Body):
+    """Warm-migration figures of the last completed incremental (docs/vm-contexts.md)."""
+    sync_count: int = Field(description="completed syncs")
+    last_changed_bytes: int | None = None
+    dirty_rate: float | None = Field(None, description="last_changed_bytes / the VM's disk size")
+    dirty_bytes_per_second: float | None = Field(None, description="changed bytes per second between the "
+                                                 "starts of the last two syncs")
+    estimated_cutover_seconds: float | None = Field(None, description="the last incremental's duration")
+
+
 class VmContext(Body):
     context_id: str
     vm_name: str
     current_status: str
+    cycles: SyncCycles | None = Field(None, description="the detail only: warm-migration figures")
     total_jobs_run: int
     successful_jobs: int
     failed_jobs: int
@@ -444,22 +455,11 @@ class CbtRecord(Body):
     recorded_at: str | None = None
 
 
-class SyncCycles(Body):
-    """Warm-migration figures of the last completed incremental (docs/vm-contexts.md)."""
-    sync_count: int = Field(description="completed syncs")
-    last_changed_bytes: int | None = None
-    dirty_rate: float | None = Field(None, description="last_changed_bytes / the VM's disk size")
-    dirty_bytes_per_second: float | None = Field(None, description="changed bytes per second between the "
-                                                 "starts of the last two syncs")
-    estimated_cutover_seconds: float | None = Field(None, description="the last incremental's duration")
-
-
 class VmContextDetail(Body):
     """The seed's VM context: no `success` key."""
     context: VmContext
     current_job: ContextJob | None = None
     job_history: list[ContextJob]
-    cycles: SyncCycles | None = None
     disks: list[ContextDisk]
     cbt_history: list[CbtRecord]
 

@@ -67,7 +67,9 @@ def now_s() -> datetime:
 
 
 def _names(names: list[str] | None) -> list[str]:
-    return list(dict.fromkeys(names or []))
+    """Once each, compared as MariaDB's collation does (case-insensitively): the first spelling wins."""
+    seen: set[str] = set()
+    return [n for n in names or [] if not (n.casefold() in seen or seen.add(n.casefold()))]
 
 
 def _require(values: dict[str, Any], names: tuple[str, ...], action: str, what: str) -> None:
@@ -146,7 +148,8 @@ class Scheduler:
                 if not row.enabled:
                     raise errors.Conflict("Schedule disabled", f"schedule {row.id} ({row.name}) is disabled")
                 row.next_run_at, row.updated_at = now, now
-            return {"success": True, "message": "Schedule runs at the next round", "schedule": self.schedule_public(row)}
+            return {"success": True, "message": "Schedule runs at the next round",
+                    "schedule": self.schedule_public(row)}
         if not values:
             raise errors.BadRequest("Missing required fields", "update needs a schedule with at least one field")
         async with self.sessions.begin() as db:
@@ -204,11 +207,12 @@ class Scheduler:
         return out
 
     async def _set_vms(self, db: AsyncSession, group_id: int, names: list[str], *, replace: bool) -> None:
-        have = set((await db.scalars(select(GroupVm.vm_name).where(GroupVm.group_id == group_id))).all())
         if replace:
             await db.execute(delete(GroupVm).where(GroupVm.group_id == group_id, GroupVm.vm_name.not_in(names)))
+        have = {n.casefold() for n in (await db.scalars(select(GroupVm.vm_name)
+                                                         .where(GroupVm.group_id == group_id))).all()}
         now = now_s()
-        db.add_all(GroupVm(group_id=group_id, vm_name=n, added_at=now) for n in names if n not in have)
+        db.add_all(GroupVm(group_id=group_id, vm_name=n, added_at=now) for n in names if n.casefold() not in have)
 
     async def groups(self, req: GroupRequest) -> dict[str, Any] | Reply:
         values = req.group.model_dump(exclude_none=True) if req.group else {}
@@ -216,7 +220,8 @@ class Scheduler:
         if req.action == "get":
             async with self.sessions() as db:
                 if req.id is not None:
-                    return {"success": True, "group": (await self._groups_public(db, [await self._group(db, req.id)]))[0]}
+                    group = await self._group(db, req.id)
+                    return {"success": True, "group": (await self._groups_public(db, [group]))[0]}
                 rows = list((await db.scalars(select(ProtectionGroup).order_by(ProtectionGroup.id))).all())
                 return {"success": True, "groups": await self._groups_public(db, rows)}
         if req.action == "create":
@@ -291,7 +296,8 @@ class Scheduler:
             vms: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
             if ids:
                 for eid, status, n, jobs in (await db.execute(
-                        select(ExecutionVm.execution_id, ExecutionVm.status, func.count(), func.count(ExecutionVm.job_id))
+                        select(ExecutionVm.execution_id, ExecutionVm.status, func.count(),
+                               func.count(ExecutionVm.job_id))
                         .where(ExecutionVm.execution_id.in_(ids))
                         .group_by(ExecutionVm.execution_id, ExecutionVm.status))).all():
                     counts[eid][status] = n
@@ -315,7 +321,8 @@ class Scheduler:
                 item["vm_results"] = vms[e.execution_id]
             out.append(item)
         if q.get("execution_id") and not out:
-            raise errors.NotFound("Execution not found", f"No execution {q['execution_id']!r} of schedule {schedule_id}")
+            raise errors.NotFound("Execution not found",
+                                  f"No execution {q['execution_id']!r} of schedule {schedule_id}")
         return {"success": True, "executions": out, "total": total, "limit": limit, "offset": offset}
 
     # -- the round ------------------------------------------------------------------------------
@@ -513,8 +520,8 @@ class Scheduler:
             done = (await db.scalars(select(Execution.id).where(Execution.status == E_RUNNING, ~open_vms))).all()
         if done:
             async with self.sessions.begin() as db:
-                await db.execute(update(Execution).where(Execution.id.in_(done), Execution.status == E_RUNNING, ~open_vms)
-                                 .values(status=E_COMPLETED, finished_at=now_s()))
+                await db.execute(update(Execution).where(Execution.id.in_(done), Execution.status == E_RUNNING,
+                                                         ~open_vms).values(status=E_COMPLETED, finished_at=now_s()))
 
     # -- preflight ------------------------------------------------------------------------------
 
