@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -227,8 +228,10 @@ class Replicator:
     async def preflight(self, req: ReplicationRequest, creds: dict[str, Any]) -> list[dict[str, str]]:
         """The VM's preflight checks (shared/preflight.py), with the slots as admission counts them."""
         vm, oma_vm_id = req.source_vm, creds.get("oma_vm_id") or ""
+        # Paired with the VM's live volumes as create pairs its rows: the disks left need new volumes.
+        wanted = [SimpleNamespace(unit_number=u, disk_id=d.id) for u, d in zip(vm.disk_slots(), vm.disks)]
         async with self.sessions() as db:
-            held = await admission.holdings(db, vm.uuid or vm.id)
+            new = len(wanted) - len(admission.pair(wanted, await admission.holdings(db, vm.uuid or vm.id)))
             used = await admission.used(db, oma_vm_id)
             cap = admission.capacity(self.settings, await db.get(ApplianceSlots, oma_vm_id))
         ops = self.cloud(creds)
@@ -236,7 +239,7 @@ class Replicator:
             facts = await preflight.gather(vm.model_dump(mode="json", exclude_none=True), call=self.bus.call,
                                            client=ops.client, cbt_probe=self.driver.cbt_enabled,
                                            capacity=cap, free_slots=max(cap - used, 0),
-                                           new_disks=sum(u not in held for u in vm.disk_slots()))
+                                           new_disks=new)
         finally:
             await ops.close()
         return preflight.evaluate(facts, incremental=req.replication_type == "incremental")
