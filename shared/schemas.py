@@ -338,6 +338,7 @@ class ProgressReport(BaseModel):
 
 # --- scheduler: protection groups, schedules, preflight (docs/scheduler.md) ------------------------
 VmName = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_CONTROL)]
+RowId = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)]  # stored in an INT column
 MAX_GROUP_VMS = 1000
 MAX_INTERVAL = 31 * 86400
 
@@ -345,8 +346,8 @@ MAX_INTERVAL = 31 * 86400
 class GroupFields(Strict):
     name: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL)
     description: str | None = Field(None, max_length=1000, pattern=NO_CONTROL)
-    ossea_config_id: Id | None = Field(None, description="the OSSEA configuration its syncs use")
-    schedule_id: Id | None = Field(None, description="the schedule that starts its syncs; none: by hand only")
+    ossea_config_id: RowId | None = Field(None, description="the OSSEA configuration its syncs use")
+    schedule_id: RowId | None = Field(None, description="the schedule that starts its syncs; none: by hand only")
     vm_names: list[VmName] | None = Field(None, max_length=MAX_GROUP_VMS, description="the VMs (inventory names)")
 
 
