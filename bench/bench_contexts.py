@@ -69,6 +69,18 @@ def start_api(db_name: str, nats_url: str) -> tuple[subprocess.Popen, str]:
     return proc, base
 
 
+async def stop(proc: subprocess.Popen | None, server: EmbeddedNats, db_name: str) -> None:
+    """End `oma-api` (SIGTERM, then kill), the benchmark's nats-server, and drop its database."""
+    if proc is not None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    await server.stop()
+    await sql(f"DROP DATABASE IF EXISTS `{db_name}`")
+
+
 async def bulk_insert(db_name: str, vms: int, jobs_per_vm: int) -> float:
     """Rows as the aggregator would have written them, inserted in multi-row batches."""
     from sqlalchemy import insert
@@ -228,14 +240,7 @@ async def main() -> None:
         if args.events:
             await apply_rate(nats_url, args.events)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        await server.stop()
-        await sql(f"DROP DATABASE IF EXISTS `{db_name}`")
+        await stop(proc, server, db_name)
 
 
 if __name__ == "__main__":

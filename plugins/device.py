@@ -11,17 +11,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from shared import errors
-from shared.hookspecs import hookimpl
+from shared.hookspecs import PluginSettings, hookimpl
 
 
 def serial_of(volume_id: str) -> str:
     return volume_id.replace("-", "")[:20]
 
 
+class DeviceSettings(PluginSettings):
+    by_id_dir: Path = Field(Path("/dev/disk/by-id"), description="where udev links attached disks by serial")
+
+
 class ByIdResolver:
     def __init__(self, settings: Any):
-        self.directory = Path(getattr(settings, "device_by_id_dir", "/dev/disk/by-id"))
+        self.directory = settings.device.by_id_dir
         self.interval = 0.05
 
     async def resolve(self, volume_id: str, timeout: float) -> str:
@@ -36,6 +42,11 @@ class ByIdResolver:
                 raise errors.UpstreamTimeout("Device not found",
                                              f"volume {volume_id} did not appear as {link} within {timeout:g}s")
             await asyncio.sleep(self.interval)
+
+
+@hookimpl
+def oma_register_settings(register):
+    register("device", DeviceSettings)
 
 
 @hookimpl

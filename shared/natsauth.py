@@ -76,11 +76,13 @@ def permissions() -> dict[str, Permissions]:
             "config", Replication.USING_CONFIG,
             comment="Asks replication which jobs use a configuration before deleting it."),
         "replication": _service(
-            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.LIST,
-            Inventory.CONNECTION, Auth.APPLIANCE_SEEN, Failover.MAPPINGS,
+            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Exports.READY, Inventory.LIST,
+            Inventory.CONNECTION, Auth.APPLIANCE_SEEN, Failover.MAPPINGS, "$SRV.PING.config",
+            "$SRV.PING.export_manager",
             comment="The only caller of the decrypted cloud and vCenter credentials; ensures/deactivates\n"
-                    "exports; lists the inventory to check a request's vcenter_host; tells auth whether a\n"
-                    "VMA answered; reads the network mappings (preflight)."),
+                    "exports (asking first whether the NBD server serves); lists the inventory to check a\n"
+                    "request's vcenter_host; tells auth whether a VMA answered; waits at start for the\n"
+                    "services it needs ($SRV.PING); reads the network mappings (preflight)."),
         "scheduler": _service(
             "scheduler", Replication.CREATE, Replication.GET, Replication.PREFLIGHT, Inventory.LIST,
             comment="Starts the syncs of protection groups and follows them; asks replication for preflight;\n"

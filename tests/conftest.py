@@ -16,6 +16,7 @@ import pytest
 
 from shared.natsserver import EmbeddedNats
 from shared.settings import SERVICES, Settings
+from tests.natsaudit import Audit
 
 MARIADB = dict(host=os.environ.get("OMA_TEST_DB_HOST", "127.0.0.1"),
                port=int(os.environ.get("OMA_TEST_DB_PORT", "3306")),
@@ -30,6 +31,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped:
         reporter.write_line(f"FAILED: {skipped} test(s) skipped; every component must be present", red=True)
         session.exitstatus = 1
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "nats_forbidden: the test makes forbidden publishes on purpose "
+                            "(not checked against shared/natsauth.py)")
+
+
+@pytest.fixture(scope="session")
+def _nats_audit():
+    audit = Audit()
+    audit.install()
+    yield audit
+    audit.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def nats_permissions(request: pytest.FixtureRequest, _nats_audit: Audit):
+    """What the services and the gateway published in this test, each allowed to its NATS user."""
+    _nats_audit.take()
+    yield
+    found = _nats_audit.take()
+    if found and request.node.get_closest_marker("nats_forbidden") is None:
+        raise AssertionError("publishes that shared/natsauth.py does not allow (the secured appliance "
+                             "would refuse them):\n  " + "\n  ".join(found))
 
 
 @pytest.fixture(scope="session")

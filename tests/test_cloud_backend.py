@@ -29,7 +29,7 @@ class MiniCloud:
 
     def __init__(self, credentials: dict[str, Any], settings: Any):
         self.credentials = credentials
-        self.devices = Path(settings.device_by_id_dir)
+        self.devices = Path(settings.device.by_id_dir)
 
     async def close(self) -> None:
         pass

@@ -44,7 +44,7 @@ async def test_a_configuration_in_use_cannot_be_deleted(make_settings, tmp_path)
             assert disk["export_name"] not in exporter.list_exports()
         assert env.data_volumes() == {}
 
-        bus = env.replication.bus
+        bus = env.client.appliance.services["config"].bus  # the one service that asks this
 
         async def unused():  # a cancelled job's bookkeeping may finish just after the DELETE's answer
             return (await bus.call(Replication.USING_CONFIG, {"ossea_config_id": env.config_id}))["job_ids"] == []

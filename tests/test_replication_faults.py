@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from plugins.ossea.simulator import DEFAULT_VM_ID
+from shared.settings import environ
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.test_replication import Env, metric, replication_env, request, write_and_check
 
@@ -158,10 +159,7 @@ async def test_capacity_queues_fifo_and_never_half_attaches(make_settings, tmp_p
 # -- a SIGKILLed replication service ------------------------------------------------------------
 
 def service_env(settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in settings.model_dump().items():
-        if value is not None:
-            env[f"OMA_{key.upper()}"] = str(value)
+    env = {**os.environ, **environ(settings)}
     env["OMA_METRICS_PORT"] = "0"
     return env
 

@@ -174,11 +174,13 @@ class VmaSimulator:
     def __init__(self, data_dir: Path | str | None = None, *, disk_scale: Fraction | float = 1,
                  disk_size: int | None = None, density: float = 0.5, verify_tls: bool = True,
                  appliance_id: str | None = None, appliance_token: str | None = None,
-                 strict_change_ids: bool = False, nbd_host: str = "127.0.0.1", vcenter_timeout: float = 30.0):
+                 strict_change_ids: bool = False, nbd_host: str = "127.0.0.1", vcenter_timeout: float = 30.0,
+                 inventory: Any = None):
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="oma-vma-sim-")
         self.data_dir = Path(data_dir or self._tmp.name)
         self.disk_scale, self.disk_size, self.density = Fraction(disk_scale), disk_size, density
         self.verify_tls, self.nbd_host, self.vcenter_timeout = verify_tls, nbd_host, vcenter_timeout
+        self.inventory = inventory  # a synthetic vCenter (synthetic.py) instead of a real one, when given
         self.reporter = OmaReporter(appliance_id, appliance_token, strict=strict_change_ids)
         self.faults = Faults()
         self.jobs: dict[str, ReplicationJob] = {}
@@ -291,7 +293,7 @@ class VmaSimulator:
     def _known_image(self, vcenter: str | None, vm_path: str, disk: str) -> DiskImage:
         key = disk.removeprefix("disk-")
         roots = [self.data_dir / quote(vcenter, safe="")] if vcenter else \
-            [p for p in self.data_dir.iterdir() if p.is_dir()]
+            [p for p in self.data_dir.iterdir() if p.is_dir()] if self.data_dir.is_dir() else []  # no disk yet
         found = [r / quote(vm_path, safe="") / f"disk-{key}.img" for r in roots]
         found = [p for p in found if p.exists()]
         if len(found) != 1:
@@ -306,6 +308,8 @@ class VmaSimulator:
 
     def _vcenter(self, creds: VCenterCredentials, datacenter: str | None = None) -> VCenter:
         self._sessions[creds.vcenter] = creds
+        if self.inventory is not None:
+            return self.inventory.session(creds, datacenter)
         return VCenter.from_request(creds, verify_tls=self.verify_tls, datacenter=datacenter,
                                     timeout=self.vcenter_timeout)
 
