@@ -262,7 +262,7 @@ async def test_mutating_more_between_cycles_shows_a_rising_dirty_rate(make_setti
                 runs = [e for e in r.json()["executions"] if e["status"] == "completed" and e["vms_started"]]
                 return runs if len(runs) >= n else None
             try:
-                await wait_for(finished, timeout=60, interval=0.2)
+                await wait_for(finished, timeout=60, interval=0.5)
             except AssertionError:
                 r = await client.get(f"/api/v1/schedules/{sched['id']}/executions", headers=h)
                 last = r.json()["executions"][0]["execution_id"] if r.json()["executions"] else "-"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import socket
 from pathlib import Path
@@ -39,7 +40,8 @@ class SchedulerService(ServiceApp):
             except Exception:  # noqa: BLE001 - e.g. a database hiccup: the next round tries again
                 TICKS.labels(result="error").inc()
                 self.log.exception("scheduler round failed")
-            await asyncio.sleep(every)
+            # Jittered: copies sharing a database, and pollers on a fixed period, do not stay in step.
+            await asyncio.sleep(every * random.uniform(0.75, 1.25))
 
     @endpoint(Subjects.GROUPS)
     async def groups(self, req: BusRequest):
