@@ -93,6 +93,9 @@ class CloudClient(Protocol):
     async def attach_volume(self, volume_id: str, virtual_machine_id: str) -> dict[str, Any]: ...
     async def detach_volume(self, volume_id: str) -> dict[str, Any]: ...
     async def delete_volume(self, volume_id: str) -> None: ...
+    # Optional (not in the runtime check): `list_accounts()` and `list_virtual_machines(name=...)` let
+    # preflight (shared/preflight.py) read the account's volume limit and the target names; a backend
+    # without them gets a `warn` for those checks.
 
 
 # -- inventory source -------------------------------------------------------------------------------

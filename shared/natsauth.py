@@ -61,7 +61,7 @@ def permissions() -> dict[str, Permissions]:
     perms = {
         "gateway": Permissions(
             publish=["oma.auth.session.>", "oma.auth.user.>", Auth.APPLIANCE_ACTION, "oma.config.ossea.>",
-                     "oma.inventory.>", "oma.replication.>", "oma.failover.>",
+                     "oma.inventory.>", "oma.replication.>", "oma.failover.>", "oma.scheduler.>",
                      Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
             deny_publish=["oma.config.credentials.>", Inventory.CONNECTION, Inventory.POWER,
                           Replication.HANDOVER, Replication.RECLAIM],
@@ -78,11 +78,16 @@ def permissions() -> dict[str, Permissions]:
             comment="Asks replication and failover which jobs use a configuration before deleting it."),
         "replication": _service(
             "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Exports.READY, Inventory.LIST,
-            Inventory.CONNECTION, Auth.APPLIANCE_SEEN, "$SRV.PING.config", "$SRV.PING.export_manager",
+            Inventory.CONNECTION, Auth.APPLIANCE_SEEN, Failover.MAPPINGS, "$SRV.PING.config",
+            "$SRV.PING.export_manager",
             comment="The only caller of the decrypted cloud and vCenter credentials; ensures/deactivates\n"
                     "exports (asking first whether the NBD server serves); lists the inventory to check a\n"
                     "request's vcenter_host; tells auth whether a VMA answered; waits at start for the\n"
-                    "services it needs ($SRV.PING)."),
+                    "services it needs ($SRV.PING); reads the network mappings (preflight)."),
+        "scheduler": _service(
+            "scheduler", Replication.CREATE, Replication.GET, Replication.PREFLIGHT, Inventory.LIST,
+            comment="Starts the syncs of protection groups and follows them; asks replication for preflight;\n"
+                    "finds the groups' VMs in the inventory."),
         "failover": _service(
             "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Replication.CREATE,
             Replication.HANDOVER, Replication.RECLAIM, Inventory.POWER, Exports.ENSURE, Exports.DEACTIVATE,

@@ -31,6 +31,7 @@ SERVICE_CLASSES = {
     "export_manager": "services.export_manager.app:ExportManagerService",
     "context_aggregator": "services.context_aggregator.app:ContextAggregatorService",
     "failover": "services.failover.app:FailoverService",
+    "scheduler": "services.scheduler.app:SchedulerService",
 }
 
 

@@ -344,3 +344,68 @@ class ProgressReport(BaseModel):
     total_bytes: ByteCount | None = None
     disks: list[DiskProgress] | None = Field(None, max_length=64)
     error: str | None = Field(None, max_length=2000)
+
+
+# --- scheduler: protection groups, schedules, preflight (docs/scheduler.md) ------------------------
+VmName = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_CONTROL)]
+RowId = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)]  # stored in an INT column
+MAX_GROUP_VMS = 1000
+MAX_INTERVAL = 31 * 86400
+
+
+class GroupFields(Strict):
+    name: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL)
+    description: str | None = Field(None, max_length=1000, pattern=NO_CONTROL)
+    ossea_config_id: RowId | None = Field(None, description="the OSSEA configuration its syncs use")
+    schedule_id: RowId | None = Field(None, description="the schedule that starts its syncs; none: by hand only")
+    vm_names: list[VmName] | None = Field(None, max_length=MAX_GROUP_VMS, description="the VMs (inventory names)")
+
+
+class GroupRequest(Strict):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [
+        {"action": "create", "group": {"name": "databases", "ossea_config_id": 1, "schedule_id": 1,
+                                       "vm_names": ["pgtest1", "pgtest2"]}},
+        {"action": "add_vms", "id": 1, "vm_names": ["pgtest3"]}, {"action": "get"}]})
+    action: Literal["get", "create", "update", "delete", "add_vms", "remove_vms"]
+    id: Id | None = None
+    group: GroupFields | None = None
+    vm_names: list[VmName] | None = Field(None, max_length=MAX_GROUP_VMS, description="add_vms / remove_vms")
+
+
+class ScheduleFields(Strict):
+    name: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL)
+    interval_seconds: int | None = Field(None, strict=True, ge=1, le=MAX_INTERVAL,
+                                         description="seconds between runs (at least OMA_SCHEDULER_MIN_INTERVAL)")
+    max_concurrent: int | None = Field(None, strict=True, ge=1, le=1000,
+                                       description="syncs of one group running at once (default 5)")
+    skip_if_running: bool | None = Field(None, description="skip a run while the group's previous one runs "
+                                                           "(default true)")
+    enabled: bool | None = None
+
+
+class ScheduleRequest(Strict):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [
+        {"action": "create", "schedule": {"name": "hourly", "interval_seconds": 3600, "max_concurrent": 5}},
+        {"action": "update", "id": 1, "schedule": {"enabled": False}}, {"action": "run", "id": 1},
+        {"action": "get"}]})
+    action: Literal["get", "create", "update", "delete", "run"] = Field(
+        description="`run`: fire at the next round, whatever the interval (the interval goes on from then)")
+    id: Id | None = None
+    schedule: ScheduleFields | None = None
+
+
+class PreflightRequest(Strict):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [
+        {"vm_names": ["pgtest1"], "ossea_config_id": 1}, {"group_id": 1}]})
+    vm_names: list[VmName] | None = Field(None, min_length=1, max_length=MAX_GROUP_VMS)
+    group_id: Id | None = None
+    ossea_config_id: Id | None = Field(None, description="with vm_names: the target configuration "
+                                                         "(a group has its own)")
+
+    @model_validator(mode="after")
+    def _one(self) -> PreflightRequest:
+        if (self.vm_names is None) == (self.group_id is None):
+            raise ValueError("give exactly one of vm_names and group_id")
+        if self.vm_names is not None and self.ossea_config_id is None:
+            raise ValueError("vm_names needs ossea_config_id (the target the checks are for)")
+        return self

@@ -22,7 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.hookspecs import PluginSettings
 
-SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover")
+SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover",
+            "scheduler")
 
 # Default metrics port of each service when it runs alone (`oma-service NAME`).
 METRICS_PORTS = {name: 9101 + i for i, name in enumerate(SERVICES)}
@@ -117,6 +118,14 @@ class CoreSettings(BaseSettings):
                                              description="seconds a guest shutdown may take before a hard power-off")
     failover_final_sync_timeout: float = Field(3600.0, gt=0, le=86400, description="seconds a live cutover's "
                                                "final sync (after the source power-off) may take before it fails")
+
+    # Scheduler (protection groups and their schedules; docs/scheduler.md).
+    scheduler_tick: float = Field(5.0, gt=0, description="seconds between the scheduler's rounds (due "
+                                  "schedules, starting queued VMs, following running syncs)")
+    scheduler_min_interval: float = Field(60.0, gt=0, description="shortest schedule interval accepted "
+                                          "(seconds); lowered in tests")
+    scheduler_start_lease: float = Field(300.0, gt=0, description="seconds a VM claimed by a scheduler may "
+                                         "stay `starting`; after it, the VM is recorded failed, never started twice")
 
     # Inventory.
     inventory_source: str = Field("vsphere", description="inventory source backend (plugin)")

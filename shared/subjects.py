@@ -56,7 +56,8 @@ class Replication:
     GET = "oma.replication.job.get"
     PROGRESS = "oma.replication.job.progress"
     CANCEL = "oma.replication.job.cancel"
-    USING_CONFIG = "oma.replication.job.using_config"  # config asks before deleting a configuration
+    USING_CONFIG = "oma.replication.job.using_config"
+    PREFLIGHT = "oma.replication.preflight.check"  # shared/preflight.py: a VM's checks, as create runs them  # config asks before deleting a configuration
     # The copier's change-id calls (services/replication/changeids.py).
     CHANGEID_GET = "oma.replication.changeid.get"
     CHANGEID_RECORD = "oma.replication.changeid.record"
@@ -79,6 +80,13 @@ class Failover:
     MAPPINGS = "oma.failover.network.mappings"  # get | create | update | delete
     USING_CONFIG = "oma.failover.job.using_config"  # config asks before deleting a configuration
     EVT_STATUS = "oma.evt.failover.job.status_changed"
+
+
+class Scheduler:
+    GROUPS = "oma.scheduler.group.action"          # get | create | update | delete | add_vms | remove_vms
+    SCHEDULES = "oma.scheduler.schedule.action"    # get | create | update | delete
+    EXECUTIONS = "oma.scheduler.execution.list"
+    PREFLIGHT = "oma.scheduler.preflight.run"      # {vm_names | group_id}: replication's checks per VM
 
 
 class Exports:

@@ -17,12 +17,13 @@ from plugins.ossea.sim_vms import PROD_NETWORK_IDS, TEST_NETWORK_IDS
 from plugins.ossea.simulator import DEFAULT_VM_ID
 from services.gateway.app import create_app
 from shared.schemas import REPLICATION_EXAMPLE
+from shared.settings import SERVICES
 from tests.conftest import SEED_TOKEN, wait_for
 from tests.test_replication import API_KEY, SECRET, replication_env, request
 from tests.vcsim import running_vcsim
 
 METHODS = ("get", "put", "post", "delete", "patch")
-ALL_SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover")
+ALL_SERVICES = SERVICES
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ class Contract:
 async def test_real_answers_match_the_documented_bodies(doc, make_settings, tmp_path):
     check = Contract(doc)
     with running_vcsim() as vc:
-        async with replication_env(make_settings, tmp_path, services=ALL_SERVICES) as env:
+        async with replication_env(make_settings, tmp_path, services=ALL_SERVICES, scheduler_tick=0.2) as env:
             c, h = env.client, env.headers
             check(await c.get("/health"), "/health", 200)
             check(await c.post("/api/v1/auth/login", json={"appliance_id": "test-vma", "token": SEED_TOKEN}),
@@ -224,6 +225,28 @@ async def test_real_answers_match_the_documented_bodies(doc, make_settings, tmp_
                 return r if r.json()["status"] == "completed" else None
             check(await wait_for(failover_done, timeout=30), fo_jobs + "/{failover_id}", 200)
             check(await c.post(maps, headers=h, json={"action": "delete", "id": made["mapping"]["id"]}), maps, 200)
+            # Protection groups, schedules, their executions and preflight (issue 20).
+            scheds, groups = "/api/v1/schedules", "/api/v1/groups"
+            sched = check(await c.post(scheds, headers=h, json={"action": "create", "schedule": {
+                "name": "contract", "interval_seconds": 3600}}), scheds, 201)["schedule"]
+            check(await c.post(scheds, headers=h, json={"action": "get"}), scheds, 200)
+            group = check(await c.post(groups, headers=h, json={"action": "create", "group": {
+                "name": "contract", "ossea_config_id": env.config_id, "schedule_id": sched["id"],
+                "vm_names": ["contract-vm"]}}), groups, 201)["group"]
+            check(await c.post(groups, headers=h, json={"action": "add_vms", "id": group["id"],
+                                                          "vm_names": ["contract-vm2"]}), groups, 200)
+            runs = f"{scheds}/{{schedule_id}}/executions"
+
+            async def ran():
+                r = await c.get(f"{scheds}/{sched['id']}/executions", headers=h)
+                return r if r.json()["executions"] and r.json()["executions"][0]["status"] == "completed" else None
+            run = check(await wait_for(ran, timeout=30), runs, 200)["executions"][0]
+            detail = check(await c.get(f"{scheds}/{sched['id']}/executions/{run['execution_id']}", headers=h),
+                           runs + "/{execution_id}", 200)
+            assert {v["status"] for v in detail["executions"][0]["vm_results"]} == {"failed"}  # not in the inventory
+            check(await c.post("/api/v1/preflight", headers=h, json={"group_id": group["id"]}), "/api/v1/preflight", 200)
+            check(await c.post("/api/v1/preflight", headers=h, json={}), "/api/v1/preflight", 400)
+            check(await c.get(f"{scheds}/999/executions", headers=h), runs, 404)
             # Errors: the seed's shape, as documented for each status.
             check(await c.post(url, json={"action": "get", "id": 10 ** 6}, headers=h), url, 404)
             check(await c.post("/api/v1/ossea/config", json={"action": "nope"}, headers=h),

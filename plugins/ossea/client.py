@@ -295,6 +295,10 @@ class CloudStackClient:
     async def list_disk_offerings(self) -> list[dict[str, Any]]:
         return await self.list_all("listDiskOfferings", "diskoffering")
 
+    async def list_accounts(self) -> list[dict[str, Any]]:
+        """The caller's account(s) with their limits (`volumeavailable`: a number or "Unlimited")."""
+        return await self.list_all("listAccounts", "account")
+
     async def list_volumes(self, **filters: Any) -> list[dict[str, Any]]:
         return await self.list_all("listVolumes", "volume", **filters)
 

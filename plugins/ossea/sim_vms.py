@@ -27,7 +27,7 @@ from typing import Any
 from shared.schemas import GIB
 
 from .signing import format_date
-from .sim_common import DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, listing, page
+from .sim_common import ACCOUNT_ID, DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, listing, page
 from .sim_jobs import _Submit
 from .sim_volumes import Volume, Volumes
 
@@ -131,7 +131,7 @@ class VmLab:
             "attachVolume": lambda a: self._attach(a, attach),
             "detachVolume": lambda a: self._detach(a, detach),
             "createVolume": lambda a: self._create_volume(a, create),
-            "listVirtualMachines": self._list_virtual_machines}
+            "listVirtualMachines": self._list_virtual_machines, "listAccounts": self._list_accounts}
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -169,6 +169,18 @@ class VmLab:
     def _list_capabilities(self, args: _Args) -> dict[str, Any]:
         return {"capability": {"cloudstackversion": self.version, "kvmsnapshotenabled":
                                self.kvm_snapshot_enabled, "supportELB": "false", "apilimitinterval": 1}}
+
+    def _list_accounts(self, args: _Args) -> dict[str, Any]:
+        """The one account with its volume and primary storage limits as CloudStack reports them
+        (numbers as strings; what createVolume's limit check counts). Preflight reads it."""
+        sim = self.sim
+        used_gb = sum(v.size for v in sim.volumes.values()) // GIB
+        row = {"id": ACCOUNT_ID, "name": "admin", "domainid": DOMAIN_ID, "accounttype": 1,
+               "volumelimit": str(sim.max_volumes), "volumetotal": len(sim.volumes),
+               "volumeavailable": str(max(sim.max_volumes - len(sim.volumes), 0)),
+               "primarystoragelimit": str(sim.max_primary_gb), "primarystoragetotal": used_gb,
+               "primarystorageavailable": str(max(sim.max_primary_gb - used_gb, 0))}
+        return self.sim._page(args, "account", self.sim._filtered(args, [row], "id", "name"))
 
     def _list_templates(self, args: _Args) -> dict[str, Any]:
         args.required("templatefilter")

@@ -30,6 +30,7 @@ from services.gateway.routers import (
     inventory,
     ossea,
     replications,
+    scheduler,
 )
 from shared import bus as busmod
 from shared import metrics
@@ -122,7 +123,7 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
     app.include_router(auth.router)
     # Every /api/v1 route but login is checked by RequestGuard, before its body is read.
     for router in (ossea.router, inventory.router, replications.router, contexts.router, failover.router,
-                   appliances.router, demo.router):
+                   appliances.router, demo.router, scheduler.router):
         app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)

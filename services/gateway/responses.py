@@ -368,10 +368,21 @@ class JobCancelled(Message):
 
 
 # --- VM contexts -------------------------------------------------------------------------------
+class SyncCycles(Body):
+    """Warm-migration figures of the last completed incremental (docs/vm-contexts.md)."""
+    sync_count: int = Field(description="completed syncs")
+    last_changed_bytes: int | None = None
+    dirty_rate: float | None = Field(None, description="last_changed_bytes / the VM's disk size")
+    dirty_bytes_per_second: float | None = Field(None, description="changed bytes per second between the "
+                                                 "starts of the last two syncs")
+    estimated_cutover_seconds: float | None = Field(None, description="the last incremental's duration")
+
+
 class VmContext(Body):
     context_id: str
     vm_name: str
     current_status: str
+    cycles: SyncCycles | None = Field(None, description="the detail only: warm-migration figures")
     total_jobs_run: int
     successful_jobs: int
     failed_jobs: int
@@ -401,6 +412,8 @@ class VmContextList(Page):
 
 class ContextJob(Body):
     id: str
+    dirty_rate: float | None = Field(None, description="a completed incremental: bytes_transferred / the "
+                                     "VM's disk size (the share of the disks that changed)")
     status: str
     replication_type: str | None = None
     progress_percent: float | None = None
@@ -551,3 +564,99 @@ class Appliance(Body):
 class ApplianceResult(Ok):
     appliances: list[Appliance] | None = None
     appliance: Appliance | None = None
+
+
+# --- scheduler: protection groups, schedules, executions, preflight (docs/scheduler.md) -------------
+class Schedule(Body):
+    id: int
+    name: str
+    interval_seconds: int
+    max_concurrent: int = Field(description="syncs of one group running at once")
+    skip_if_running: bool
+    enabled: bool
+    next_run_at: str | None = Field(None, description="UTC; null while disabled")
+    last_run_at: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class ScheduleResult(Ok):
+    schedule: Schedule | None = None
+    schedules: list[Schedule] | None = None
+    message: str | None = None
+    id: int | None = None
+
+
+class Group(Body):
+    id: int
+    name: str
+    description: str | None = None
+    ossea_config_id: int
+    schedule_id: int | None = None
+    next_run_at: str | None = Field(None, description="the schedule's next run")
+    vm_names: list[str]
+    vm_count: int
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class GroupResult(Ok):
+    group: Group | None = None
+    groups: list[Group] | None = None
+    message: str | None = None
+    id: int | None = None
+
+
+class ExecutionVm(Body):
+    vm_name: str
+    status: Literal["pending", "starting", "running", "completed", "failed", "skipped"]
+    job_id: str | None = None
+    reason: str | None = Field(None, description="why it failed or was skipped (preflight reasons included)")
+    started_by: str | None = Field(None, description="the scheduler process that started it")
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class Execution(Body):
+    execution_id: str = Field(description="`schedule_execution_id` on its replication jobs")
+    schedule_id: int | None = None
+    group_id: int
+    status: Literal["running", "completed", "skipped"]
+    message: str | None = None
+    started_by: str
+    started_at: str
+    finished_at: str | None = None
+    vms_total: int
+    vms_started: int = Field(description="VMs that got a replication job")
+    vms_skipped: int
+    vms_failed: int
+    vms: dict[str, int] = Field(description="VMs by state")
+    vm_results: list[ExecutionVm] | None = Field(None, description="one execution's VMs (its own route)")
+
+
+class ExecutionList(Page):
+    executions: list[Execution]
+
+
+class PreflightCheck(Body):
+    check: str = Field(description="cbt, disk_slots, volume_limit, network, target_name (inventory: not found)")
+    status: Literal["pass", "warn", "fail"]
+    reason: str
+
+
+class PreflightVm(Body):
+    vm_name: str
+    ready: bool = Field(description="no check failed")
+    checks: list[PreflightCheck]
+
+
+class PreflightSummary(Body):
+    vms: int
+    ready: int
+    not_ready: int
+
+
+class PreflightResult(Ok):
+    ossea_config_id: int | None = None
+    results: list[PreflightVm]
+    summary: PreflightSummary

@@ -145,6 +145,14 @@ class ReplicationService(ServiceApp):
     async def create(self, req: BusRequest):
         return await self.jobs.create(req.model(ReplicationRequest))
 
+    @endpoint(Replication.PREFLIGHT)
+    async def preflight(self, req: BusRequest):
+        """The checks create would run for this request (shared/preflight.py), without creating."""
+        body = req.model(ReplicationRequest)
+        creds = await self.jobs.credentials(body.ossea_config_id, wait=False)
+        return {"success": True, "vm_name": body.source_vm.name,
+                "checks": await self.jobs.preflight(body, creds)}
+
     @endpoint(Replication.LIST)
     async def list_jobs(self, req: BusRequest):
         return await self.jobs.list(req.json())

@@ -37,8 +37,8 @@ from shared.db import utcnow
 from shared.plugins import get_backend
 from shared.schemas import DiskProgress, ProgressReport
 from shared.subjects import Auth, Inventory, Replication
-from shared.vma import (CleanupRequest, NbdTarget, ProgressResponse, ReplicateRequest, VmaClient, VmaError,
-                        VmaNotFound, vcenter_address)
+from shared.vma import (CleanupRequest, NbdTarget, ProgressResponse, ReplicateRequest, VCenterCredentials,
+                        VmaClient, VmaError, VmaNotFound, vcenter_address)
 
 STALLED_JOBS = Gauge("oma_replication_stalled_jobs", "Jobs whose VMA stopped answering or whose bytes stopped moving")
 FOLLOWED = Gauge("oma_replication_followed_jobs", "Jobs whose sync the replication service follows on a VMA")
@@ -136,7 +136,18 @@ class VmaDriver:
 
     async def _connection(self, job: ReplicationJob) -> tuple[str, VmaClient | None, dict[str, Any]]:
         """(appliance id, client, vCenter connection) of the job's VMA; no client when none reaches it."""
-        vcenter = job.vcenter_host or views.source_vm(job).get("vcenter")
+        return await self._vma_of(job.vcenter_host or views.source_vm(job).get("vcenter"))
+
+    async def cbt_enabled(self, vm: dict[str, Any]) -> bool | None:
+        """CBT of a source VM as its VMA reads it from vCenter (preflight); None when no VMA reaches it."""
+        _, client, conn = await self._vma_of(vm.get("vcenter"))
+        if client is None or not vm.get("path"):
+            return None
+        creds = VCenterCredentials(vcenter=vcenter_address(conn["host"], conn.get("port")),
+                                   username=conn["username"], password=conn["password"])
+        return (await client.cbt_status(vm["path"], creds)).cbt_enabled
+
+    async def _vma_of(self, vcenter: str | None) -> tuple[str, VmaClient | None, dict[str, Any]]:
         if not vcenter:
             return "", None, {}
         try:

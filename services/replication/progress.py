@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import queries
+from services.replication import queries, views
 from services.replication.models import (
     COMPLETED,
     FAILED,
@@ -59,7 +59,8 @@ async def record(db: AsyncSession, job_id: str, report: ProgressReport,
         events.append(Replication.EVT_PROGRESS)
     elif report.status == COMPLETED:
         job.status, job.completed_at, job.progress_percent = COMPLETED, utcnow(), 100.0
-        job.bytes_transferred = max(job.bytes_transferred, job.total_bytes or 0)
+        if views.vma_sync_type(job, list(rows.values())) == "full":  # a CBT delta's bytes are what changed
+            job.bytes_transferred = max(job.bytes_transferred, job.total_bytes or 0)
         job.vma_eta_seconds, job.current_operation = 0, report.current_operation or "Completed"
         events.append(Replication.EVT_COMPLETED)
     elif report.status == FAILED:

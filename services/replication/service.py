@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -46,6 +47,7 @@ from services.replication.models import (
     QUEUED,
     READY,
     REPLICATING,
+    ApplianceSlots,
     JobVolume,
     ReplicationJob,
 )
@@ -56,7 +58,7 @@ from services.replication.naming import (  # noqa: F401 - re-exported: tests and
     rounded_gb,
     volume_name,
 )
-from shared import errors
+from shared import errors, preflight
 from shared.bus import Reply
 from shared.contracts import CloudCapacityError
 from shared.db import free_id, utcnow
@@ -157,8 +159,10 @@ class Replicator:
             raise errors.Conflict("OSSEA configuration incomplete",
                                   f"OSSEA configuration {req.ossea_config_id} has no oma_vm_id: volumes need a VM "
                                   "to attach to")
-        # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager).
+        # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager),
+        # none for a VM that cannot work (shared/preflight.py: 400 with the failed checks).
         await self.bus.call(Exports.READY, {})
+        preflight.refuse_if_failed(vm.name, await self.preflight(req, creds))
         vcenter_host = await original.place(req, self.call)  # 400 when the original's fields contradict it
         key = vm.uuid or vm.id
         oma_vm_id = creds["oma_vm_id"]
@@ -222,6 +226,25 @@ class Replicator:
         if job.status == CANCELLED:
             raise errors.Conflict("Replication job cancelled", f"job {job_id} was cancelled while provisioning")
         return Reply(views.create_reply(job, rows), status=201 if job.status == READY else 202)
+
+    async def preflight(self, req: ReplicationRequest, creds: dict[str, Any]) -> list[dict[str, str]]:
+        """The VM's preflight checks (shared/preflight.py), with the slots as admission counts them."""
+        vm, oma_vm_id = req.source_vm, creds.get("oma_vm_id") or ""
+        # Paired with the VM's live volumes as create pairs its rows: the disks left need new volumes.
+        wanted = [SimpleNamespace(unit_number=u, disk_id=d.id) for u, d in zip(vm.disk_slots(), vm.disks)]
+        async with self.sessions() as db:
+            new = len(wanted) - len(admission.pair(wanted, await admission.holdings(db, vm.uuid or vm.id)))
+            used = await admission.used(db, oma_vm_id)
+            cap = admission.capacity(self.settings, await db.get(ApplianceSlots, oma_vm_id))
+        ops = self.cloud(creds)
+        try:
+            facts = await preflight.gather(vm.model_dump(mode="json", exclude_none=True), call=self.bus.call,
+                                           client=ops.client, cbt_probe=self.driver.cbt_enabled,
+                                           capacity=cap, free_slots=max(cap - used, 0),
+                                           new_disks=new)
+        finally:
+            await ops.close()
+        return preflight.evaluate(facts, incremental=req.replication_type == "incremental")
 
     async def pump(self) -> None:
         """Admit queued jobs, oldest first per appliance VM, while their disks fit: whichever

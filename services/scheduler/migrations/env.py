@@ -1,0 +1,3 @@
+from shared.db import alembic_env
+
+alembic_env()
