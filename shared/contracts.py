@@ -8,6 +8,7 @@ contract of the VMA client. See docs/plugins.md.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Protocol, runtime_checkable
 
 from shared.errors import BadGateway, BadRequest, NotFound, UpstreamTimeout
@@ -161,3 +162,12 @@ class DeviceResolver(Protocol):
     """`factory(settings)` of a device resolver: the block device of a volume attached to this VM."""
 
     async def resolve(self, volume_id: str, timeout: float) -> str: ...
+
+
+def safe_name(text: str, limit: int) -> str:
+    """A CloudStack VM name (a hostname): letters, digits and hyphens, starting with a letter.
+    Failover names its VMs with it; preflight checks the name it will take."""
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-") or "vm"
+    if not name[0].isalpha():
+        name = "vm-" + name
+    return name[:limit].rstrip("-")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import errors
+from shared.contracts import safe_name
 from shared.subjects import Failover, Inventory
 
 log = logging.getLogger("oma.preflight")
@@ -115,8 +116,7 @@ def refuse_if_failed(vm_name: str, checks: list[dict[str, str]]) -> None:
 
 def target_name(vm_name: str) -> str:
     """The name the VM gets in the cloud at cutover: failover's."""
-    from services.failover.steps import safe_name  # failover owns the naming
-    return safe_name(vm_name, 63)
+    return safe_name(vm_name, 63)  # the name failover gives it
 
 
 async def _quietly(what: str, coro: Awaitable[Any]) -> Any:

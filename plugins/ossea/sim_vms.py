@@ -27,7 +27,7 @@ from typing import Any
 from shared.schemas import GIB
 
 from .signing import format_date
-from .sim_common import ACCOUNT_ID, DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, listing, page
+from .sim_common import ACCOUNT_ID, DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, filtered, listing, page
 from .sim_jobs import _Submit
 from .sim_volumes import Volume, Volumes
 
@@ -180,7 +180,7 @@ class VmLab:
                "volumeavailable": str(max(sim.max_volumes - len(sim.volumes), 0)),
                "primarystoragelimit": str(sim.max_primary_gb), "primarystoragetotal": used_gb,
                "primarystorageavailable": str(max(sim.max_primary_gb - used_gb, 0))}
-        return self.sim._page(args, "account", self.sim._filtered(args, [row], "id", "name"))
+        return page(args, "account", filtered(args, [row], "id", "name"))
 
     def _list_templates(self, args: _Args) -> dict[str, Any]:
         args.required("templatefilter")

@@ -17,13 +17,12 @@ attach_data -> start -> verify; its rollback detaches every volume before destro
 from __future__ import annotations
 
 import asyncio
-import re
 from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.contracts import CloudError as CloudStackError, CloudParamError
+from shared.contracts import CloudError as CloudStackError, CloudParamError, safe_name  # noqa: F401 (st.safe_name)
 from shared import errors
 from shared.db import iso, utcnow
 from shared.subjects import Exports, Inventory, Replication
@@ -78,14 +77,6 @@ class Ctx:
             if loop.time() > deadline:
                 raise errors.UpstreamTimeout("Failover step timed out", f"{what} within {timeout:g}s")
             await asyncio.sleep(self.poll)
-
-
-def safe_name(text: str, limit: int) -> str:
-    """A CloudStack hostname: letters, digits and hyphens, starting with a letter."""
-    name = re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-") or "vm"
-    if not name[0].isalpha():
-        name = "vm-" + name
-    return name[:limit].rstrip("-")
 
 
 def test_vm_name(vm_name: str, now: datetime) -> str:
