@@ -46,6 +46,7 @@ class Faults:
     fail_after_bytes: int | None = None  # a job fails once it has written this many bytes
     hang: bool = False  # copies stop before their next write until cleared
     throttle_bps: int | None = None  # bytes per second, per job
+    replicate_delay: float | None = None  # seconds `POST /replicate` holds its answer, the copy running
     released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,7 +57,8 @@ class Faults:
         (self.released.clear if hang else self.released.set)()
 
     def view(self) -> dict[str, Any]:
-        return {"fail_after_bytes": self.fail_after_bytes, "hang": self.hang, "throttle_bps": self.throttle_bps}
+        return {"fail_after_bytes": self.fail_after_bytes, "hang": self.hang, "throttle_bps": self.throttle_bps,
+                "replicate_delay": self.replicate_delay}
 
 
 class OmaReporter:

@@ -111,7 +111,7 @@ class VmaDriver:
         for job_id, status in rows:
             try:
                 if status == READY:
-                    await self.start(job_id)
+                    await self.start(job_id, resumed=True)
                 else:
                     job = await self._job(job_id)
                     appliance, client, _ = await self._connection(job)
@@ -151,7 +151,9 @@ class VmaDriver:
             self._clients[url] = self.vma.factory(url, self.settings)
         return conn["appliance_id"], self._clients[url], conn
 
-    async def start(self, job_id: str) -> None:
+    async def start(self, job_id: str, *, resumed: bool = False) -> None:
+        """`resumed`: after a restart, the VMA may already run (or have finished) the sync a killed
+        process asked for before it could record `replicating`: then it is followed, not started again."""
         try:
             job, rows = await self.jobs.load(job_id)
             if job.status != READY or job.start_sync is False:
@@ -163,18 +165,31 @@ class VmaDriver:
                                             f"{job.vcenter_host or views.source_vm(job).get('vcenter')}")
                 return
             request = self._replicate_request(job, rows, conn)
-            try:
-                await client.replicate(request)
-            except VmaError as exc:
-                if "answered 409" not in (exc.details or ""):  # 409: already running (a restart between)
-                    raise
-            self.log.info("sync started on the VMA", extra={"job_id": job_id, "appliance_id": appliance,
-                                                            "disks": len(rows)})
+            if resumed and await self._known(client, job_id):
+                self.log.info("sync already started on the VMA before a restart; following it",
+                              extra={"job_id": job_id, "appliance_id": appliance})
+            else:
+                try:
+                    await client.replicate(request)
+                except VmaError as exc:
+                    if "answered 409" not in (exc.details or ""):  # 409: already running (a restart between)
+                        raise
+                self.log.info("sync started on the VMA", extra={"job_id": job_id, "appliance_id": appliance,
+                                                                "disks": len(rows)})
             await self.jobs.progress(job_id, ProgressReport(status=REPLICATING,
                                                             current_operation="Sync started on the VMA"))
             self._watch(Follow(job_id, appliance, client))
         except Exception as exc:  # noqa: BLE001 - the job says why; its volumes stay for a retry
             await self.fail(job_id, f"could not start the sync on the VMA: {error_text(exc)}")
+
+    @staticmethod
+    async def _known(client: VmaClient, job_id: str) -> bool:
+        """Whether the VMA has a sync of this job, running or finished (its progress answers)."""
+        try:
+            await client.progress(job_id)
+        except VmaNotFound:
+            return False
+        return True
 
     def _replicate_request(self, job: ReplicationJob, rows: list[JobVolume], conn: dict[str, Any]) -> ReplicateRequest:
         targets = []
