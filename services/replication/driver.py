@@ -45,6 +45,7 @@ STALLED_JOBS = Gauge("oma_replication_stalled_jobs", "Jobs whose VMA stopped ans
 FOLLOWED = Gauge("oma_replication_followed_jobs", "Jobs whose sync the replication service follows on a VMA")
 UNREACHABLE = Gauge("oma_vma_unreachable_appliances", "VMAs whose last progress poll got no answer")
 SEEN_EVERY = 30.0  # seconds between reachability updates to auth while nothing changes
+NUDGE_DELAYS = (0.1, 0.3, 1.0)  # polls of a job whose copier recorded a change id (its sync is ending)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class VmaDriver:
         self._follow: dict[str, Follow] = {}
         self._reach: dict[str, tuple[bool, float]] = {}  # appliance -> (reachable, when told auth)
         self._loop: asyncio.Task | None = None
+        self._nudged: set[str] = set()
 
     # -- hooks (service.py) ------------------------------------------------------------------
 
@@ -221,8 +223,28 @@ class VmaDriver:
                 self.log.exception("progress poll failed")
             await asyncio.sleep(max(0.0, self.settings.vma_poll_interval - (time.monotonic() - started)))
 
-    async def poll_once(self) -> None:
-        follows = list(self._follow.values())
+    def nudge(self, job_id: str) -> None:
+        """The copier recorded a change id: its sync ends within moments, so that job is polled soon
+        (a few short tries) rather than at the next round, up to `vma_poll_interval` later."""
+        if job_id in self._follow and job_id not in self._nudged:
+            self._nudged.add(job_id)
+            self.jobs.spawn(self._poll_soon(job_id))
+
+    async def _poll_soon(self, job_id: str) -> None:
+        try:
+            for delay in NUDGE_DELAYS:
+                await asyncio.sleep(delay)
+                follow = self._follow.get(job_id)
+                if follow is None:
+                    return
+                await self.poll_once([follow])
+        except Exception:  # noqa: BLE001 - the regular round follows the job anyway
+            self.log.exception("progress poll failed")
+        finally:
+            self._nudged.discard(job_id)
+
+    async def poll_once(self, follows: list[Follow] | None = None) -> None:
+        follows = list(self._follow.values()) if follows is None else follows
         async with self.jobs.sessions() as db:  # one query: jobs finished meanwhile (push route, DELETE)
             state = dict((await db.execute(select(ReplicationJob.job_id, ReplicationJob.status).where(
                 ReplicationJob.job_id.in_([f.job_id for f in follows])))).all())
@@ -249,7 +271,8 @@ class VmaDriver:
 
     async def _apply(self, f: Follow, p: ProgressResponse, status: str | None, now: float) -> None:
         if p.status == "completed":
-            self._follow.pop(f.job_id, None)
+            if self._follow.pop(f.job_id, None) is None:  # a nudged poll and the round both saw it
+                return
             await self.jobs.progress(f.job_id, await self._completion(f.job_id, p))
             self.log.info("sync completed", extra={"job_id": f.job_id, "bytes": p.bytes_transferred})
         elif p.status in ("failed", "cancelled"):
