@@ -77,3 +77,31 @@ async def test_scsi_sata_and_nvme_disks_end_to_end_with_context(make_settings, t
         assert [d["disk_id"] for d in disks] == ["disk-000", "disk-001", "disk-002"]
         assert all(d["export_name"] and d["volume_id"] for d in disks)
         assert sorted(r["unit_number"] for r in ctx["cbt_history"]) == slots
+
+
+async def test_incremental_takes_over_a_volume_numbered_before_disk_slots(make_settings, tmp_path):
+    """Jobs from before shared/disk_slot.py numbered a lone SATA disk 0 (now 256): the next
+    incremental still finds the VM's live volume by its vSphere disk id and takes it over,
+    instead of creating a second volume and stranding the first on the appliance VM."""
+    from sqlalchemy import update
+
+    from services.replication.models import JobVolume
+    async with replication_env(make_settings, tmp_path) as env:
+        body = request(env.config_id, "satavm", disks=1, uuid=VM_UUID)
+        body["source_vm"]["disks"][0].update(controller_type="sata", controller_bus_number=0, unit_number=0)
+        first = (await env.post(body)).json()
+        assert first["nbd_exports"][0]["disk_unit_number"] == 256, first
+        await env.progress(first["job_id"], {"status": "completed", "disks": [
+            {"unit_number": 256, "change_id": "cid-old"}]})
+        async with env.replication.sessions.begin() as db:  # as an older release stored it
+            await db.execute(update(JobVolume).where(JobVolume.job_id == first["job_id"]).values(unit_number=0))
+        creates = len(env.commands("createVolume"))
+
+        r = await env.post({**body, "replication_type": "incremental"})
+        assert r.status_code == 201, r.text
+        second = r.json()
+        assert [v["status"] for v in second["created_volumes"]] == ["reused"], second
+        assert second["created_volumes"][0]["volume_id"] == first["created_volumes"][0]["volume_id"]
+        assert len(env.commands("createVolume")) == creates and len(env.data_volumes()) == 1
+        detail = await env.job(second["job_id"])
+        assert [(d["unit_number"], d["previous_change_id"]) for d in detail["disks"]] == [(256, "cid-old")]

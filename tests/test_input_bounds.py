@@ -160,7 +160,7 @@ async def test_size_gb_is_an_integer_everywhere(make_settings, tmp_path):
         async def context():
             c = await env.client.get("/api/v1/vm-contexts/sizevm", headers=env.headers)
             return c if c.status_code == 200 and c.json()["disks"] else None
-        ctx = await wait_for(context, 75)  # past the reply caches' 60 s safety expiry (closing note)
+        ctx = await wait_for(context, 30)
         assert b'"size_gb":40.0' not in ctx.content and ctx.json()["disks"][0]["size_gb"] == 40
 
 

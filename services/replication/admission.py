@@ -69,14 +69,31 @@ def capacity(settings: Any, slots: ApplianceSlots | None) -> int:
     return settings.max_attached_disks if learned is None else min(settings.max_attached_disks, learned)
 
 
-async def holdings(db: AsyncSession, vm_key: str) -> dict[int, JobVolume]:
-    """The source VM's live volumes by unit number (the rows that hold them). Whatever the holding
-    row's state: a failed or cancelled incremental job keeps the volumes it took over, and the next
-    job takes them back instead of stranding them on the appliance VM."""
+async def holdings(db: AsyncSession, vm_key: str) -> list[JobVolume]:
+    """The source VM's live volumes (the rows that hold them). Whatever the holding row's state: a
+    failed or cancelled incremental job keeps the volumes it took over, and the next job takes them
+    back instead of stranding them on the appliance VM."""
     q = (select(JobVolume).join(ReplicationJob, ReplicationJob.job_id == JobVolume.job_id)
          .where(ReplicationJob.vm_key == vm_key, JobVolume.holds_volume.is_(True),
                 JobVolume.volume_id.is_not(None)))
-    return {r.unit_number: r for r in (await db.scalars(q)).all()}
+    return list((await db.scalars(q)).all())
+
+
+def pair(rows: list[JobVolume], held: list[JobVolume]) -> dict[int, JobVolume]:
+    """Each new row's live volume, by unit number: the same vSphere disk (disk_id) first, else the
+    same slot number. Disk ids outlive numbering changes (jobs from before shared/disk_slot.py
+    numbered SATA and second-controller disks differently), so a volume is never stranded."""
+    out: dict[int, JobVolume] = {r.unit_number: r for r in rows if r in held}  # holds already
+    free = [h for h in held if h not in rows]
+    for key in ("disk_id", "unit_number"):
+        for r in rows:
+            if r.unit_number in out or getattr(r, key) is None:
+                continue
+            old = next((h for h in free if getattr(h, key) == getattr(r, key)), None)
+            if old is not None:
+                out[r.unit_number] = old
+                free.remove(old)
+    return out
 
 
 async def used(db: AsyncSession, oma_vm_id: str) -> int:
@@ -93,7 +110,7 @@ async def try_admit(db: AsyncSession, job: ReplicationJob, rows: list[JobVolume]
         ReplicationJob.status == QUEUED, ReplicationJob.id < job.id, on_appliance(job.oma_vm_id or "")))
     if earlier:
         return False
-    held = await holdings(db, job.vm_key)
+    held = pair(rows, await holdings(db, job.vm_key))
     new = sum(r.unit_number not in held for r in rows)
     if await used(db, job.oma_vm_id or "") + new > cap:
         return False

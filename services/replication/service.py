@@ -194,7 +194,7 @@ class Replicator:
                         for unit, d in zip(units, vm.disks)]
                 db.add_all(rows)
                 await db.flush()
-                held = await admission.holdings(db, key)
+                held = admission.pair(rows, await admission.holdings(db, key))
                 needed = sum(r.unit_number not in held for r in rows)
                 cap = admission.capacity(self.settings, slots)
                 if needed > cap:
