@@ -7,8 +7,9 @@ real VMA is):
 
 1. VMS VMs x 2 disks x SIZE are discovered through the VMA and `POST /api/v1/replications`-ed at
    once; timed from the first POST to the last `completed` (provisioning, replicate, the copy, the
-   polls, completion). Then `nbdcopy --flush` copies the very same source files into the same
-   exports of the same NBD server, all at once. Prints both aggregate MB/s and the ratio (goal >= 0.8).
+   polls, completion). Then the volumes' backing files are made sparse again and `nbdcopy --flush`
+   copies the very same source files into the same exports of the same NBD server, all at once
+   (both write into unallocated space). Prints both aggregate MB/s and the ratio (goal >= 0.8).
 2. FOLLOW jobs of one small disk are started with the simulator throttled so they keep running;
    the replication process's CPU (utime + stime from /proc) is measured over WINDOW seconds while
    it follows them all (goal < 5% of a core).
@@ -129,6 +130,7 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
     size = args.size_mib * MiB
     await use(oma, vma)
     vms = await oma.discover("orch-bench")
+    await (await asyncio.create_subprocess_exec("sync")).wait()  # the new source disks on disk, as for nbdcopy
     t0 = time.monotonic()
     job_ids = await asyncio.gather(*(oma.start(vm) for vm in vms))
     jobs = await oma.wait(list(job_ids), "completed", "failed")
@@ -143,10 +145,17 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
               next(e["uri"] for e in j["nbd_exports"] if e["disk_unit_number"] == d["unit_number"]))
              for j in jobs for d in j["disks"]]
     ok = all(digest(src, size) == digest(dst, size) for src, dst, _ in pairs)
+    # nbdcopy writes into unallocated space too, as the VMA did: overwriting the blocks the VMA's
+    # copy allocated ran about twice as fast (measured: fresh 146-181 MB/s, overwrite 335-375 MB/s).
+    for _, dst, _ in pairs:
+        os.truncate(dst, 0)
+        os.truncate(dst, size)
+    await (await asyncio.create_subprocess_exec("sync")).wait()
     t0 = time.monotonic()
     procs = [await asyncio.create_subprocess_exec("nbdcopy", "--flush", str(src), uri) for src, _, uri in pairs]
     assert [await p.wait() for p in procs] == [0] * len(procs)
     t_cp = time.monotonic() - t0
+    ok = ok and all(digest(src, size) == digest(dst, size) for src, dst, _ in pairs)
     total = len(pairs) * size
     print(f"{len(vms)} VMs x 2 disks x {args.size_mib} MiB, through OMA -> VMA simulator -> nbdkit exports")
     print(f"  POST .. completed (OMA)  : {total / t_oma / 1e6:8.1f} MB/s  ({t_oma:.2f} s)  sha256 equal: {ok}")
