@@ -79,8 +79,11 @@ class Oma:
 
     async def wait(self, job_ids: list[str], *statuses: str, poll: float = 0.1) -> list[dict]:
         while True:
-            jobs = await asyncio.gather(*(self.job(j) for j in job_ids))
-            if all(j["status"] in statuses for j in jobs):
+            try:
+                jobs = await asyncio.gather(*(self.job(j) for j in job_ids))
+            except httpx.HTTPError:  # a busy machine: a read that failed is asked again
+                jobs = []
+            if jobs and all(j["status"] in statuses for j in jobs):
                 return jobs
             await asyncio.sleep(poll)
 
