@@ -173,8 +173,8 @@ async def follow_cpu(oma: Oma, vma: Sim, proc: asyncio.subprocess.Process, args)
     # 4 MiB writes at 256 KiB/s: the bytes of each job move every 16 s, and a job runs about 2 minutes.
     await vma.faults(throttle_bps=256 * 1024)
     job_ids = []
-    for i in range(0, len(vms), 20):  # in batches: provisioning 100 jobs at once is not what is measured
-        job_ids += await asyncio.gather(*(oma.start(vm) for vm in vms[i:i + 20]))
+    for i in range(0, len(vms), 10):  # in batches: provisioning 100 jobs at once is not what is measured
+        job_ids += await asyncio.gather(*(oma.start(vm) for vm in vms[i:i + 10]))
     await oma.wait(job_ids, "replicating", poll=0.5)
     await asyncio.sleep(1.0)
     c0, t0 = cpu_seconds(proc.pid), time.monotonic()
@@ -229,7 +229,8 @@ async def main(args, work: Path) -> None:
                             while not server.started:
                                 await asyncio.sleep(0.05)
                             oma = await setup(c, cloud_url, vc)
-                            await throughput(oma, sims[0], cloud, args, vc)
+                            if args.vms:
+                                await throughput(oma, sims[0], cloud, args, vc)
                             await follow_cpu(oma, sims[1], proc, args)
                     finally:
                         server.should_exit = True
@@ -265,7 +266,7 @@ async def setup(c: httpx.AsyncClient, cloud_url: str, vc) -> Oma:
 
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vms", type=int, default=8)
+    p.add_argument("--vms", type=int, default=8, help="0: the CPU part only")
     p.add_argument("--size-mib", type=int, default=1024, help="size of each disk of the throughput part")
     p.add_argument("--follow", type=int, default=100, help="running jobs followed in the CPU part")
     p.add_argument("--window", type=float, default=20.0, help="seconds of CPU measurement")

@@ -270,9 +270,10 @@ class VmaDriver:
         self._gauges()
 
     async def _apply(self, f: Follow, p: ProgressResponse, status: str | None, now: float) -> None:
+        if f.job_id not in self._follow:  # dropped meanwhile: completed by a nudged poll, deleted
+            return
         if p.status == "completed":
-            if self._follow.pop(f.job_id, None) is None:  # a nudged poll and the round both saw it
-                return
+            self._follow.pop(f.job_id, None)
             await self.jobs.progress(f.job_id, await self._completion(f.job_id, p))
             self.log.info("sync completed", extra={"job_id": f.job_id, "bytes": p.bytes_transferred})
         elif p.status in ("failed", "cancelled"):
