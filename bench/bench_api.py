@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -50,9 +49,10 @@ from shared.bus import Bus
 from shared.natsserver import EmbeddedNats
 from shared.settings import SERVICES
 from shared.subjects import EVENTS_STREAM
+from tests.mariadbutil import MARIADB, mariadb_exec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_contexts import DB, T0, bulk_insert, job_events, sql  # noqa: E402
+from bench_contexts import T0, bulk_insert, job_events  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LIST = "/api/v1/vm-contexts"
@@ -121,12 +121,12 @@ def login(base: str) -> str:
 def db_flags(db: str, db_name: str | None) -> list[str]:
     if db == "memory":
         return ["-db-type", "memory"]
-    return ["-db-type", "mariadb", "-db-host", DB["host"], "-db-port", str(DB["port"]), "-db-name", db_name,
-            "-db-user", DB["user"]]
+    return ["-db-type", "mariadb", "-db-host", MARIADB["host"], "-db-port", str(MARIADB["port"]), "-db-name", db_name,
+            "-db-user", MARIADB["user"]]
 
 
 def db_env(db: str) -> dict[str, str]:
-    env = {"OMA_DB_PASS": DB["password"]}
+    env = {"OMA_DB_PASS": MARIADB["password"]}
     if db == "memory":
         env["OMA_ALLOW_EPHEMERAL_WITH_EXTERNAL_NATS"] = "true"
     return env
@@ -186,7 +186,7 @@ async def build_targets(args: argparse.Namespace, log: Path) -> list[Target]:
                 db_name = None
                 if db == "mariadb":
                     db_name = f"oma_bench_api_{uuid.uuid4().hex[:8]}"
-                    await sql(f"CREATE DATABASE `{db_name}`")
+                    await mariadb_exec(f"CREATE DATABASE `{db_name}`")
                 t = Target(name, "")
                 if db_name:
                     t.cleanup.append(f"DROP DATABASE IF EXISTS `{db_name}`")
@@ -306,7 +306,7 @@ def main() -> None:
         async def cleanup() -> None:
             for t in targets:
                 for item in t.cleanup:
-                    await (sql(item) if isinstance(item, str) else item.stop())
+                    await (mariadb_exec(item) if isinstance(item, str) else item.stop())
         asyncio.run(cleanup())
         print(f"server logs: {log}")
 

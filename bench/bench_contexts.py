@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
 import statistics
@@ -27,10 +26,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import asyncmy
 import httpx
 import nats
 
@@ -41,31 +41,19 @@ from services.context_aggregator.models import CbtRecord, ContextDisk, ContextJo
 from shared.bus import Bus  # noqa: E402
 from shared.natsserver import EmbeddedNats  # noqa: E402
 from shared.subjects import EVENTS_STREAM, Contexts, Replication  # noqa: E402
+from tests.mariadbutil import MARIADB, mariadb_exec  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import start_oma_api  # noqa: E402
+from common import TOKEN, start_oma_api  # noqa: E402
 
-DB = dict(host=os.environ.get("OMA_TEST_DB_HOST", "127.0.0.1"), port=int(os.environ.get("OMA_TEST_DB_PORT", "3306")),
-          user=os.environ.get("OMA_TEST_DB_USER", "root"), password=os.environ.get("OMA_TEST_DB_PASS", ""))
-TOKEN = "vma_test_token_abc123def456789012345678"
 T0 = datetime(2025, 1, 1)
 STATUSES = ("completed",) * 8 + ("failed", "replicating")
 
 
-async def sql(statement: str) -> None:
-    conn = await asyncmy.connect(**DB)
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(statement)
-        await conn.commit()
-    finally:
-        conn.close()
-
-
 def start_api(db_name: str, nats_url: str) -> tuple[subprocess.Popen, str]:
-    proc, base, _ = start_oma_api("-db-type", "mariadb", "-db-host", DB["host"], "-db-port", str(DB["port"]),
-                                  "-db-name", db_name, "-db-user", DB["user"], "-nats-url", nats_url,
-                                  env={"OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}", "OMA_DB_PASS": DB["password"]})
+    proc, base, _ = start_oma_api("-db-type", "mariadb", "-db-host", MARIADB["host"], "-db-port", str(MARIADB["port"]),
+                                  "-db-name", db_name, "-db-user", MARIADB["user"], "-nats-url", nats_url,
+                                  env={"OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}", "OMA_DB_PASS": MARIADB["password"]})
     return proc, base
 
 
@@ -75,7 +63,7 @@ async def bulk_insert(db_name: str, vms: int, jobs_per_vm: int) -> float:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     started = time.perf_counter()
-    engine = create_async_engine(f"mysql+asyncmy://{DB['user']}:{DB['password']}@{DB['host']}:{DB['port']}/{db_name}")
+    engine = create_async_engine(f"mysql+asyncmy://{MARIADB['user']}:{MARIADB['password']}@{MARIADB['host']}:{MARIADB['port']}/{db_name}")
     contexts, jobs, disks, cbt = [], [], [], []
     for v in range(vms):
         name = f"bench-vm-{v:05d}"
@@ -197,6 +185,31 @@ async def apply_rate(nats_url: str, n_events: int) -> None:
         await nc.drain()
 
 
+@asynccontextmanager
+async def seeded_api(vms: int, jobs_per_vm: int) -> AsyncIterator[tuple[str, str, str]]:
+    """A fresh MariaDB database holding `vms` VMs' contexts, its own nats-server and `oma-api` on
+    them as a subprocess: yields the API's base URL, the NATS URL and the database's name; all
+    stopped and dropped afterwards."""
+    db_name = f"oma_bench_{uuid.uuid4().hex[:8]}"
+    await mariadb_exec(f"CREATE DATABASE `{db_name}`")
+    server = EmbeddedNats()
+    nats_url = await server.start()
+    proc = None
+    try:
+        proc, base = start_api(db_name, nats_url)
+        await bulk_insert(db_name, vms, jobs_per_vm)
+        yield base, nats_url, db_name
+    finally:  # end oma-api (SIGTERM, then kill), the benchmark's nats-server, and drop its database
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await server.stop()
+        await mariadb_exec(f"DROP DATABASE IF EXISTS `{db_name}`")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vms", type=int, default=10_000)
@@ -205,19 +218,12 @@ async def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     args = ap.parse_args()
 
-    db_name = f"oma_bench_{uuid.uuid4().hex[:8]}"
-    await sql(f"CREATE DATABASE `{db_name}`")
-    server = EmbeddedNats()
-    nats_url = await server.start()
-    proc = None
-    try:
-        proc, base = start_api(db_name, nats_url)
-        await bulk_insert(db_name, args.vms, args.jobs_per_vm)
+    async with seeded_api(args.vms, args.jobs_per_vm) as (base, nats_url, db_name):
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             r = await client.post("/api/v1/auth/login", json={"appliance_id": "test-vma", "token": TOKEN})
             client.headers["Authorization"] = f"Bearer {r.json()['session_token']}"
             n, rnd = args.requests, random.Random(7)
-            print(f"gateway: oma-api subprocess (uvicorn) at {base}, MariaDB {DB['host']}:{DB['port']}/{db_name}")
+            print(f"gateway: oma-api subprocess (uvicorn) at {base}, MariaDB {MARIADB['host']}:{MARIADB['port']}/{db_name}")
             await measure(client, "GET /api/v1/vm-contexts?limit=100", ["/api/v1/vm-contexts?limit=100"] * n)
             await measure(client, "GET /api/v1/vm-contexts?status=..&limit=100",
                           ["/api/v1/vm-contexts?status=replicating&limit=100&offset=5000"] * n)
@@ -227,16 +233,6 @@ async def main() -> None:
                           [f"/api/v1/vm-contexts/bench-vm-{rnd.randrange(args.vms):05d}" for _ in range(n)])
         if args.events:
             await apply_rate(nats_url, args.events)
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        await server.stop()
-        await sql(f"DROP DATABASE IF EXISTS `{db_name}`")
-
 
 if __name__ == "__main__":
     asyncio.run(main())

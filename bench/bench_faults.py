@@ -44,7 +44,7 @@ from nbdutil import free_port  # noqa: E402
 from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
 from shared.natsserver import EmbeddedNats  # noqa: E402
 from shared.runner import Appliance  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from shared.settings import Settings, environ  # noqa: E402
 
 TOKEN = "vma_bench_token_abc123def456789012345678"
 DB = dict(host="127.0.0.1", port=3306, user="root", password="")
@@ -71,7 +71,7 @@ class Supervisor:
 
     def __init__(self, settings: Settings, logdir: Path):
         self.env = {**os.environ, "OMA_METRICS_PORT": "0", "PYTHONPATH": str(ROOT),
-                    **{f"OMA_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
+                    **environ(settings)}
         self.logdir = logdir
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.kills: Counter[str] = Counter()

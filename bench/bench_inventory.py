@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import os
 import statistics
 import sys
 import tempfile
@@ -33,22 +32,10 @@ from bench.bench_vsphere_raw import bare_property_read
 from services.inventory import service
 from shared.natsserver import EmbeddedNats
 from shared.settings import Settings
+from tests.mariadbutil import mariadb_exec, mariadb_settings
 from tests.vcsim import THOUSAND_VMS, running_vcsim
 
-DB = dict(host=os.environ.get("OMA_TEST_DB_HOST", "127.0.0.1"), port=int(os.environ.get("OMA_TEST_DB_PORT", "3306")),
-          user=os.environ.get("OMA_TEST_DB_USER", "root"), password=os.environ.get("OMA_TEST_DB_PASS", ""))
 TOKEN = "vma_bench_token_0123456789abcdef0123456789"
-
-
-async def mariadb(sql: str) -> None:
-    import asyncmy
-    conn = await asyncmy.connect(host=DB["host"], port=DB["port"], user=DB["user"], password=DB["password"])
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(sql)
-        await conn.commit()
-    finally:
-        conn.close()
 
 
 def copies(vms: list[dict], count: int) -> list[dict]:
@@ -72,11 +59,10 @@ async def run(args: argparse.Namespace) -> None:
     from shared.runner import Appliance
 
     db_name = f"oma_bench_{uuid.uuid4().hex[:8]}"
-    await mariadb(f"CREATE DATABASE `{db_name}`")
+    await mariadb_exec(f"CREATE DATABASE `{db_name}`")
     nats = EmbeddedNats()
     settings = Settings(nats_url=await nats.start(), data_dir=Path(tempfile.mkdtemp(prefix="oma-bench-")),
-                        appliance_tokens=f"bench={TOKEN}", db_type="mariadb", db_host=DB["host"],
-                        db_port=DB["port"], db_user=DB["user"], db_pass=DB["password"], db_name=db_name)
+                        appliance_tokens=f"bench={TOKEN}", **mariadb_settings(db_name))
     try:
         with running_vcsim(THOUSAND_VMS) as sim:
             async with Appliance(settings, ("auth", "inventory")) as appliance:
@@ -87,7 +73,7 @@ async def run(args: argparse.Namespace) -> None:
                         await bench(args, sim, appliance.services["inventory"], client)
     finally:
         await nats.stop()
-        await mariadb(f"DROP DATABASE IF EXISTS `{db_name}`")
+        await mariadb_exec(f"DROP DATABASE IF EXISTS `{db_name}`")
 
 
 async def bench(args: argparse.Namespace, sim, inv, client: httpx.AsyncClient) -> None:

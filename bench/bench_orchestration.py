@@ -25,9 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime
@@ -38,8 +36,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
+from common import nbdcopy_seconds, run_in_scratch  # noqa: E402
 
-from conftest import SEED_TOKEN, _mariadb_exec, mariadb_settings  # noqa: E402
+from conftest import SEED_TOKEN, mariadb_exec, mariadb_settings  # noqa: E402
 from nbdutil import MiB, digest, free_port  # noqa: E402
 from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
 from plugins.vma.simulator import VmaSimulator  # noqa: E402
@@ -154,10 +153,7 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
         os.truncate(dst, 0)
         os.truncate(dst, size)
     await (await asyncio.create_subprocess_exec("sync")).wait()
-    t0 = time.monotonic()
-    procs = [await asyncio.create_subprocess_exec("nbdcopy", "--flush", str(src), uri) for src, _, uri in pairs]
-    assert [await p.wait() for p in procs] == [0] * len(procs)
-    t_cp = time.monotonic() - t0
+    t_cp = await nbdcopy_seconds([(str(src), uri) for src, _, uri in pairs])
     ok = ok and all(digest(src, size) == digest(dst, size) for src, dst, _ in pairs)
     total = len(pairs) * size
     print(f"{len(vms)} VMs x 2 disks x {args.size_mib} MiB, through OMA -> VMA simulator -> nbdkit exports")
@@ -190,7 +186,7 @@ async def main(args, work: Path) -> None:
     from services.gateway.app import create_app
 
     db = f"oma_bench_{uuid.uuid4().hex[:8]}"
-    await _mariadb_exec(f"CREATE DATABASE `{db}`")
+    await mariadb_exec(f"CREATE DATABASE `{db}`")
     nats = EmbeddedNats()
     (work / "dev").mkdir()
     cloud = CloudStackSimulator("bench-key", "bench-secret", device_dir=work / "dev", job_latency=0.05,
@@ -242,7 +238,7 @@ async def main(args, work: Path) -> None:
             await sim.stop()
         await cloud.stop()
         await nats.stop()
-        await _mariadb_exec(f"DROP DATABASE IF EXISTS `{db}`")
+        await mariadb_exec(f"DROP DATABASE IF EXISTS `{db}`")
 
 
 async def setup(c: httpx.AsyncClient, cloud_url: str, vc) -> Oma:
@@ -273,11 +269,7 @@ def cli() -> None:
     p.add_argument("--poll", type=float, default=2.0, help="OMA_VMA_POLL_INTERVAL")
     p.add_argument("--dir", default="/var/tmp")
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-orch-", dir=args.dir))
-    try:
-        asyncio.run(main(args, work))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    run_in_scratch(main, args, "bench-orch-")
 
 
 if __name__ == "__main__":

@@ -17,26 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
+from common import appliance_on_sim, sign_in_with_cloud, sim_arguments  # noqa: E402
 
-from nbdutil import free_port  # noqa: E402
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
-from shared.natsserver import EmbeddedNats  # noqa: E402
-from shared.runner import Appliance  # noqa: E402
-from shared.settings import Settings  # noqa: E402
 
-TOKEN = "vma_bench_token_abc123def456789012345678"
 SERVICES = ("auth", "config", "replication", "export_manager")
 
 
@@ -50,32 +42,10 @@ def vm(name: str, disks: int, config_id: int) -> dict[str, Any]:
 
 
 async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--job-latency", type=float, default=0.3)
-    p.add_argument("--rounds", type=int, default=3)
+    p = sim_arguments(__doc__)
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    from services.gateway.app import create_app
-
-    with tempfile.TemporaryDirectory(prefix="oma-bench-repl-") as tmp:
-        tmpdir = Path(tmp)
-        (tmpdir / "dev").mkdir()
-        nats = EmbeddedNats()
-        sim = CloudStackSimulator("bench-key", "bench-secret", device_dir=tmpdir / "dev",
-                                  job_latency=args.job_latency, max_volumes=10_000, max_primary_gb=10_000_000)
-        url = await sim.start()
-        settings = Settings(nats_url=await nats.start(), data_dir=tmpdir / "data", appliance_tokens=f"bench={TOKEN}",
-                            export_backend="nbdkit", nbd_port=free_port(), device_by_id_dir=tmpdir / "dev",
-                            max_attached_disks=32, provision_wait=300, cloud_timeout=10, cloud_job_timeout=60)
-        try:
-            async with Appliance(settings, SERVICES) as appliance:
-                app = create_app(settings, appliance.nats_url)
-                async with app.router.lifespan_context(app), httpx.AsyncClient(
-                        transport=httpx.ASGITransport(app=app), base_url="http://oma", timeout=600) as c:
-                    await run(c, url, args)
-        finally:
-            await sim.stop()
-            await nats.stop()
+    async with appliance_on_sim(SERVICES, args.job_latency, max_attached_disks=32) as (c, url):
+        await run(c, url, args)
 
 
 def critical_path(disks: int, job_latency: float) -> float:
@@ -85,12 +55,7 @@ def critical_path(disks: int, job_latency: float) -> float:
 
 
 async def run(c: httpx.AsyncClient, url: str, args: argparse.Namespace) -> None:
-    r = await c.post("/api/v1/auth/login", json={"appliance_id": "bench", "token": TOKEN})
-    h = {"Authorization": f"Bearer {r.json()['session_token']}"}
-    r = await c.post("/api/v1/ossea/config", headers=h, json={"action": "create", "configuration": {
-        "name": "sim", "api_url": url, "api_key": "bench-key", "secret_key": "bench-secret",
-        "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})
-    config_id = r.json()["configuration"]["id"]
+    h, config_id = await sign_in_with_cloud(c, url)
 
     async def post(name: str, disks: int) -> tuple[float, httpx.Response]:
         t = time.monotonic()

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from common import nbdcopy_seconds, run_in_scratch  # noqa: E402
 
 from nbdutil import MiB, digest, free_port, sparse_file  # noqa: E402
 from plugins.nbd import ExporterConfig, NbdkitExporter  # noqa: E402
@@ -76,11 +76,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                 for i, src in enumerate(sources):
                     dev = sparse_file(work / f"cp{i}.img", size)
                     await exp.add_export(f"cp{i}", str(dev))
-                    copies.append(("nbdcopy", "--flush", str(src), exp.uri(f"cp{i}")))
-                t0 = time.monotonic()
-                procs = [await asyncio.create_subprocess_exec(*c) for c in copies]
-                assert [await p.wait() for p in procs] == [0] * len(procs)
-                t_cp = time.monotonic() - t0
+                    copies.append((str(src), exp.uri(f"cp{i}")))
+                t_cp = await nbdcopy_seconds(copies)
         total = len(sources) * size
         print(f"{len(sources)} disks x {args.size_mib} MiB (density {args.density}), nbdkit file exports")
         print(f"  oma-vma-sim (libnbd) : {total / t_sim / 1e6:8.1f} MB/s  ({t_sim:.2f} s)  sha256 equal: {ok}")
@@ -102,11 +99,7 @@ def main() -> None:
     p.add_argument("--density", type=float, default=1.0)
     p.add_argument("--dir", default="/var/tmp")
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-vma-sim-", dir=args.dir))
-    try:
-        asyncio.run(run(args, work))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    run_in_scratch(run, args, "bench-vma-sim-")
 
 
 if __name__ == "__main__":

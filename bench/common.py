@@ -1,11 +1,18 @@
-"""What the benchmark scripts share: start `oma-api` as a process and wait until it is healthy."""
+"""What the benchmark scripts share: start `oma-api` as a process and wait until it is healthy, or
+run the appliance in-process against the CloudStack simulator."""
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +23,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from shared.natsserver import free_port  # noqa: E402
+from tests.procutil import descendants  # noqa: E402
 
 TOKEN = "vma_test_token_abc123def456789012345678"
+SIM_KEY, SIM_SECRET = "bench-key", "bench-secret"
 
 
 def start_oma_api(*flags: str, env: dict[str, str] | None = None, timeout: float = 60.0,
@@ -55,19 +64,79 @@ def wait_healthy(procs: list[subprocess.Popen], base: str, timeout: float, path:
 
 
 def process_tree(pids: list[int]) -> list[int]:
-    """The pids and all their descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
+    """The pids and all their live descendants."""
+    return [q for p in pids for q in (p, *descendants(p))]
+
+
+async def nbdcopy_seconds(copies: list[tuple[str, str]]) -> float:
+    """The baseline: `nbdcopy --flush SOURCE URI` of every (source, uri) pair at once, in seconds."""
+    t0 = time.monotonic()
+    procs = [await asyncio.create_subprocess_exec("nbdcopy", "--flush", src, uri) for src, uri in copies]
+    assert [await p.wait() for p in procs] == [0] * len(procs)
+    return time.monotonic() - t0
+
+
+def sim_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line of a benchmark against the CloudStack simulator: --job-latency, --rounds."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--job-latency", type=float, default=0.3)
+    p.add_argument("--rounds", type=int, default=3)
+    return p
+
+
+def run_in_scratch(main: Callable[[argparse.Namespace, Path], Awaitable[None]], args: argparse.Namespace,
+                   prefix: str) -> None:
+    """asyncio.run(main(args, work)) in a scratch folder under args.dir, removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=args.dir))
+    try:
+        asyncio.run(main(args, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@asynccontextmanager
+async def appliance_on_sim(services: tuple[str, ...], job_latency: float, **settings: Any,
+                           ) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """The in-process CloudStack simulator (jobs of `job_latency` s, account limits raised), a fresh
+    nats-server, `services` in-process with an nbdkit exporter, and the gateway over ASGI: yields
+    a client of the gateway and the simulator's API URL. `settings` add to the Settings."""
+    logging.basicConfig(level=logging.WARNING)
+    from plugins.ossea.simulator import CloudStackSimulator
+    from services.gateway.app import create_app
+    from shared.natsserver import EmbeddedNats
+    from shared.runner import Appliance
+    from shared.settings import Settings
+
+    with tempfile.TemporaryDirectory(prefix="oma-bench-") as tmp:
+        dev = Path(tmp) / "dev"
+        dev.mkdir()
+        nats = EmbeddedNats()
+        sim = CloudStackSimulator(SIM_KEY, SIM_SECRET, device_dir=dev, job_latency=job_latency,
+                                  max_volumes=10_000, max_primary_gb=10_000_000)
+        url = await sim.start()
+        config = Settings(nats_url=await nats.start(), data_dir=Path(tmp) / "data",
+                          appliance_tokens=f"bench={TOKEN}", export_backend="nbdkit", nbd_port=free_port(),
+                          device_by_id_dir=dev, provision_wait=300, cloud_timeout=10, cloud_job_timeout=60,
+                          **settings)
+        try:
+            async with Appliance(config, services) as appliance:
+                app = create_app(config, appliance.nats_url)
+                async with app.router.lifespan_context(app), httpx.AsyncClient(
+                        transport=httpx.ASGITransport(app=app), base_url="http://oma", timeout=600) as c:
+                    yield c, url
+        finally:
+            await sim.stop()
+            await nats.stop()
+
+
+async def sign_in_with_cloud(c: httpx.AsyncClient, url: str) -> tuple[dict[str, str], int]:
+    """Log in as the `bench` appliance and add the simulator at `url` as the cloud configuration:
+    the auth headers and the configuration's id."""
+    from plugins.ossea.simulator import DEFAULT_VM_ID
+
+    r = await c.post("/api/v1/auth/login", json={"appliance_id": "bench", "token": TOKEN})
+    h = {"Authorization": f"Bearer {r.json()['session_token']}"}
+    r = await c.post("/api/v1/ossea/config", headers=h, json={"action": "create", "configuration": {
+        "name": "sim", "api_url": url, "api_key": SIM_KEY, "secret_key": SIM_SECRET,
+        "zone": "OSSEA-Zone", "oma_vm_id": DEFAULT_VM_ID}})
+    return h, r.json()["configuration"]["id"]

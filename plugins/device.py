@@ -11,22 +11,29 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from shared import errors
-from shared.hookspecs import hookimpl
+from shared.hookspecs import PluginSettings, hookimpl
 
 
-def serial_of(volume_id: str) -> str:
+def disk_serial(volume_id: str) -> str:
+    """The virtio serial KVM gives a volume: its UUID without dashes, first 20 characters."""
     return volume_id.replace("-", "")[:20]
+
+
+class DeviceSettings(PluginSettings):
+    by_id_dir: Path = Field(Path("/dev/disk/by-id"), description="where udev links attached disks by serial")
 
 
 class ByIdResolver:
     def __init__(self, settings: Any):
-        self.directory = Path(getattr(settings, "device_by_id_dir", "/dev/disk/by-id"))
+        self.directory = settings.device.by_id_dir
         self.interval = 0.05
 
     async def resolve(self, volume_id: str, timeout: float) -> str:
         """Wait (bounded) for `virtio-<serial>`; return the real device path it points to."""
-        link = self.directory / f"virtio-{serial_of(volume_id)}"
+        link = self.directory / f"virtio-{disk_serial(volume_id)}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -36,6 +43,11 @@ class ByIdResolver:
                 raise errors.UpstreamTimeout("Device not found",
                                              f"volume {volume_id} did not appear as {link} within {timeout:g}s")
             await asyncio.sleep(self.interval)
+
+
+@hookimpl
+def oma_register_settings(register):
+    register("device", DeviceSettings)
 
 
 @hookimpl

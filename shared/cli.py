@@ -57,9 +57,15 @@ def _run(coro_factory, prog: str, argv: list[str] | None, positional: tuple[str,
 
 
 def oma_api(argv: list[str] | None = None) -> None:
-    """The whole appliance in one process."""
+    """The whole appliance in one process; with -demo, beside simulators and ready to migrate."""
     from shared.runner import run_all
-    _run(lambda s: run_all(s), "oma-api", argv)
+
+    def start(settings):
+        if settings.demo:
+            from shared.demo import run_demo
+            return run_demo(settings)
+        return run_all(settings)
+    _run(start, "oma-api", argv)
 
 
 def oma_service(argv: list[str] | None = None) -> None:

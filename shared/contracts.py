@@ -7,9 +7,10 @@ contract of the VMA client. See docs/plugins.md.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol, runtime_checkable
 
-from shared.errors import BadGateway, BadRequest, UpstreamTimeout
+from shared.errors import BadGateway, BadRequest, NotFound, UpstreamTimeout
 
 # -- cloud ------------------------------------------------------------------------------------------
 
@@ -141,6 +142,16 @@ class Exporter(Protocol):
     def uri(self, name: str, *, client: bool = False) -> str: ...
     async def serving_error(self, handshake: bool = True) -> str | None: ...
     def state(self) -> dict[str, Any]: ...
+
+
+def validate_device_path(device_path: str | os.PathLike) -> str:
+    """A device an export may serve: an absolute path (one line) that exists; else 400 or 404."""
+    path = os.fspath(device_path) if isinstance(device_path, (str, os.PathLike)) else None
+    if not path or not os.path.isabs(path) or "\n" in path:
+        raise BadRequest("Device path must be absolute", {"device_path": str(device_path)})
+    if not os.path.exists(path):
+        raise NotFound("Device not found", {"device_path": path})
+    return path
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import MetaData, text
+from sqlalchemy import MetaData, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase
 
@@ -33,7 +33,6 @@ class Base(AsyncAttrs, DeclarativeBase):
 
 class StorageBackend(Protocol):
     async def create_engine(self, service: str) -> AsyncEngine: ...
-    def describe(self) -> str: ...
 
 
 def utcnow() -> datetime:
@@ -75,6 +74,18 @@ def list_filters(q: dict[str, Any], status: Any, statuses: tuple[str, ...], vm_n
     if q.get("vm_name"):
         conds.append(vm_name == q["vm_name"])
     return conds
+
+
+async def free_id(db: Any, column: Any, base: str) -> str:
+    """`base` (a seed-style `job-YYYYMMDD-HHMMSS`), else the first free `base-N` (N from 2) in `column`:
+    ids stay unique and readable when two share a second. The unique index is what guarantees it: a
+    caller whose insert then collides (two processes, one second) picks again."""
+    taken = set((await db.scalars(select(column).where(or_(column == base, column.like(base + "-%"))))).all())
+    n, found = 1, base
+    while found in taken:
+        n += 1
+        found = f"{base}-{n}"
+    return found
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:

@@ -17,6 +17,14 @@ def validation_details(errs: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def error_text(exc: BaseException) -> str:
+    """What an operator reads on a job and a disk: an OmaError's details (the cloud's or the
+    exporter's own text), else the exception's type and message."""
+    if isinstance(exc, OmaError):
+        return str(exc.details) if exc.details else exc.error
+    return f"{type(exc).__name__}: {exc}"
+
+
 class OmaError(Exception):
     status: int = 500
     error: str = "Internal server error"

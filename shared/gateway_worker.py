@@ -4,6 +4,7 @@ A worker imports only the gateway (no database code), so each costs ~60 MB rathe
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -15,14 +16,26 @@ WORKER_FDS = "OMA_WORKER_FDS"  # "<listening socket>,<settings pipe>": descripto
 
 
 async def serve_gateway(settings: Settings, nats_url: str, sock: socket.socket | None = None,
-                        services_metrics: str | None = None) -> None:
+                        services_metrics: str | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serves until SIGTERM/SIGINT (uvicorn's own handlers while it serves) or `stop`: the event our
+    handlers set for a signal that came before uvicorn took them over (during start-up)."""
     import uvicorn
 
     from services.gateway.app import create_app
     from services.gateway.server import uvicorn_config
 
     server = uvicorn.Server(uvicorn_config(create_app(settings, nats_url, services_metrics), settings))
-    await server.serve(sockets=[sock] if sock is not None else None)
+
+    async def exit_on_stop() -> None:
+        await stop.wait()
+        server.should_exit = True
+
+    watcher = asyncio.ensure_future(exit_on_stop()) if stop is not None else None
+    try:
+        await server.serve(sockets=[sock] if sock is not None else None)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     if not server.started:
         raise SystemExit(f"gateway could not listen on {settings.host}:{settings.port}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import pluggy
+from pydantic import BaseModel, ConfigDict
 
 hookspec = pluggy.HookspecMarker("oma")
 hookimpl = pluggy.HookimplMarker("oma")
@@ -50,6 +51,27 @@ def oma_register_device_resolvers(register: Register) -> None:
 def oma_register_vma_clients(register: Register) -> None:
     """Register VMA clients: `register(name, factory)`; `factory(api_url, settings)` returns a
     `VmaClient` (shared.vma) that talks to the appliance next to vCenter."""
+
+
+@hookspec
+def oma_register_settings(register: Register) -> None:
+    """Register a plugin's settings: `register(section, model)`; `model` is a `PluginSettings`
+    subclass. Its field `x` is read from `OMA_<SECTION>_<X>` and is `settings.<section>.x` in the one
+    `shared.settings.Settings` tree (documented by `python3 -m shared.settings --markdown`)."""
+
+
+class PluginSettings(BaseModel):
+    """Base of a plugin's typed settings (see `oma_register_settings`). Every field needs a
+    `description`: it is the documentation. Here, not in shared.settings, so that a plugin module can
+    import it while shared.settings, which loads the plugins, is being imported."""
+    # Other OMA_<SECTION>_* variables (settings of the core that share the prefix) are not ours.
+    model_config = ConfigDict(extra="ignore")
+
+
+@hookspec
+def oma_register_converters(register: Register) -> None:
+    """Register guest converters (failover's `convert` option): `register(name, factory)`;
+    `factory(settings)` returns an object with `check()` and async `convert(device_path)` (plugins/convert.py)."""
 
 
 def _all() -> list[Callable[..., Any]]:

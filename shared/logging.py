@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
+from typing import Any
 
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
 
@@ -43,8 +45,31 @@ class _Formatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         if self.fmt == "json":
             return json.dumps(out, default=str)
-        return " ".join(f"{k}={json.dumps(v, default=str) if isinstance(v, str) and (' ' in v or not v) else v}"
-                        for k, v in out.items())
+        return " ".join(f"{_logfmt_key(k)}={_logfmt_value(v)}" for k, v in out.items())
+
+
+# logfmt: a value is bare when it has no space, `=`, quote, backslash or control character, else a
+# JSON string (quotes and backslashes escaped, newlines as \n): one record, one line, parseable.
+_BARE = re.compile(r'[^\s="\\\x00-\x1f\x7f]+')
+_UNICODE_BREAKS = re.compile("[\x80-\x9f\u2028\u2029]")  # JSON leaves them raw; some readers split there
+
+
+def _logfmt_key(key: str) -> str:
+    return re.sub(r'[\s="\\\x00-\x1f\x7f]', "_", key) or "_"
+
+
+def _logfmt_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    if _BARE.fullmatch(text):
+        return text
+    return _UNICODE_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False))
 
 
 def setup_logging(debug: bool = False, fmt: str = "json") -> None:
@@ -53,7 +78,8 @@ def setup_logging(debug: bool = False, fmt: str = "json") -> None:
     handler.setFormatter(_Formatter(fmt))
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # SQL in debug mode only; parameters are hidden by the engines (hide_parameters=True).
+    # SQL in debug mode only (the seed's "database query logging in debug mode"); parameters are
+    # hidden by the engines (hide_parameters=True).
     logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO if debug else logging.WARNING)
     logging.getLogger("asyncmy").setLevel(logging.ERROR)  # server notes such as "database exists"
     for noisy in ("uvicorn.access", "aiosqlite", "asyncio", "urllib3", "alembic"):

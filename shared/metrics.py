@@ -17,3 +17,5 @@ HTTP_DURATION = Histogram("oma_http_request_duration_seconds", "HTTP request tim
 DB_UP = Gauge("oma_db_up", "1 when the service's database answers", ["service"])
 MIGRATIONS = Counter("oma_migrations_total", "Schema migration runs by result", ["service", "result"])
 SERVICE_UP = Gauge("oma_service_up", "1 while the service runs", ["service"])
+SSE_RESYNCS = Counter("oma_sse_resyncs_total", "SSE clients that fell behind and were sent the full state",
+                      ["route"])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Inventory, Replication
+from shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Failover, Inventory, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -63,29 +63,32 @@ def permissions() -> dict[str, Permissions]:
             publish=["oma.auth.session.>", "oma.auth.user.>", Auth.APPLIANCE_ACTION, "oma.config.ossea.>",
                      "oma.inventory.>", "oma.replication.>", "oma.failover.>",
                      Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
-            deny_publish=["oma.config.credentials.>", Inventory.CONNECTION, Inventory.POWER],
+            deny_publish=["oma.config.credentials.>", Inventory.CONNECTION, Inventory.POWER,
+                          Replication.HANDOVER, Replication.RECLAIM],
             # Replies, session revocations (cache eviction) and context updates (live views).
             subscribe=[inbox("gateway"), "oma.evt.auth.>", "oma.live.context_aggregator.>"],
             comment="The only caller of the public request subjects; never the decrypted credentials,\n"
-                    "never the source VMs' power (failover's)."),
+                    "never the source VMs' power nor the replica's hand-over (failover's)."),
         **{name: _service(name) for name in ("auth", "export_manager")},
         "inventory": _service(
             "inventory", Auth.APPLIANCE_GET,
             comment="Asks auth for the API URL of the VMA a vCenter is reached through."),
         "config": _service(
-            "config", Replication.USING_CONFIG,
-            comment="Asks replication which jobs use a configuration before deleting it."),
+            "config", Replication.USING_CONFIG, Failover.USING_CONFIG,
+            comment="Asks replication and failover which jobs use a configuration before deleting it."),
         "replication": _service(
-            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Inventory.LIST,
-            Inventory.CONNECTION, Auth.APPLIANCE_SEEN,
+            "replication", Config.CREDENTIALS, Exports.ENSURE, Exports.DEACTIVATE, Exports.READY, Inventory.LIST,
+            Inventory.CONNECTION, Auth.APPLIANCE_SEEN, "$SRV.PING.config", "$SRV.PING.export_manager",
             comment="The only caller of the decrypted cloud and vCenter credentials; ensures/deactivates\n"
-                    "exports; lists the inventory to check a request's vcenter_host; tells auth whether a\n"
-                    "VMA answered."),
+                    "exports (asking first whether the NBD server serves); lists the inventory to check a\n"
+                    "request's vcenter_host; tells auth whether a VMA answered; waits at start for the\n"
+                    "services it needs ($SRV.PING)."),
         "failover": _service(
-            "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Inventory.POWER, Exports.ENSURE,
-            Exports.DEACTIVATE,
-            comment="Reads the replica volumes of a VM's latest replication job; needs the cloud credentials;\n"
-                    "powers the source VM off and on; releases and restores the replica's exports."),
+            "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Replication.CREATE,
+            Replication.HANDOVER, Replication.RECLAIM, Inventory.POWER, Exports.ENSURE, Exports.DEACTIVATE,
+            comment="Reads the replica volumes of a VM's latest replication job and runs the live cutover's\n"
+                    "final sync; needs the cloud credentials; powers the source VM off and on; hands the\n"
+                    "replica over to the new VM and takes it back; releases and restores its exports."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

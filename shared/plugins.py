@@ -17,6 +17,17 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "vsphere": "plugins.vsphere.plugin",
     "device": "plugins.device",
     "vma": "plugins.vma.plugin",
+    "convert": "plugins.convert",
+}
+
+# The plugins' settings sections (`oma_register_settings`), entry-point group `oma.settings`. They are
+# loaded while shared.settings builds the Settings tree, so these modules import pydantic and
+# shared.hookspecs only, never their plugin's code (which may import shared.settings).
+SETTINGS_PLUGINS: dict[str, str] = {
+    "nbd": "plugins.nbd.settings",
+    "vma": "plugins.vma.settings",
+    "device": "plugins.device",
+    "convert": "plugins.convert",
 }
 
 KINDS = {
@@ -26,6 +37,7 @@ KINDS = {
     "exporter": "oma_register_exporters",
     "device-resolver": "oma_register_device_resolvers",
     "vma": "oma_register_vma_clients",
+    "converter": "oma_register_converters",
 }
 
 
@@ -49,26 +61,41 @@ class Backend:
     plugin: str
 
 
-def get_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
+def get_plugin_manager(load_entrypoints: bool = True, *, settings: bool = False) -> pluggy.PluginManager:
+    """The backends' plugins, or with `settings` the settings sections' (SETTINGS_PLUGINS)."""
+    builtin, group = (SETTINGS_PLUGINS, "oma.settings") if settings else (DEFAULT_PLUGINS, "oma")
     pm = pluggy.PluginManager("oma")
     pm.add_hookspecs(hookspecs)
-    for name, module in DEFAULT_PLUGINS.items():
+    for name, module in builtin.items():
         pm.register(importlib.import_module(module), name=name)
     if load_entrypoints:
-        pm.load_setuptools_entrypoints("oma")  # skips names registered above
+        pm.load_setuptools_entrypoints(group)  # skips names registered above
     pm.check_pending()
     return pm
 
 
-def backends(pm: pluggy.PluginManager, kind: str) -> dict[str, Backend]:
+def _registered(pm: pluggy.PluginManager, hook_name: str) -> dict[str, Backend]:
     found: dict[str, Backend] = {}
-    hook = getattr(pm.hook, KINDS[kind])
-    for impl in reversed(hook.get_hookimpls()):  # later registrations override earlier ones
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # later ones override earlier
         def register(name: str, factory: Callable[..., Any], description: str = "",
                      _plugin: str = impl.plugin_name) -> None:
             found[name] = Backend(name, factory, description, _plugin)
         impl.function(register=register)
     return found
+
+
+def backends(pm: pluggy.PluginManager, kind: str) -> dict[str, Backend]:
+    return _registered(pm, KINDS[kind])
+
+
+def settings_sections(pm: pluggy.PluginManager) -> dict[str, type[hookspecs.PluginSettings]]:
+    """section -> the plugin's settings model (`oma_register_settings`)."""
+    sections = {name: b.factory for name, b in _registered(pm, "oma_register_settings").items()}
+    for name, model in sections.items():
+        if not (name.isidentifier() and name.islower() and isinstance(model, type)
+                and issubclass(model, hookspecs.PluginSettings)):
+            raise TypeError(f"settings section {name!r}: a lower-case identifier and a PluginSettings subclass")
+    return sections
 
 
 def get_backend(pm: pluggy.PluginManager, kind: str, name: str) -> Backend:

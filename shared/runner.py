@@ -10,8 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-from contextlib import AsyncExitStack
-from typing import Any, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from shared import bus as busmod
 from shared import natsauth
@@ -124,19 +124,35 @@ def process_count(settings: Settings) -> int:
     return int(settings.processes)
 
 
-async def run_all(settings: Settings) -> None:
+Started = Callable[["Appliance"], Awaitable[None]]
+
+
+@asynccontextmanager
+async def _running_hook(started: Started | None, appliance: Appliance) -> AsyncIterator[None]:
+    """`started(appliance)` runs beside the gateway once the services are up (the demo seeds its
+    data so); it is cancelled at stop if still running."""
+    task = asyncio.ensure_future(started(appliance)) if started else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def run_all(settings: Settings, started: Started | None = None) -> None:
     # uvicorn handles SIGTERM/SIGINT while it serves and re-raises the signal when it returns: our
     # handler then receives it, instead of the default one killing us before the services drain.
     stop = asyncio.Event()
     install_stop_signals(stop)
     workers = process_count(settings) - 1
     if workers:
-        await run_with_workers(settings, workers, stop)
+        await run_with_workers(settings, workers, stop, started)
         return
-    async with Appliance(settings) as appliance:
+    async with Appliance(settings) as appliance, _running_hook(started, appliance):
         log.info("services started", extra={"nats": appliance.nats_url, "services": list(appliance.services)})
-        # returns on SIGTERM/SIGINT
-        await serve_gateway(appliance.client_settings("gateway"), appliance.nats_url)
+        # returns on SIGTERM/SIGINT, also one received while the services started
+        await serve_gateway(appliance.client_settings("gateway"), appliance.nats_url, stop=stop)
     log.info("stopped")
 
 
@@ -208,7 +224,8 @@ class GatewayWorkers:
                 await asyncio.to_thread(p.wait)
 
 
-async def run_with_workers(settings: Settings, workers: int, stop: asyncio.Event) -> None:
+async def run_with_workers(settings: Settings, workers: int, stop: asyncio.Event,
+                           started: Started | None = None) -> None:
     from prometheus_client import start_http_server
 
     sock = listen_socket(settings)
@@ -223,7 +240,7 @@ async def run_with_workers(settings: Settings, workers: int, stop: asyncio.Event
         gateways.start(workers, appliance.client_settings("gateway"), appliance.nats_url, metrics_url)
 
     try:
-        async with Appliance(settings, on_bus=start_gateways) as appliance:
+        async with Appliance(settings, on_bus=start_gateways) as appliance, _running_hook(started, appliance):
             log.info("services started", extra={"nats": appliance.nats_url, "services": list(appliance.services),
                                                 "gateway_workers": workers})
             stopped = asyncio.ensure_future(stop.wait())

@@ -17,6 +17,10 @@ from shared.disk_slot import CONTROLLER_TYPES, UNITS_PER_BUS, BusNumber, DiskSlo
 
 Name = Field(min_length=1, max_length=255)
 
+VERSION = "1.0.0"                 # the appliance's: /health, the bus services, OpenAPI
+REDACTED = "[REDACTED]"           # what a response shows in place of a stored secret
+GIB = 1024 ** 3
+
 # Numeric bounds: what a BIGINT column, SQLite and the JSON encoder all hold.
 INT64_MAX = 2 ** 63 - 1
 INT32_MAX = 2 ** 31 - 1           # an INT column (counts, seconds)
@@ -45,7 +49,7 @@ class ErrorBody(BaseModel):
 # --- auth ------------------------------------------------------------------------------------
 class LoginRequest(Strict):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, json_schema_extra={"examples": [
-        {"appliance_id": "test-vma", "token": "vma_test_token_abc123def456789012345678", "version": "1.0.0"}]})
+        {"appliance_id": "test-vma", "token": "vma_test_token_abc123def456789012345678", "version": VERSION}]})
     appliance_id: str = Field(min_length=1, max_length=255)
     token: str = Field(min_length=1, max_length=512)
     version: str | None = Field(None, max_length=64)
@@ -143,6 +147,12 @@ class VCenterRequest(Strict):
 
 
 # --- replication -----------------------------------------------------------------------------
+# A replication job's statuses, as the service stores them and its events carry them (docs/events.md).
+QUEUED, PROVISIONING, READY, REPLICATING = "queued", "provisioning", "ready_for_sync", "replicating"
+COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
+STALLED = "stalled"  # replicating, but the VMA stopped answering or the bytes stopped moving
+JOB_STATUSES = (QUEUED, PROVISIONING, READY, REPLICATING, STALLED, COMPLETED, FAILED, CANCELLED)
+
 def _fail(text: str) -> PydanticCustomError:
     """An error whose text is the message itself (no "Value error, " prefix); pydantic adds the field."""
     return PydanticCustomError("value_error", "{text}", {"text": text})
@@ -156,7 +166,7 @@ class SourceDisk(BaseModel):
     path: str | None = Field(None, max_length=1024, pattern=NO_CONTROL)
     size_gb: float = Field(gt=0, le=MAX_DISK_GB)
     datastore: str | None = Field(None, max_length=255, pattern=NO_CONTROL)
-    capacity_bytes: int | None = Field(None, gt=0, le=MAX_DISK_GB * 1024 ** 3)
+    capacity_bytes: int | None = Field(None, gt=0, le=MAX_DISK_GB * GIB)
     unit_number: SlotNumber | None = None
     controller_type: Literal[CONTROLLER_TYPES] | None = None  # type: ignore[valid-type]
     controller_bus_number: BusNumber | None = None

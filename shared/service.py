@@ -1,15 +1,17 @@
 """The service runtime: a `nats.micro` service in a queue group named after the service,
 with thin endpoint methods, one error envelope, metrics, and a graceful drain.
 
-A service subclasses `ServiceApp`, marks handlers with `@endpoint(subject)` and may declare
-`migrations` (its Alembic folder). `await app.start()` opens the database, migrates, runs
-`setup()`, and starts answering; `await app.stop()` stops taking requests, lets every
+A service subclasses `ServiceApp` and marks handlers with `@endpoint(subject)`; its Alembic folder is
+the `migrations` folder beside its module, when there is one. `await app.start()` opens the database,
+migrates, runs `setup()`, and starts answering; `await app.stop()` stops taking requests, lets every
 in-flight one reply, then drains the connection.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
@@ -23,14 +25,15 @@ from pydantic import BaseModel, ValidationError
 
 from shared import bus as busmod
 from shared import db, errors, metrics
+from shared.crypto import Keyring
 from shared.errors import validation_details  # noqa: F401 - imported from here by services
 from shared.logging import correlation_id
+from shared.schemas import VERSION
 from shared.settings import Settings
 from shared.subjects import health
 
 log = logging.getLogger("oma.service")
 M = TypeVar("M", bound=BaseModel)
-VERSION = "1.0.0"
 
 
 def endpoint(subject: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
@@ -44,10 +47,6 @@ class BusRequest:
     def __init__(self, req: Request):
         self.raw = req
         self.headers = req.headers or {}
-
-    @property
-    def data(self) -> bytes:
-        return self.raw.data
 
     def json(self) -> Any:
         if not self.raw.data:
@@ -67,7 +66,7 @@ class BusRequest:
 class ServiceApp:
     name: str = ""
     description: str = ""
-    migrations: Path | None = None
+    migrations: Path | None = None  # default: the `migrations` folder beside the subclass's module
 
     def __init__(self, settings: Settings, nc: Any, pm: pluggy.PluginManager):
         self.settings = settings
@@ -80,6 +79,14 @@ class ServiceApp:
         self._set_up = False
         self._pinger: asyncio.Task | None = None
         self.log = logging.getLogger(f"oma.{self.name}")
+        if self.migrations is None:
+            beside = Path(sys.modules[type(self).__module__].__file__ or ".").parent / "migrations"
+            self.migrations = beside if beside.is_dir() else None
+
+    @functools.cached_property
+    def keys(self) -> Keyring:
+        """The appliance's secret key (OMA_SECRET_KEY_FILE), for the secrets a service stores."""
+        return Keyring.from_file(self.settings.secret_key_path)
 
     # Hooks for subclasses.
     async def setup(self) -> None:

@@ -1,4 +1,9 @@
-"""Settings: pydantic-settings with the `OMA_` env prefix, and the seed's single-dash CLI flags.
+"""Settings: one tree, pydantic-settings with the `OMA_` env prefix, and the seed's single-dash flags.
+
+The tree is the core's fields (below) plus one typed section per plugin that registers one through
+`oma_register_settings` (shared.hookspecs): section `nbd`'s field `port` is `settings.nbd.port`,
+read from `OMA_NBD_PORT`, and may be given as `Settings(nbd_port=...)`. `variables()` lists every
+`OMA_` variable; `python3 -m shared.settings --markdown` prints them as docs/settings.md's table.
 
 Precedence: command-line flag > environment > default. Flags are parsed by `parse_flags`,
 which returns only the flags actually given, so that unset flags never mask the environment.
@@ -7,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.hookspecs import PluginSettings
 
 SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover")
 
@@ -32,36 +41,46 @@ def default_data_dir() -> Path:
     return Path(base) / "oma"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OMA_", extra="forbid", validate_default=True)
+class CoreSettings(BaseSettings):
+    """The core's settings; `Settings` adds the plugins' sections."""
+    # OMA_<SECTION>_<FIELD> is a plugin section's field: one level of nesting, the rest is the name.
+    model_config = SettingsConfigDict(env_prefix="OMA_", extra="forbid", validate_default=True,
+                                      env_nested_delimiter="_", env_nested_max_split=1)
+    _sections: ClassVar[dict[str, type[PluginSettings]]] = {}
 
     # The seed's flags.
     port: int = Field(8080, ge=1, le=65535, description="HTTP server port")
     debug: bool = Field(False, description="Enable debug logging (SQL included)")
     db_type: str = Field("memory", description="Database type (mariadb/memory)")
-    db_host: str = "localhost"
-    db_port: int = Field(3306, ge=1, le=65535)
-    db_name: str = "migratekit_oma"
-    db_user: str = "oma_user"
-    db_pass: str = Field("", repr=False)
-    auth_enabled: bool = True
+    db_host: str = Field("localhost", description="MariaDB hostname")
+    db_port: int = Field(3306, ge=1, le=65535, description="MariaDB port")
+    db_name: str = Field("migratekit_oma", description="database name (created when missing)")
+    db_user: str = Field("oma_user", description="database username")
+    db_pass: str = Field("", repr=False, description="database password")
+    auth_enabled: bool = Field(True, description="bearer authentication on /api/v1 (false: development only)")
 
     # Ours.
     host: str = Field("0.0.0.0", description="HTTP listen address")
     nats_url: str = Field("", description="NATS server URL; empty starts an embedded nats-server")
-    nats_user: str = ""
-    nats_password: str = Field("", repr=False)
+    nats_user: str = Field("", description="user of an external NATS server")
+    nats_password: str = Field("", repr=False, description="password of an external NATS server")
     allow_ephemeral_with_external_nats: bool = Field(
         False, description="let a memory database run with an external NATS (throwaway tests only)")
-    data_dir: Path = Field(default_factory=default_data_dir)
+    data_dir: Path = Field(default_factory=default_data_dir, description="local state: keys, export state")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics port of a lone service")
     request_timeout: float = Field(30.0, gt=0, description="Bus request timeout (seconds)")
     startup_timeout: float = Field(60.0, gt=0, description="How long start-up waits for NATS and the DB")
-    log_format: Literal["json", "logfmt"] = "json"
+    log_format: Literal["json", "logfmt"] = Field("json", description="log lines: json or logfmt")
     db_ping_interval: float = Field(15.0, gt=0, description="seconds between database checks (oma_db_up)")
     processes: str = Field("auto", pattern=r"^(auto|[1-9][0-9]?)$",
                            description="oma-api processes: 1 = all in one; N = the services and N-1 gateway "
                                        "workers; auto = 2 on two cores or more")
+
+    # The demo (`oma-api -demo`, shared/demo.py, docs/demo.md).
+    demo: bool = Field(False, description="run the demo: the appliance with a synthetic vCenter, the VMA and "
+                                          "CloudStack simulators; the GUI says on every page it is a demo")
+    demo_vma_url: str = Field("", max_length=255, description="the demo's VMA simulator (set by -demo): where "
+                              "POST /api/v1/demo/mutate sends a guest write")
 
     # Auth.
     session_ttl: float = Field(24 * 3600, gt=0, description="Session lifetime (seconds)")
@@ -80,12 +99,13 @@ class Settings(BaseSettings):
     health_max_rate: float = Field(500.0, gt=0, description="/health answers per second; callers beyond wait")
 
     # Secrets at rest.
-    secret_key_file: Path | None = None
+    secret_key_file: Path | None = Field(None, description="key that encrypts secrets at rest; "
+                                         "default DATA_DIR/secret.key")
 
     # Cloud (CloudStack).
-    cloud_backend: str = "ossea"
-    cloud_timeout: float = Field(30.0, gt=0)
-    cloud_job_timeout: float = Field(120.0, gt=0)
+    cloud_backend: str = Field("ossea", description="target cloud backend (plugin)")
+    cloud_timeout: float = Field(30.0, gt=0, description="cloud API request timeout (seconds)")
+    cloud_job_timeout: float = Field(120.0, gt=0, description="how long a cloud async job may take (seconds)")
     cloud_retries: int = Field(5, ge=1, description="attempts of a transient cloud failure (530, timeouts)")
     cloud_retry_backoff: float = Field(0.2, ge=0, description="first retry delay (seconds), doubled each time")
     cleanup_retry_interval: float = Field(30.0, gt=0, description="seconds between retries of failed cleanups")
@@ -95,46 +115,28 @@ class Settings(BaseSettings):
     failover_stub_template: str = Field("oma-failover-stub", description="template (name or id) of the stub VM")
     failover_shutdown_timeout: float = Field(120.0, ge=0, le=3600,
                                              description="seconds a guest shutdown may take before a hard power-off")
+    failover_final_sync_timeout: float = Field(3600.0, gt=0, le=86400, description="seconds a live cutover's "
+                                               "final sync (after the source power-off) may take before it fails")
 
     # Inventory.
-    inventory_source: str = "vsphere"
+    inventory_source: str = Field("vsphere", description="inventory source backend (plugin)")
     vsphere_timeout: float = Field(60.0, gt=0, description="vCenter login and per-read timeout (seconds)")
 
     # VM contexts (the read model's durable consumer).
-    contexts_consumer: str = "context_aggregator-readmodel"
-    contexts_deliver_policy: Literal["all", "new"] = "all"
-    contexts_ack_wait: float = Field(30.0, gt=0)
+    contexts_consumer: str = Field("context_aggregator-readmodel", description="durable consumer of the read model")
+    contexts_deliver_policy: Literal["all", "new"] = Field("all", description="a new consumer replays all "
+                                                           "events or only new ones")
+    contexts_ack_wait: float = Field(30.0, gt=0, description="seconds before an unacked event is redelivered")
     contexts_max_deliver: int = Field(5, ge=1, description="deliveries before an event is dead-lettered")
-    contexts_nak_delay: float = Field(2.0, ge=0)
+    contexts_nak_delay: float = Field(2.0, ge=0, description="seconds before a failed event is redelivered")
     contexts_batch: int = Field(250, ge=1, description="events applied per transaction")
 
-    # Exports: every OMA_NBD_* / exporter variable (plugins/nbd reads only these; docs/exporters.md).
-    export_backend: str = "nbdkit"
-    nbd_port: int = Field(10809, ge=1, le=65535)
-    nbd_listen_addr: str = Field("127.0.0.1", description="NBD listen address; beyond loopback only with nbd_tls")
+    # Exports (the NBD server's own settings are the `nbd` plugin's: plugins/nbd/settings.py).
+    export_backend: str = Field("nbdkit", description="NBD export backend (plugin): nbdkit or nbd-server")
     nbd_keep_running: bool = Field(False, description="leave the NBD server (and its connections) up on stop")
-    nbd_binary: str | None = Field(None, description="NBD server command; default nbdkit / nbd-server on PATH")
-    nbd_user: str = Field("root", description="nbd-server: user that opens the devices ('' = none)")
-    nbd_group: str = Field("root", description="nbd-server: group that opens the devices (production: disk)")
-    nbd_base_config: Path | None = Field(None, description="nbd-server: config template (ops/nbd/nbd-server.conf)")
-    nbd_attach_pidfile: Path | None = Field(None, description="attach to a server already running with this pid file")
-    nbd_watchdog_interval: float = Field(1.0, ge=0, description="seconds between liveness checks; 0 disables")
-    nbd_watchdog_max_backoff: float = Field(30.0, gt=0, description="longest wait between failed restarts")
-    nbd_reload_debounce: float = Field(0.05, ge=0, description="changes within this window share one reload")
-    nbd_start_timeout: float = Field(10.0, gt=0, description="how long a start waits for the NBD handshake")
-    nbd_check_timeout: float = Field(10.0, gt=0, description="timeout of a real NBD_OPT_GO export check")
-    nbd_tls: bool = Field(False, description="nbdkit: require TLS with a pre-shared key (--tls=require --tls-psk)")
-    nbd_tls_username: str = Field("oma", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="PSK identity")
-    nbd_tls_psk_file: Path | None = Field(None, description="PSK file (username:hexkey); default "
-                                          "DATA_DIR/exports/nbd-tls.psk, generated 0600 when missing")
-    nbd_tls_client_psk_file: str | None = Field(None, description="where the VMA keeps its copy of the PSK "
-                                                "file (tls-psk-file in export URIs); default: nbd_tls_psk_file")
     export_reconcile_interval: float = Field(300.0, ge=0, description="seconds between reconciles; 0 = off")
     export_batch_wait: float = Field(0.5, ge=0, description="how long an export change waits to share a reload")
 
-    # The VMA's API (through the reverse tunnel).
-    vma_timeout: float = Field(30.0, gt=0, description="VMA API request timeout (seconds)")
-    vma_retries: int = Field(3, ge=0, description="retries of a transient VMA failure (refused, 502/503/504)")
     # Orchestration through the VMA (docs/replication.md "Running the sync").
     nbd_host: str = Field("", max_length=255, description="host the VMA reaches OMA's NBD exports at "
                           "(OMA_NBD_HOST); empty: the export's own URI, else hostless nbd://:port/export")
@@ -146,12 +148,11 @@ class Settings(BaseSettings):
     vma_fail_after: float = Field(600.0, gt=0, description="seconds stalled before the job fails")
 
     # Replication.
-    device_resolver: str = "by-id"
-    device_by_id_dir: Path = Path("/dev/disk/by-id")
-    device_wait: float = Field(60.0, gt=0)
-    provision_wait: float = Field(120.0, ge=0)
-    max_attached_disks: int = Field(32, ge=1)
-    keep_failed_resources: bool = False
+    device_resolver: str = Field("by-id", description="device resolver backend (plugin)")
+    device_wait: float = Field(60.0, gt=0, description="seconds an attached volume may take to appear as a device")
+    provision_wait: float = Field(120.0, ge=0, description="seconds POST waits for ready_for_sync before answering 202")
+    max_attached_disks: int = Field(32, ge=1, description="volumes attached to the OMA VM at once; more jobs wait")
+    keep_failed_resources: bool = Field(False, description="keep a failed job's volumes and exports")
     # Replication under faults (docs/replication.md "Restart and faults").
     cloud_inflight_grace: float | None = Field(None, ge=0, description="seconds a cloud call sent before a "
                                                "restart may still take effect; unset = cloud_job_timeout")
@@ -161,6 +162,21 @@ class Settings(BaseSettings):
                                    "services it needs to answer $SRV.PING")
     provision_lease: float = Field(15.0, gt=0, description="seconds a replication process's claim on a "
                                    "provisioning job lasts unrenewed; another copy resumes the job after it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_sections(cls, data: Any) -> Any:
+        """`nbd_port=...` (keyword or flag) is the `nbd` section's `port`, over the environment's."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section, model in cls._sections.items():
+            given = {f: data.pop(f"{section}_{f}") for f in model.model_fields if f"{section}_{f}" in data}
+            if given:
+                current = data.get(section) or {}
+                current = current.model_dump(exclude_unset=True) if isinstance(current, PluginSettings) else current
+                data[section] = {**current, **given}
+        return data
 
     @field_validator("db_type")
     @classmethod
@@ -172,23 +188,91 @@ class Settings(BaseSettings):
         return self.secret_key_file or self.data_dir / "secret.key"
 
 
-# flag -> (settings field, help). Single-dash long flags as in the seed; `--flag` works too.
-FLAGS: dict[str, str] = {
-    "port": "HTTP server port (default 8080)",
-    "debug": "enable debug logging",
-    "db-type": "database type: mariadb or memory (default memory)",
-    "db-host": "MariaDB hostname (default localhost)",
-    "db-port": "MariaDB port (default 3306)",
-    "db-name": "database name (default migratekit_oma)",
-    "db-user": "database username (default oma_user)",
-    "db-pass": "database password",
-    "auth-enabled": "enable authentication (default true)",
-    "nats-url": "NATS URL; empty starts an embedded nats-server",
-    "host": "HTTP listen address (default 0.0.0.0)",
-    "data-dir": "directory for local state (keys, export state)",
-    "metrics-port": "port of /metrics when a service runs alone",
-}
-BOOL_FLAGS = {"debug", "auth-enabled"}
+def compose(sections: dict[str, type[PluginSettings]]) -> type[CoreSettings]:
+    """The Settings class: the core's fields plus a field per plugin section."""
+    clash = sorted(set(sections) & set(CoreSettings.model_fields))
+    if clash:
+        raise TypeError(f"settings sections {clash} are core settings' names")
+    fields: dict[str, Any] = {name: (model, Field(default_factory=model, description=model.__doc__ or name))
+                              for name, model in sections.items()}
+    cls = create_model("Settings", __base__=CoreSettings, __module__=__name__, **fields)
+    cls._sections = dict(sections)
+    return cls
+
+
+def _plugin_sections() -> dict[str, type[PluginSettings]]:
+    from shared.plugins import get_plugin_manager, settings_sections
+    return settings_sections(get_plugin_manager(settings=True))
+
+
+Settings = compose(_plugin_sections())
+
+
+@dataclass(frozen=True)
+class Variable:
+    env: str            # OMA_NBD_PORT
+    name: str           # nbd_port: the keyword, and the name the docs' tables use
+    path: tuple[str, ...]  # ("nbd", "port"): where it is in the tree
+    field: FieldInfo
+    section: str = ""   # the plugin section, "" for the core's
+
+
+def variables(cls: type[CoreSettings] | None = None) -> list[Variable]:
+    """Every OMA_ variable of the tree: the core's, then the plugin sections' by name."""
+    cls = cls or Settings
+    out = [Variable(f"OMA_{n.upper()}", n, (n,), f) for n, f in CoreSettings.model_fields.items()]
+    for section, model in sorted(cls._sections.items()):
+        out += [Variable(f"OMA_{section.upper()}_{n.upper()}", f"{section}_{n}", (section, n), f, section)
+                for n, f in model.model_fields.items()]
+    return out
+
+
+def environ(settings: CoreSettings) -> dict[str, str]:
+    """The settings as OMA_ environment variables (for a child process), unset ones left out."""
+    dumped = settings.model_dump(mode="json")
+    env = {}
+    for var in variables(type(settings)):
+        value: Any = dumped
+        for key in var.path:
+            value = value[key]
+        if value is not None:
+            env[var.env] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def _default(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        return {"default_data_dir": "/var/lib/oma, else $XDG_DATA_HOME/oma"}.get(
+            getattr(field.default_factory, "__name__", ""), "(computed)")
+    value = field.default
+    if value is None or value == "":
+        return "(empty)"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def markdown(cls: type[CoreSettings] | None = None) -> str:
+    """The table of every OMA_ variable (docs/settings.md between its markers)."""
+    rows = ["| variable | default | description |", "| --- | --- | --- |"]
+    for var in variables(cls):
+        where = f" (plugin section `{var.section}`)" if var.section else ""
+        text = (var.field.description or "").replace("|", "\\|")
+        rows.append(f"| `{var.env}` | {_default(var.field).replace('|', '/')} | {text}{where} |")
+    return "\n".join(rows) + "\n"
+
+
+# The command-line flags: single-dash long flags as in the seed (`--flag` works too), each a core
+# setting's name with dashes; the help is the setting's description and default.
+FLAGS = ("port", "debug", "db-type", "db-host", "db-port", "db-name", "db-user", "db-pass", "auth-enabled",
+         "nats-url", "host", "data-dir", "metrics-port", "demo")
+
+
+def flag_help(flag: str) -> str:
+    field = CoreSettings.model_fields[flag.replace("-", "_")]
+    default = _default(field)
+    return field.description if default == "(empty)" else f"{field.description} (default {default})"
+
+
+BOOL_FLAGS = {"debug", "auth-enabled", "demo"}
 
 
 class FlagError(Exception):
@@ -217,7 +301,7 @@ def build_parser(prog: str, extra: dict[str, str] | None = None, only: tuple[str
                  **kw: Any) -> argparse.ArgumentParser:
     """The flags of FLAGS (or the `only` ones, for a command that uses a few) and `extra`."""
     parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS, **kw)
-    flags = {k: v for k, v in FLAGS.items() if only is None or k in only}
+    flags = {k: flag_help(k) for k in FLAGS if only is None or k in only}
     for flag, help_text in {**flags, **(extra or {})}.items():
         names = (f"-{flag}", f"--{flag}")
         if flag in BOOL_FLAGS:
@@ -248,7 +332,40 @@ def settings_from_flags(args: dict[str, Any], prog: str) -> Settings:
         return Settings(**args)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        field = "_".join(str(part) for part in err["loc"]) or "?"  # ("nbd", "port") -> nbd_port
         flag = field.replace("_", "-")
         source = f"flag -{flag}" if field in args else f"setting OMA_{field.upper()}"
         raise FlagError(f"{prog}: invalid value for {source}: {err['msg']}") from None
+
+
+# docs/settings.md holds the generated table between these markers (tests/test_docs_settings.py).
+DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
+BEGIN, END = "<!-- generated: python3 -m shared.settings --markdown --write -->", "<!-- end generated -->"
+
+
+def with_table(text: str, table: str) -> str:
+    """`text` with the part between BEGIN and END replaced by `table`."""
+    head, sep, rest = text.partition(BEGIN)
+    _, sep2, tail = rest.partition(END)
+    if not (sep and sep2):
+        raise ValueError(f"the markers {BEGIN!r} and {END!r} are missing")
+    return f"{head}{BEGIN}\n{table}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python3 -m shared.settings",
+                                     description="print (or write into docs/settings.md) every OMA_ variable")
+    parser.add_argument("--markdown", action="store_true", required=True, help="a Markdown table")
+    parser.add_argument("--write", action="store_true", help=f"replace the table in {DOC}")
+    args = parser.parse_args(argv)
+    table = markdown()
+    if args.write:
+        DOC.write_text(with_table(DOC.read_text(), table))
+    else:
+        print(table, end="")
+
+
+if __name__ == "__main__":
+    # Through the imported module, whose Settings is the one the rest of the code sees.
+    from shared.settings import main as _main
+    _main()

@@ -60,6 +60,10 @@ class Replication:
     # The copier's change-id calls (services/replication/changeids.py).
     CHANGEID_GET = "oma.replication.changeid.get"
     CHANGEID_RECORD = "oma.replication.changeid.record"
+    # Failover (services/replication/handover.py): a live cutover takes the VM's replica volumes, a
+    # rollback gives them back.
+    HANDOVER = "oma.replication.vm.handover"
+    RECLAIM = "oma.replication.vm.reclaim"
     EVT_PREFIX = "oma.evt.replication.job"
     EVT_CREATED = "oma.evt.replication.job.created"
     EVT_STATUS = "oma.evt.replication.job.status_changed"
@@ -73,6 +77,7 @@ class Failover:
     LIST = "oma.failover.job.list"
     GET = "oma.failover.job.get"
     MAPPINGS = "oma.failover.network.mappings"  # get | create | update | delete
+    USING_CONFIG = "oma.failover.job.using_config"  # config asks before deleting a configuration
     EVT_STATUS = "oma.evt.failover.job.status_changed"
 
 

@@ -35,6 +35,11 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def vcenter_address(host: str, port: int | None) -> str:
+    """The `vcenter` field the VMA logs in with: host, or host:port when not 443."""
+    return host if not port or port == 443 else f"{host}:{port}"
+
+
 class VCenterCredentials(_Request):
     """The vCenter to act on and how to log in; the original passes these in every call."""
     vcenter: str = Field(min_length=1, description="vCenter host, optionally host:port")

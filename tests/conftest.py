@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -14,13 +13,11 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 
-from shared.natsserver import EmbeddedNats
+from shared.natsserver import EmbeddedNats, free_port  # noqa: F401  (tests import free_port from here)
 from shared.settings import SERVICES, Settings
+from tests.natsaudit import Audit
+from tests.mariadbutil import MARIADB, mariadb_exec, mariadb_settings  # noqa: F401  (tests import them from here)
 
-MARIADB = dict(host=os.environ.get("OMA_TEST_DB_HOST", "127.0.0.1"),
-               port=int(os.environ.get("OMA_TEST_DB_PORT", "3306")),
-               user=os.environ.get("OMA_TEST_DB_USER", "root"),
-               password=os.environ.get("OMA_TEST_DB_PASS", ""))
 SEED_TOKEN = "vma_test_token_abc123def456789012345678"
 
 
@@ -32,6 +29,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "nats_forbidden: the test makes forbidden publishes on purpose "
+                            "(not checked against shared/natsauth.py)")
+
+
+@pytest.fixture(scope="session")
+def _nats_audit():
+    audit = Audit()
+    audit.install()
+    yield audit
+    audit.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def nats_permissions(request: pytest.FixtureRequest, _nats_audit: Audit):
+    """What the services and the gateway published in this test, each allowed to its NATS user."""
+    _nats_audit.take()
+    yield
+    found = _nats_audit.take()
+    if found and request.node.get_closest_marker("nats_forbidden") is None:
+        raise AssertionError("publishes that shared/natsauth.py does not allow (the secured appliance "
+                             "would refuse them):\n  " + "\n  ".join(found))
+
+
 @pytest.fixture(scope="session")
 async def nats_url() -> AsyncIterator[str]:
     server = EmbeddedNats()
@@ -39,37 +60,13 @@ async def nats_url() -> AsyncIterator[str]:
     await server.stop()
 
 
-async def _mariadb_exec(sql: str, database: str | None = None) -> None:
-    import asyncmy
-    conn = await asyncmy.connect(host=MARIADB["host"], port=MARIADB["port"], user=MARIADB["user"],
-                                 password=MARIADB["password"], database=database)
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(sql)
-        await conn.commit()
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 async def mariadb_name() -> AsyncIterator[str]:
     """A fresh MariaDB database on the machine's server, dropped afterwards."""
     name = f"oma_test_{uuid.uuid4().hex[:10]}"
-    await _mariadb_exec(f"CREATE DATABASE `{name}`")
+    await mariadb_exec(f"CREATE DATABASE `{name}`")
     yield name
-    await _mariadb_exec(f"DROP DATABASE IF EXISTS `{name}`")
-
-
-def mariadb_settings(name: str) -> dict[str, Any]:
-    return dict(db_type="mariadb", db_host=MARIADB["host"], db_port=MARIADB["port"], db_name=name,
-                db_user=MARIADB["user"], db_pass=MARIADB["password"])
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    await mariadb_exec(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 @pytest.fixture

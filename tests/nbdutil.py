@@ -5,10 +5,11 @@ import asyncio
 import hashlib
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Awaitable, Callable
+
+from shared.natsserver import free_port  # noqa: F401  (tests and benchmarks import it from here)
 
 NBD_TOOLS = ("nbd-server", "nbdkit", "nbdinfo", "nbdcopy")
 MiB = 1 << 20
@@ -16,12 +17,6 @@ MiB = 1 << 20
 
 def missing_tools(tools=NBD_TOOLS) -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def sparse_file(path: Path, size: int) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from plugins.device import serial_of
+from plugins.device import disk_serial
 from shared import plugins
 from shared.contracts import CloudClient, CloudParamError
 from shared.hookspecs import hookimpl
@@ -29,7 +29,7 @@ class MiniCloud:
 
     def __init__(self, credentials: dict[str, Any], settings: Any):
         self.credentials = credentials
-        self.devices = Path(settings.device_by_id_dir)
+        self.devices = Path(settings.device.by_id_dir)
 
     async def close(self) -> None:
         pass
@@ -65,13 +65,13 @@ class MiniCloud:
         backing = self.devices / f"mini-{volume_id}.img"
         with open(backing, "wb") as f:
             f.truncate(volume["size"] << 30)
-        (self.devices / f"virtio-{serial_of(volume_id)}").symlink_to(backing)
+        (self.devices / f"virtio-{disk_serial(volume_id)}").symlink_to(backing)
         volume.update(virtualmachineid=virtual_machine_id, deviceid=1)
         CALLS.append(("attach", volume_id))
         return dict(volume)
 
     async def detach_volume(self, volume_id: str) -> dict[str, Any]:
-        (self.devices / f"virtio-{serial_of(volume_id)}").unlink(missing_ok=True)
+        (self.devices / f"virtio-{disk_serial(volume_id)}").unlink(missing_ok=True)
         VOLUMES[volume_id]["virtualmachineid"] = None
         CALLS.append(("detach", volume_id))
         return dict(VOLUMES[volume_id])

@@ -1,5 +1,5 @@
 """An OSSEA configuration that a job still needs (in flight, holding volumes and exports, or with a
-cleanup left) cannot be deleted: 409 naming the jobs. Deleting the job releases its volume and
+cleanup left) cannot be deleted: 409 naming the jobs (failover's are in tests/test_failover.py). Deleting the job releases its volume and
 export with that configuration; then the configuration may go. Real nbdkit, NATS and SQLite; the
 cloud is the project's simulator."""
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 from services.replication import service as replication_service
 from shared.subjects import Replication
 from tests.conftest import assert_error_shape, login, running
-from tests.test_replication import replication_env, request
+from tests.test_replication import SERVICES, replication_env, request
 
 
 async def test_a_configuration_in_use_cannot_be_deleted(make_settings, tmp_path, monkeypatch):
-    async with replication_env(make_settings, tmp_path) as env:
+    async with replication_env(make_settings, tmp_path, services=(*SERVICES, "failover")) as env:
         async def delete_config():
             return await env.client.post("/api/v1/ossea/config", headers=env.headers,
                                          json={"action": "delete", "id": env.config_id})
@@ -43,7 +43,7 @@ async def test_a_configuration_in_use_cannot_be_deleted(make_settings, tmp_path,
             assert disk["export_name"] not in exporter.list_exports()
         assert env.data_volumes() == {}
 
-        bus = env.replication.bus
+        bus = env.client.appliance.services["config"].bus  # the one service that asks this
 
         assert (await bus.call(Replication.USING_CONFIG, {"ossea_config_id": env.config_id}))["job_ids"] == []
         r = await delete_config()

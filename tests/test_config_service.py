@@ -69,7 +69,7 @@ async def post(client, headers, body: dict[str, Any]):
 
 
 async def test_seed_examples_return_the_seed_shapes(make_settings) -> None:
-    async with running(make_settings(), services=("auth", "config", "replication")) as client:
+    async with running(make_settings(), services=("auth", "config", "replication", "failover")) as client:
         h = await login(client)
         config_app = client.appliance.services["config"]
         events: list[dict[str, Any]] = []
@@ -372,7 +372,7 @@ async def test_mariadb_migrations_and_wide_secret(make_settings, mariadb_name: s
     settings = make_settings(cloud_timeout=TIMEOUT, **mariadb_settings(mariadb_name))
     # 500 characters of 4-byte UTF-8: the largest secret a request may carry.
     wide_secret = "\U0001F511" * 500
-    async with running(settings, services=("auth", "config", "replication")) as client:
+    async with running(settings, services=("auth", "config", "replication", "failover")) as client:
         h = await login(client)
         config_app = client.appliance.services["config"]
         r = await post(client, h, {"action": "create", "configuration": {**SEED_CONFIG, "secret_key": wide_secret}})

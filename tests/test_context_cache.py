@@ -45,6 +45,7 @@ def test_replies_stay_within_their_bytes_and_time():
     assert expired.get_vm("vm") is None
 
 
+@pytest.mark.nats_forbidden  # asks REBUILD (oma-admin's) over the aggregator's connection, a shortcut
 async def test_a_change_reaches_polled_replies_at_once(ctx_settings, bus):
     clock = Clock()
     job = Job(clock, "cache-vm", "job-cache-1")

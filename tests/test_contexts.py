@@ -7,11 +7,13 @@ own durable consumer name."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import h11
 import httpx
 import nats
 import orjson
@@ -472,6 +474,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.asynccontextmanager
+async def served(app):
+    """The app on a real server: httpx's in-process transport buffers whole responses."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await wait_for(lambda: asyncio.sleep(0, server.started), timeout=10)
+        yield port
+    finally:
+        server.should_exit = True
+        await serving
+
+
+def sse_events(text: str) -> tuple[list[tuple[str, Any]], str]:
+    """The complete events in `text` as (event, JSON data), comments skipped; and the rest."""
+    *frames, rest = text.split("\n\n")
+    events = []
+    for frame in frames:
+        lines = dict(line.split(": ", 1) for line in frame.splitlines() if not line.startswith(":"))
+        if lines:
+            events.append((lines["event"], orjson.loads(lines["data"])))
+    return events, rest
+
+
 async def test_sse_stream_sends_the_update(ctx_settings, bus):
     clock = Clock()
     job = Job(clock, "ssevm", "job-sse-1")
@@ -480,35 +507,98 @@ async def test_sse_stream_sends_the_update(ctx_settings, bus):
         await publish(bus, [job.event("created")])
         await until(client, h, "ssevm", lambda b: True)
 
-        # A real server: httpx's in-process transport buffers whole responses.
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, lifespan="off",
-                                               log_config=None))
-        serving = asyncio.create_task(server.serve())
-        try:
-            await wait_for(lambda: asyncio.sleep(0, server.started), timeout=10)
+        async with served(client.app) as port:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
                 async with http.stream("GET", "/api/v1/vm-contexts/ssevm/events", headers=h) as r:
                     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
                     frames = r.aiter_text()
-                    buf = ""
+                    buf, got = "", []
 
                     async def next_event() -> tuple[str, dict[str, Any]]:
                         nonlocal buf
-                        while "\n\n" not in buf:
+                        while not got:
                             buf += await asyncio.wait_for(anext(frames), timeout=10)
-                        frame, buf = buf.split("\n\n", 1)
-                        lines = dict(line.split(": ", 1) for line in frame.splitlines() if not line.startswith(":"))
-                        return lines["event"], orjson.loads(lines["data"])
+                            events, buf = sse_events(buf)
+                            got.extend(events)
+                        return got.pop(0)
 
                     kind, first = await next_event()
                     assert kind == "context" and first["current_job"]["status"] == "queued"
                     await publish(bus, [job.event("progressed", status="replicating", progress_percent=33.3,
                                                   current_operation="Transferring Data")])
+                    # The `created` batch's own update may still be on its way: it comes first then.
                     kind, update = await next_event()
+                    while kind == "update" and update["context"]["current_job"]["progress_percent"] == 0:
+                        kind, update = await next_event()
                     assert kind == "update" and update["vm_name"] == "ssevm"
                     assert update["context"]["current_job"]["progress_percent"] == 33.3
                     assert update["context"] == (await get_ctx(client, h, "ssevm")).json()
-        finally:
-            server.should_exit = True
-            await serving
+
+
+async def test_sse_slow_client_gets_a_resync_not_a_gap(ctx_settings, bus):
+    """A client that stops reading while updates pour in: the server's buffers and its queue fill,
+    the rest are dropped, and the client then reads every queued update in order, `resync` with the
+    VM's whole context (never a silent gap), and the updates after it."""
+    clock = Clock()
+    job = Job(clock, "slowvm", "job-slow-1")
+    resyncs = metric("oma_sse_resyncs_total", route="/api/v1/vm-contexts/{vm_name:path}/events")
+    async with running(ctx_settings(), SERVICES) as client:
+        h = await login(client)
+        await publish(bus, [job.event("created")])
+        await until(client, h, "slowvm", lambda b: True)
+        async with served(client.app) as port:
+            # A raw socket with a small receive buffer: the client's reading is ours to stop.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+            subscribed = len(client.app.state.bus.nc._subs)
+            conn = h11.Connection(h11.CLIENT)
+            writer.write(conn.send(h11.Request(method="GET", target="/api/v1/vm-contexts/slowvm/events",
+                                               headers=[("Host", "oma"), ("Authorization", h["Authorization"])])))
+            writer.write(conn.send(h11.EndOfMessage()))
+            text, events = "", []
+
+            async def read_until(done) -> None:
+                nonlocal text
+                while not done():
+                    conn.receive_data(await asyncio.wait_for(reader.read(65536), timeout=15))
+                    while (event := conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+                        if isinstance(event, h11.Response):
+                            assert event.status_code == 200
+                        elif isinstance(event, h11.Data):
+                            text += event.data.decode()
+                            new, text = sse_events(text)
+                            events.extend(new)
+
+            await read_until(lambda: events)
+            assert events[0][0] == "context"
+
+            # Stop reading; 8 KiB updates fill the socket buffers, then the route's queue.
+            pad = "x" * 8192
+            sent = 0
+            while metric("oma_sse_resyncs_total", route="/api/v1/vm-contexts/{vm_name:path}/events") == resyncs:
+                assert sent < 5000, "the client never fell behind"
+                for _ in range(50):
+                    await bus.nc.publish(Contexts.EVT_UPDATED, orjson.dumps(
+                        {"vm_name": "slowvm", "context": {"seq": sent, "pad": pad}}))
+                    sent += 1
+                await bus.nc.flush()
+                await asyncio.sleep(0.05)
+
+            await read_until(lambda: any(kind == "resync" for kind, _ in events))
+            kinds = [kind for kind, _ in events]
+            at = kinds.index("resync")
+            seqs = [data["context"]["seq"] for kind, data in events[1:at]]
+            assert kinds[1:at] == ["update"] * len(seqs) and seqs == list(range(len(seqs)))  # in order, no gap
+            assert len(seqs) < sent  # some were dropped: the resync stands for them
+            assert events[at][1] == (await get_ctx(client, h, "slowvm")).json()  # the whole context, fresh
+            # Updates flow again after the resync.
+            await bus.nc.publish(Contexts.EVT_UPDATED, orjson.dumps({"vm_name": "slowvm", "context": {"seq": -1}}))
+            await read_until(lambda: any(kind == "update" and data["context"]["seq"] == -1
+                                         for kind, data in events[at:]))
+            writer.close()
+            # The stream's subscription ends with it (nats-py has no public count of them).
+            gateway_nc = client.app.state.bus.nc
+            await wait_for(lambda: asyncio.sleep(0, subscribed == len(gateway_nc._subs)), timeout=10)

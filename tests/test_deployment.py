@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared import errors
 from shared.bus import Bus
 from shared.natsserver import _die_with_parent, find_binary, free_port
-from shared.settings import METRICS_PORTS, SERVICES, Settings
+from shared.settings import METRICS_PORTS, SERVICES, variables
 from shared.subjects import Config, Contexts, Exports, Inventory, health
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ SYSTEMD_DIR = ROOT / "ops" / "systemd"
 COMPOSE_SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
 INSTALL_BIN = "/opt/oma/venv/bin"      # where the units expect the console scripts
 NATS_USERS = (*SERVICES, "gateway", "admin")
-SETTINGS_ENV = {f"OMA_{name.upper()}" for name in Settings.model_fields}
+SETTINGS_ENV = {v.env for v in variables()}
 OMA_METRIC = re.compile(r"\boma_[a-z0-9_]+\b")
 PROMETHEUS_BUILTINS = {"up"}
 

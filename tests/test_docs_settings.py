@@ -1,6 +1,7 @@
-"""The docs name only settings that exist: every `OMA_X` in README.md and docs/*.md is a field `x`
-of shared.settings.Settings (the only variables the appliance reads, extra="forbid"), and so is every
-name in a settings table. A doc that calls a field "not yet a Settings field" is stale too."""
+"""The docs name only settings that exist: every `OMA_X` in README.md and docs/*.md is a variable of
+the one Settings tree (`shared.settings.variables()`: the core's fields and the plugins' sections, the
+only variables the appliance reads), and so is every name in a settings table. A doc that calls a
+field "not yet a Settings field" is stale too. docs/settings.md's table is generated from that tree."""
 from __future__ import annotations
 
 import re
@@ -8,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
+from shared import settings as settings_mod
+from shared.settings import Settings, environ, variables
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
-FIELDS = set(Settings.model_fields)
+VARIABLES = variables()
+FIELDS = {v.name for v in VARIABLES}         # nbd_port: the names docs' tables use
+ENV = {v.env for v in VARIABLES}             # OMA_NBD_PORT
 # `OMA_` names that are not appliance settings, and what they are.
 NOT_SETTINGS = {
     "OMA_EVENTS": "the JetStream stream of oma.evt.>",
@@ -52,8 +56,8 @@ def settings_tables(text: str) -> list[tuple[str, int, list[str]]]:
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_docs_name_only_existing_settings(doc: Path):
     text = doc.read_text()
-    problems = [f"{name}: no Settings field {name[4:].lower()!r}" for name in sorted(env_names(text))
-                if name[4:].lower() not in FIELDS]
+    problems = [f"{name}: not a variable of the Settings tree" for name in sorted(env_names(text))
+                if name not in ENV]
     for heading, number, names in settings_tables(text):
         for name in names:
             if name not in FIELDS:
@@ -70,3 +74,47 @@ def test_the_checks_catch_what_they_should():
     assert settings_tables(table) == [("Configuration", 5, ["nbd_group", "nbd_port"])]
     assert settings_tables("## Settings\n| name | default |\n|--|--|\n| `contexts_batch` | 250 |") == \
         [("Settings", 4, ["contexts_batch"])]
+
+
+def test_generated_table_is_up_to_date():
+    text = settings_mod.DOC.read_text()
+    assert settings_mod.with_table(text, settings_mod.markdown()) == text, \
+        "run: python3 -m shared.settings --markdown --write"
+    documented = set(re.findall(r"^\| `(OMA_[A-Z0-9_]+)` \|", text, re.M))
+    assert documented == ENV
+
+
+def test_every_variable_is_described_once():
+    assert [v.env for v in VARIABLES if not (v.field.description or "").strip()] == []
+    assert len(ENV) == len(VARIABLES)
+
+
+def test_plugin_sections_read_their_variables(monkeypatch):
+    """OMA_NBD_PORT is the nbd plugin's `port`; a keyword beats the environment; a variable of the
+    core that shares the prefix (OMA_NBD_HOST, replication's) stays the core's."""
+    monkeypatch.setenv("OMA_NBD_PORT", "10999")
+    monkeypatch.setenv("OMA_NBD_TLS_CLIENT_PSK_FILE", "/etc/vma/psk")
+    monkeypatch.setenv("OMA_NBD_HOST", "oma.example")
+    monkeypatch.setenv("OMA_VMA_RETRIES", "7")
+    s = Settings()
+    assert (s.nbd.port, s.nbd.tls_client_psk_file, s.nbd_host, s.vma.retries) == \
+        (10999, "/etc/vma/psk", "oma.example", 7)
+    assert Settings(nbd_port=11000).nbd.port == 11000
+    assert Settings(nbd_port=11000).nbd.tls_client_psk_file == "/etc/vma/psk"
+    # The environment a child process gets gives it the same tree.
+    for key, value in environ(Settings(nbd_port=11001, device_by_id_dir="/tmp/by-id")).items():
+        monkeypatch.setenv(key, value)
+    again = Settings()
+    assert (again.nbd.port, str(again.device.by_id_dir), again.vma.retries) == (11001, "/tmp/by-id", 7)
+
+
+def test_bad_section_values_name_the_variable(monkeypatch):
+    from shared.settings import FlagError, settings_from_flags
+    monkeypatch.setenv("OMA_NBD_PORT", "0")
+    with pytest.raises(FlagError, match="setting OMA_NBD_PORT: "):
+        settings_from_flags({}, "oma-api")
+    monkeypatch.delenv("OMA_NBD_PORT")
+    with pytest.raises(FlagError, match="flag -vma-timeout: "):
+        settings_from_flags({"vma_timeout": "soon"}, "oma-api")
+    with pytest.raises(FlagError, match="flag -nbd-bogus: "):
+        settings_from_flags({"nbd_bogus": 1}, "oma-api")

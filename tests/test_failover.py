@@ -7,19 +7,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from plugins.ossea.client import CloudParamError, CloudStackClient
 from plugins.ossea.sim_vms import PROD_NETWORK_IDS, SMALL_OFFERING_ID, STUB_TEMPLATE_ID, TEST_NETWORK_IDS
 from plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSimulator
+from services.failover.models import FailoverJob
+from services.failover.service import failover_id_base
+from shared.db import free_id
+from shared.settings import SERVICES as SETTINGS_SERVICES
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.nbdutil import nbdcopy, random_file
+from tests.test_orchestration import VM, assert_volumes_equal_source, discovered_vm, job_in, orchestrated
+from tests.test_orchestration import start as start_sync
 from tests.test_replication import Env, replication_env, request
 from tests.vcsim import DiskSpec, NicSpec, create_vm, find_by_name, running_vcsim
 
@@ -250,10 +259,10 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         reply = await prepare(env)
         replicas = {v["volume_id"] for v in reply["created_volumes"]}
         started = await failover(env, "test")
-        assert started["status"] == "running" and started["failover_id"].startswith("fo-")
+        assert started["status"] == "running" and re.fullmatch(r"fo-\d{8}-\d{6}(-\d+)?", started["failover_id"])
         job = await finished(env, started["failover_id"])
         assert job["status"] == "completed", job
-        assert [s["status"] for s in job["steps"]] == ["done"] * 8
+        assert [s["status"] for s in job["steps"]] == ["done"] * 8   # no `convert` step without a converter
         assert {r["kind"] for r in job["resources"]} == {"snapshot", "volume", "vm", "stub_root"}
         assert all(r["cloud_id"] for r in job["resources"])
         await check_test_vm(env, job, reply)
@@ -294,6 +303,18 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         again = await finished(env, (await failover(env, "test"))["failover_id"])
         assert again["status"] == "completed", again
 
+        # The test VM needs the OSSEA configuration too (its cleanup does): with replication's jobs gone
+        # (the test VM runs on clones), failover still refuses its deletion; after the cleanup it goes.
+        async def delete_config():
+            return await env.client.post("/api/v1/ossea/config", headers=env.headers,
+                                         json={"action": "delete", "id": env.config_id})
+        for job_id in (reply["job_id"], incremental["job_id"]):
+            assert (await env.delete(job_id)).status_code == 200
+        body = assert_error_shape(await delete_config(), 409)
+        assert f"used by failover jobs: {again['failover_id']}" in body["details"], body
+        assert (await finished(env, (await failover(env, "cleanup"))["failover_id"]))["status"] == "completed"
+        assert (await delete_config()).status_code == 200
+
 
 async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
@@ -327,6 +348,25 @@ async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_s
             {"vms": [], "volumes": [], "snapshots": []}
 
 
+async def test_failover_ids_share_a_second_by_a_suffix():
+    """`fo-YYYYMMDD-HHMMSS` as replication's job ids: `-2`, `-3`... only when that second is taken."""
+    engine = create_async_engine("sqlite+aiosqlite://")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(FailoverJob.__table__.create)
+        sessions = async_sessionmaker(engine)
+        base = failover_id_base(datetime(2026, 11, 30, 12, 0, 0))
+        async with sessions.begin() as db:
+            assert await free_id(db, FailoverJob.failover_id, base) == base == "fo-20261130-120000"
+            for taken in (base, f"{base}-2", "fo-20261130-1200001"):
+                db.add(FailoverJob(failover_id=taken, action="test", vm_name="v", status="completed",
+                                   options="{}", plan="{}"))
+            await db.flush()
+            assert await free_id(db, FailoverJob.failover_id, base) == f"{base}-3"
+    finally:
+        await engine.dispose()
+
+
 async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, services=SERVICES) as env:
         for body, status in (({"action": "explode", "vm_name": "x"}, 400), ({"action": "test"}, 400),
@@ -334,7 +374,8 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
                              ({"action": "cleanup", "vm_name": "nobody"}, 409),
                              ({"action": "live", "vm_name": "x"}, 409),
                              ({"action": "rollback", "vm_name": "x"}, 409),
-                             ({"action": "test", "vm_name": "x", "options": {"final_sync": True}}, 400)):
+                             ({"action": "test", "vm_name": "x", "options": {"final_sync": True}}, 400),
+                             ({"action": "test", "vm_name": "x", "options": {"convert": "nope"}}, 400)):
             r = await env.client.post("/api/v1/failover", headers=env.headers, json=body)
             assert_error_shape(r, status)
         assert_error_shape(await env.client.get("/api/v1/failover/jobs/fo-nope", headers=env.headers), 404)
@@ -345,6 +386,34 @@ async def test_bad_requests_have_the_seed_error_shape(make_settings, tmp_path):
         assert "VM Network" in assert_error_shape(r, 400)["details"]
         r = await env.client.post("/api/v1/network/mappings", headers=env.headers, json={"action": "get"})
         assert [m["source_network"] for m in r.json()["mappings"]] == ["Backup Net"]
+
+
+# -- the virt-v2v converter, for real ----------------------------------------------------------------
+
+async def test_virt_v2v_runs_for_real_and_its_failure_compensates(make_settings, tmp_path):
+    """`virt-v2v-in-place -i disk` on the boot clone of a replica that holds a filesystem and no
+    operating system: virt-v2v's inspection finds no guest, the `convert` step fails with virt-v2v's own
+    message, and the compensation leaves nothing behind. libguestfs runs its appliance under TCG
+    (force_tcg): /dev/kvm is unusable on these machines (shared/reference/failover.md §2)."""
+    async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
+                               convert_libguestfs_backend_settings="force_tcg", convert_timeout=900) as env:
+        reply = await prepare(env, "conv01", disks=2)
+        boot = min(reply["nbd_exports"], key=lambda e: e["disk_unit_number"])["device_path"]
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "no-os", boot], check=True)  # a filesystem, no OS
+        job = await finished(env, (await failover(env, "test", "conv01", convert="virt-v2v"))["failover_id"],
+                             timeout=900)
+        assert job["status"] == "compensated", job
+        steps = {s["name"]: s for s in job["steps"]}
+        assert steps["convert"]["status"] == "compensated" and steps["create_vm"]["status"] == "pending"
+        assert "virt-v2v-in-place exited with 1" in steps["convert"]["error"], steps["convert"]
+        # virt-v2v's own words, not ours
+        assert "virt-v2v-in-place: error: inspection could not detect the source guest" in job["error"], job["error"]
+        assert [steps[n]["status"] for n in ("snapshot", "clone")] == ["compensated"] * 2
+        replicas = {v["volume_id"] for v in reply["created_volumes"]}
+        assert await leftovers(env.sim, replicas) == {"vms": [], "volumes": [], "snapshots": []}
+        on_appliance = {v.id for v in env.sim.volumes.values() if v.vm_id == DEFAULT_VM_ID and v.type == "DATADISK"}
+        assert on_appliance == replicas   # the clone was attached for the conversion, then detached and deleted
+        await context_status(env, "ready_for_failover", "conv01")
 
 
 # -- live cutover and rollback, with the source in vcsim ----------------------------------------------
@@ -375,6 +444,9 @@ async def prepare_live(env: Env, vc: Any) -> list[str]:
         assert r.status_code == 201, r.text
     r = await env.post({"source_vm": source, "ossea_config_id": env.config_id})
     assert r.status_code == 201, r.text
+    # No VMA here: the sync is reported done on the copier's push route (a ready job is still in flight,
+    # and replication hands no volumes over while a sync may start).
+    assert (await env.progress(r.json()["job_id"], {"status": "completed"})).status_code == 200
     by_unit = {d["unit_number"]: d["volume_id"] for d in (await env.job(r.json()["job_id"]))["disks"]}
     return [by_unit[u] for u in sorted(by_unit)]
 
@@ -388,45 +460,72 @@ def live_source() -> Any:
         yield vc
 
 
-async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict[str, str]) -> None:
-    assert not [v for v in env.sim.vms.values() if v["name"] == "live01"]       # that VM is gone
+async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict[str, str],
+                            name: str = "live01") -> None:
+    assert not [v for v in env.sim.vms.values() if v["name"] == name]           # that VM is gone
     assert [env.sim.volumes[v].vm_id for v in replicas] == [DEFAULT_VM_ID] * 2  # back on the appliance
     assert env.client.appliance.services["export_manager"].exporter.list_exports() == served  # served again
-    assert power_state(vc, "live01") == "poweredOn"
+    assert power_state(vc, name) == "poweredOn"
+    assert await leftovers(env.sim, set(replicas)) == {"vms": [], "volumes": [], "snapshots": []}
     assert env.sim.lab.snapshots == {}
 
 
-async def test_live_cutover_then_rollback(make_settings, tmp_path):
-    with live_source() as vc:
-        async with replication_env(make_settings, tmp_path, services=LIVE_SERVICES, cloud_poll_interval=0.05,
-                                   failover_shutdown_timeout=2) as env:
-            c, h = env.client, env.headers
-            replicas = await prepare_live(env, vc)
-            exporter = c.appliance.services["export_manager"].exporter
-            served = exporter.list_exports()
-            assert len(served) == 2
+def when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=None)
 
-            live = await finished(env, (await failover(env, "live", "live01"))["failover_id"])
-            assert live["status"] == "completed", live
-            assert power_state(vc, "live01") == "poweredOff"                         # vCenter says so
-            [target] = [v for v in env.sim.vms.values() if v["name"] == "live01"]    # the exact name
-            assert target["state"] == "Running"
-            disks = sorted((v for v in env.sim.volumes.values() if v.vm_id == target["id"]), key=lambda v: v.device_id)
-            assert [(d.id, d.type) for d in disks] == [(replicas[0], "ROOT"), (replicas[1], "DATADISK")]
-            nics = env.sim.lab.nics[target["id"]]
-            assert [n["macaddress"] for n in nics] == [n.mac_address for n in LIVE_NICS]   # source MACs kept
-            assert [n["networkid"] for n in nics] == list(PROD_NETWORK_IDS)
-            assert exporter.list_exports() == {}                                      # the exports were released
-            assert len(env.sim.lab.snapshots) == 2                                   # the safety snapshots
-            await context_status(env, "failed_over_live", "live01")
-            assert_error_shape(await c.post("/api/v1/failover", headers=h, json={
-                "action": "test", "vm_name": "live01"}), 409)
 
-            back = await finished(env, (await failover(env, "rollback", "live01"))["failover_id"])
-            assert back["status"] == "completed", back
-            assert (await finished(env, live["failover_id"]))["status"] == "rolled_back"
-            await check_rolled_back(env, vc, replicas, served)
-            await context_status(env, "rolled_back", "live01")
+async def test_live_cutover_with_the_final_sync_through_the_vma_then_rollback(make_settings, tmp_path):
+    """The source in vcsim, reached through the VMA simulator: the final sync is a replication job the
+    VMA runs after the power-off, and it carries what the guest wrote after the last sync."""
+    async with orchestrated(make_settings, tmp_path, vm_spec={"nics": LIVE_NICS, "power_on": True},
+                            cloud_poll_interval=0.05, failover_shutdown_timeout=2) as (c, h, cloud, vma, vc):
+        env = Env(c, h, cloud, c.config_id, tmp_path, [])
+        vm = await discovered_vm(c, h, vc)
+        for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+            r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+                "source_network": nic.network, "production_network_id": net}})
+            assert r.status_code == 201, r.text
+        first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
+        assert first["status"] == "completed", first
+        replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
+        served = c.appliance.services["export_manager"].exporter.list_exports()
+        # The guest writes after the last sync: only a sync after the power-off carries it over.
+        written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
+
+        live = await finished(env, (await failover(env, "live", VM))["failover_id"], timeout=120)
+        assert live["status"] == "completed", live
+        assert [s["name"] for s in live["steps"]][:4] == ["validate", "power_off_source", "final_sync", "snapshot"]
+        steps = {s["name"]: s for s in live["steps"]}
+        final = await env.job(live["final_sync_job_id"])
+        assert final["replication_type"] == "incremental" and final["status"] == "completed", final
+        assert when(steps["power_off_source"]["completed_at"]) <= when(final["created_at"])   # after the power-off
+        assert when(final["completed_at"]) <= when(steps["snapshot"]["started_at"])           # before the snapshots
+        assert final["bytes_transferred"] == written                                          # the delta, by the VMA
+        assert [d["volume_id"] for d in sorted(final["disks"], key=lambda d: d["unit_number"])] == replicas
+        assert_volumes_equal_source(cloud, vma, vc, vm, final)  # the replicas hold the source's last bytes
+        assert power_state(vc, VM) == "poweredOff"
+        [target] = [v for v in cloud.vms.values() if v["name"] == VM]
+        assert target["state"] == "Running"
+        disks = sorted((v for v in cloud.volumes.values() if v.vm_id == target["id"]), key=lambda v: v.device_id)
+        assert [(d.id, d.type) for d in disks] == [(replicas[0], "ROOT"), (replicas[1], "DATADISK")]
+        assert [n["macaddress"] for n in cloud.lab.nics[target["id"]]] == [n.mac_address for n in LIVE_NICS]
+
+        # Replication was told: the volumes are the new VM's, no sync of the VM and no release of them.
+        r = await c.post("/api/v1/replications", headers=h, json={
+            "source_vm": vm, "ossea_config_id": c.config_id, "replication_type": "incremental"})
+        assert live["failover_id"] in assert_error_shape(r, 409)["details"]
+        assert "rollback" in r.json()["details"]
+        assert_error_shape(await env.delete(final["job_id"]), 409)
+        assert [cloud.volumes[v].vm_id for v in replicas] == [target["id"]] * 2
+
+        back = await finished(env, (await failover(env, "rollback", VM))["failover_id"], timeout=120)
+        assert back["status"] == "completed", back
+        await check_rolled_back(env, vc, replicas, served, VM)
+        # Given back, reverted to the snapshots taken after the final sync: syncs resume incrementally.
+        written = (await vma.mutate(vm["path"], vm["disks"][1]["id"], 1))["bytes_written"]
+        again = await job_in(c, h, await start_sync(c, h, vm, "incremental"), "completed", "failed")
+        assert again["status"] == "completed" and again["bytes_transferred"] == written, again
+        assert_volumes_equal_source(cloud, vma, vc, vm, again)
 
 
 async def test_a_failed_live_cutover_puts_everything_back(make_settings, tmp_path):
@@ -436,9 +535,9 @@ async def test_a_failed_live_cutover_puts_everything_back(make_settings, tmp_pat
             replicas = await prepare_live(env, vc)
             served = env.client.appliance.services["export_manager"].exporter.list_exports()
             env.sim.fail("startVirtualMachine", errorcode=533, errortext="Insufficient capacity to start")
-            job = await finished(env, (await failover(env, "live", "live01"))["failover_id"])
+            job = await finished(env, (await failover(env, "live", "live01", final_sync=False))["failover_id"])
             assert job["status"] == "compensated" and "Insufficient capacity" in job["error"], (job["error"], job["steps"])
-            assert [s["status"] for s in job["steps"]][:-1] == ["compensated"] * 8   # verify never ran
+            assert [s["status"] for s in job["steps"]][:-1] == ["compensated"] * 9   # verify never ran
             await check_rolled_back(env, vc, replicas, served)
             await context_status(env, "ready_for_failover", "live01")
 
@@ -506,6 +605,41 @@ async def kill_on_call(sim: CloudStackSimulator, proc: FailoverProcess, mark: in
     sim.release(command)
 
 
+def failover_up(env: Env) -> Callable[[], Awaitable[bool]]:
+    async def up() -> bool:
+        return (await env.client.get("/api/v1/failover/jobs", headers=env.headers)).status_code == 200
+    return up
+
+
+def hold_power(env: Env, action: str) -> Callable[[FailoverProcess], Awaitable[None]]:
+    """Like `kill_on_call` for the source's power (vCenter, through the inventory service): the power
+    `action` is held until the failover service that asked for it is SIGKILLed, then carried out."""
+    inventory = env.client.appliance.services["inventory"]
+    real = inventory._source
+    asked, go = asyncio.Event(), asyncio.Event()
+
+    class Held:
+        def __init__(self, source: Any):
+            self.source = source
+
+        async def power(self, vm_id: str, on: bool | None, timeout: float) -> dict[str, Any]:
+            if on is (action == "on") and not asked.is_set():
+                asked.set()
+                await go.wait()
+            return await self.source.power(vm_id, on, timeout)
+
+    async def source(conn: dict[str, Any]) -> Any:
+        return Held(await real(conn))
+    inventory._source = source
+
+    async def kill(proc: FailoverProcess) -> None:
+        await asyncio.wait_for(asked.wait(), 60)
+        proc.kill()
+        go.set()
+        inventory._source = real
+    return kill
+
+
 @contextlib.asynccontextmanager
 async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: tuple[str, ...],
                    point: tuple[str, str, str, Any]) -> AsyncIterator[tuple[Env, Any]]:
@@ -519,18 +653,22 @@ async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: t
         proc = FailoverProcess(env.client.settings, tmp_path / "failover.log")
         proc.start()
         try:
-            async def up():
-                r = await env.client.get("/api/v1/failover/jobs", headers=env.headers)
-                return r.status_code == 200
-            await wait_for(up, timeout=60, interval=0.2)
+            await wait_for(failover_up(env), timeout=60, interval=0.2)
 
-            async def run(action: str, vm_name: str = "app01") -> dict[str, Any]:
+            async def run(action: str, vm_name: str = "app01", **options: Any) -> dict[str, Any]:
                 mark = len(env.sim.calls)
+                held = None
                 if phase == action:
-                    env.sim.hang(command)
-                failover_id = (await failover(env, action, vm_name))["failover_id"]
-                if phase == action:
+                    if command.startswith("power:"):
+                        held = hold_power(env, command.removeprefix("power:"))
+                    else:
+                        env.sim.hang(command)
+                failover_id = (await failover(env, action, vm_name, **options))["failover_id"]
+                if held is not None:
+                    await held(proc)
+                elif phase == action:
                     await kill_on_call(env.sim, proc, mark, command, match)
+                if phase == action:
                     proc.start()
                 job = await finished(env, failover_id)
                 assert job["status"] == "completed", job
@@ -553,12 +691,14 @@ async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tm
 
 
 LIVE_KILL_POINTS = [
-    ("live", "snapshot", "createSnapshot", None), ("live", "release", "detachVolume", None),
+    ("live", "power_off_source", "power:off", None), ("live", "snapshot", "createSnapshot", None), ("live", "release", "detachVolume", None),
     ("live", "create_vm", "deployVirtualMachine", None), ("live", "swap_root", "deleteVolume", None),
     ("live", "attach_data", "attachVolume", no_device_0), ("live", "start", "startVirtualMachine", None),
+    ("live", "verify", "listNics", None),
     ("rollback", "stop_vm", "stopVirtualMachine", None), ("rollback", "detach_volumes", "detachVolume", None),
     ("rollback", "destroy_vm", "destroyVirtualMachine", None),
     ("rollback", "revert_snapshots", "revertSnapshot", None), ("rollback", "reattach", "attachVolume", None),
+    ("rollback", "power_on_source", "power:on", None),
     ("rollback", "delete_snapshots", "deleteSnapshot", None)]
 
 
@@ -568,10 +708,59 @@ async def test_kill_9_during_live_cutover_and_rollback(make_settings, tmp_path, 
         async with killable(make_settings, tmp_path, mariadb_name, LIVE_SERVICES, point) as (env, run):
             replicas = await prepare_live(env, vc)
             served = env.client.appliance.services["export_manager"].exporter.list_exports()
-            await run("live", "live01")
+            await run("live", "live01", final_sync=False)  # no VMA here: the final sync is tested above
             [target] = [v for v in env.sim.vms.values() if v["name"] == "live01"]
             assert target["state"] == "Running" and power_state(vc, "live01") == "poweredOff"
             assert [v.id for v in sorted((v for v in env.sim.volumes.values() if v.vm_id == target["id"]),
                                          key=lambda v: v.device_id)] == replicas
             await run("rollback", "live01")
             await check_rolled_back(env, vc, replicas, served)
+
+
+async def test_kill_9_during_the_final_sync_follows_the_same_sync(make_settings, tmp_path, mariadb_name):
+    """The VMA's copy of the final sync is held (its `hang` fault) while the failover service is
+    SIGKILLed: the restarted step waits for the same replication job (none is created twice), which
+    completes once the copy goes on; the cutover completes and its rollback leaves nothing behind."""
+    others = tuple(s for s in SETTINGS_SERVICES if s != "failover")
+    async with orchestrated(make_settings, tmp_path, services=others, vm_spec={"nics": LIVE_NICS, "power_on": True},
+                            **mariadb_settings(mariadb_name)) as (c, h, cloud, vma, vc):
+        env = Env(c, h, cloud, c.config_id, tmp_path, [])
+        proc = FailoverProcess(c.settings, tmp_path / "failover.log")
+        proc.start()
+        try:
+            await wait_for(failover_up(env), timeout=60, interval=0.2)
+            vm = await discovered_vm(c, h, vc)
+            for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+                r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+                    "source_network": nic.network, "production_network_id": net}})
+                assert r.status_code == 201, r.text
+            first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
+            assert first["status"] == "completed", first
+            replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
+            served = c.appliance.services["export_manager"].exporter.list_exports()
+            written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
+            await vma.set_faults(hang=True)
+            failover_id = (await failover(env, "live", VM))["failover_id"]
+
+            async def final_sync_running():
+                r = await c.get("/api/v1/replication/jobs", headers=h, params={"vm_name": VM})
+                newer = [j for j in r.json()["jobs"] if j["job_id"] != first["job_id"]]
+                return newer if newer and newer[0]["status"] == "replicating" else None
+            [final] = await wait_for(final_sync_running, timeout=60, interval=0.05)
+            proc.kill()
+            proc.start()
+            await vma.clear_faults()
+            live = await finished(env, failover_id, timeout=120)
+            assert live["status"] == "completed", live
+            steps = {s["name"]: s for s in live["steps"]}
+            assert steps["final_sync"]["attempts"] == 2 and live["final_sync_job_id"] == final["job_id"], steps
+            r = await c.get("/api/v1/replication/jobs", headers=h, params={"vm_name": VM})
+            assert [j["job_id"] for j in r.json()["jobs"]] == [final["job_id"], first["job_id"]]  # none twice
+            done = await env.job(final["job_id"])
+            assert done["status"] == "completed" and done["bytes_transferred"] == written, done
+            assert power_state(vc, VM) == "poweredOff"
+            back = await finished(env, (await failover(env, "rollback", VM))["failover_id"], timeout=120)
+            assert back["status"] == "completed", back
+            await check_rolled_back(env, vc, replicas, served, VM)
+        finally:
+            proc.stop()

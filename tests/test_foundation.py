@@ -306,6 +306,7 @@ def test_oma_api_process(tmp_path: Path, db: str, request):
             proc.wait()
 
 
+@pytest.mark.nats_forbidden  # reads $SRV.STATS over the gateway's connection, a test's shortcut
 async def test_two_oma_service_processes_share_a_queue_group(make_settings, nats_url, tmp_path):
     """Two `oma-service config` processes on one NATS: both take requests; health stays up while
     either runs."""
@@ -363,7 +364,7 @@ async def test_appliance_comes_up_when_the_nbd_server_cannot(make_settings):
             assert reason.startswith("NBD exporter not serving: ") and "in use" in reason
             from shared.subjects import Exports
             with pytest.raises(errors.Unavailable) as exc:
-                await client.app.state.bus.call(Exports.ENSURE, {"vm_id": "x", "disk_unit_number": 0,
+                await client.appliance.services["replication"].bus.call(Exports.ENSURE, {"vm_id": "x", "disk_unit_number": 0,
                                                                  "vm_name": "x", "device_path": "/dev/null"})
             assert "in use" in str(exc.value.details)
 

@@ -38,13 +38,14 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 VMS = ("gui-alpha", "gui-beta", "gui-gamma", HOSTILE)
 PASSWORDS = {"olivia": "operator-password-1", "victor": "viewer-password-1"}
 GiB = 2**30
+ACTIONS = re.compile("Start replication|Discover now|Test connection|Test failover|Clean up|Cut over|Roll back")  # what only an operator gets
 
 
 class Gui:
     """The running appliance, its HTTP address and an API client for the VMA's side."""
 
-    def __init__(self, url: str, client: Any, headers: dict[str, str]):
-        self.url, self.client, self.headers = url, client, headers
+    def __init__(self, url: str, client: Any, headers: dict[str, str], vc: Any):
+        self.url, self.client, self.headers, self.vc = url, client, headers, vc
 
     async def job_of(self, vm: str, status: str | None = None) -> str:
         async def current():
@@ -102,7 +103,7 @@ async def gui(nats_url: str, tmp_path_factory) -> AsyncIterator[Gui]:
                 async with client.appliance.services["auth"].sessions.begin() as db:
                     await operators.add_operator(db, "olivia", PASSWORDS["olivia"], "operator")
                     await operators.add_operator(db, "victor", PASSWORDS["victor"], "viewer")
-                gui = Gui("", client, h)
+                gui = Gui("", client, h, vc)
                 for name in VMS:  # every discovered VM has a context before the browser looks
                     await wait_for(lambda n=name: _has_context(gui, n), timeout=20)
                 async with http_server(client.app) as url:
@@ -159,6 +160,13 @@ class Watch:
         assert len(seen) == 1, self.errors
         self.errors.remove(seen[0])
 
+    def expect_htmx_error(self, status: str, path: str) -> None:
+        """An htmx request answered with an error status: Chromium's line and htmx's own."""
+        self.expect_error(status)
+        seen = [e for e in self.errors if e.startswith(f"Response Status Error Code {status} from {path}")]
+        assert len(seen) == 1, self.errors
+        self.errors.remove(seen[0])
+
     def assert_clean(self) -> None:
         assert (self.errors, self.dialogs, self.foreign) == ([], [], [])
 
@@ -184,6 +192,77 @@ def row(page: Page, vm: str):
     return page.locator("tbody tr").filter(has=page.get_by_role("rowheader", name=vm, exact=True))
 
 
+async def replicate_to_the_end(gui: Gui, page: Page, vm: str) -> str:
+    """Report a ready job's progress as the VMA does (half, then complete with the disk's new change
+    id) and see its row's bar follow to 100% over the event stream. Returns the job id."""
+    job = await gui.job_of(vm, "ready_for_sync")
+    bar = page.get_by_role("progressbar", name=f"Progress of {vm}")
+    await gui.progress(job, status="replicating", current_operation="Transferring Data",
+                       bytes_transferred=GiB // 2, total_bytes=GiB)
+    await expect(bar).to_have_attribute("value", "50.0", timeout=15_000)
+    await expect(bar).to_have_attribute("aria-valuetext", re.compile(r"^50%"))
+    await gui.progress(job, status="completed", bytes_transferred=GiB, total_bytes=GiB,
+                       disks=[{"unit_number": 0, "change_id": f"52 {vm}/7"}])
+    await expect(bar).to_have_attribute("value", "100.0", timeout=15_000)
+    await expect(row(page, vm)).to_contain_text("Completed")
+    await expect(page.get_by_role("status")).to_contain_text(f"{vm}: replication completed.")
+    return job
+
+
+def create_vms(gui: Gui, *names: str) -> None:
+    with gui.vc.service_instance() as si:
+        for name in names:
+            create_vm(si, name, disks=(DiskSpec(1, unit=0),), cbt=True)
+
+
+async def test_operator_discovers_vms_and_watches_two_replications_live(gui: Gui, browser: Browser):
+    """The issue's "done when": sign in, discover from vcsim, select two, start, and watch both
+    bars reach 100% with no reload while another row stays as it was, its checkbox still checked."""
+    new = ("found-delta", "found-epsilon", "found-zeta")
+    await asyncio.to_thread(create_vms, gui, *new)
+    async with signed_in(browser, gui, "olivia") as (page, watch):
+        await page.get_by_role("navigation", name="Main").get_by_role("link", name="Discovery").click()
+        await expect(page.get_by_role("heading", name="Discovery", level=1)).to_be_visible()
+        await page.get_by_role("button", name=re.compile("^Discover now on ")).click()
+        await expect(page.locator("#run-summary")).to_contain_text("3 new, 0 changed, 0 gone", timeout=30_000)
+        for vm in new:
+            await expect(row(page, vm)).to_contain_text("New")
+        await expect(row(page, "gui-alpha")).to_contain_text("Seen")
+        await page.get_by_label("Select found-delta").check()
+        await page.get_by_label("Select found-epsilon").check()
+        await expect(page.locator("#selected-count")).to_have_text("2")
+        await page.get_by_role("button", name=re.compile("Start replication")).click()
+        await expect(page.get_by_role("status")).to_contain_text("Started 2 replications.")
+        for vm in ("found-delta", "found-epsilon"):
+            await expect(row(page, vm)).to_contain_text("Ready for sync", timeout=30_000)
+
+        await page.get_by_label("Select found-zeta").check()
+        await page.evaluate("window.__notReloaded = true")
+        zeta_before = await row(page, "found-zeta").inner_text()
+        jobs = [await replicate_to_the_end(gui, page, vm) for vm in ("found-delta", "found-epsilon")]
+
+        assert await page.evaluate("window.__notReloaded") is True
+        for vm in new:
+            await expect(page.get_by_label(f"Select {vm}")).to_be_checked()
+        assert await row(page, "found-zeta").inner_text() == zeta_before
+        await _check(page, Axe(), "discovery")
+        watch.assert_clean()
+
+        # The Jobs screen lists both, filtered by VM and by state.
+        await page.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
+        await page.get_by_label("VM name (exact)").fill("found-delta")
+        await page.get_by_label("State").select_option("completed")
+        await page.get_by_role("button", name="Apply filters").click()
+        table = page.get_by_role("table", name=re.compile("^Replication jobs"))
+        await expect(table.get_by_role("rowheader")).to_have_text([jobs[0]])
+        await expect(table).to_contain_text("Completed")
+        await page.goto(gui.url + "/ui/jobs?status=completed")
+        for job in jobs:
+            await expect(table.get_by_role("rowheader", name=job, exact=True)).to_have_count(1)
+        await _check(page, Axe(), "jobs")
+        watch.assert_clean()
+
+
 async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, browser: Browser):
     async with signed_in(browser, gui, "olivia") as (page, watch):
         for vm in VMS:
@@ -204,17 +283,7 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         await page.evaluate("window.__notReloaded = true")
         gamma_before = await row(page, "gui-gamma").inner_text()
 
-        bar = page.get_by_role("progressbar", name="Progress of gui-alpha")
-        await gui.progress(alpha, status="replicating", current_operation="Transferring Data",
-                           bytes_transferred=GiB // 2, total_bytes=GiB)
-        await expect(bar).to_have_attribute("value", "50.0", timeout=15_000)
-        await expect(bar).to_have_attribute("aria-valuetext", re.compile(r"^50%"))
-        await expect(row(page, "gui-alpha")).to_contain_text("Transferring Data")
-        await gui.progress(alpha, status="completed", bytes_transferred=GiB, total_bytes=GiB,
-                           disks=[{"unit_number": 0, "change_id": "52 aa-01/7"}])
-        await expect(bar).to_have_attribute("value", "100.0", timeout=15_000)
-        await expect(row(page, "gui-alpha")).to_contain_text("Completed")
-        await expect(page.get_by_role("status")).to_contain_text("gui-alpha: replication completed.")
+        assert await replicate_to_the_end(gui, page, "gui-alpha") == alpha
 
         assert await page.evaluate("window.__notReloaded") is True
         await expect(page.get_by_label("Select gui-gamma")).to_be_checked()
@@ -227,9 +296,23 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         # The VM page: the job, its disk and the change id recorded by the completion.
         await row(page, "gui-alpha").get_by_role("link", name="gui-alpha").click()
         await expect(page.get_by_role("heading", name="gui-alpha", level=1)).to_be_visible()
-        await expect(page.get_by_role("table", name=re.compile("^Change ids"))).to_contain_text("52 aa-01/7")
+        await expect(page).to_have_title("gui-alpha · OMA")
+        await expect(page.get_by_role("region", name="Failover history")).to_contain_text("No failovers yet")
+        await expect(page.get_by_role("table", name=re.compile("^Change ids"))).to_contain_text("52 gui-alpha/7")
         await expect(page.get_by_role("table", name=re.compile("^Jobs"))).to_contain_text(alpha)
         await page.screenshot(path=SHOTS / "vm-detail.png", full_page=True)
+        watch.assert_clean()
+
+        # Failover actions: enabled only where allowed, each behind a confirmation page.
+        await expect(page.get_by_role("button", name="Clean up the test…")).to_be_disabled()
+        await expect(page.get_by_role("button", name="Roll back the cutover…")).to_be_disabled()
+        await page.get_by_role("button", name="Test failover…").click()
+        await expect(page.get_by_role("heading", name="Test failover: gui-alpha?", level=1)).to_be_visible()
+        await _check(page, Axe(), "confirm-failover")
+        await page.get_by_role("button", name="Test failover", exact=True).click()
+        # The failover service refuses it: vcsim's VM has no NIC to map to a cloud network.
+        await expect(page.get_by_role("alert")).to_contain_text("No NICs")
+        watch.expect_htmx_error("400", "/ui/failover")
         watch.assert_clean()
 
 
@@ -241,6 +324,22 @@ async def test_viewer_sees_no_actions_and_forged_posts_are_refused(gui: Gui, bro
         await expect(page.locator("header")).to_contain_text("victor (viewer)")
         await page.screenshot(path=SHOTS / "dashboard-viewer.png", full_page=True)
 
+        for path in ("/ui/discovery", "/ui/jobs", "/ui/vms/gui-gamma", "/ui/settings"):
+            await page.goto(gui.url + path)
+            await expect(page.get_by_role("heading", level=1)).to_be_visible()
+            await expect(page.locator("main").get_by_role("button", name=ACTIONS)).to_have_count(0)
+            await expect(page.locator("main").get_by_role("checkbox")).to_have_count(0)
+        await expect(page.get_by_role("table", name="OSSEA configurations")).to_contain_text("simulated-cloud")
+
+        for path, form in (("/ui/discovery", {"vcenter": gui.vc.host}),
+                           ("/ui/settings/test", {"kind": "ossea", "config_id": "1"}),
+                           ("/ui/failover", {"vm": "gui-gamma", "action": "test"})):
+            r = await page.request.post(gui.url + path, form=form)
+            assert r.status == 403 and (await r.json())["error"] == "CSRF check failed"
+        r = await page.goto(gui.url + "/ui/failover?vm=gui-gamma&action=test")
+        assert r.status == 403
+        await expect(page.get_by_role("heading", name="Not allowed", level=1)).to_be_visible()
+        watch.expect_error("403")
         form = {"vm": "gui-gamma", "config_id": "1"}
         r = await page.request.post(gui.url + "/ui/replications", form=form)  # the session cookie, no token
         assert r.status == 403 and (await r.json())["error"] == "CSRF check failed"
@@ -263,6 +362,10 @@ async def test_viewer_sees_no_actions_and_forged_posts_are_refused(gui: Gui, bro
 async def test_hostile_vm_name_is_shown_as_text(gui: Gui, browser: Browser):
     async with signed_in(browser, gui, "olivia") as (page, watch):
         await expect(page.get_by_role("rowheader", name=HOSTILE, exact=True)).to_be_visible()
+        await expect(page.locator("main img")).to_have_count(0)
+        await page.goto(gui.url + "/ui/discovery")
+        await expect(page.get_by_role("rowheader", name=HOSTILE, exact=True)).to_be_visible()
+        await expect(page.get_by_label(f"Select {HOSTILE}")).to_have_count(1)
         await expect(page.locator("main img")).to_have_count(0)
         await page.get_by_role("link", name=HOSTILE, exact=True).click()
         await expect(page.get_by_role("heading", name=HOSTILE, level=1)).to_be_visible()
@@ -308,6 +411,15 @@ async def test_every_screen_is_accessible_and_stays_on_its_origin(gui: Gui, brow
         await expect(page.get_by_role("heading", name="VM context not found", level=1)).to_be_visible()
         await _check(page, axe, None)
         watch.expect_error("404")  # Chromium logs the 404 itself
+        await page.goto(gui.url + "/ui/jobs?kind=failover")
+        await expect(page.get_by_role("heading", name="No failover jobs yet")).to_be_visible()
+        await _check(page, axe, None)
+        await page.goto(gui.url + "/ui/jobs?vm=no-such-vm")
+        await expect(page.get_by_role("heading", name="No replication jobs match these filters")).to_be_visible()
+        await _check(page, axe, None)
+        await page.goto(gui.url + "/ui/discovery?vcenter=" + gui.vc.host + "&q=no-such-vm")
+        await expect(page.get_by_role("heading", name="No VMs match this filter")).to_be_visible()
+        await _check(page, axe, None)
         await page.goto(gui.url + "/ui/health")
         await expect(page.get_by_role("table", name="Services")).to_contain_text("context_aggregator")
         await _check(page, axe, "health")
@@ -318,6 +430,26 @@ async def test_every_screen_is_accessible_and_stays_on_its_origin(gui: Gui, brow
         watch.assert_clean()
     finally:
         await context.close()
+
+
+async def test_settings_show_configurations_redacted_and_test_them(gui: Gui, browser: Browser):
+    async with signed_in(browser, gui, "olivia") as (page, watch):
+        await page.get_by_role("navigation", name="Main").get_by_role("link", name="Settings").click()
+        ossea = page.get_by_role("table", name="OSSEA configurations")
+        await expect(ossea).to_contain_text("simulated-cloud")
+        await expect(ossea).to_contain_text(API_KEY)
+        await expect(ossea).to_contain_text("write-only, not shown")
+        vcenters = page.get_by_role("table", name="vCenter connections")
+        await expect(vcenters).to_contain_text(gui.vc.host)
+        await expect(page.get_by_role("table", name=re.compile("^VMAs"))).to_contain_text("test-vma")
+        html = await page.content()
+        assert SECRET not in html and gui.vc.password not in html
+        await page.get_by_role("button", name="Test connection of simulated-cloud").click()
+        await expect(page.get_by_role("status")).to_contain_text("OSSEA connection test successful")
+        await vcenters.get_by_role("button", name=re.compile("^Test connection")).click()
+        await expect(page.get_by_role("status")).to_contain_text("vCenter connection test successful")
+        await _check(page, Axe(), "settings")
+        watch.assert_clean()
 
 
 async def _check(page: Page, axe: Axe, shot: str | None) -> None:

@@ -126,6 +126,13 @@ async def test_sign_in_throttle_cookie_idle_expiry_and_sign_out(make_settings):
         assert_error_shape(await client.get("/ui/?size=7"), 400)
         assert_error_shape(await client.get("/ui/?status=bogus"), 400)
         assert_error_shape(await client.get("/ui/vms/no-such-vm"), 404)
+        for action in ("/ui/discovery", "/ui/failover", "/ui/settings/test"):
+            r = await client.post(action, data={"csrf_token": csrf_of(page)})
+            assert assert_error_shape(r, 403)["error"] == "Not allowed", action
+        r = await client.get("/ui/failover", params={"vm": "x", "action": "test"})  # the confirmation page
+        assert assert_error_shape(r, 403)["error"] == "Not allowed"
+        assert_error_shape(await client.get("/ui/jobs?kind=bogus"), 400)
+        assert_error_shape(await client.get("/ui/jobs?size=7"), 400)
 
         # Idle expiry: a page view restarts the clock; 1.5 s without one ends the session.
         await asyncio.sleep(1.0)
@@ -166,6 +173,7 @@ async def test_cookie_is_secure_over_https(make_settings):
         assert "secure" in cookie.lower()
 
 
+@pytest.mark.nats_forbidden  # inventory's user asks on purpose: the secured server refuses it
 async def test_gateway_may_call_the_operator_subjects_on_the_secured_bus(tmp_path):
     """The embedded NATS with shared/natsauth.py's permissions: the gateway is answered, another
     service's user may not even ask."""

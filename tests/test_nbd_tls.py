@@ -167,13 +167,13 @@ async def test_export_manager_hands_out_the_tls_uri(make_settings, tmp_path):
         r = await svc.bus.call(Exports.ENSURE, {"vm_id": vm_id, "disk_unit_number": 0, "vm_name": "tls-vm",
                                                 "device_path": str(dev)})
         name = em.export_name_for(vm_id, 0)
-        assert r["uri"] == f"nbds://oma@127.0.0.1:{settings.nbd_port}/{name}?tls-psk-file={psk}"
+        assert r["uri"] == f"nbds://oma@127.0.0.1:{settings.nbd.port}/{name}?tls-psk-file={psk}"
         src = random_file(tmp_path / "s.bin", 2 * MiB)
         await nbdcopy(src, r["uri"], "--flush")
         assert digest(dev, 2 * MiB) == digest(src)
         got = await svc.bus.call(Exports.GET, {"export_name": name, "check": True})
         assert got["connectable"] is True and got["uri"] == r["uri"]
-        rc, out = await nbdinfo("--size", f"nbd://127.0.0.1:{settings.nbd_port}/{name}")
+        rc, out = await nbdinfo("--size", f"nbd://127.0.0.1:{settings.nbd.port}/{name}")
         assert rc != 0, out
         assert os.stat(psk).st_mode & 0o077 == 0
 

@@ -27,7 +27,7 @@ from services.gateway.app import create_app
 from shared.natsserver import EmbeddedNats
 from shared.runner import Appliance
 from shared.settings import SERVICES, Settings
-from tests.conftest import SEED_TOKEN, _mariadb_exec, free_port, mariadb_settings
+from tests.conftest import SEED_TOKEN, free_port, mariadb_exec, mariadb_settings
 
 SEED = 20250812
 MAX_EXAMPLES = 20  # per operation, fuzzing phase; the examples and coverage phases add their own
@@ -73,7 +73,7 @@ class BackgroundAppliance:
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         db_name = f"oma_fuzz_{uuid.uuid4().hex[:10]}"
-        await _mariadb_exec(f"CREATE DATABASE `{db_name}`")
+        await mariadb_exec(f"CREATE DATABASE `{db_name}`")
         nats = EmbeddedNats()
         (self.tmp / "dev").mkdir(exist_ok=True)
         # The simulator's device dir is the appliance's by-id dir: attached volumes appear there.
@@ -105,7 +105,7 @@ class BackgroundAppliance:
         finally:
             await sim.stop()
             await nats.stop()
-            await _mariadb_exec(f"DROP DATABASE IF EXISTS `{db_name}`")
+            await mariadb_exec(f"DROP DATABASE IF EXISTS `{db_name}`")
 
     async def _configure(self, sim_url: str) -> None:
         async with httpx.AsyncClient(base_url=self.base_url) as http:

@@ -31,9 +31,11 @@ VM = "orch-vm"
 
 
 @contextlib.asynccontextmanager
-async def orchestrated(make_settings, tmp_path: Path, services: tuple[str, ...] = SERVICES, **overrides):
+async def orchestrated(make_settings, tmp_path: Path, services: tuple[str, ...] = SERVICES,
+                       vm_spec: dict | None = None, **overrides):
     """The appliance (gateway also on a real port, for the copier's calls), vcsim with one VM of two
-    disks, the VMA simulator logged in as `test-vma`, and OSSEA + vCenter configurations."""
+    disks (and `vm_spec`'s create_vm arguments), the VMA simulator logged in as `test-vma`, and OSSEA +
+    vCenter configurations."""
     (tmp_path / "dev").mkdir()
     cloud = CloudStackSimulator(API_KEY, SECRET, device_dir=tmp_path / "dev", job_latency=0.05)
     cloud_url = await cloud.start()
@@ -42,7 +44,7 @@ async def orchestrated(make_settings, tmp_path: Path, services: tuple[str, ...] 
                             **overrides)
     with running_vcsim() as vc:
         with vc.service_instance() as si:
-            create_vm(si, VM, disks=(DiskSpec(1, unit=0), DiskSpec(1, unit=1)), cbt=True)
+            create_vm(si, VM, **{"disks": (DiskSpec(1, unit=0), DiskSpec(1, unit=1)), "cbt": True, **(vm_spec or {})})
         try:
             async with running(settings, services=services) as client, \
                     VmaSimulator(tmp_path / "vma", disk_scale=SCALE, verify_tls=False, appliance_id="test-vma",

@@ -20,7 +20,8 @@ def test_every_hook_has_a_documented_heading():
 
 
 def test_every_hook_has_a_kind():
-    assert set(KINDS.values()) == {fn.__name__ for fn in hookspecs._all()}
+    # oma_register_settings adds a section to the Settings tree, not a backend (tests/test_docs_settings.py).
+    assert set(KINDS.values()) | {"oma_register_settings"} == {fn.__name__ for fn in hookspecs._all()}
 
 
 @pytest.mark.parametrize("kind,hook", sorted(KINDS.items()))
@@ -74,3 +75,45 @@ def test_misspelled_hook_fails_loudly():
     pm.register(Typo())
     with pytest.raises(pluggy.PluginValidationError):
         pm.check_pending()
+
+
+def test_a_plugin_settings_section_joins_the_one_tree(monkeypatch):
+    """A section registered through oma_register_settings becomes `settings.<section>`, read from
+    OMA_<SECTION>_<FIELD>, given as <section>_<field>=..., and listed among the variables."""
+    from pydantic import Field
+
+    from shared.hookspecs import PluginSettings
+    from shared.plugins import settings_sections
+    from shared.settings import Settings, compose, variables
+
+    class ThrowawaySettings(PluginSettings):
+        depth: int = Field(3, ge=1, description="how deep")
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def oma_register_settings(register):
+            register("throwaway", ThrowawaySettings)
+
+    pm = get_plugin_manager(load_entrypoints=False, settings=True)
+    pm.register(Plugin(), name="throwaway")
+    sections = settings_sections(pm)
+    assert set(sections) == {"nbd", "vma", "device", "convert", "throwaway"}
+    tree = compose(sections)
+    monkeypatch.setenv("OMA_THROWAWAY_DEPTH", "7")
+    assert tree().throwaway.depth == 7 and tree(throwaway_depth=9).throwaway.depth == 9
+    assert tree().nbd == Settings().nbd
+    assert "OMA_THROWAWAY_DEPTH" in {v.env for v in variables(tree)}
+    assert "OMA_THROWAWAY_DEPTH" not in {v.env for v in variables()}  # the appliance's tree is unchanged
+    with pytest.raises(TypeError, match="core settings' names"):
+        compose({"port": ThrowawaySettings})
+
+    class NotSettings:
+        @staticmethod
+        @hookimpl
+        def oma_register_settings(register):
+            register("Bad-Name", dict)
+
+    pm.register(NotSettings(), name="bad")
+    with pytest.raises(TypeError, match="PluginSettings subclass"):
+        settings_sections(pm)

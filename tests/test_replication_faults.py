@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from plugins.ossea.simulator import DEFAULT_VM_ID
+from shared.settings import environ
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.test_replication import Env, metric, replication_env, request, write_and_check
 
@@ -60,6 +61,16 @@ async def test_attach_failing_on_one_disk_fails_the_job_and_removes_the_others(m
 
 async def _true(value):
     return value
+
+
+async def _failed_leaving_two_volumes(env: Env, name: str) -> dict[str, Any]:
+    """A 2-disk job whose first attach the cloud refuses (431): the job fails (502) with its two
+    volumes still there (kept, or their deletes refused)."""
+    env.sim.fail("attachVolume", 1, errorcode=431, errortext="Volume state must be in Allocated")
+    assert_error_shape(await env.post(request(env.config_id, name, disks=2)), 502)
+    job = await only_job(env)
+    assert job["status"] == "failed" and len(env.data_volumes()) == 2, job
+    return job
 
 
 async def _status_is(env: Env, job_id: str, status: str) -> bool:
@@ -158,10 +169,7 @@ async def test_capacity_queues_fifo_and_never_half_attaches(make_settings, tmp_p
 # -- a SIGKILLed replication service ------------------------------------------------------------
 
 def service_env(settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in settings.model_dump().items():
-        if value is not None:
-            env[f"OMA_{key.upper()}"] = str(value)
+    env = {**os.environ, **environ(settings)}
     env["OMA_METRICS_PORT"] = "0"
     return env
 
@@ -259,11 +267,7 @@ async def test_sigkill_before_the_cloud_answered_createvolume_finds_volumes_by_n
 
 async def test_keep_failed_resources_leaves_them_until_the_job_is_deleted(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, keep_failed_resources=True, max_attached_disks=3) as env:
-        env.sim.fail("attachVolume", 1, errorcode=431, errortext="Volume state must be in Allocated")
-        r = await env.post(request(env.config_id, "kept", disks=2))
-        assert_error_shape(r, 502)
-        job = await only_job(env)
-        assert job["status"] == "failed" and len(env.data_volumes()) == 2, "kept for inspection"
+        job = await _failed_leaving_two_volumes(env, "kept")
         assert metric("oma_attached_disks") == 2, "kept volumes still hold their slots"
         queued = await env.post(request(env.config_id, "waiting", disks=2))
         assert queued.status_code == 202
@@ -301,12 +305,8 @@ async def test_delete_while_provisioning_cancels_and_cleans_up(make_settings, tm
 
 async def test_unfinished_cleanup_is_retried(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path) as env:
-        env.sim.fail("attachVolume", 1, errorcode=431, errortext="Volume state must be in Allocated")
         env.sim.fail("deleteVolume", 2, errorcode=531, errortext="Account has no permission to delete")
-        r = await env.post(request(env.config_id, "sticky", disks=2))
-        assert_error_shape(r, 502)
-        job = await only_job(env)
-        assert job["status"] == "failed" and len(env.data_volumes()) == 2, "the cloud refused the deletes"
+        await _failed_leaving_two_volumes(env, "sticky")  # the cloud refused the deletes
         assert metric("oma_attached_disks") == 2, "volumes not yet deleted keep their slots"
         assert await env.replication.jobs.retry_cleanups() == 0
         assert not env.data_volumes() and metric("oma_attached_disks") == 0

@@ -17,6 +17,7 @@ from plugins.vsphere import plugin
 from plugins.vsphere.source import (VCenterAuthError, VCenterConnection, VCenterUnreachable,
                                     VSphereSource)
 from shared.errors import BadGateway, NotFound
+from shared.settings import Settings
 from tests.vcsim import (DiskSpec, NicSpec, Vcsim, create_vm, read_vm_direct, running_vcsim,
                          start_vcsim)
 
@@ -239,7 +240,7 @@ def test_plugin_registers_the_vsphere_source():
         register=lambda name, factory, description="": registered.setdefault(name, (factory, description)))
     factory, description = registered["vsphere"]
     assert description
-    source = factory(VCenterConnection("vc", username="u", password="p"), {"vsphere_timeout": 5})
+    source = factory(VCenterConnection("vc", username="u", password="p"), Settings(vsphere_timeout=5))
     assert isinstance(source, VSphereSource) and source.timeout == 5
     from_dict = factory({"host": "vc", "username": "u", "password": "p"})
     assert from_dict.connection.host == "vc" and from_dict.timeout == 60.0

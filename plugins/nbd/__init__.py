@@ -8,7 +8,5 @@ from .base import (Exporter, ExporterConfig, ExporterStartError, ExportCheckErro
 from .nbdkit import NbdkitExporter
 from .nbdserver import NbdServerExporter
 
-DEFAULT_EXPORTER = "nbdkit"
-
-__all__ = ["DEFAULT_EXPORTER", "Exporter", "ExporterConfig", "ExporterStartError", "ExportCheckError",
+__all__ = ["Exporter", "ExporterConfig", "ExporterStartError", "ExportCheckError",
            "NbdkitExporter", "NbdServerExporter", "validate_device_path", "validate_export_name"]

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shared.contracts import Exporter  # noqa: F401 - the contract, re-exported for the backends
-from shared.errors import BadRequest, NotFound, Unavailable
+from shared.contracts import Exporter, validate_device_path  # noqa: F401 - the contract, re-exported for the backends
+from shared.errors import BadRequest, Unavailable
 
 from . import probe
 from .probe import ExportCheckError, describe_oserror, resource_error
+from .settings import NbdSettings
 
 __all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError", "SpawnError", "ProcessExporter",
            "validate_export_name", "validate_device_path", "parse_version", "pid_alive"]
@@ -33,7 +34,6 @@ __all__ = ["Exporter", "ExporterConfig", "ExportCheckError", "ExporterStartError
 log = logging.getLogger("oma.nbd")
 
 EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-DEFAULT_DATA_DIR = "/var/lib/oma"
 
 
 class ExporterStartError(Unavailable):
@@ -47,25 +47,35 @@ class SpawnError(ExporterStartError):
     error = "NBD server cannot be spawned"
 
 
+_NBD = NbdSettings()  # the defaults: one definition, the settings section's (plugins/nbd/settings.py)
+
+
+def _data_dir() -> Path:
+    # Imported when called: shared.settings loads plugins.nbd.settings (this package) while it is built.
+    from shared.settings import default_data_dir
+    return default_data_dir()
+
+
 @dataclass
 class ExporterConfig:
-    port: int = 10809
-    host: str = "127.0.0.1"                     # listen address; loopback unless configured
-    state_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR) / "exports")
-    binary: str | None = None                   # default: the backend's command found on PATH
-    watchdog_interval: float = 1.0              # seconds between liveness checks; 0 disables
-    watchdog_max_backoff: float = 30.0          # longest wait between failed restarts
-    reload_debounce: float = 0.05               # changes within this window share one reload
-    attach_pidfile: Path | None = None          # attach to a server already running with this pid file
-    user: str | None = "root"                   # nbd-server only: must be able to open the devices
-    group: str | None = "root"                  #   (production: group = disk)
-    base_config: Path | None = None             # nbd-server only: template, default ops/nbd/nbd-server.conf
-    start_timeout: float = 10.0
-    check_timeout: float = 10.0
-    tls: bool = False                           # nbdkit only: --tls=require with a pre-shared key
-    tls_username: str = "oma"
-    tls_psk_file: Path | None = None            # default STATE_DIR/nbd-tls.psk, generated when missing
-    tls_client_psk_file: str | None = None      # the VMA's copy, named in export URIs; default tls_psk_file
+    """What an exporter runs with: the `nbd` settings section, or any part of it given directly."""
+    port: int = _NBD.port
+    host: str = _NBD.listen_addr
+    state_dir: Path = field(default_factory=lambda: _data_dir() / "exports")
+    binary: str | None = _NBD.binary
+    watchdog_interval: float = _NBD.watchdog_interval
+    watchdog_max_backoff: float = _NBD.watchdog_max_backoff
+    reload_debounce: float = _NBD.reload_debounce
+    attach_pidfile: Path | None = _NBD.attach_pidfile
+    user: str | None = _NBD.user               # nbd-server only; None: no `user =` line
+    group: str | None = _NBD.group
+    base_config: Path | None = _NBD.base_config
+    start_timeout: float = _NBD.start_timeout
+    check_timeout: float = _NBD.check_timeout
+    tls: bool = _NBD.tls
+    tls_username: str = _NBD.tls_username
+    tls_psk_file: Path | None = _NBD.tls_psk_file  # None: STATE_DIR/nbd-tls.psk, generated when missing
+    tls_client_psk_file: str | None = _NBD.tls_client_psk_file
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -78,28 +88,30 @@ class ExporterConfig:
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> "ExporterConfig":
-        """The `nbd_*` block of shared.settings.Settings (state in DATA_DIR/exports)."""
-        if settings is None:
+        """From the `nbd` settings section (NbdSettings) of shared.settings.Settings; state in
+        DATA_DIR/exports."""
+        if settings is None:  # imported here: plugins.nbd.settings is loaded while shared.settings is built
             from shared.settings import Settings
             settings = Settings()
+        nbd: NbdSettings = settings.nbd
         return cls(
-            port=settings.nbd_port,
-            host=settings.nbd_listen_addr,
+            port=nbd.port,
+            host=nbd.listen_addr,
             state_dir=Path(settings.data_dir) / "exports",
-            binary=settings.nbd_binary,
-            watchdog_interval=settings.nbd_watchdog_interval,
-            watchdog_max_backoff=settings.nbd_watchdog_max_backoff,
-            reload_debounce=settings.nbd_reload_debounce,
-            attach_pidfile=settings.nbd_attach_pidfile,
-            user=settings.nbd_user or None,
-            group=settings.nbd_group or None,
-            base_config=settings.nbd_base_config,
-            start_timeout=settings.nbd_start_timeout,
-            check_timeout=settings.nbd_check_timeout,
-            tls=settings.nbd_tls,
-            tls_username=settings.nbd_tls_username,
-            tls_psk_file=settings.nbd_tls_psk_file,
-            tls_client_psk_file=settings.nbd_tls_client_psk_file,
+            binary=nbd.binary,
+            watchdog_interval=nbd.watchdog_interval,
+            watchdog_max_backoff=nbd.watchdog_max_backoff,
+            reload_debounce=nbd.reload_debounce,
+            attach_pidfile=nbd.attach_pidfile,
+            user=nbd.user or None,
+            group=nbd.group or None,
+            base_config=nbd.base_config,
+            start_timeout=nbd.start_timeout,
+            check_timeout=nbd.check_timeout,
+            tls=nbd.tls,
+            tls_username=nbd.tls_username,
+            tls_psk_file=nbd.tls_psk_file,
+            tls_client_psk_file=nbd.tls_client_psk_file,
         )
 
 
@@ -109,15 +121,6 @@ def validate_export_name(name: str) -> str:
             "export_name": name,
             "rule": "1-200 characters of letters, digits, '-', '_', '.', starting with a letter or digit"})
     return name
-
-
-def validate_device_path(device_path: str | os.PathLike) -> str:
-    path = os.fspath(device_path) if isinstance(device_path, (str, os.PathLike)) else None
-    if not path or not os.path.isabs(path) or "\n" in path:
-        raise BadRequest("Device path must be absolute", {"device_path": str(device_path)})
-    if not os.path.exists(path):
-        raise NotFound("Device not found", {"device_path": path})
-    return path
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -128,14 +128,9 @@ class CloudStackClient:
     def __init__(self, api_url: str, api_key: str, secret_key: str, *, timeout: float = 30.0,
                  job_timeout: float = 120.0, poll_interval: float = 0.5, retries: int = 2,
                  retry_backoff: float = 0.5):
-        self.api_url = api_url
-        self.api_key = api_key
-        self._secret = secret_key
-        self.timeout = timeout
-        self.job_timeout = job_timeout
-        self.poll_interval = poll_interval
-        self.retries = retries
-        self.retry_backoff = retry_backoff
+        self.api_url, self.api_key, self._secret = api_url, api_key, secret_key
+        self.timeout, self.job_timeout, self.poll_interval = timeout, job_timeout, poll_interval
+        self.retries, self.retry_backoff = retries, retry_backoff
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod

@@ -4,14 +4,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from shared.contracts import CloudConfigError, CloudParamError
 from shared.hookspecs import Register, hookimpl
 
-from .client import (
-    CloudConfigError,
-    CloudCredentials,
-    CloudParamError,
-    CloudStackClient,
-)
+from .client import CloudCredentials, CloudStackClient
 
 
 def create_client(credentials: CloudCredentials | Mapping[str, Any], settings: Any = None,
@@ -20,8 +16,9 @@ def create_client(credentials: CloudCredentials | Mapping[str, Any], settings: A
     if isinstance(credentials, Mapping):
         fields = ("api_url", "api_key", "secret_key", "domain", "zone")
         credentials = CloudCredentials(**{k: credentials[k] for k in fields if k in credentials})
-    kw.setdefault("timeout", getattr(settings, "cloud_timeout", 30.0))
-    kw.setdefault("job_timeout", getattr(settings, "cloud_job_timeout", 120.0))
+    if settings is not None:  # the cloud timeouts are the core's: the gateway's own waits derive from them
+        kw.setdefault("timeout", settings.cloud_timeout)
+        kw.setdefault("job_timeout", settings.cloud_job_timeout)
     return OsseaCloud.from_credentials(credentials, **kw)
 
 

@@ -22,23 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from shared.schemas import GIB
 
 from .signing import format_date
-from .simulator import (
-    DEFAULT_ZONE_ID,
-    DOMAIN_ID,
-    GIB,
-    ApiError,
-    Volume,
-    _Args,
-    _now,
-    _Submit,
-    _uuid,
-)
-
-if TYPE_CHECKING:
-    from .simulator import CloudStackSimulator
+from .sim_common import DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, listing, page
+from .sim_jobs import _Submit
+from .sim_volumes import Volume, Volumes
 
 ASYNC_COMMANDS = frozenset({
     "deployVirtualMachine", "startVirtualMachine", "stopVirtualMachine", "destroyVirtualMachine",
@@ -95,7 +86,7 @@ def _sparse_copy(src: Path, dst: Path, size: int) -> None:
 class VmLab:
     """The VM side of one simulator. Tests reach it as `sim.lab`."""
 
-    def __init__(self, sim: CloudStackSimulator):
+    def __init__(self, sim: Volumes):  # the whole simulator; typed by the part it works on
         self.sim = sim
         self.kvm_snapshot_enabled = True      # global setting kvm.snapshot.enabled
         self.snapshot_revert_supported = True  # storage support for revertSnapshot
@@ -181,34 +172,26 @@ class VmLab:
 
     def _list_templates(self, args: _Args) -> dict[str, Any]:
         args.required("templatefilter")
-        args.entity(self.templates, "id", required=False)
-        rows = self.sim._filtered(args, list(self.templates.values()), "id", "name", "zoneid")
-        return self.sim._page(args, "template", rows)
+        return listing(args, "template", self.templates, "id", "name", "zoneid")
 
     def _list_service_offerings(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.service_offerings, "id", required=False)
-        rows = self.sim._filtered(args, list(self.service_offerings.values()), "id", "name")
-        return self.sim._page(args, "serviceoffering", rows)
+        return listing(args, "serviceoffering", self.service_offerings, "id", "name")
 
     def _list_networks(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.networks, "id", required=False)
         rows = [{k: v for k, v in n.items() if not k.startswith("_")} for n in self.networks.values()]
-        return self.sim._page(args, "network", self.sim._filtered(args, rows, "id", "name", "zoneid"))
+        return listing(args, "network", self.networks, "id", "name", "zoneid", rows=rows)
 
     def _list_nics(self, args: _Args) -> dict[str, Any]:
         vm = args.entity(self.sim.vms, "virtualmachineid")
-        return self.sim._page(args, "nic", list(self.nics.get(vm["id"], [])))
+        return page(args, "nic", list(self.nics.get(vm["id"], [])))
 
     def _list_snapshots(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.snapshots, "id", required=False)
         rows = [self.snapshot_json(s) for s in self.snapshots.values()]
-        return self.sim._page(args, "snapshot", self.sim._filtered(args, rows, "id", "volumeid", "name"))
+        return listing(args, "snapshot", self.snapshots, "id", "volumeid", "name", rows=rows)
 
     def _list_virtual_machines(self, args: _Args) -> dict[str, Any]:
-        args.entity(self.sim.vms, "id", required=False)
         rows = [self._vm_json(v) for v in self.sim.vms.values()]
-        rows = self.sim._filtered(args, rows, "id", "name", "zoneid", "state")
-        return self.sim._page(args, "virtualmachine", rows)
+        return listing(args, "virtualmachine", self.sim.vms, "id", "name", "zoneid", "state", rows=rows)
 
     # -- deploy ---------------------------------------------------------------------------------
 
@@ -507,7 +490,7 @@ class VmLab:
                 "locationtype": "PRIMARY"}
 
 
-def install(sim: CloudStackSimulator) -> VmLab:
+def install(sim: Volumes) -> VmLab:
     lab = VmLab(sim)
     sim._handlers.update(lab.handlers())
     sim.async_commands = sim.async_commands | ASYNC_COMMANDS

@@ -50,9 +50,6 @@ class MemoryStorage:
         return create_async_engine(f"sqlite+aiosqlite:///{name}&uri=true", poolclass=AsyncAdaptedQueuePool,
                                    pool_size=1, max_overflow=0, pool_timeout=60, hide_parameters=True)
 
-    def describe(self) -> str:
-        return "memory (SQLite)"
-
 
 class MariaDBStorage:
     def __init__(self, settings: Any):
@@ -94,9 +91,6 @@ class MariaDBStorage:
                 await asyncio.sleep(backoff_delay(attempt, 0.25, 2.0))
             finally:
                 await engine.dispose()
-
-    def describe(self) -> str:
-        return f"mariadb {self.settings.db_host}:{self.settings.db_port}/{self.settings.db_name}"
 
 
 @hookimpl

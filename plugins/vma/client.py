@@ -19,6 +19,7 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
+from shared.settings import Settings
 from shared.vma import (API_PREFIX, SECRET_FIELDS, CbtStatusResponse, CleanupRequest, CleanupResponse,
                         DiscoverRequest, DiscoverResponse, HealthResponse, PowerRequest, PowerResponse,
                         PowerStateResponse, ProgressResponse, ReplicateRequest, ReplicateResponse,
@@ -174,6 +175,13 @@ class HttpVmaClient:
                                          f"({type(exc).__name__})") from None
         except aiohttp.ClientError as exc:
             raise VmaUnreachable(details=f"{shown}: {type(exc).__name__}") from None
+
+
+def factory(api_url: str | None = None, settings: Settings | None = None) -> HttpVmaClient:
+    """Build a client of the VMA at `api_url` (default the reverse tunnel, http://127.0.0.1:9081),
+    with the timeout and retries of `settings.vma` (OMA_VMA_TIMEOUT, OMA_VMA_RETRIES)."""
+    vma = (settings or Settings()).vma
+    return HttpVmaClient(api_url or DEFAULT_URL, timeout=vma.timeout, retries=vma.retries)
 
 
 def _segment(value: str) -> str:

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from plugins.vma.client import factory as client_factory
 from shared.settings import Settings
-from shared.vma import DiscoverRequest, VmaDisk, VmaNetwork, VmaVm
-
-
-def vcenter_address(host: str, port: int | None) -> str:
-    """The `vcenter` field the VMA logs in with: host, or host:port when not 443."""
-    return host if not port or port == 443 else f"{host}:{port}"
+from shared.vma import DiscoverRequest, PowerRequest, VCenterCredentials, VmaDisk, VmaNetwork, VmaVm, vcenter_address
 
 
 def _disk(d: VmaDisk) -> dict[str, Any]:
@@ -38,18 +34,21 @@ def inventory_vm(vm: VmaVm) -> dict[str, Any]:
 
 
 class VmaSource:
-    """Discovers one vCenter through one VMA. `connection`: host, port, username, password,
-    datacenter and the VMA's `api_url`."""
+    """Discovers one vCenter through one VMA, and powers its VMs (failover's cutover and rollback)
+    through the VMA's power routes. `connection`: host, port, username, password, datacenter and the
+    VMA's `api_url`."""
 
     def __init__(self, connection: dict[str, Any], settings: Settings | None = None):
-        from plugins.vma.plugin import factory
         self.connection = connection
-        self._client = lambda: factory(connection.get("api_url"), settings)
+        self._client = lambda: client_factory(connection.get("api_url"), settings)
+
+    def _credentials(self) -> dict[str, Any]:
+        c = self.connection
+        return {"vcenter": vcenter_address(c["host"], c.get("port")), "username": c["username"],
+                "password": c["password"]}
 
     def _request(self) -> DiscoverRequest:
-        c = self.connection
-        return DiscoverRequest(vcenter=vcenter_address(c["host"], c.get("port")), username=c["username"],
-                               password=c["password"], datacenter=c.get("datacenter"))
+        return DiscoverRequest(**self._credentials(), datacenter=self.connection.get("datacenter"))
 
     async def discover(self) -> list[dict[str, Any]]:
         async with self._client() as client:
@@ -60,6 +59,22 @@ class VmaSource:
         async with self._client() as client:
             found = await client.discover(self._request())
         return {"api_version": None, "vm_count": len(found.vms), "about": f"through the VMA at {client.base_url}"}
+
+    async def power(self, vm_id: str, on: bool | None, shutdown_timeout: float = 120.0) -> dict[str, Any]:
+        """As the vSphere source's `power` (failover's cutover and rollback), through the VMA's power
+        routes: a guest shutdown, forced after `shutdown_timeout`; None only reads the state."""
+        async with self._client() as client:
+            if on is None:
+                state = await client.power_state(vm_id, VCenterCredentials(**self._credentials()))
+                return {"vm_id": vm_id, "previous_state": state.power_state, "power_state": state.power_state,
+                        "method": "none"}
+            request = PowerRequest(**self._credentials(), vm_id=vm_id,
+                                   timeout=max(1, min(3600, round(shutdown_timeout))))
+            done = await (client.power_on(request) if on else client.power_off(request))
+        method = "none" if done.previous_state == done.new_state else \
+            "power_on" if on else {"graceful": "guest_shutdown"}.get(done.shutdown_method or "", "power_off")
+        return {"vm_id": vm_id, "previous_state": done.previous_state, "power_state": done.new_state,
+                "method": method}
 
 
 def factory(connection: dict[str, Any], settings: Any = None) -> VmaSource:

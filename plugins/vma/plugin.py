@@ -1,18 +1,10 @@
-"""Registers the built-in VMA client under the name "http"."""
+"""Registers the built-in VMA client under the name "http" (its settings: plugins/vma/settings.py)."""
 from __future__ import annotations
 
+from plugins.vma.client import factory
 from shared.hookspecs import hookimpl
-from shared.settings import Settings
-from plugins.vma.client import DEFAULT_URL, HttpVmaClient
 
 DESCRIPTION = "the VMA's HTTP API (aiohttp; timeouts, retries of transient failures)"
-
-
-def factory(api_url: str | None = None, settings: Settings | None = None) -> HttpVmaClient:
-    """Build a client of the VMA at `api_url` (default the reverse tunnel, http://127.0.0.1:9081),
-    with the timeout and retries of `settings` (OMA_VMA_TIMEOUT, OMA_VMA_RETRIES)."""
-    s = settings or Settings()
-    return HttpVmaClient(api_url or DEFAULT_URL, timeout=s.vma_timeout, retries=s.vma_retries)
 
 
 @hookimpl

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from aiohttp import web
@@ -26,8 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, Field, ValidationError
 from pyVmomi import vim, vmodl
 
-from plugins.ossea.simulator import _loopback_only_control
-from plugins.simserve import serve_until_signalled
+from plugins.simserve import Served, loopback_only_control, serve_until_signalled
 from plugins.vsphere.source import VCenterAuthError, VCenterConnection, VSphereSource
 from plugins.vma.client import redact_url
 from shared.errors import BadRequest, Conflict, NotFound, OmaError
@@ -171,15 +170,17 @@ class FaultsRequest(BaseModel):
     refuse_seconds: float | None = Field(default=None, gt=0, le=3600)
 
 
-class VmaSimulator:
+class VmaSimulator(Served):
     def __init__(self, data_dir: Path | str | None = None, *, disk_scale: Fraction | float = 1,
                  disk_size: int | None = None, density: float = 0.5, verify_tls: bool = True,
                  appliance_id: str | None = None, appliance_token: str | None = None,
-                 strict_change_ids: bool = False, nbd_host: str = "127.0.0.1", vcenter_timeout: float = 30.0):
+                 strict_change_ids: bool = False, nbd_host: str = "127.0.0.1", vcenter_timeout: float = 30.0,
+                 inventory: Any = None):
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="oma-vma-sim-")
         self.data_dir = Path(data_dir or self._tmp.name)
         self.disk_scale, self.disk_size, self.density = Fraction(disk_scale), disk_size, density
         self.verify_tls, self.nbd_host, self.vcenter_timeout = verify_tls, nbd_host, vcenter_timeout
+        self.inventory = inventory  # a synthetic vCenter (synthetic.py) instead of a real one, when given
         self.reporter = OmaReporter(appliance_id, appliance_token, strict=strict_change_ids)
         self.faults = Faults()
         self.jobs: dict[str, ReplicationJob] = {}
@@ -195,7 +196,7 @@ class VmaSimulator:
     # -- lifecycle ------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_loopback_only_control, _errors])
+        app = web.Application(middlewares=[loopback_only_control, _errors])
         r, p = app.router, API_PREFIX
         r.add_post(f"{p}/discover", self._discover)
         r.add_post(f"{p}/replicate", self._replicate)
@@ -237,18 +238,9 @@ class VmaSimulator:
         await asyncio.gather(*(j.task for j in self.jobs.values() if j.task), return_exceptions=True)
         if self._refuse_timer:
             self._refuse_timer.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._close()
         if self._tmp:
             self._tmp.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def url(self) -> str:
@@ -292,7 +284,7 @@ class VmaSimulator:
     def _known_image(self, vcenter: str | None, vm_path: str, disk: str) -> DiskImage:
         key = disk.removeprefix("disk-")
         roots = [self.data_dir / quote(vcenter, safe="")] if vcenter else \
-            [p for p in self.data_dir.iterdir() if p.is_dir()]
+            [p for p in self.data_dir.iterdir() if p.is_dir()] if self.data_dir.is_dir() else []  # no disk yet
         found = [r / quote(vm_path, safe="") / f"disk-{key}.img" for r in roots]
         found = [p for p in found if p.exists()]
         if len(found) != 1:
@@ -307,6 +299,8 @@ class VmaSimulator:
 
     def _vcenter(self, creds: VCenterCredentials, datacenter: str | None = None) -> VCenter:
         self._sessions[creds.vcenter] = creds
+        if self.inventory is not None:
+            return self.inventory.session(creds, datacenter)
         return VCenter.from_request(creds, verify_tls=self.verify_tls, datacenter=datacenter,
                                     timeout=self.vcenter_timeout)
 

@@ -4,21 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 from shared.hookspecs import hookimpl
+from shared.settings import Settings
 from plugins.vsphere.source import VCenterConnection, VSphereSource
 
 DESCRIPTION = "VMware vCenter through pyvmomi (PropertyCollector bulk reads)"
 
 
-def factory(connection: VCenterConnection | dict[str, Any], settings: Any = None) -> VSphereSource:
-    """Build a `VSphereSource`. `connection` is a VCenterConnection or a dict of its fields;
-    `settings` may carry `vsphere_timeout` (seconds, default 60)."""
+def factory(connection: VCenterConnection | dict[str, Any], settings: Settings | None = None) -> VSphereSource:
+    """Build a `VSphereSource`. `connection` is a VCenterConnection or a dict of its fields; the
+    timeout is `settings.vsphere_timeout` (a core setting: the gateway's wait derives from it)."""
     if isinstance(connection, dict):
         connection = VCenterConnection(**connection)
-    if isinstance(settings, dict):
-        timeout = settings.get("vsphere_timeout")
-    else:
-        timeout = getattr(settings, "vsphere_timeout", None)
-    return VSphereSource(connection, timeout=float(timeout) if timeout else 60.0)
+    return VSphereSource(connection, timeout=(settings or Settings()).vsphere_timeout)
 
 
 @hookimpl

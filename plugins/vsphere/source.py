@@ -24,12 +24,12 @@ from pyVmomi import vim, vmodl
 
 from shared.contracts import SourceAuthError, SourceError, SourceUnreachable
 from shared.errors import NotFound
+from shared.schemas import GIB
 
 log = logging.getLogger("oma.vsphere")
 
 T = TypeVar("T")
 
-GIB = 1024 ** 3
 PAGE_SIZE = 500
 
 # Properties that vCenter (and vcsim) always set. vcsim 0.24.2 drops the connection when a

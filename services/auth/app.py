@@ -1,12 +1,9 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from prometheus_client import Counter
 
 from services.auth import operators, service
 from shared import errors
-from shared.crypto import Keyring
 from shared.schemas import ApplianceAction, LoginRequest
 from shared.service import BusRequest, ServiceApp, endpoint
 from shared.subjects import Auth
@@ -28,10 +25,8 @@ def parse_bootstrap(spec: str) -> dict[str, str]:
 class AuthService(ServiceApp):
     name = "auth"
     description = "Appliance login and bearer sessions"
-    migrations = Path(__file__).parent / "migrations"
 
     async def setup(self) -> None:
-        self.keys = Keyring.from_file(self.settings.secret_key_path)
         self.throttle = service.LoginThrottle(self.settings.login_rate_limit)
         bootstrap = parse_bootstrap(self.settings.appliance_tokens)
         if bootstrap:

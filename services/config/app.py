@@ -1,27 +1,30 @@
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from services.config import service
 from shared import errors
 from shared.actions import given, run_action
-from shared.crypto import Keyring
 from shared.plugins import get_backend
 from shared.schemas import OsseaConfigRequest
 from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Config, Replication
+from shared.subjects import Config, Failover, Replication
 
 MAX_JOBS_NAMED = 20  # in a 409's details
+# Who keeps jobs that need a configuration's credentials, and how an operator frees it.
+USERS_OF_CONFIG = (
+    ("replication", Replication.USING_CONFIG,
+     "delete them first (DELETE /api/v1/replication/jobs/{job_id}), which releases their volumes"),
+    ("failover", Failover.USING_CONFIG,
+     "clean up the test failovers and roll back the live ones first (POST /api/v1/failover), or let the "
+     "running ones finish"))
 
 
 class ConfigService(ServiceApp):
     name = "config"
     description = "OSSEA (CloudStack) configuration"
-    migrations = Path(__file__).parent / "migrations"
 
     async def setup(self) -> None:
-        self.keys = Keyring.from_file(self.settings.secret_key_path)
         self.store = service.Configs(self.keys)
         # Resolved now, so a misconfigured backend name fails at start-up, not at the first test.
         self.cloud = get_backend(self.pm, "cloud", self.settings.cloud_backend)
@@ -54,24 +57,26 @@ class ConfigService(ServiceApp):
             raise
 
     async def _refuse_if_used(self, config_id: int) -> None:
-        """409 while a job needs the configuration: cleaning up a job (detaching and deleting its
-        volumes) needs the cloud's credentials. Replication keeps the jobs, so it is asked; when it
-        cannot answer, nothing is deleted. An unknown id is a 404 first."""
+        """409 while a job needs the configuration: cleaning up a replication job (detaching and
+        deleting its volumes), or a failover's cleanup or rollback, needs the cloud's credentials. The
+        services that keep those jobs are asked; when one cannot answer, nothing is deleted. An unknown
+        id is a 404 first."""
         async with self.sessions() as db:
             await self.store.load(db, config_id)
-        try:
-            reply = await self.bus.call(Replication.USING_CONFIG, {"ossea_config_id": config_id})
-        except (errors.Unavailable, errors.UpstreamTimeout) as exc:
-            raise errors.Unavailable("Cannot check whether jobs use the configuration",
-                                     f"{exc.details}; a configuration is deleted only once the replication "
-                                     "service confirms that no job uses it") from None
-        jobs = reply["job_ids"]
-        if jobs:
-            named = ", ".join(jobs[:MAX_JOBS_NAMED]) + (
-                f" and {len(jobs) - MAX_JOBS_NAMED} more" if len(jobs) > MAX_JOBS_NAMED else "")
-            raise errors.Conflict("Configuration in use",
-                                  f"OSSEA configuration {config_id} is used by replication jobs: {named}; delete "
-                                  "them first (DELETE /api/v1/replication/jobs/{job_id}), which releases their volumes")
+        for service_name, subject, way_out in USERS_OF_CONFIG:
+            try:
+                reply = await self.bus.call(subject, {"ossea_config_id": config_id})
+            except (errors.Unavailable, errors.UpstreamTimeout) as exc:
+                raise errors.Unavailable("Cannot check whether jobs use the configuration",
+                                         f"{exc.details}; a configuration is deleted only once the {service_name} "
+                                         "service confirms that no job uses it") from None
+            jobs = reply["job_ids"]
+            if jobs:
+                named = ", ".join(jobs[:MAX_JOBS_NAMED]) + (
+                    f" and {len(jobs) - MAX_JOBS_NAMED} more" if len(jobs) > MAX_JOBS_NAMED else "")
+                raise errors.Conflict("Configuration in use",
+                                      f"OSSEA configuration {config_id} is used by {service_name} jobs: {named}; "
+                                      f"{way_out}")
 
     async def _changed(self, row: Any, action: str) -> None:
         service.CHANGES.labels(action=action).inc()

@@ -23,8 +23,8 @@ from shared.bus import event_envelope
 from shared.contracts import CloudAuthError, CloudClient, CloudConfigError, CloudTimeout, CloudUnreachable
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
+from shared.schemas import REDACTED
 
-REDACTED = "[REDACTED]"
 CREATE_REQUIRED = ("name", "api_url", "api_key", "secret_key", "zone")
 TEST_REQUIRED = ("api_url", "api_key", "secret_key")
 CONNECTION_FIELDS = ("api_url", "api_key", "secret_key", "domain", "zone", "oma_vm_id")

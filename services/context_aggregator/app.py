@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +33,6 @@ class GetQuery(BaseModel):
 class ContextAggregatorService(ServiceApp):
     name = "context_aggregator"
     description = "Per-VM read model built from events"
-    migrations = Path(__file__).parent / "migrations"
     consumer: DurableConsumer | None = None
 
     async def setup(self) -> None:

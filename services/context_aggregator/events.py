@@ -9,11 +9,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.disk_slot import SlotNumber, slot_number
+from shared.schemas import JOB_STATUSES
 from shared.service import validation_details
 from shared.subjects import Failover, Inventory, Replication
 
-JOB_STATUSES = ("queued", "provisioning", "ready_for_sync", "replicating", "stalled", "completed", "failed",
-                "cancelled")
 # Metric label values: bounded, whatever subject a producer invents.
 KNOWN_TYPES = ("created", "status_changed", "progressed", "completed", "failed", "discovered")
 

@@ -29,10 +29,11 @@ from services.context_aggregator.models import (
 )
 from shared import errors
 from shared.db import iso
+from shared.schemas import COMPLETED, FAILED
 
 HISTORY_JOBS = 10
 HISTORY_CBT = 20
-OUTCOMES = {"completed": "successful_jobs", "failed": "failed_jobs"}
+OUTCOMES = {COMPLETED: "successful_jobs", FAILED: "failed_jobs"}
 SCHEDULE_FIELDS = ("schedule_execution_id", "vm_group_id", "scheduled_by", "existing_context_id")
 
 
@@ -66,7 +67,7 @@ class Batch:
         if job_ids:
             for j in await db.scalars(select(ContextJob).where(ContextJob.job_id.in_(job_ids))):
                 self.jobs[j.job_id] = j
-            done = {e.job_id for e in events if isinstance(e, JobEvent) and e.status == "completed"}
+            done = {e.job_id for e in events if isinstance(e, JobEvent) and e.status == COMPLETED}
             if done:
                 rows = await db.execute(select(CbtRecord.job_id, CbtRecord.unit_number)
                                         .where(CbtRecord.job_id.in_(done)))
@@ -150,7 +151,7 @@ async def apply_job(b: Batch, ev: JobEvent) -> bool:
         setattr(ctx, OUTCOMES[ev.status], getattr(ctx, OUTCOMES[ev.status]) + 1)
         job.counted_outcome = ev.status
 
-    if ev.status == "completed":
+    if ev.status == COMPLETED:
         for d in ev.disks:
             if d.change_id and (ev.job_id, d.unit_number) not in b.cbt:
                 b.db.add(CbtRecord(vm_name=name, job_id=ev.job_id, unit_number=d.unit_number,
@@ -167,7 +168,7 @@ async def apply_job(b: Batch, ev: JobEvent) -> bool:
                 values = dict(disk_id=d.disk_id or d.id, path=d.path, size_gb=d.size_gb,
                               capacity_bytes=d.capacity_bytes, datastore=d.datastore, volume_id=d.volume_id,
                               device_path=d.device_path, export_name=d.export_name)
-                if ev.status == "completed" and d.change_id:
+                if ev.status == COMPLETED and d.change_id:
                     values["change_id"] = d.change_id
                 b.set_disk(name, d.unit_number, **values)
             await b.drop_other_disks(name, {d.unit_number for d in ev.disks})

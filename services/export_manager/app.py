@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from services.export_manager import service
@@ -22,7 +21,6 @@ from shared.subjects import Exports
 class ExportManagerService(ServiceApp):
     name = "export_manager"
     description = "NBD exports with VM-based reuse"
-    migrations = Path(__file__).parent / "migrations"
 
     exporter: Any = None
     exports: service.ExportManager | None = None

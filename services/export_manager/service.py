@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.export_manager.models import ACTIVE, INACTIVE, VmExportMapping
 from shared import errors
+from shared.contracts import validate_device_path
 from shared.db import iso
 from shared.disk_slot import SlotNumber
 from shared.schemas import VM_KEY_MAX, VM_KEY_PATTERN
@@ -104,14 +105,6 @@ class ListRequest(BaseModel):
 
 def export_name_for(vm_id: str, unit: int) -> str:
     return f"{EXPORT_PREFIX}{vm_id}-disk{unit}"
-
-
-def check_device(path: str) -> str:
-    if not os.path.isabs(path):
-        raise errors.BadRequest("Device path must be absolute", {"device_path": path})
-    if not os.path.exists(path):
-        raise errors.NotFound("Device not found", {"device_path": path})
-    return path
 
 
 # ----- concurrency helpers
@@ -260,7 +253,7 @@ class ExportManager:
     async def ensure(self, req: EnsureRequest) -> dict[str, Any]:
         name = export_name_for(req.vm_id, req.disk_unit_number)
         try:
-            device = check_device(req.device_path)
+            device = validate_device_path(req.device_path)
             async with self.locks.hold((req.vm_id, req.disk_unit_number)):
                 action, m, old_device, readded = await self._ensure_locked(req, name, device)
         except Exception:
@@ -370,12 +363,19 @@ class ExportManager:
         return out
 
     # ----- deactivate / remove
-    async def deactivate(self, sel: Selector) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def _held(self, sel: Selector) -> AsyncIterator[Selector]:
+        """Hold the lock of the export `sel` names; yields the selector of its key (the row is
+        read again under the lock)."""
         async with self.sessions() as db:
             key = Snapshot.of(await find(db, sel)).key
         async with self.locks.hold(key):
+            yield Selector(vm_id=key[0], disk_unit_number=key[1])
+
+    async def deactivate(self, sel: Selector) -> dict[str, Any]:
+        async with self._held(sel) as held:
             async with self.sessions.begin() as db:
-                row = await find(db, Selector(vm_id=key[0], disk_unit_number=key[1]))
+                row = await find(db, held)
                 changed = row.status != INACTIVE
                 row.status = INACTIVE
                 await db.flush()
@@ -390,11 +390,9 @@ class ExportManager:
                 "message": "Export deactivated" if changed else "Export was already inactive"}
 
     async def remove(self, sel: Selector) -> dict[str, Any]:
-        async with self.sessions() as db:
-            key = Snapshot.of(await find(db, sel)).key
-        async with self.locks.hold(key):
+        async with self._held(sel) as held:
             async with self.sessions.begin() as db:
-                row = await find(db, Selector(vm_id=key[0], disk_unit_number=key[1]))
+                row = await find(db, held)
                 m = Snapshot.of(row)
                 await db.delete(row)
             removed = await self.exporter.remove_export(m.export_name)

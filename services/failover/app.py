@@ -36,3 +36,13 @@ class FailoverService(ServiceApp):
     @endpoint(Failover.MAPPINGS)
     async def mappings(self, req: BusRequest):
         return await self.failovers.mappings(req.model(NetworkMappingRequest))
+
+    @endpoint(Failover.USING_CONFIG)
+    async def using_config(self, req: BusRequest):
+        """The failovers that still need OSSEA configuration N (the config service refuses to delete it
+        while any do): running or compensating, holding a VM (a test VM up, a VM failed over, a cleanup or
+        rollback to run again), or whose compensation failed (cloud objects may be left)."""
+        config_id = req.json().get("ossea_config_id")
+        if type(config_id) is not int:
+            raise errors.BadRequest("Validation failed", "ossea_config_id: an integer is required")
+        return {"success": True, "job_ids": await self.failovers.using_config(config_id)}

@@ -8,14 +8,13 @@ resumes every job that was running (its steps are idempotent) or compensating.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from datetime import datetime
 from typing import Any
 
 import orjson
 from prometheus_client import Counter, Histogram
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from services.failover import steps as st
@@ -45,11 +44,11 @@ from services.failover.models import (
     FailoverStep,
     NetworkMapping,
 )
-from services.replication.cloud import error_text
+from shared.errors import error_text
 from shared import errors
 from shared.bus import Reply, event_envelope
-from shared.db import iso, limit_offset, list_filters, utcnow
-from shared.plugins import get_backend
+from shared.db import free_id, iso, limit_offset, list_filters, utcnow
+from shared.plugins import BackendNotFound, get_backend
 from shared.schemas import FailoverRequest, NetworkMappingRequest
 from shared.subjects import Config, Failover, Replication
 
@@ -70,9 +69,10 @@ UNDOES = {"cleanup": ("test", CLEANED_UP, st.CLEANUP_STEPS), "rollback": ("live"
 USABLE_REPLICATION = ("ready_for_sync", "replicating", "completed")
 
 
-def new_failover_id(now: datetime) -> str:
-    """`fo-YYYYMMDD-HHMMSS` as the API promises, and a short suffix: two in one second stay apart."""
-    return f"fo-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+def failover_id_base(now: datetime) -> str:
+    """`fo-YYYYMMDD-HHMMSS` as the API promises, like replication's job ids; `_insert` adds `-2`,
+    `-3`... only when that second is taken."""
+    return f"fo-{now:%Y%m%d-%H%M%S}"
 
 
 class JobResources:
@@ -121,7 +121,14 @@ class Failovers:
         self.sessions = app.sessions
         self.log = app.log
         self.cloud_backend = get_backend(app.pm, "cloud", self.settings.cloud_backend)
+        self.resolver = get_backend(app.pm, "device-resolver", self.settings.device_resolver).factory(self.settings)
         self._running: dict[str, asyncio.Task] = {}
+
+    def converter(self, name: str) -> Any:
+        try:
+            return get_backend(self.app.pm, "converter", name).factory(self.settings)
+        except BackendNotFound as exc:
+            raise errors.BadRequest("Converter not available", f"options.convert: {exc}") from None
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -167,22 +174,22 @@ class Failovers:
 
     async def _admit(self, req: FailoverRequest) -> FailoverJob:
         opts, live = req.options, req.action == "live"
-        if opts.convert not in (None, "none"):
-            raise errors.BadRequest("Converter not available", f"options.convert: {opts.convert!r} is not "
-                                    "installed; only 'none' is available")
-        if opts.final_sync:
-            raise errors.BadRequest("Final sync not available", "options.final_sync: the final sync through "
-                                    "the VMA is not wired to failover yet; sync, then fail over")
+        self.converter(opts.convert or "none").check()  # 400 for an unknown or uninstalled converter
+        if opts.final_sync and not live:
+            raise errors.BadRequest("Final sync is a live cutover's", "options.final_sync: a test failover "
+                                    "boots clones while replication goes on; only `live` syncs after the power-off")
         await self._not_locked(req.vm_name)  # the clear answer first; the insert below is what guarantees it
         replica = await self._latest_replica(req.vm_name)
         source = replica["source_vm"]
+        if live and opts.final_sync is not False and replica["status"] != "completed":
+            raise errors.Conflict("Sync in progress", f"replication job {replica['job_id']} of VM {req.vm_name!r} is "
+                                  f"{replica['status']}; the cutover's final sync starts once it has completed")
         power_off = live and opts.power_off_source is not False
         if power_off and not source.get("vcenter"):
             raise errors.BadRequest("Source vCenter unknown", "the replicated source_vm names no vcenter to power "
                                     "it off through; set options.power_off_source to false to skip that")
         creds = await self.bus.call(Config.CREDENTIALS, {"id": replica["ossea_config_id"]})
         now = utcnow()
-        failover_id = new_failover_id(now)
         exports = {e["disk_unit_number"]: e for e in replica.get("nbd_exports") or []}
         plan = {
             "mode": req.action, "vm_name": req.vm_name, "oma_vm_id": creds.get("oma_vm_id"),
@@ -193,14 +200,21 @@ class Failovers:
             "disks": [{"ordinal": i, "unit": d["unit_number"], "volume_id": d["volume_id"],
                        **_export(exports.get(d["unit_number"]))}
                       for i, d in enumerate(sorted(replica["disks"], key=lambda d: d["unit_number"]))],
-            "target_name": st.safe_name(req.vm_name, 63) if live else st.test_vm_name(req.vm_name, failover_id),
+            "target_name": st.safe_name(req.vm_name, 63) if live else st.test_vm_name(req.vm_name, now),
             "preserve_macs": live, "power_off_source": power_off, "vcenter": source.get("vcenter"),
-            "source_vm_id": source.get("id"), "shutdown_timeout": self.settings.failover_shutdown_timeout}
-        job = FailoverJob(failover_id=failover_id, action=req.action, vm_name=req.vm_name, status=RUNNING,
+            "source_vm_id": source.get("id"), "shutdown_timeout": self.settings.failover_shutdown_timeout,
+            # The final sync (live; on by default): a replication job of the same source VM, through its VMA.
+            "final_sync": live and opts.final_sync is not False, "source_vm": source,
+            "ossea_config_id": replica["ossea_config_id"], "replication_job_id": replica["job_id"],
+            "provision_wait": self.settings.provision_wait, "convert": opts.convert or "none"}
+        job = FailoverJob(action=req.action, vm_name=req.vm_name, status=RUNNING,
                           ossea_config_id=replica["ossea_config_id"], replication_job_id=replica["job_id"],
                           options=orjson.dumps(opts.model_dump(exclude_none=True)).decode(),
                           plan=orjson.dumps(plan).decode(), created_at=now)
-        await self._insert(job, st.LIVE_STEPS if live else st.TEST_STEPS, lock=True)
+        steps = st.LIVE_STEPS if live else st.TEST_STEPS
+        if plan["convert"] == "none":  # no step that does nothing: its bookkeeping would cost time
+            steps = tuple(n for n in steps if n != "convert")
+        await self._insert(job, steps, lock=True)
         return job
 
     async def _admit_undo(self, req: FailoverRequest) -> FailoverJob:
@@ -217,35 +231,45 @@ class Failovers:
         if target.status in ACTIVE:
             raise errors.Conflict("Failover in progress", f"{undone} failover {target.failover_id} is still "
                                   f"{target.status}; {req.action} when it has finished")
-        job = FailoverJob(failover_id=new_failover_id(utcnow()), action=req.action, vm_name=req.vm_name,
+        job = FailoverJob(action=req.action, vm_name=req.vm_name,
                           status=RUNNING, target_id=target.failover_id, ossea_config_id=target.ossea_config_id,
                           replication_job_id=target.replication_job_id, options="{}", plan="{}")
         await self._insert(job, names, lock=False)
         return job
 
     async def _insert(self, job: FailoverJob, names: tuple[str, ...], *, lock: bool) -> None:
-        """The job, its steps and the VM's lock in one transaction: the lock's primary key is what
-        makes a second concurrent failover of the VM a 409."""
-        try:
-            async with self.sessions.begin() as db:
-                db.add(job)
-                await db.flush()
-                db.add_all(FailoverStep(failover_id=job.failover_id, position=i, name=n, status=S_PENDING,
-                                        attempts=0) for i, n in enumerate(names))
+        """The job (its id the first free one of its second), its steps and the VM's lock in one
+        transaction: the lock's primary key is what makes a second concurrent failover of the VM a 409;
+        an id another process took in the same second (the unique index) is picked again."""
+        job.created_at = job.created_at or utcnow()
+        for _ in range(5):
+            job.id = None  # type: ignore[assignment]  # a rolled-back attempt's autoincrement value
+            try:
+                async with self.sessions.begin() as db:
+                    job.failover_id = await free_id(db, FailoverJob.failover_id, failover_id_base(job.created_at))
+                    db.add(job)
+                    await db.flush()
+                    db.add_all(FailoverStep(failover_id=job.failover_id, position=i, name=n, status=S_PENDING,
+                                            attempts=0) for i, n in enumerate(names))
+                    if lock:
+                        db.add(FailoverLock(vm_name=job.vm_name, failover_id=job.failover_id))
+                    else:
+                        await self._take_over_lock(db, job)
+                return
+            except IntegrityError:
                 if lock:
-                    db.add(FailoverLock(vm_name=job.vm_name, failover_id=job.failover_id))
-                else:  # the cleanup takes the lock over from the test failover
-                    held = await db.get(FailoverLock, job.vm_name, with_for_update=True)
-                    if held is None or held.failover_id == job.failover_id:
-                        raise errors.Conflict("Nothing to clean up", f"VM {job.vm_name!r} holds no failover")
-                    current = await self._job(db, held.failover_id)
-                    if current.action == job.action and current.status == RUNNING:
-                        raise errors.Conflict(f"{job.action.capitalize()} in progress",
-                                              f"{current.failover_id} is running")
-                    held.failover_id = job.failover_id
-        except IntegrityError:
-            await self._not_locked(job.vm_name)
-            raise errors.Conflict("Failover already active", f"VM {job.vm_name!r} already has a failover") from None
+                    await self._not_locked(job.vm_name)  # the VM's lock: a 409 that names the holder
+        raise errors.Conflict("Failover ids exhausted", f"no free failover id in {failover_id_base(job.created_at)}")
+
+    async def _take_over_lock(self, db: Any, job: FailoverJob) -> None:
+        """A cleanup or rollback takes the VM's lock over from the failover it undoes."""
+        held = await db.get(FailoverLock, job.vm_name, with_for_update=True)
+        if held is None or held.failover_id == job.failover_id:
+            raise errors.Conflict("Nothing to clean up", f"VM {job.vm_name!r} holds no failover")
+        current = await self._job(db, held.failover_id)
+        if current.action == job.action and current.status == RUNNING:
+            raise errors.Conflict(f"{job.action.capitalize()} in progress", f"{current.failover_id} is running")
+        held.failover_id = job.failover_id
 
     async def _not_locked(self, vm_name: str) -> None:
         async with self.sessions() as db:
@@ -289,7 +313,9 @@ class Failovers:
             async def save() -> None:
                 await self._set_job(owner, plan=orjson.dumps(plan).decode())
             ctx = st.Ctx(client, JobResources(self.sessions, owner), plan, owner,
-                         self.settings.cloud_poll_interval, self.settings.cloud_job_timeout, self.bus, save)
+                         self.settings.cloud_poll_interval, self.settings.cloud_job_timeout, self.bus, save,
+                         self.settings.failover_final_sync_timeout, self.converter(plan.get("convert") or "none"),
+                         self.resolver, self.settings.device_wait)
             if job.status == RUNNING:
                 await self._forward(job, ctx)
             if job.status == COMPENSATING:
@@ -402,6 +428,15 @@ class Failovers:
         async with self.sessions.begin() as db:
             await db.execute(update(FailoverJob).where(FailoverJob.failover_id == failover_id).values(**values))
 
+    async def using_config(self, config_id: int) -> list[str]:
+        locked = select(FailoverLock.failover_id)
+        async with self.sessions() as db:
+            holders = select(FailoverJob.target_id).where(FailoverJob.failover_id.in_(locked))
+            return list((await db.scalars(select(FailoverJob.failover_id).where(
+                FailoverJob.ossea_config_id == config_id,
+                or_(FailoverJob.status.in_((*ACTIVE, COMPENSATION_FAILED)), FailoverJob.failover_id.in_(locked),
+                    FailoverJob.failover_id.in_(holders))).order_by(FailoverJob.id))).all())
+
     # -- reads ----------------------------------------------------------------------------------
 
     async def list(self, q: dict[str, Any]) -> dict[str, Any]:
@@ -433,7 +468,8 @@ class Failovers:
         plan = orjson.loads(job.plan)
         return {"failover_id": job.failover_id, "action": job.action, "vm_name": job.vm_name,
                 "status": job.status, "current_step": job.current_step, "target_id": job.target_id,
-                "replication_job_id": job.replication_job_id, "target_vm_name": plan.get("target_name"),
+                "replication_job_id": job.replication_job_id, "final_sync_job_id": plan.get("final_sync_job_id"),
+                "target_vm_name": plan.get("target_name"),
                 "target_vm_id": plan.get("target_vm_id"), "error": job.error,
                 "created_at": iso(job.created_at), "completed_at": iso(job.completed_at)}
 

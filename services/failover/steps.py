@@ -6,30 +6,34 @@ never creates twice. Every creating step records the unique name before it asks,
 soon as the cloud answers. A compensation undoes its step from whatever state the cloud is in; the
 cleanup of a test failover is the same compensations run forward (`CLEANUP_STEPS`).
 
-A test failover (replication keeps running): validate -> snapshot -> clone -> create_vm -> swap_root
--> attach_data -> start -> verify (shared/reference/failover.md, route A). A live cutover boots the
-replica volumes themselves: validate -> power_off_source -> snapshot (safety) -> release (exports off,
-volumes off the appliance) -> create_vm (exact name, production networks, source MACs) -> swap_root ->
+A test failover (replication keeps running): validate -> snapshot -> clone -> convert (optional, the
+boot clone on the appliance) -> create_vm -> swap_root -> attach_data -> start -> verify (shared/reference/failover.md, route A). A live cutover boots the
+replica volumes themselves: validate -> power_off_source -> final_sync (an incremental replication job
+through the VMA, run to completion) -> snapshot (safety) -> convert (optional, the boot replica in
+place) -> release (replication hands the volumes over;
+exports off, volumes off the appliance) -> create_vm (exact name, production networks, source MACs) -> swap_root ->
 attach_data -> start -> verify; its rollback detaches every volume before destroying the VM.
 """
 from __future__ import annotations
 
 import asyncio
 import re
+from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from plugins.ossea.client import CloudParamError, CloudStackError
+from shared.contracts import CloudError as CloudStackError, CloudParamError
 from shared import errors
-from shared.subjects import Exports, Inventory
+from shared.db import iso, utcnow
+from shared.subjects import Exports, Inventory, Replication
 
 RUNNING_STATES = ("Running", "Starting")
 # Step name -> the cleanup step that undoes it (None: nothing to undo).
-TEST_STEPS = ("validate", "snapshot", "clone", "create_vm", "swap_root", "attach_data", "start", "verify")
+TEST_STEPS = ("validate", "snapshot", "clone", "convert", "create_vm", "swap_root", "attach_data", "start", "verify")
 CLEANUP_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "delete_clones", "delete_snapshots")
-LIVE_STEPS = ("validate", "power_off_source", "snapshot", "release", "create_vm", "swap_root", "attach_data",
-              "start", "verify")
+LIVE_STEPS = ("validate", "power_off_source", "final_sync", "snapshot", "convert", "release", "create_vm",
+              "swap_root", "attach_data", "start", "verify")
 ROLLBACK_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "revert_snapshots", "reattach", "power_on_source",
                   "delete_snapshots")
 
@@ -53,21 +57,26 @@ class Ctx:
     timeout: float
     bus: Any = None          # shared.bus.Bus: the source's power, the replica's exports
     save: Callable[[], Awaitable[None]] | None = None  # persist `plan` now (before acting on it)
+    final_sync_timeout: float = 3600.0
+    converter: Any = None    # plugins/convert.py: the plan's `convert`
+    resolver: Any = None     # the device-resolver plugin: a volume attached to the appliance -> its device
+    device_wait: float = 30.0
 
     @property
     def live(self) -> bool:
         return self.plan.get("mode") == "live"
 
-    async def until(self, what: str, probe: Callable[[], Awaitable[Any]]) -> Any:
+    async def until(self, what: str, probe: Callable[[], Awaitable[Any]], timeout: float | None = None) -> Any:
         """Poll `probe` until it returns something truthy (cloud jobs another run left pending)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        timeout = timeout or self.timeout
+        deadline = loop.time() + timeout
         while True:
             found = await probe()
             if found:
                 return found
             if loop.time() > deadline:
-                raise errors.UpstreamTimeout("Failover step timed out", f"{what} within {self.timeout:g}s")
+                raise errors.UpstreamTimeout("Failover step timed out", f"{what} within {timeout:g}s")
             await asyncio.sleep(self.poll)
 
 
@@ -79,8 +88,8 @@ def safe_name(text: str, limit: int) -> str:
     return name[:limit].rstrip("-")
 
 
-def test_vm_name(vm_name: str, failover_id: str) -> str:
-    stamp = failover_id.removeprefix("fo-").replace("-", "")[:14]
+def test_vm_name(vm_name: str, now: datetime) -> str:
+    stamp = f"{now:%Y%m%d%H%M%S}"
     return f"{safe_name(vm_name, 63 - 6 - len(stamp))}-test-{stamp}"
 
 
@@ -350,6 +359,38 @@ async def verify(ctx: Ctx) -> None:
     ctx.plan["target_vm_id"] = row.cloud_id
 
 
+async def convert(ctx: Ctx) -> None:
+    """The guest conversion (plugins/convert.py) of the boot disk on the appliance: a test converts its
+    boot clone (attached to the appliance for it, then detached; a failure leaves it to the clone's
+    undo), a live cutover the boot replica in place (still attached; its undo puts the replica back to
+    the safety snapshot). A converter's failure fails the step with the converter's own message."""
+    if ctx.converter is None or ctx.plan.get("convert", "none") == "none" or ctx.plan.get("converted"):
+        return
+    boot, oma = (await _disks(ctx))[0], ctx.plan["oma_vm_id"]
+
+    async def on_oma() -> bool:
+        now = await volume(ctx, boot)
+        return bool(now and now.get("virtualmachineid") == oma)
+    if not ctx.live:
+        await _settle(ctx, lambda: ctx.cloud.attach_volume(boot, oma), on_oma)
+    device = await ctx.resolver.resolve(boot, ctx.device_wait)
+    ctx.plan["convert_started"] = True  # the disk may change from here on
+    await ctx.save()
+    result = await ctx.converter.convert(device)
+    if not ctx.live:
+        await _settle(ctx, lambda: ctx.cloud.detach_volume(boot), lambda: _not_attached(ctx, boot))
+    ctx.plan["converted"] = bool(result.get("converted"))
+
+
+async def undo_live_convert(ctx: Ctx) -> None:
+    """A conversion that started may have changed the boot replica: every replica goes back to its
+    safety snapshot (off the appliance, as a revert needs), then back on it with its exports; replication
+    is told whether the revert worked. Nothing to do when the release's undo already did it."""
+    if ctx.plan.get("convert_started") and not ctx.plan.get("restored"):
+        await release(ctx)
+        await revert_and_reattach(ctx)
+
+
 # -- compensations (and the cleanup of a test failover) ---------------------------------------
 
 async def stop_vm(ctx: Ctx) -> None:
@@ -463,13 +504,53 @@ async def power_off_source(ctx: Ctx) -> None:
     await _power(ctx, "off")
 
 
+async def final_sync(ctx: Ctx) -> None:
+    """The last incremental sync, after the source stopped writing: a replication job of the VM that
+    replication starts through the VMA (services/replication/driver.py) and runs to `completed`.
+    Its request time is recorded before the request, so a restart finds the job instead of asking twice."""
+    p = ctx.plan
+    if not p.get("final_sync"):
+        return
+    if not p.get("final_sync_job_id"):
+        job_id = await _final_sync_requested(ctx) if p.get("final_sync_requested_at") else None
+        if job_id is None:
+            p["final_sync_requested_at"] = iso(utcnow())
+            await ctx.save()
+            reply = await ctx.bus.call(Replication.CREATE, {
+                "source_vm": p["source_vm"], "ossea_config_id": p["ossea_config_id"],
+                "replication_type": "incremental", "start_sync": True}, timeout=p["provision_wait"] + 30)
+            job_id = reply["job_id"]
+        p["final_sync_job_id"] = job_id
+        await ctx.save()
+    job_id = p["final_sync_job_id"]
+
+    async def completed() -> bool:
+        job = await ctx.bus.call(Replication.GET, {"job_id": job_id})
+        if job["status"] in ("failed", "cancelled"):
+            raise errors.BadGateway("Final sync failed", f"replication job {job_id} {job['status']}: {job.get('error')}")
+        return job["status"] == "completed"
+    await ctx.until(f"final sync {job_id} completed", completed, ctx.final_sync_timeout)
+    p["replication_job_id"] = job_id  # the job that holds the replica now: the hand-over names it
+
+
+async def _final_sync_requested(ctx: Ctx) -> str | None:
+    """The VM's replication job created since the final sync was requested, if that request landed."""
+    listed = await ctx.bus.call(Replication.LIST, {"vm_name": ctx.plan["vm_name"], "limit": 5})
+    since = ctx.plan["final_sync_requested_at"]
+    return next((j["job_id"] for j in listed.get("jobs", []) if (j.get("created_at") or "") >= since), None)
+
+
 async def power_on_source(ctx: Ctx) -> None:
     if ctx.plan.get("source_power") == "poweredOn":
         await _power(ctx, "on")
 
 
 async def release(ctx: Ctx) -> None:
-    """The replica leaves the appliance: its exports stop serving, its volumes are detached."""
+    """The replica leaves the appliance: replication hands its volumes over to the new VM (no sync,
+    delete or cleanup of the VM touches them from now on; 409 while a sync runs), its exports stop
+    serving, its volumes are detached."""
+    await ctx.bus.call(Replication.HANDOVER, {"job_id": ctx.plan["replication_job_id"],
+                                              "failover_id": ctx.failover_id})
     for disk in ctx.plan["disks"]:
         if disk.get("export_name"):
             await ctx.bus.call(Exports.DEACTIVATE, {"export_name": disk["export_name"]})
@@ -488,6 +569,9 @@ async def reattach(ctx: Ctx) -> None:
         if disk.get("export_name"):
             await ctx.bus.call(Exports.ENSURE, {"vm_id": disk["export_vm_id"], "disk_unit_number": disk["unit"],
                                                 "vm_name": ctx.plan["vm_name"], "device_path": disk["device_path"]})
+    # Replication takes the volumes back; without a revert their change ids are void (a full sync next).
+    await ctx.bus.call(Replication.RECLAIM, {"job_id": ctx.plan["replication_job_id"], "failover_id": ctx.failover_id,
+                                             "reverted": bool(ctx.plan.get("reverted", True))})
 
 
 async def revert_snapshots(ctx: Ctx) -> None:
@@ -512,21 +596,23 @@ async def revert_snapshots(ctx: Ctx) -> None:
 async def revert_and_reattach(ctx: Ctx) -> None:
     await revert_snapshots(ctx)
     await reattach(ctx)
+    ctx.plan["restored"] = True
+    await ctx.save()
 
 
 Step = Callable[[Ctx], Awaitable[None]]
 RUN: dict[str, Step] = {
-    "validate": validate, "snapshot": take_snapshots, "clone": clone, "create_vm": create_vm,
+    "validate": validate, "snapshot": take_snapshots, "clone": clone, "convert": convert, "create_vm": create_vm,
     "swap_root": swap_root, "attach_data": attach_data, "start": start, "verify": verify,
     "stop_vm": stop_vm, "detach_volumes": detach_volumes, "destroy_vm": destroy_vm,
     "delete_clones": delete_clones, "delete_snapshots": delete_snapshots,
-    "power_off_source": power_off_source, "release": release, "revert_snapshots": revert_snapshots,
+    "power_off_source": power_off_source, "final_sync": final_sync, "release": release, "revert_snapshots": revert_snapshots,
     "reattach": reattach, "power_on_source": power_on_source}
 # What undoes each forward step (run in reverse order on failure).
 UNDO: dict[str, Step | None] = {
-    "validate": None, "snapshot": delete_snapshots, "clone": delete_clones, "create_vm": destroy_vm,
+    "validate": None, "snapshot": delete_snapshots, "clone": delete_clones, "convert": None, "create_vm": destroy_vm,
     "swap_root": detach_volumes, "attach_data": detach_volumes, "start": stop_vm, "verify": None}
 # A live cutover's undo puts the replica back as it was: reverted while it is off the appliance (the VM
 # may have written to it), then on the appliance with its exports; the source powered on.
 UNDO_LIVE: dict[str, Step | None] = {
-    **UNDO, "power_off_source": power_on_source, "release": revert_and_reattach}
+    **UNDO, "power_off_source": power_on_source, "convert": undo_live_convert, "release": revert_and_reattach}

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors as error_handlers
 from services.gateway import openapi, parent_metrics, ui
+from services.gateway.ui import demo_views as ui_demo
 from services.gateway.content_type import JsonBodies
 from services.gateway.deps import SessionCache
 from services.gateway.fastpath import ContextReplies, FastReads
@@ -23,6 +24,7 @@ from services.gateway.routers import (
     appliances,
     auth,
     contexts,
+    demo,
     failover,
     health,
     inventory,
@@ -32,6 +34,7 @@ from services.gateway.routers import (
 from shared import bus as busmod
 from shared import metrics
 from shared.logging import correlation_id
+from shared.schemas import VERSION
 from shared.settings import Settings
 from shared.subjects import Auth
 
@@ -99,7 +102,7 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
         yield
         await nc.drain()
 
-    app = FastAPI(title="OMA API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
+    app = FastAPI(title="OMA API", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings
@@ -119,11 +122,12 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
     app.include_router(auth.router)
     # Every /api/v1 route but login is checked by RequestGuard, before its body is read.
     for router in (ossea.router, inventory.router, replications.router, contexts.router, failover.router,
-                   appliances.router):
+                   appliances.router, demo.router):
         app.include_router(router, responses={401: {"description": "Unauthorized"}})
 
     _mount_swagger(app)
     app.include_router(ui.router)  # the operator GUI (its own cookie sessions)
+    app.include_router(ui_demo.router)  # its demo panel (oma-api -demo)
     app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
 
     @app.get("/metrics", include_in_schema=False)

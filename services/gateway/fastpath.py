@@ -103,19 +103,25 @@ class FastReads:
     @staticmethod
     async def _answer(scope, receive, send, route: Any, subject: str, payload: dict[str, Any]) -> None:
         scope["route"] = route
-        state = scope["app"].state
-        cache: ContextReplies = state.context_replies.current()
-        vm_name = payload.get("vm_name")
-        key = vm_name or tuple(payload.values())
-        body = cache.get_vm(vm_name) if vm_name else cache.get_list(key)
-        if body is None:
-            generation = cache.generation
-            try:
-                _, body = await state.bus.request(subject, payload)  # both answer 200 or an error
-            except errors.OmaError as exc:  # as the gateway's OmaError handler answers it
-                return await error_response(exc)(scope, receive, send)
-            if vm_name:
-                cache.put_vm(vm_name, generation, body, orjson.loads(body)["context"]["vm_name"])
-            else:
-                cache.put_list(key, generation, body)
+        try:
+            body = await context_read(scope["app"].state, subject, payload)
+        except errors.OmaError as exc:  # as the gateway's OmaError handler answers it
+            return await error_response(exc)(scope, receive, send)
         await Response(content=body, media_type=JSON)(scope, receive, send)
+
+
+async def context_read(state: Any, subject: str, payload: dict[str, Any]) -> bytes:
+    """A context list page or one VM's context: this process's copy when the aggregator announced
+    no change since, else the bus request (both answer 200 or raise). The GUI reads through it too."""
+    cache: ContextReplies = state.context_replies.current()
+    vm_name = payload.get("vm_name")
+    key = vm_name or tuple(payload.values())  # (status,) limit, offset: build the payload in that order
+    body = cache.get_vm(vm_name) if vm_name else cache.get_list(key)
+    if body is None:
+        generation = cache.generation
+        _, body = await state.bus.request(subject, payload)
+        if vm_name:
+            cache.put_vm(vm_name, generation, body, orjson.loads(body)["context"]["vm_name"])
+        else:
+            cache.put_list(key, generation, body)
+    return body

@@ -9,6 +9,7 @@
 - 400 in the seed's error shape wherever a request can fail validation; FastAPI's 422 (which the
   gateway never answers, services/gateway/errors.py turns it into 400) is removed.
 - A request body's examples (the seed's, on the pydantic models) become named media type examples.
+- Server-Sent Events streams lose OpenAPI 3.2's `itemSchema`.
 """
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ def build(app: FastAPI) -> dict[str, Any]:
                 param["schema"] = to_oas30(param["schema"], nullable=False)  # a query value is never null
             for where in (op.get("requestBody"), *op["responses"].values()):
                 for media in (where or {}).get("content", {}).values():
+                    # FastAPI's EventSourceResponse adds OpenAPI 3.2's `itemSchema` (one SSE event);
+                    # 3.0 has no such key: the stream is a string, its description names the events.
+                    if media.pop("itemSchema", None) is not None:
+                        media.setdefault("schema", {"type": "string"})
                     if "schema" in media:
                         media["schema"] = to_oas30(media["schema"])
     return doc

@@ -452,7 +452,9 @@ class VmContextDetail(Body):
 
 
 EVENT_STREAM = {"description": "Server-Sent Events: `event: context` (a VmContextDetail), then `event: update` "
-                               "(`{\"vm_name\", \"context\"}`) per change; `: keep-alive` comments every 15 s",
+                               "(`{\"vm_name\", \"context\"}`) per change; `event: resync` (a VmContextDetail: "
+                               "replace the whole state) when the client fell behind and updates were dropped; "
+                               "`: ping` comments every 15 s",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 

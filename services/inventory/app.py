@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 from services.inventory import service
@@ -10,7 +9,6 @@ from shared import errors
 from shared.actions import given, require, run_action
 from shared.bus import Reply, dumps
 from shared.contracts import SourceAuthError, SourceUnreachable
-from shared.crypto import Keyring
 from shared.plugins import get_backend
 from shared.schemas import VCenterRequest
 from shared.service import BusRequest, ServiceApp, endpoint
@@ -26,10 +24,8 @@ _RESULTS: tuple[tuple[type[Exception], str], ...] = (
 class InventoryService(ServiceApp):
     name = "inventory"
     description = "vCenter connections and the source VM inventory"
-    migrations = Path(__file__).parent / "migrations"
 
     async def setup(self) -> None:
-        self.keys = Keyring.from_file(self.settings.secret_key_path)
         self.store = service.VCenters(self.keys)
         # Resolved now, so a misconfigured source name fails at start-up, not at the first discovery.
         self.source = get_backend(self.pm, "inventory", self.settings.inventory_source)

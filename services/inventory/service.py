@@ -26,8 +26,8 @@ from shared.actions import require
 from shared.bus import event_envelope
 from shared.crypto import Keyring
 from shared.db import iso, utcnow
+from shared.schemas import REDACTED
 
-REDACTED = "[REDACTED]"
 CREATE_REQUIRED = ("host", "username", "password")
 CHUNK = 500  # ids per IN (...) list: well below SQLite's and MariaDB's parameter limits
 

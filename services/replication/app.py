@@ -9,7 +9,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from sqlalchemy import or_, select
 
-from services.replication import admission
+from services.replication import admission, handover
 from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
 from services.replication import changeids
 from services.replication.driver import VmaDriver
@@ -189,3 +189,13 @@ class ReplicationService(ServiceApp):
                 or_(ReplicationJob.status.in_(IN_FLIGHT), ReplicationJob.cleanup_pending.is_(True),
                     ReplicationJob.job_id.in_(holding))).order_by(ReplicationJob.id))).all()
         return {"success": True, "job_ids": list(jobs)}
+
+    @endpoint(Replication.HANDOVER)
+    async def hand_over(self, req: BusRequest):
+        """Failover's live cutover takes the VM's replica volumes (handover.py)."""
+        return await self.jobs.hand_over(req.model(handover.HandoverRequest))
+
+    @endpoint(Replication.RECLAIM)
+    async def reclaim(self, req: BusRequest):
+        """Failover's rollback gives them back (handover.py)."""
+        return await self.jobs.reclaim(req.model(handover.ReclaimRequest))

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 
 from shared import errors
 from shared.contracts import CloudClient, CloudError, CloudParamError, CloudTimeout, CloudUnreachable
+from shared.errors import error_text  # noqa: F401  (the replication modules and failover import it from here)
 from shared.retry import backoff_delay
 
 log = logging.getLogger("oma.replication.cloud")
@@ -36,13 +37,6 @@ def result_label(exc: BaseException | None) -> str:
         return "unreachable"
     code = getattr(exc, "errorcode", None)
     return str(code) if code else "error"
-
-
-def error_text(exc: BaseException) -> str:
-    """What an operator reads on the job and the disk: the CloudStack / exporter error text."""
-    if isinstance(exc, errors.OmaError):
-        return str(exc.details) if exc.details else exc.error
-    return f"{type(exc).__name__}: {exc}"
 
 
 class CloudOps:

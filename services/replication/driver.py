@@ -20,7 +20,6 @@ from urllib.parse import urlsplit, urlunsplit
 from prometheus_client import Gauge
 from sqlalchemy import select, update
 
-from plugins.vma.inventory import vcenter_address
 from services.replication import views
 from services.replication.cloud import error_text
 from services.replication.models import (
@@ -39,7 +38,7 @@ from shared.plugins import get_backend
 from shared.schemas import DiskProgress, ProgressReport
 from shared.subjects import Auth, Inventory, Replication
 from shared.vma import (CleanupRequest, NbdTarget, ProgressResponse, ReplicateRequest, VmaClient, VmaError,
-                        VmaNotFound)
+                        VmaNotFound, vcenter_address)
 
 STALLED_JOBS = Gauge("oma_replication_stalled_jobs", "Jobs whose VMA stopped answering or whose bytes stopped moving")
 FOLLOWED = Gauge("oma_replication_followed_jobs", "Jobs whose sync the replication service follows on a VMA")

@@ -24,11 +24,18 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, utcnow
 
-# Job statuses (docs/events.md).
-QUEUED, PROVISIONING, READY, REPLICATING = "queued", "provisioning", "ready_for_sync", "replicating"
-COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
-STALLED = "stalled"  # replicating, but the VMA stopped answering or the bytes stopped moving
-JOB_STATUSES = (QUEUED, PROVISIONING, READY, REPLICATING, STALLED, COMPLETED, FAILED, CANCELLED)
+from shared.schemas import (  # noqa: F401  (the job statuses, named here by the replication modules)
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    JOB_STATUSES,
+    PROVISIONING,
+    QUEUED,
+    READY,
+    REPLICATING,
+    STALLED,
+)
+
 IN_FLIGHT = (QUEUED, PROVISIONING, READY, REPLICATING, STALLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
@@ -134,3 +141,16 @@ class ApplianceSlots(Base):
     learned_capacity: Mapped[int | None] = mapped_column(Integer)
     learned_reason: Mapped[str | None] = mapped_column(String(255))
     learned_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class FailedOverVm(Base):
+    """A source VM whose live cutover runs it in OSSEA on the replica volumes (services/replication/
+    handover.py). Its holding rows keep holding (the appliance's slots stay reserved for a rollback),
+    but no cleanup, delete or new sync touches the volumes until the failover service gives them back."""
+    __tablename__ = "failed_over_vms"
+
+    vm_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    vm_name: Mapped[str] = mapped_column(String(255))
+    failover_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64))       # the job holding the volumes at the cutover
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

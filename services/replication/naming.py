@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-GIB = 1024 ** 3
+from shared.schemas import GIB
 
 
 def job_id_base(now: datetime) -> str:

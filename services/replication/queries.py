@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.replication import views
 from services.replication.models import JOB_STATUSES, JobVolume, ReplicationJob
 from shared import errors
+from shared.db import limit_offset, list_filters
 
 
 async def job(db: AsyncSession, job_id: str) -> ReplicationJob:
@@ -36,20 +37,8 @@ def parse_since(value: str) -> datetime:
 
 async def list_jobs(db: AsyncSession, q: dict[str, Any]) -> dict[str, Any]:
     """GET /replication/jobs: newest first, filtered by status, vm_name, since; paged."""
-    try:
-        limit = int(q.get("limit", 100))
-        offset = int(q.get("offset", 0))
-    except (TypeError, ValueError):
-        raise errors.BadRequest("Validation failed", "limit/offset: expected integers") from None
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise errors.BadRequest("Validation failed", "limit: 1..1000; offset: >= 0")
-    conds = []
-    if q.get("status"):
-        if q["status"] not in JOB_STATUSES:
-            raise errors.BadRequest("Validation failed", f"status: one of {', '.join(JOB_STATUSES)}")
-        conds.append(ReplicationJob.status == q["status"])
-    if q.get("vm_name"):
-        conds.append(ReplicationJob.vm_name == q["vm_name"])
+    limit, offset = limit_offset(q)
+    conds = list_filters(q, ReplicationJob.status, JOB_STATUSES, ReplicationJob.vm_name)
     if q.get("since"):
         conds.append(ReplicationJob.created_at >= parse_since(str(q["since"])))
     total = await db.scalar(select(func.count()).select_from(ReplicationJob).where(*conds))

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import admission, cleanup, original, progress, queries, recovery, views
+from services.replication import admission, cleanup, handover, original, progress, queries, recovery, views
 from services.replication.cloud import CloudOps, error_text
 from services.replication.models import (
     CANCELLED,
@@ -59,7 +59,7 @@ from services.replication.naming import (  # noqa: F401 - re-exported: tests and
 from shared import errors
 from shared.bus import Reply
 from shared.contracts import CloudCapacityError
-from shared.db import utcnow
+from shared.db import free_id, utcnow
 from shared.plugins import get_backend
 from shared.schemas import ProgressReport, ReplicationRequest
 from shared.subjects import Config, Exports, Replication
@@ -169,13 +169,15 @@ class Replicator:
         async with self._admission:  # this process's turn; the slot row's lock is every process's
             async with self.sessions.begin() as db:
                 slots = await admission.lock(db, oma_vm_id)
-                job_id = await self._free_job_id(db, job_id_base(now))
+                job_id = await free_id(db, ReplicationJob.job_id, job_id_base(now))  # under the admission lock
                 busy = await db.scalar(select(ReplicationJob).where(
                     or_(ReplicationJob.vm_id == vm.id, ReplicationJob.vm_key == key),
                     ReplicationJob.status.in_(IN_FLIGHT)).limit(1))
                 if busy is not None:
                     raise errors.Conflict("Replication job already in flight",
                                           f"VM {vm.name} already has job {busy.job_id} ({busy.status})")
+                if (moved := await handover.failed_over(db, key)) is not None:
+                    raise handover.refusal(moved, "it can be replicated again")
                 job = ReplicationJob(
                     job_id=job_id, vm_id=vm.id, vm_uuid=vm.uuid, vm_key=key, vm_name=vm.name,
                     ossea_config_id=req.ossea_config_id, oma_vm_id=oma_vm_id,
@@ -220,19 +222,6 @@ class Replicator:
         if job.status == CANCELLED:
             raise errors.Conflict("Replication job cancelled", f"job {job_id} was cancelled while provisioning")
         return Reply(views.create_reply(job, rows), status=201 if job.status == READY else 202)
-
-    @staticmethod
-    async def _free_job_id(db: AsyncSession, base: str) -> str:
-        """`base`, else the first free `base-N` (N from 2): ids stay unique when jobs share a second.
-        Called under the admission lock, so two creates never pick the same one."""
-        taken = set((await db.scalars(select(ReplicationJob.job_id).where(
-            or_(ReplicationJob.job_id == base, ReplicationJob.job_id.like(base + "-%"))))).all())
-        n = 1
-        job_id = base
-        while job_id in taken:
-            n += 1
-            job_id = f"{base}-{n}"
-        return job_id
 
     async def pump(self) -> None:
         """Admit queued jobs, oldest first per appliance VM, while their disks fit: whichever
@@ -462,6 +451,8 @@ class Replicator:
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """A job in flight is cancelled (what it created is removed); a finished job's volumes are released."""
         async with self._admission:
+            async with self.sessions() as db:  # a failed-over VM's disks are not ours to release
+                await handover.refuse_release(db, await queries.job(db, job_id))
             task = self._running.get(job_id)
             if task is not None:
                 task.cancel()
@@ -620,6 +611,24 @@ class Replicator:
         if swept:
             await self.refresh_gauges()
         return swept
+
+    # -- failover's hand-over (handover.py) ----------------------------------------------------
+
+    async def hand_over(self, body: handover.HandoverRequest) -> dict[str, Any]:
+        async with self._admission:  # with the slot row's lock: no job of the VM is admitted meanwhile
+            async with self.sessions.begin() as db:
+                reply = await handover.hand_over(db, body)
+        self.log.info("replica volumes handed over to a failed-over VM", extra={
+            "job_id": body.job_id, "failover_id": body.failover_id, "volumes": reply["volume_ids"]})
+        return reply
+
+    async def reclaim(self, body: handover.ReclaimRequest) -> dict[str, Any]:
+        async with self._admission:
+            async with self.sessions.begin() as db:
+                reply = await handover.reclaim(db, body)
+        self.log.info("replica volumes given back after a rollback", extra={
+            "job_id": body.job_id, "failover_id": body.failover_id, "full_sync_next": reply.get("full_sync_next")})
+        return reply
 
     # -- progress from the VMA ------------------------------------------------------------------
 

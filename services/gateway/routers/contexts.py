@@ -1,12 +1,15 @@
 from __future__ import annotations
 
-import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.gateway.deps import BusDep
+from services.gateway.live import RESYNC, Feed
+from shared import errors
 from services.gateway.proxy import errors_doc, forward
 from services.gateway import responses as r
 from shared.schemas import OFFSET_MAX
@@ -28,39 +31,39 @@ async def list_contexts(bus: BusDep, status: str | None = Query(None, max_length
 VmName = Path(min_length=1, max_length=255, description="the VM's name; `/` in it may be sent as is or as %2F")
 
 
-@router.get("/{vm_name:path}/events", response_class=StreamingResponse,
-            responses={200: r.EVENT_STREAM, **errors_doc(401, 404)})
-async def context_events(request: Request, bus: BusDep, vm_name: str = VmName):
-    """Server-Sent Events: the VM's context now, then each change as it happens."""
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100)
+EVENTS_ROUTE = "/api/v1/vm-contexts/{vm_name:path}/events"
 
-    async def on_update(msg) -> None:
-        if orjson.loads(msg.data).get("vm_name") == vm_name and not queue.full():
-            queue.put_nowait(msg.data)
 
+async def context_feed(bus: BusDep, vm_name: str = VmName) -> AsyncIterator[tuple[Feed, dict[str, Any]]]:
+    """The VM's updates and its context now; a 404 before the stream starts. Unsubscribes when
+    the stream ends (a dependency with yield outlives the streamed response)."""
+    feed = Feed(lambda update: update.get("vm_name") == vm_name, EVENTS_ROUTE)
     # Subscribe first, then read the snapshot: no update can fall between the two.
-    sub = await bus.nc.subscribe(Contexts.EVT_UPDATED, cb=on_update)
+    sub = await bus.nc.subscribe(Contexts.EVT_UPDATED, cb=feed.on_message)
     try:
-        first = await bus.call(Contexts.GET, {"vm_name": vm_name})  # 404 before the stream starts
-    except BaseException:
+        yield feed, await bus.call(Contexts.GET, {"vm_name": vm_name})
+    finally:
         await sub.unsubscribe()
-        raise
 
-    async def stream():
-        try:
-            yield b"event: context\ndata: " + orjson.dumps(first) + b"\n\n"
-            while not await request.is_disconnected():
-                try:
-                    data = await asyncio.wait_for(queue.get(), timeout=15)
-                except asyncio.TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
-                yield b"event: update\ndata: " + data + b"\n\n"
-        finally:
-            await sub.unsubscribe()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+@router.get("/{vm_name:path}/events", response_class=EventSourceResponse,
+            responses={200: r.EVENT_STREAM, **errors_doc(401, 404)})
+async def context_events(bus: BusDep, live: Annotated[tuple[Feed, dict[str, Any]], Depends(context_feed)],
+                         vm_name: str = VmName) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: the VM's context now, then each change as it happens; a client too slow
+    for the changes gets `resync`, the whole context again, instead of losing some."""
+    feed, first = live
+    yield ServerSentEvent(event="context", raw_data=orjson.dumps(first).decode())
+    while True:
+        update = await feed.next()
+        if update is RESYNC:
+            try:
+                state = await bus.call(Contexts.GET, {"vm_name": vm_name})
+            except errors.OmaError:  # the aggregator is away: end; EventSource reconnects to `context`
+                return
+            yield ServerSentEvent(event="resync", raw_data=orjson.dumps(state).decode())
+        else:
+            yield ServerSentEvent(event="update", raw_data=update.decode())
 
 
 @router.get("/{vm_name:path}", response_model=r.VmContextDetail, responses=errors_doc(400, 401, 404))

@@ -10,11 +10,11 @@ from fastapi import APIRouter, Request, Response
 from services.gateway import responses as r
 from services.gateway.proxy import JSON
 from shared import errors
+from shared.schemas import VERSION
 from shared.settings import SERVICES
 from shared.subjects import health
 
 router = APIRouter(tags=["health"])
-VERSION = "1.0.0"
 
 
 async def _ping_all(nc: Any, timeout: float) -> dict[str, int]:

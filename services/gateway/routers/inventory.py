@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 
@@ -13,21 +13,30 @@ from shared.subjects import Inventory
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
 
 
+def vcenter_timeout(bus_timeout: float, settings: Any) -> float:
+    """`test` logs in to vCenter."""
+    return max(bus_timeout, settings.vsphere_timeout + 5)
+
+
+def discover_timeout(bus_timeout: float, settings: Any) -> float:
+    """A login and a bounded series of paged reads, each within vsphere_timeout."""
+    return max(bus_timeout, settings.vsphere_timeout * 10)
+
+
 @router.post("/vcenter/config", response_model=r.VCenterConfigResult,
              responses={201: {"model": r.VCenterConfigResult, "description": "created configuration"},
                         **errors_doc(400, 401, 404, 409, 502, 504)})
 async def vcenter_config(body: VCenterRequest, bus: BusDep, request: Request):
     """vCenter connections, with the same anti-sprawl `action` pattern as the OSSEA endpoint."""
-    timeout = max(bus.timeout, request.app.state.settings.vsphere_timeout + 5)  # `test` logs in to vCenter
-    return await forward(bus, Inventory.VCENTER_ACTION, body.model_dump(exclude_none=True), timeout=timeout)
+    return await forward(bus, Inventory.VCENTER_ACTION, body.model_dump(exclude_none=True),
+                         timeout=vcenter_timeout(bus.timeout, request.app.state.settings))
 
 
 @router.get("/vms/discover", response_model=r.Discovery, responses=errors_doc(400, 401, 404, 502, 504))
 async def discover(bus: BusDep, request: Request, vcenter: str = Query(min_length=1, max_length=255)):
     """Read the vCenter's inventory now, store it, and return the VMs with a summary."""
-    # A login and a bounded series of paged reads, each within vsphere_timeout.
-    timeout = max(bus.timeout, request.app.state.settings.vsphere_timeout * 10)
-    return await forward(bus, Inventory.DISCOVER, {"vcenter": vcenter}, timeout=timeout)
+    return await forward(bus, Inventory.DISCOVER, {"vcenter": vcenter},
+                         timeout=discover_timeout(bus.timeout, request.app.state.settings))
 
 
 @router.get("/vms", response_model=r.VmList, responses=errors_doc(400, 401))

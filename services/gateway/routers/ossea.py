@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from services.gateway.deps import BusDep
@@ -11,12 +13,16 @@ from shared.subjects import Config
 router = APIRouter(prefix="/api/v1/ossea", tags=["ossea"])
 
 
+def config_timeout(bus_timeout: float, settings: Any) -> float:
+    """`test` is bounded by cloud_timeout in the service: wait past it, to relay its clear answer."""
+    return max(bus_timeout, settings.cloud_timeout + 5)
+
+
 @router.post("/config", response_model=r.OsseaConfigResult,
              responses={200: {"description": "get/update/delete/test result"},
                         201: {"model": r.OsseaConfigResult, "description": "created configuration"},
                         **errors_doc(400, 401, 404, 409, 502, 504)})
 async def ossea_config(body: OsseaConfigRequest, bus: BusDep, request: Request):
     """The unified OSSEA configuration endpoint: `action` is get, create, update, delete or test."""
-    # `test` is bounded by cloud_timeout in the service: wait past it, to relay its clear answer.
-    timeout = max(bus.timeout, request.app.state.settings.cloud_timeout + 5)
-    return await forward(bus, Config.ACTION, body.model_dump(exclude_none=True), timeout=timeout)
+    return await forward(bus, Config.ACTION, body.model_dump(exclude_none=True),
+                         timeout=config_timeout(bus.timeout, request.app.state.settings))

@@ -5,10 +5,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from services.gateway.fastpath import context_read
 from services.gateway.ui.render import STATUS, vm_view
 from shared import errors
-from shared.bus import Bus
-from shared.subjects import Config, Contexts, Inventory, Replication
+from shared.subjects import Auth, Config, Contexts, Failover, Inventory, Replication
 
 PAGE_SIZES = (25, 50, 100)
 # The list request pages by name only; a name filter or another order reads the whole list,
@@ -17,6 +19,19 @@ SCAN_LIMIT = 10_000
 SORT_KEYS = {"name": lambda c: c["vm_name"],
              "status": lambda c: (c["current_status"], c["vm_name"]),
              "progress": lambda c: (c.get("progress_percent") or 0.0, c["vm_name"])}
+
+
+class Bus:
+    """The gateway's bus for the pages, with the context reads answered from the gateway's copy of
+    the aggregator's replies when nothing changed since (as the API's fast path answers them)."""
+
+    def __init__(self, state: Any):
+        self.state, self.bus, self.timeout = state, state.bus, state.bus.timeout
+
+    async def call(self, subject: str, payload: Any = None, **kw: Any) -> Any:
+        if subject in (Contexts.LIST, Contexts.GET):
+            return orjson.loads(await context_read(self.state, subject, payload))
+        return await self.bus.call(subject, payload, **kw)
 
 
 @dataclass
@@ -41,7 +56,7 @@ class Query:
 
 async def counters(bus: Bus) -> dict[str, int]:
     """VMs per status (the list's `total` for each status filter, which the service caches)."""
-    totals = await asyncio.gather(*(bus.call(Contexts.LIST, {"status": s, "limit": 1}) for s in STATUS))
+    totals = await asyncio.gather(*(bus.call(Contexts.LIST, {"status": s, "limit": 1, "offset": 0}) for s in STATUS))
     return {s: t["total"] for s, t in zip(STATUS, totals)}
 
 
@@ -82,12 +97,55 @@ async def configurations(bus: Bus) -> list[dict[str, Any]]:
     return (await bus.call(Config.ACTION, {"action": "get"}))["configurations"]
 
 
-async def start_replication(bus: Bus, vm_name: str, config_id: int, timeout: float) -> dict[str, Any]:
+async def start_replication(bus: Bus, vm_name: str, config_id: int, timeout: float,
+                            kind: str = "initial") -> dict[str, Any]:
     """The inventory's record of the VM, posted as POST /api/v1/replications would be (and with its
-    timeout, `routers.replications.create_timeout`)."""
+    timeout, `routers.replications.create_timeout`); `kind` is the replication_type."""
     listed = (await bus.call(Inventory.LIST, {"name": vm_name, "limit": 1000}))["vms"]
     vm = next((v for v in listed if v["name"] == vm_name), None)
     if vm is None:
         raise errors.NotFound("VM not in the inventory", f"{vm_name!r}: run discovery for its vCenter first")
     return await bus.call(Replication.CREATE, {"source_vm": vm, "ossea_config_id": config_id,
-                                               "replication_type": "initial"}, timeout=timeout)
+                                               "replication_type": kind}, timeout=timeout)
+
+
+# --- discovery, jobs, settings ----------------------------------------------------------------
+async def vcenters(bus: Bus) -> list[dict[str, Any]]:
+    return (await bus.call(Inventory.VCENTER_ACTION, {"action": "get"}))["configurations"]
+
+
+async def inventory_page(bus: Bus, vcenter: str, q: str, page: int, size: int) -> dict[str, Any]:
+    """One page of a vCenter's stored inventory (gone VMs too), each VM with its context's row
+    view (`row`; a VM whose context is not built yet shows as discovered)."""
+    listed = await bus.call(Inventory.LIST, {"vcenter": vcenter, "include_gone": True, "limit": size,
+                                             "offset": (page - 1) * size, **({"name": q} if q else {})})
+    views = {v["name"]: v for v in await details(bus, [vm["name"] for vm in listed["vms"]])}
+    for vm in listed["vms"]:
+        vm["disk_gb"] = sum(d.get("size_gb") or 0 for d in vm.get("disks") or ())
+        vm["row"] = views.get(vm["name"]) or vm_view({"context": {"vm_name": vm["name"],
+                                                                  "current_status": "discovered"}})
+    return listed
+
+
+async def jobs_page(bus: Bus, kind: str, status: str, vm_name: str, page: int, size: int) -> dict[str, Any]:
+    """Replication or failover jobs, newest first, as GET /replication/jobs or /failover/jobs."""
+    q = {"limit": size, "offset": (page - 1) * size, **({"status": status} if status else {}),
+         **({"vm_name": vm_name} if vm_name else {})}
+    return await bus.call(Replication.LIST if kind == "replication" else Failover.LIST, q)
+
+
+async def failovers(bus: Bus, vm_name: str) -> list[dict[str, Any]] | None:
+    """The VM's last 20 failovers; None when the failover service does not answer (the rest of
+    the VM page is still worth showing)."""
+    try:
+        return (await bus.call(Failover.LIST, {"vm_name": vm_name, "limit": 20}))["jobs"]
+    except errors.Unavailable:
+        return None
+
+
+async def settings_page(bus: Bus) -> dict[str, Any]:
+    """Every configuration as the API answers it: secrets come back redacted from the services."""
+    ossea, vcs, vmas, maps = await asyncio.gather(
+        configurations(bus), vcenters(bus), bus.call(Auth.APPLIANCE_ACTION, {"action": "get"}),
+        bus.call(Failover.MAPPINGS, {"action": "get"}))
+    return {"ossea": ossea, "vcenters": vcs, "appliances": vmas["appliances"], "mappings": maps["mappings"]}

@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html
+templates.env.auto_reload = False  # no stat() of the file at each include: they ship with the code
 
 # Scripts and styles from this origin only: an injected tag or inline handler cannot run.
 SECURITY_HEADERS = {
@@ -38,16 +39,37 @@ STATUS = {
     "gone": ("⌀", "Gone from vCenter", "idle"),
 }
 ACTIVE = ("queued", "provisioning", "ready_for_sync", "replicating", "stalled")
+# Replication job states are the VM statuses above without discovered/gone; failover jobs have their own.
+JOB_STATES = {
+    "replication": {s: STATUS[s] for s in (*ACTIVE, "completed", "failed", "cancelled")},
+    "failover": {
+        "running": ("↻", "Running", "busy"),
+        "completed": ("✓", "Completed", "ok"),
+        "failed": ("✕", "Failed", "bad"),
+        "compensating": ("↺", "Undoing its steps", "busy"),
+        "compensated": ("⊘", "Undone", "idle"),
+        "compensation_failed": ("⚠", "Undo failed", "bad"),
+        "cleaned_up": ("⊘", "Cleaned up", "idle"),
+        "rolled_back": ("⊘", "Rolled back", "idle"),
+    },
+}
 
 
-def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+def render(request: Request, name: str, status_code: int = 200, headers: dict[str, str] | None = None,
+           **context: Any) -> HTMLResponse:
     context.setdefault("user", getattr(request.state, "user", None))
-    return templates.TemplateResponse(request, name, context, status_code=status, headers=SECURITY_HEADERS)
+    return templates.TemplateResponse(request, name, context, status_code=status_code,
+                                      headers={**SECURITY_HEADERS, **(headers or {})})
 
 
 def fragment(name: str, **context: Any) -> str:
     """A template rendered to a string (live updates), through the same autoescaping environment."""
     return templates.get_template(name).render(**context)
+
+
+def cell_html(view: dict[str, Any], cell: str) -> str:
+    """One live cell of a VM row (the _cells.html macro, as the pages draw it)."""
+    return str(templates.get_template("_cells.html").module.cell(view, cell))
 
 
 def vm_key(vm_name: str) -> str:
@@ -87,11 +109,33 @@ def when_text(stamp: str | None) -> str:
     return at.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _parse(stamp: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+    except ValueError:
+        return None
+
+
+def duration_text(start: str | None, end: str | None) -> str:
+    """From start to end (or to now, when still running): "4 min"."""
+    began = _parse(start)
+    if began is None:
+        return "—"
+    ended = _parse(end) or datetime.now(timezone.utc)
+    return eta_text(max(0.0, (ended - began).total_seconds()))
+
+
+def badge(states: dict[str, tuple[str, str, str]], state: str) -> dict[str, str]:
+    icon, label, tone = states.get(state, ("?", state.replace("_", " ").capitalize(), "idle"))
+    return {"icon": icon, "label": label, "tone": tone}
+
+
 def vm_view(body: dict[str, Any]) -> dict[str, Any]:
     """A VM's row from its context (the GET /vm-contexts/{name} body)."""
     ctx, job = body["context"], body.get("current_job") or {}
     status = ctx["current_status"]
-    icon, label, tone = STATUS.get(status, ("?", status.replace("_", " ").capitalize(), "idle"))
+    b = badge(STATUS, status)
+    icon, label, tone = b["icon"], b["label"], b["tone"]
     pct = job.get("progress_percent")
     rate, eta = job.get("vma_throughput_mbps"), job.get("vma_eta_seconds")
     active = status in ACTIVE
@@ -109,3 +153,33 @@ def vm_view(body: dict[str, Any]) -> dict[str, Any]:
         "last_sync": when_text(last_sync), "job": job or None, "error": job.get("error"),
         "bytes": f"{bytes_text(job.get('bytes_transferred'))} of {bytes_text(job.get('total_bytes'))}" if job else "—",
     }
+
+
+templates.env.filters.update(when=when_text, bytes=bytes_text)
+templates.env.globals.update(duration=duration_text, badge=badge)
+
+
+FAILOVER_ACTIONS = {  # action -> (button, what the confirmation says it does)
+    "test": ("Test failover", "boots a copy of the replica in the cloud on the test networks; the source VM keeps running"),
+    "cleanup": ("Clean up the test", "deletes the test failover's VM and volumes from the cloud"),
+    "live": ("Cut over", "powers the source VM off and boots the replica in the cloud on the production networks"),
+    "rollback": ("Roll back the cutover", "removes the cut-over VM from the cloud and powers the source VM on again"),
+}
+
+
+def failover_actions(body: dict[str, Any], failovers: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The VM page's failover buttons, each enabled only in the state it is allowed in (the
+    failover service checks again): test and cutover need a completed replication and no failover
+    running; cleanup and rollback undo the latest completed test or cutover."""
+    if failovers is None:  # the failover service does not answer
+        return [{"action": a, "label": label, "why": "the failover service does not answer"}
+                for a, (label, _) in FAILOVER_ACTIONS.items()]
+    busy = any(f["status"] in ("running", "compensating") for f in failovers)
+    replicated = body["context"]["successful_jobs"] > 0
+    done = next((f for f in failovers if f["status"] == "completed"), None)
+    why = {"test": None if replicated else "needs a completed replication",
+           "live": None if replicated else "needs a completed replication",
+           "cleanup": None if done and done["action"] == "test" else "no completed test failover to clean up",
+           "rollback": None if done and done["action"] == "live" else "no completed cutover to roll back"}
+    return [{"action": a, "label": label, "why": "a failover is running" if busy else why[a]}
+            for a, (label, _) in FAILOVER_ACTIONS.items()]

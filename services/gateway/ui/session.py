@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
@@ -54,8 +55,9 @@ async def _verify(request: Request, touch: bool) -> dict[str, Any]:
 
 
 async def current_user(request: Request) -> dict[str, Any]:
+    started = time.perf_counter()
     user = await _verify(request, touch=True)
-    request.state.user = user
+    request.state.user, request.state.auth_ms = user, (time.perf_counter() - started) * 1000
     return user
 
 
@@ -74,13 +76,23 @@ async def csrf_checked(request: Request, user: Annotated[dict[str, Any], Depends
     return user
 
 
-async def operator_only(user: Annotated[dict[str, Any], Depends(csrf_checked)]) -> dict[str, Any]:
+def _operator(user: dict[str, Any]) -> dict[str, Any]:
     if user["role"] != "operator":
         raise errors.Forbidden("Not allowed", "viewers cannot change anything; ask for the operator role")
     return user
+
+
+async def operator_only(user: Annotated[dict[str, Any], Depends(csrf_checked)]) -> dict[str, Any]:
+    return _operator(user)
+
+
+async def operator_page(user: Annotated[dict[str, Any], Depends(current_user)]) -> dict[str, Any]:
+    """A page only operators get (a confirmation): a GET, so no CSRF token."""
+    return _operator(user)
 
 
 User = Annotated[dict[str, Any], Depends(current_user)]
 StreamUser = Annotated[dict[str, Any], Depends(stream_user)]
 CheckedUser = Annotated[dict[str, Any], Depends(csrf_checked)]
 Operator = Annotated[dict[str, Any], Depends(operator_only)]
+OperatorPage = Annotated[dict[str, Any], Depends(operator_page)]
