@@ -1,13 +1,13 @@
 """job_volumes.detach_job_id: the cloud's async job of a detach this row's cleanup submitted, so a
 retried cleanup polls it instead of submitting a second detach
 
-Revision ID: replication_0006
+Revision ID: replication_0007
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "replication_0006"
-down_revision = "replication_0005"
+revision = "replication_0007"
+down_revision = "replication_0006"
 
 
 def upgrade() -> None:
