@@ -7,8 +7,9 @@ real VMA is):
 
 1. VMS VMs x 2 disks x SIZE are discovered through the VMA and `POST /api/v1/replications`-ed at
    once; timed from the first POST to the last `completed` (provisioning, replicate, the copy, the
-   polls, completion). Then `nbdcopy --flush` copies the very same source files into the same
-   exports of the same NBD server, all at once. Prints both aggregate MB/s and the ratio (goal >= 0.8).
+   polls, completion). Then the volumes' backing files are made sparse again and `nbdcopy --flush`
+   copies the very same source files into the same exports of the same NBD server, all at once
+   (both write into unallocated space). Prints both aggregate MB/s and the ratio (goal >= 0.8).
 2. FOLLOW jobs of one small disk are started with the simulator throttled so they keep running;
    the replication process's CPU (utime + stime from /proc) is measured over WINDOW seconds while
    it follows them all (goal < 5% of a core).
@@ -77,8 +78,11 @@ class Oma:
 
     async def wait(self, job_ids: list[str], *statuses: str, poll: float = 0.1) -> list[dict]:
         while True:
-            jobs = await asyncio.gather(*(self.job(j) for j in job_ids))
-            if all(j["status"] in statuses for j in jobs):
+            try:
+                jobs = await asyncio.gather(*(self.job(j) for j in job_ids))
+            except httpx.HTTPError:  # a busy machine: a read that failed is asked again
+                jobs = []
+            if jobs and all(j["status"] in statuses for j in jobs):
                 return jobs
             await asyncio.sleep(poll)
 
@@ -128,6 +132,7 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
     size = args.size_mib * MiB
     await use(oma, vma)
     vms = await oma.discover("orch-bench")
+    await (await asyncio.create_subprocess_exec("sync")).wait()  # the new source disks on disk, as for nbdcopy
     t0 = time.monotonic()
     job_ids = await asyncio.gather(*(oma.start(vm) for vm in vms))
     jobs = await oma.wait(list(job_ids), "completed", "failed")
@@ -142,7 +147,14 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
               next(e["uri"] for e in j["nbd_exports"] if e["disk_unit_number"] == d["unit_number"]))
              for j in jobs for d in j["disks"]]
     ok = all(digest(src, size) == digest(dst, size) for src, dst, _ in pairs)
+    # nbdcopy writes into unallocated space too, as the VMA did: overwriting the blocks the VMA's
+    # copy allocated ran about twice as fast (measured: fresh 146-181 MB/s, overwrite 335-375 MB/s).
+    for _, dst, _ in pairs:
+        os.truncate(dst, 0)
+        os.truncate(dst, size)
+    await (await asyncio.create_subprocess_exec("sync")).wait()
     t_cp = await nbdcopy_seconds([(str(src), uri) for src, _, uri in pairs])
+    ok = ok and all(digest(src, size) == digest(dst, size) for src, dst, _ in pairs)
     total = len(pairs) * size
     print(f"{len(vms)} VMs x 2 disks x {args.size_mib} MiB, through OMA -> VMA simulator -> nbdkit exports")
     print(f"  POST .. completed (OMA)  : {total / t_oma / 1e6:8.1f} MB/s  ({t_oma:.2f} s)  sha256 equal: {ok}")
@@ -157,8 +169,8 @@ async def follow_cpu(oma: Oma, vma: Sim, proc: asyncio.subprocess.Process, args)
     # 4 MiB writes at 256 KiB/s: the bytes of each job move every 16 s, and a job runs about 2 minutes.
     await vma.faults(throttle_bps=256 * 1024)
     job_ids = []
-    for i in range(0, len(vms), 20):  # in batches: provisioning 100 jobs at once is not what is measured
-        job_ids += await asyncio.gather(*(oma.start(vm) for vm in vms[i:i + 20]))
+    for i in range(0, len(vms), 10):  # in batches: provisioning 100 jobs at once is not what is measured
+        job_ids += await asyncio.gather(*(oma.start(vm) for vm in vms[i:i + 10]))
     await oma.wait(job_ids, "replicating", poll=0.5)
     await asyncio.sleep(1.0)
     c0, t0 = cpu_seconds(proc.pid), time.monotonic()
@@ -213,7 +225,8 @@ async def main(args, work: Path) -> None:
                             while not server.started:
                                 await asyncio.sleep(0.05)
                             oma = await setup(c, cloud_url, vc)
-                            await throughput(oma, sims[0], cloud, args, vc)
+                            if args.vms:
+                                await throughput(oma, sims[0], cloud, args, vc)
                             await follow_cpu(oma, sims[1], proc, args)
                     finally:
                         server.should_exit = True
@@ -249,7 +262,7 @@ async def setup(c: httpx.AsyncClient, cloud_url: str, vc) -> Oma:
 
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vms", type=int, default=8)
+    p.add_argument("--vms", type=int, default=8, help="0: the CPU part only")
     p.add_argument("--size-mib", type=int, default=1024, help="size of each disk of the throughput part")
     p.add_argument("--follow", type=int, default=100, help="running jobs followed in the CPU part")
     p.add_argument("--window", type=float, default=20.0, help="seconds of CPU measurement")

@@ -76,6 +76,10 @@ class MiniCloud:
         CALLS.append(("detach", volume_id))
         return dict(VOLUMES[volume_id])
 
+    async def start_detach_volume(self, volume_id: str) -> dict[str, Any]:
+        await self.detach_volume(volume_id)
+        return {"jobid": f"mini-job-{next(_jobs)}"}
+
     async def delete_volume(self, volume_id: str) -> None:
         if VOLUMES.pop(volume_id, None) is None:
             raise CloudParamError("no such volume", errorcode=431, command="deleteVolume")

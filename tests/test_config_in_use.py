@@ -4,29 +4,28 @@ export with that configuration; then the configuration may go. Real nbdkit, NATS
 cloud is the project's simulator."""
 from __future__ import annotations
 
-import asyncio
-
+from services.replication import service as replication_service
 from shared.subjects import Replication
-from tests.conftest import assert_error_shape, login, running, wait_for
+from tests.conftest import assert_error_shape, login, running
 from tests.test_replication import SERVICES, replication_env, request
 
 
-async def test_a_configuration_in_use_cannot_be_deleted(make_settings, tmp_path):
+async def test_a_configuration_in_use_cannot_be_deleted(make_settings, tmp_path, monkeypatch):
     async with replication_env(make_settings, tmp_path, services=(*SERVICES, "failover")) as env:
         async def delete_config():
             return await env.client.post("/api/v1/ossea/config", headers=env.headers,
                                          json={"action": "delete", "id": env.config_id})
 
+        # Both jobs start in the same second (the clock held still): ids job-...-S and job-...-S-2.
+        frozen = replication_service.utcnow()
+        monkeypatch.setattr(replication_service, "utcnow", lambda: frozen)
         r = await env.post(request(env.config_id, "inuse-1"))
         assert r.status_code == 201, r.text
         ready = r.json()["job_id"]
-        # Jobs started in the same second (ids job-...-S and job-...-S-2) once left the first one listed
-        # as using the configuration after both were deleted: a known open bug (closing note); this
-        # test is about the 409, so its jobs start in different seconds.
-        await asyncio.sleep(1.05)
         r = await env.post(request(env.config_id, "inuse-2"))
         assert r.status_code == 201, r.text
         completed = r.json()["job_id"]
+        assert completed == f"{ready}-2", (ready, completed)
         await env.progress(completed, {"status": "completed"})  # finished, but still holds its volume
 
         body = assert_error_shape(await delete_config(), 409)
@@ -46,9 +45,7 @@ async def test_a_configuration_in_use_cannot_be_deleted(make_settings, tmp_path)
 
         bus = env.client.appliance.services["config"].bus  # the one service that asks this
 
-        async def unused():  # a cancelled job's bookkeeping may finish just after the DELETE's answer
-            return (await bus.call(Replication.USING_CONFIG, {"ossea_config_id": env.config_id}))["job_ids"] == []
-        await wait_for(unused, 15)
+        assert (await bus.call(Replication.USING_CONFIG, {"ossea_config_id": env.config_id}))["job_ids"] == []
         r = await delete_config()
         assert r.status_code == 200, r.text
         assert_error_shape(await env.post(request(env.config_id, "inuse-3")), 404)

@@ -313,6 +313,34 @@ async def test_unfinished_cleanup_is_retried(make_settings, tmp_path):
         assert await env.replication.jobs.retry_cleanups() == 0
 
 
+async def test_a_retried_cleanup_polls_the_detach_it_submitted(make_settings, tmp_path):
+    """A cleanup's detach still runs in the cloud when its wait ends (cloud_job_timeout): the retried
+    cleanup polls that async job and never submits a second detach (which would queue behind the
+    first on the VM); once the job is done, the volume is deleted."""
+    async with replication_env(make_settings, tmp_path, cloud_job_timeout=1.0) as env:
+        r = await env.post(request(env.config_id, "slow-detach"))
+        assert r.status_code == 201, r.text
+        job_id, [volume] = r.json()["job_id"], r.json()["created_volumes"]
+        env.sim.set_job_latency(4.0, "detachVolume")
+        r = await env.delete(job_id)
+        assert r.status_code == 200 and r.json()["cleanup_pending"] and r.json()["released_volumes"] == [], r.text
+        [detach] = [j for j in env.sim.jobs.values() if j.command == "detachVolume"]
+        assert detach.instance_id == volume["volume_id"] and detach.status == 0, "still running in the cloud"
+
+        def polls() -> int:
+            return sum(c["params"].get("jobid") == detach.id for c in env.commands("queryAsyncJobResult"))
+        before = polls()
+        assert await env.replication.jobs.retry_cleanups() == 1, "still pending: the cleanup is not done"
+        assert polls() > before and len(env.commands("detachVolume")) == 1, "polled, not submitted again"
+        assert volume["volume_id"] in env.sim.volumes
+        await wait_for(lambda: _true(detach.status == 1), 10)
+        assert await env.replication.jobs.retry_cleanups() == 0
+        assert len(env.commands("detachVolume")) == 1 and volume["volume_id"] not in env.sim.volumes
+        job = await env.job(job_id)
+        assert not job["cleanup_pending"] and job["disks"][0]["status"] == "released", job
+        assert not env.sim.hazards and metric("oma_attached_disks") == 0
+
+
 async def test_a_failed_incremental_job_does_not_strand_the_volume_it_took_over(make_settings, tmp_path):
     """Job 1 completes; job 2 (incremental) takes its volume over and fails on it (the device is gone
     for a moment); job 3 takes the same volume back: no new volume, no stranded disk slot."""

@@ -330,6 +330,10 @@ class CloudStackClient:
         result = await self.call_async("detachVolume", id=volume_id)
         return result["volume"]
 
+    async def start_detach_volume(self, volume_id: str) -> dict[str, Any]:
+        """Submit detachVolume without waiting: `{"jobid"}`, so a caller can record the job first."""
+        return await self.call("detachVolume", id=volume_id)
+
     async def delete_volume(self, volume_id: str) -> None:
         await self.call("deleteVolume", id=volume_id)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,8 +28,11 @@ from .libnbd import NbdConnection, NbdError
 
 log = logging.getLogger("oma.vma.sim")
 
-CHUNK = 4 << 20  # bytes per NBD write
+CHUNK = 4 << 20  # bytes per step of a throttled copy (its rate is kept per step)
+BATCH = 64 << 20  # bytes per step otherwise: one worker-thread call, several requests in flight
 ZERO_CHUNK = 64 << 20  # bytes per NBD zero request (holes)
+# Every disk of every job copies at once: not asyncio's default pool (cores + 4 threads).
+_WRITERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="vma-sim-nbd")
 MB = 1_000_000
 
 
@@ -46,6 +50,7 @@ class Faults:
     fail_after_bytes: int | None = None  # a job fails once it has written this many bytes
     hang: bool = False  # copies stop before their next write until cleared
     throttle_bps: int | None = None  # bytes per second, per job
+    replicate_delay: float | None = None  # seconds `POST /replicate` holds its answer, the copy running
     released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,7 +61,8 @@ class Faults:
         (self.released.clear if hang else self.released.set)()
 
     def view(self) -> dict[str, Any]:
-        return {"fail_after_bytes": self.fail_after_bytes, "hang": self.hang, "throttle_bps": self.throttle_bps}
+        return {"fail_after_bytes": self.fail_after_bytes, "hang": self.hang, "throttle_bps": self.throttle_bps,
+                "replicate_delay": self.replicate_delay}
 
 
 class OmaReporter:
@@ -247,13 +253,14 @@ class ReplicationJob:
                 raise CopyFault(f"{d.disk_id}: target {_safe_uri(d.target)} holds {conn.size} bytes, "
                                 f"the disk needs {d.image.size}")
             fd = os.open(d.image.path, os.O_RDONLY)
+            loop = asyncio.get_running_loop()
             try:
                 for offset, length, is_data in d.runs:
                     end = offset + length
                     while offset < end:
-                        n = min(end - offset, CHUNK if is_data else ZERO_CHUNK)
-                        n = await self._gate(n)
-                        await asyncio.to_thread(_write, conn, fd, offset, n, is_data)
+                        step = (CHUNK if self.faults.throttle_bps else BATCH) if is_data else ZERO_CHUNK
+                        n = await self._gate(min(end - offset, step))
+                        await loop.run_in_executor(_WRITERS, _write, conn, fd, offset, n, is_data)
                         self._count(d, n)
                         offset += n
             finally:
@@ -397,7 +404,7 @@ async def _all_or_nothing(coros: list[Any]) -> None:
 
 def _write(conn: NbdConnection, fd: int, offset: int, n: int, is_data: bool) -> None:
     if is_data:
-        conn.pwrite(os.pread(fd, n, offset), offset)
+        conn.copy_from(fd, offset, n)
     else:
         conn.zero(n, offset)
 

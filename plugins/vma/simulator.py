@@ -166,6 +166,7 @@ class FaultsRequest(BaseModel):
     fail_after_bytes: int | None = Field(default=None, ge=0)
     hang: bool = False
     throttle_bps: int | None = Field(default=None, gt=0)
+    replicate_delay: float | None = Field(default=None, gt=0, le=3600)
     refuse_seconds: float | None = Field(default=None, gt=0, le=3600)
 
 
@@ -343,6 +344,8 @@ class VmaSimulator(Served):
         job.task = asyncio.create_task(job.run(), name=f"vma-sim-{body.job_id}")
         log.info("job %s: %s, %d disk(s) -> %s", body.job_id, path, len(disks),
                  ", ".join(redact_url(d.target) for d in disks))
+        if self.faults.replicate_delay:  # a slow tunnel: the copy runs, the answer is late
+            await asyncio.sleep(self.faults.replicate_delay)
         return _json(ReplicateResponse(job_id=body.job_id, status="started", vm_count=1,
                                        started_at=job.started_iso))
 
@@ -440,8 +443,10 @@ class VmaSimulator(Served):
         return web.json_response(await self.mutate(body.vm, body.disk, body.percent, body.vcenter))
 
     async def set_faults(self, fail_after_bytes: int | None = None, hang: bool = False,
-                         throttle_bps: int | None = None, refuse_seconds: float | None = None) -> None:
+                         throttle_bps: int | None = None, refuse_seconds: float | None = None,
+                         replicate_delay: float | None = None) -> None:
         self.faults.fail_after_bytes, self.faults.throttle_bps = fail_after_bytes, throttle_bps
+        self.faults.replicate_delay = replicate_delay
         self.faults.set_hang(hang)
         if refuse_seconds:
             await self.refuse(refuse_seconds)

@@ -178,7 +178,10 @@ class ReplicationService(ServiceApp):
 
     @endpoint(Replication.CHANGEID_RECORD)
     async def changeid_record(self, req: BusRequest):
-        return await changeids.record(self.sessions, req.model(changeids.ChangeIdRecord))
+        body = req.model(changeids.ChangeIdRecord)
+        reply = await changeids.record(self.sessions, body)
+        self.jobs.driver.nudge(body.job_id)  # the copy is done: its completion is near
+        return reply
 
     @endpoint(Replication.USING_CONFIG)
     async def using_config(self, req: BusRequest):

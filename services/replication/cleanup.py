@@ -44,12 +44,20 @@ async def release_row(sessions: Any, bus: Any, ops: CloudOps, job: ReplicationJo
     ids = [row.volume_id] if row.volume_id and row.holds_volume else []
     if row.created_by_job and row.volume_name:  # volumes whose id the row never learnt
         ids += [v["id"] for v in await ops.by_name(row.volume_name) if v["id"] not in ids and v["id"] not in others]
+    async def submitted(job_id: str) -> None:  # recorded first: a retried cleanup polls it (cloud.py)
+        async with sessions.begin() as db:
+            await db.execute(update(JobVolume).where(JobVolume.id == row.id).values(detach_job_id=job_id))
+
     for volume_id in ids:
-        await ops.release(volume_id)
+        if volume_id == row.volume_id:
+            await ops.release(volume_id, detach_job=row.detach_job_id, submitted=submitted)
+        else:
+            await ops.release(volume_id)
     if row.holds_volume:
         async with sessions.begin() as db:
             await db.execute(update(JobVolume).where(JobVolume.id == row.id).values(
-                holds_volume=False, status=row.status if row.status == D_FAILED else D_RELEASED))
+                holds_volume=False, detach_job_id=None,
+                status=row.status if row.status == D_FAILED else D_RELEASED))
     return ids
 
 

@@ -165,21 +165,47 @@ class CloudOps:
                 return current
             raise
 
-    async def release(self, volume_id: str) -> None:
-        """Detach (if attached) and delete; a volume already gone is fine."""
+    async def release(self, volume_id: str, *, detach_job: str | None = None,
+                      submitted: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """Detach (if attached) and delete; a volume already gone is fine. Each detach's async job is
+        handed to `submitted` before it is waited for; `detach_job` is one an earlier attempt submitted
+        (its wait timed out): it is polled, never submitted again while the cloud still runs it (a
+        second detach queued behind the first is the straggler of apache/cloudstack#14214)."""
         current = await self.volume(volume_id)
         if current is None:
             return
+        if current.get("virtualmachineid") and detach_job:
+            current = await self._earlier_detach(volume_id, detach_job)
+            if current is None:
+                return
         if current.get("virtualmachineid"):
             async def detached(exc: CloudError) -> dict[str, Any] | None:
                 now = await self.volume(volume_id)
                 return now if not now or not now.get("virtualmachineid") else None
-            await self._retry_checking_cloud("detachVolume", lambda: self.client.detach_volume(volume_id),
-                                             detached)
+
+            async def detach() -> dict[str, Any]:
+                job_id = (await self.client.start_detach_volume(volume_id))["jobid"]
+                if submitted is not None:
+                    await submitted(job_id)
+                return await self.client.wait_for_job(job_id, command="detachVolume", resource_id=volume_id)
+            await self._retry_checking_cloud("detachVolume", detach, detached)
 
         async def gone(exc: CloudError) -> bool | None:
             return True if await self.volume(volume_id) is None else None
         await self._retry_checking_cloud("deleteVolume", lambda: self.client.delete_volume(volume_id), gone)
+
+    async def _earlier_detach(self, volume_id: str, job_id: str) -> dict[str, Any] | None:
+        """Wait for a detach submitted before; then the volume as it is now (None: gone). Still
+        running after `cloud_job_timeout`: CloudTimeout, and the next retry polls it again."""
+        try:
+            await self._metered("queryAsyncJobResult", lambda: self.client.wait_for_job(
+                job_id, command="detachVolume", resource_id=volume_id))
+        except CloudTimeout:
+            raise
+        except CloudError as exc:  # it failed, or the cloud forgot it: the volume says what is left
+            log.info("an earlier detach did not succeed", extra={"volume_id": volume_id, "job_id": job_id,
+                                                                  "reason": exc.error})
+        return await self.volume(volume_id)
 
     async def sweep(self, name: str, keep: str | None = None) -> list[str]:
         """Release every volume called `name` except `keep`: what failed or unanswered attempts left."""

@@ -44,6 +44,7 @@ STALLED_JOBS = Gauge("oma_replication_stalled_jobs", "Jobs whose VMA stopped ans
 FOLLOWED = Gauge("oma_replication_followed_jobs", "Jobs whose sync the replication service follows on a VMA")
 UNREACHABLE = Gauge("oma_vma_unreachable_appliances", "VMAs whose last progress poll got no answer")
 SEEN_EVERY = 30.0  # seconds between reachability updates to auth while nothing changes
+NUDGE_DELAYS = (0.1, 0.3, 1.0)  # polls of a job whose copier recorded a change id (its sync is ending)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class VmaDriver:
         self._follow: dict[str, Follow] = {}
         self._reach: dict[str, tuple[bool, float]] = {}  # appliance -> (reachable, when told auth)
         self._loop: asyncio.Task | None = None
+        self._nudged: set[str] = set()
 
     # -- hooks (service.py) ------------------------------------------------------------------
 
@@ -110,7 +112,7 @@ class VmaDriver:
         for job_id, status in rows:
             try:
                 if status == READY:
-                    await self.start(job_id)
+                    await self.start(job_id, resumed=True)
                 else:
                     job = await self._job(job_id)
                     appliance, client, _ = await self._connection(job)
@@ -161,7 +163,9 @@ class VmaDriver:
             self._clients[url] = self.vma.factory(url, self.settings)
         return conn["appliance_id"], self._clients[url], conn
 
-    async def start(self, job_id: str) -> None:
+    async def start(self, job_id: str, *, resumed: bool = False) -> None:
+        """`resumed`: after a restart, the VMA may already run (or have finished) the sync a killed
+        process asked for before it could record `replicating`: then it is followed, not started again."""
         try:
             job, rows = await self.jobs.load(job_id)
             if job.status != READY or job.start_sync is False:
@@ -173,18 +177,31 @@ class VmaDriver:
                                             f"{job.vcenter_host or views.source_vm(job).get('vcenter')}")
                 return
             request = self._replicate_request(job, rows, conn)
-            try:
-                await client.replicate(request)
-            except VmaError as exc:
-                if "answered 409" not in (exc.details or ""):  # 409: already running (a restart between)
-                    raise
-            self.log.info("sync started on the VMA", extra={"job_id": job_id, "appliance_id": appliance,
-                                                            "disks": len(rows)})
+            if resumed and await self._known(client, job_id):
+                self.log.info("sync already started on the VMA before a restart; following it",
+                              extra={"job_id": job_id, "appliance_id": appliance})
+            else:
+                try:
+                    await client.replicate(request)
+                except VmaError as exc:
+                    if "answered 409" not in (exc.details or ""):  # 409: already running (a restart between)
+                        raise
+                self.log.info("sync started on the VMA", extra={"job_id": job_id, "appliance_id": appliance,
+                                                                "disks": len(rows)})
             await self.jobs.progress(job_id, ProgressReport(status=REPLICATING,
                                                             current_operation="Sync started on the VMA"))
             self._watch(Follow(job_id, appliance, client))
         except Exception as exc:  # noqa: BLE001 - the job says why; its volumes stay for a retry
             await self.fail(job_id, f"could not start the sync on the VMA: {error_text(exc)}")
+
+    @staticmethod
+    async def _known(client: VmaClient, job_id: str) -> bool:
+        """Whether the VMA has a sync of this job, running or finished (its progress answers)."""
+        try:
+            await client.progress(job_id)
+        except VmaNotFound:
+            return False
+        return True
 
     def _replicate_request(self, job: ReplicationJob, rows: list[JobVolume], conn: dict[str, Any]) -> ReplicateRequest:
         targets = []
@@ -216,8 +233,28 @@ class VmaDriver:
                 self.log.exception("progress poll failed")
             await asyncio.sleep(max(0.0, self.settings.vma_poll_interval - (time.monotonic() - started)))
 
-    async def poll_once(self) -> None:
-        follows = list(self._follow.values())
+    def nudge(self, job_id: str) -> None:
+        """The copier recorded a change id: its sync ends within moments, so that job is polled soon
+        (a few short tries) rather than at the next round, up to `vma_poll_interval` later."""
+        if job_id in self._follow and job_id not in self._nudged:
+            self._nudged.add(job_id)
+            self.jobs.spawn(self._poll_soon(job_id))
+
+    async def _poll_soon(self, job_id: str) -> None:
+        try:
+            for delay in NUDGE_DELAYS:
+                await asyncio.sleep(delay)
+                follow = self._follow.get(job_id)
+                if follow is None:
+                    return
+                await self.poll_once([follow])
+        except Exception:  # noqa: BLE001 - the regular round follows the job anyway
+            self.log.exception("progress poll failed")
+        finally:
+            self._nudged.discard(job_id)
+
+    async def poll_once(self, follows: list[Follow] | None = None) -> None:
+        follows = list(self._follow.values()) if follows is None else follows
         async with self.jobs.sessions() as db:  # one query: jobs finished meanwhile (push route, DELETE)
             state = dict((await db.execute(select(ReplicationJob.job_id, ReplicationJob.status).where(
                 ReplicationJob.job_id.in_([f.job_id for f in follows])))).all())
@@ -243,6 +280,8 @@ class VmaDriver:
         self._gauges()
 
     async def _apply(self, f: Follow, p: ProgressResponse, status: str | None, now: float) -> None:
+        if f.job_id not in self._follow:  # dropped meanwhile: completed by a nudged poll, deleted
+            return
         if p.status == "completed":
             self._follow.pop(f.job_id, None)
             await self.jobs.progress(f.job_id, await self._completion(f.job_id, p))

@@ -124,6 +124,7 @@ class JobVolume(Base):
     error: Mapped[str | None] = mapped_column(Text)
     previous_change_id: Mapped[str | None] = mapped_column(String(255))  # the base of a CBT delta
     change_id: Mapped[str | None] = mapped_column(String(255))           # reported on completion
+    detach_job_id: Mapped[str | None] = mapped_column(String(64))        # cleanup's detach, until it is done
     bytes_transferred: Mapped[int] = mapped_column(BigInteger, default=0)
     total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
