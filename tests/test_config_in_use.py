@@ -45,7 +45,9 @@ async def test_a_configuration_in_use_cannot_be_deleted(make_settings, tmp_path,
 
         bus = env.client.appliance.services["config"].bus  # the one service that asks this
 
-        assert (await bus.call(Replication.USING_CONFIG, {"ossea_config_id": env.config_id}))["job_ids"] == []
+        async def unused():  # answered at once since the DELETEs; the wait only guards a slow machine
+            return (await bus.call(Replication.USING_CONFIG, {"ossea_config_id": env.config_id}))["job_ids"] == []
+        await wait_for(unused, 15)
         r = await delete_config()
         assert r.status_code == 200, r.text
         assert_error_shape(await env.post(request(env.config_id, "inuse-3")), 404)
