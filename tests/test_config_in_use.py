@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from services.replication import service as replication_service
 from shared.subjects import Replication
-from tests.conftest import assert_error_shape, login, running
+from tests.conftest import assert_error_shape, login, running, wait_for
 from tests.test_replication import SERVICES, replication_env, request
 
 
