@@ -84,7 +84,7 @@ async def _auth_db(settings: Settings):
                         "(or OMA_APPLIANCE_TOKENS for memory mode)")
     storage = get_backend(get_plugin_manager(), "storage", settings.db_type).factory(settings)
     engine = await storage.create_engine("auth")
-    await run_migrations(engine, "auth", AuthService.migrations)
+    await run_migrations(engine, "auth", AuthService.migrations_dir())
     return engine, sessionmaker(engine)
 
 

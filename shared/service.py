@@ -79,9 +79,16 @@ class ServiceApp:
         self._set_up = False
         self._pinger: asyncio.Task | None = None
         self.log = logging.getLogger(f"oma.{self.name}")
-        if self.migrations is None:
-            beside = Path(sys.modules[type(self).__module__].__file__ or ".").parent / "migrations"
-            self.migrations = beside if beside.is_dir() else None
+        self.migrations = self.migrations_dir()
+
+    @classmethod
+    def migrations_dir(cls) -> Path | None:
+        """The class's `migrations`, else the `migrations` folder beside its module (oma-admin runs
+        auth's without an instance)."""
+        if cls.migrations is not None:
+            return cls.migrations
+        beside = Path(sys.modules[cls.__module__].__file__ or ".").parent / "migrations"
+        return beside if beside.is_dir() else None
 
     @functools.cached_property
     def keys(self) -> Keyring:
