@@ -17,7 +17,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
+COPY oma ./oma
 COPY shared ./shared
 COPY services ./services
 COPY plugins ./plugins

@@ -45,10 +45,10 @@ from pathlib import Path
 import httpx
 from common import TOKEN, free_port, process_tree, start_oma_api, wait_healthy
 
-from shared.bus import Bus
-from shared.natsserver import EmbeddedNats
-from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM
+from oma.shared.bus import Bus
+from oma.shared.natsserver import EmbeddedNats
+from oma.shared.settings import SERVICES
+from oma.shared.subjects import EVENTS_STREAM
 from tests.mariadbutil import MARIADB, mariadb_exec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,9 +63,9 @@ def serve_bare(port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from services.gateway.server import uvicorn_config
-    from shared.cli import _event_loop_run
-    from shared.settings import Settings
+    from oma.services.gateway.server import uvicorn_config
+    from oma.cli import _event_loop_run
+    from oma.shared.settings import Settings
 
     app = FastAPI()
 

@@ -37,10 +37,10 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.context_aggregator.models import CbtRecord, ContextDisk, ContextJob, VmContext  # noqa: E402
-from shared.bus import Bus  # noqa: E402
-from shared.natsserver import EmbeddedNats  # noqa: E402
-from shared.subjects import EVENTS_STREAM, Contexts, Replication  # noqa: E402
+from oma.services.context_aggregator.models import CbtRecord, ContextDisk, ContextJob, VmContext  # noqa: E402
+from oma.shared.bus import Bus  # noqa: E402
+from oma.shared.natsserver import EmbeddedNats  # noqa: E402
+from oma.shared.subjects import EVENTS_STREAM, Contexts, Replication  # noqa: E402
 from tests.mariadbutil import MARIADB, mariadb_exec  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

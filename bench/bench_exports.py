@@ -22,9 +22,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from nbdutil import MiB, free_port, missing_tools, sparse_file
 
-from shared.runner import Appliance
-from shared.settings import Settings
-from shared.subjects import Exports
+from oma.runner import Appliance
+from oma.shared.settings import Settings
+from oma.shared.subjects import Exports
 
 
 async def bench(backend: str, disks: int, workdir: Path) -> dict:

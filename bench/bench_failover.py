@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 from common import appliance_on_sim, sign_in_with_cloud, sim_arguments  # noqa: E402
 
-from plugins.ossea.sim_vms import TEST_NETWORK_IDS  # noqa: E402
+from oma.plugins.ossea.sim_vms import TEST_NETWORK_IDS  # noqa: E402
 
 SERVICES = ("auth", "config", "replication", "export_manager", "failover")
 

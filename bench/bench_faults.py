@@ -41,10 +41,10 @@ import asyncmy  # noqa: E402
 import httpx  # noqa: E402
 
 from nbdutil import free_port  # noqa: E402
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
-from shared.natsserver import EmbeddedNats  # noqa: E402
-from shared.runner import Appliance  # noqa: E402
-from shared.settings import Settings, environ  # noqa: E402
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
+from oma.shared.natsserver import EmbeddedNats  # noqa: E402
+from oma.runner import Appliance  # noqa: E402
+from oma.shared.settings import Settings, environ  # noqa: E402
 
 TOKEN = "vma_bench_token_abc123def456789012345678"
 DB = dict(host="127.0.0.1", port=3306, user="root", password="")
@@ -79,7 +79,7 @@ class Supervisor:
 
     async def start(self, name: str) -> None:
         self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from shared.cli import oma_service; oma_service()", name, env=self.env,
+            sys.executable, "-c", "from oma.cli import oma_service; oma_service()", name, env=self.env,
             stdout=(self.logdir / f"{name}.log").open("ab"), stderr=asyncio.subprocess.STDOUT)
 
     async def kill(self, name: str) -> None:
@@ -201,7 +201,7 @@ async def main() -> None:
     args = p.parse_args()
     random.seed(args.seed)
     logging.basicConfig(level=logging.ERROR)
-    from services.gateway.app import create_app
+    from oma.services.gateway.app import create_app
 
     db_name = f"oma_bench_faults_{uuid.uuid4().hex[:8]}"
     await sql(f"CREATE DATABASE `{db_name}`")

@@ -38,8 +38,8 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from bench_contexts import measure, pct, seeded_api  # noqa: E402
 
-from services.gateway.ui.render import vm_key  # noqa: E402
-from shared.subjects import Contexts  # noqa: E402
+from oma.services.gateway.ui.render import vm_key  # noqa: E402
+from oma.shared.subjects import Contexts  # noqa: E402
 from tests.mariadbutil import MARIADB  # noqa: E402
 
 PASSWORD = "bench operator password"

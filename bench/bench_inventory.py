@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 
 from bench.bench_vsphere_raw import bare_property_read
-from services.inventory import service
-from shared.natsserver import EmbeddedNats
-from shared.settings import Settings
+from oma.services.inventory import service
+from oma.shared.natsserver import EmbeddedNats
+from oma.shared.settings import Settings
 from tests.mariadbutil import mariadb_exec, mariadb_settings
 from tests.vcsim import THOUSAND_VMS, running_vcsim
 
@@ -55,8 +55,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from services.gateway.app import create_app
-    from shared.runner import Appliance
+    from oma.services.gateway.app import create_app
+    from oma.runner import Appliance
 
     db_name = f"oma_bench_{uuid.uuid4().hex[:8]}"
     await mariadb_exec(f"CREATE DATABASE `{db_name}`")
@@ -104,7 +104,7 @@ async def bench(args: argparse.Namespace, sim, inv, client: httpx.AsyncClient) -
     print(f"re-discovery, all unchanged (best of {args.repeat})  : {again:.2f} s = {again / bare:.2f}x bare")
 
     # The store step alone, on the same database (another vCenter key, so nothing collides).
-    from plugins.vsphere.source import VSphereSource
+    from oma.plugins.vsphere.source import VSphereSource
     vms = await VSphereSource(sim.connection()).discover()
     changed = [{**vm, "cpus": (vm["cpus"] or 0) + 1} for vm in vms]
     for label, data in (("all new", vms), ("all changed", changed), ("all unchanged", changed)):

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from nbdutil import MiB, digest, free_port, missing_tools, random_file, sparse_file  # noqa: E402
-from plugins.nbd import ExporterConfig, NbdkitExporter, NbdServerExporter  # noqa: E402
+from oma.plugins.nbd import ExporterConfig, NbdkitExporter, NbdServerExporter  # noqa: E402
 
 BACKENDS = {"nbdkit": NbdkitExporter, "nbd-server": NbdServerExporter}
 

@@ -40,11 +40,11 @@ from common import nbdcopy_seconds, run_in_scratch  # noqa: E402
 
 from conftest import SEED_TOKEN, mariadb_exec, mariadb_settings  # noqa: E402
 from nbdutil import MiB, digest, free_port  # noqa: E402
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
-from plugins.vma.simulator import VmaSimulator  # noqa: E402
-from shared.natsserver import EmbeddedNats  # noqa: E402
-from shared.runner import Appliance  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
+from oma.plugins.vma.simulator import VmaSimulator  # noqa: E402
+from oma.shared.natsserver import EmbeddedNats  # noqa: E402
+from oma.runner import Appliance  # noqa: E402
+from oma.shared.settings import Settings  # noqa: E402
 from test_replication_faults import kill, start_service  # noqa: E402
 from vcsim import DiskSpec, create_vm, running_vcsim  # noqa: E402
 
@@ -97,7 +97,7 @@ class Sim:
         self.url = ""
 
     async def make_disks(self, vc, prefix: str) -> None:
-        from plugins.vsphere.source import VSphereSource
+        from oma.plugins.vsphere.source import VSphereSource
         for vm in await VSphereSource(vc.connection()).discover():
             if vm["name"].startswith(prefix):
                 for d in vm["disks"]:
@@ -105,7 +105,7 @@ class Sim:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "plugins.vma.simulator", "--port", "0", "--data-dir", str(self.data_dir),
+            sys.executable, "-m", "oma.plugins.vma.simulator", "--port", "0", "--data-dir", str(self.data_dir),
             "--disk-size", str(self.disk_size), "--density", "1.0", "--insecure-vcenter", "--appliance-id",
             "test-vma", env={**os.environ, "OMA_VMA_SIM_TOKEN": SEED_TOKEN, "PYTHONPATH": str(ROOT)},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
@@ -183,7 +183,7 @@ async def follow_cpu(oma: Oma, vma: Sim, proc: asyncio.subprocess.Process, args)
 
 async def main(args, work: Path) -> None:
     logging.basicConfig(level=logging.ERROR)
-    from services.gateway.app import create_app
+    from oma.services.gateway.app import create_app
 
     db = f"oma_bench_{uuid.uuid4().hex[:8]}"
     await mariadb_exec(f"CREATE DATABASE `{db}`")

@@ -30,9 +30,9 @@ sys.path[:0] = [str(ROOT)]
 import httpx  # noqa: E402
 import orjson  # noqa: E402
 
-from shared import bus as busmod  # noqa: E402
-from shared.natsserver import EmbeddedNats, free_port  # noqa: E402
-from shared.subjects import Inventory, Replication, Scheduler  # noqa: E402
+from oma.shared import bus as busmod  # noqa: E402
+from oma.shared.natsserver import EmbeddedNats, free_port  # noqa: E402
+from oma.shared.subjects import Inventory, Replication, Scheduler  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -109,7 +109,7 @@ async def main(args: argparse.Namespace) -> None:
     env["OMA_METRICS_PORT"] = str(port)
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from shared.cli import oma_service; oma_service()", "scheduler",
+        sys.executable, "-c", "from oma.cli import oma_service; oma_service()", "scheduler",
         env=env, stdout=(tmp / "scheduler.log").open("wb"), stderr=asyncio.subprocess.STDOUT)
     nc = await busmod.connect(url, "bench")
     bus = busmod.Bus(nc, timeout=60)

@@ -24,10 +24,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from common import nbdcopy_seconds, run_in_scratch  # noqa: E402
 
 from nbdutil import MiB, digest, free_port, sparse_file  # noqa: E402
-from plugins.nbd import ExporterConfig, NbdkitExporter  # noqa: E402
-from plugins.vma.client import HttpVmaClient  # noqa: E402
-from plugins.vma.simulator import VmaSimulator  # noqa: E402
-from shared.vma import DiscoverRequest, NbdTarget, ReplicateRequest  # noqa: E402
+from oma.plugins.nbd import ExporterConfig, NbdkitExporter  # noqa: E402
+from oma.plugins.vma.client import HttpVmaClient  # noqa: E402
+from oma.plugins.vma.simulator import VmaSimulator  # noqa: E402
+from oma.shared.vma import DiscoverRequest, NbdTarget, ReplicateRequest  # noqa: E402
 from vcsim import DiskSpec, create_vm, running_vcsim  # noqa: E402
 
 
@@ -88,7 +88,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
 
 
 async def vc_discover(vc) -> list[dict]:
-    from plugins.vsphere.source import VSphereSource
+    from oma.plugins.vsphere.source import VSphereSource
     return await VSphereSource(vc.connection()).discover()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plugins.vsphere.source import VM_PROPERTIES, VSphereSource  # noqa: E402
+from oma.plugins.vsphere.source import VM_PROPERTIES, VSphereSource  # noqa: E402
 from tests.vcsim import THOUSAND_VMS, running_vcsim  # noqa: E402
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shared.natsserver import free_port  # noqa: E402
+from oma.shared.natsserver import free_port  # noqa: E402
 from tests.procutil import descendants  # noqa: E402
 
 TOKEN = "vma_test_token_abc123def456789012345678"
@@ -101,11 +101,11 @@ async def appliance_on_sim(services: tuple[str, ...], job_latency: float, **sett
     nats-server, `services` in-process with an nbdkit exporter, and the gateway over ASGI: yields
     a client of the gateway and the simulator's API URL. `settings` add to the Settings."""
     logging.basicConfig(level=logging.WARNING)
-    from plugins.ossea.simulator import CloudStackSimulator
-    from services.gateway.app import create_app
-    from shared.natsserver import EmbeddedNats
-    from shared.runner import Appliance
-    from shared.settings import Settings
+    from oma.plugins.ossea.simulator import CloudStackSimulator
+    from oma.services.gateway.app import create_app
+    from oma.shared.natsserver import EmbeddedNats
+    from oma.runner import Appliance
+    from oma.shared.settings import Settings
 
     with tempfile.TemporaryDirectory(prefix="oma-bench-") as tmp:
         dev = Path(tmp) / "dev"
@@ -132,7 +132,7 @@ async def appliance_on_sim(services: tuple[str, ...], job_latency: float, **sett
 async def sign_in_with_cloud(c: httpx.AsyncClient, url: str) -> tuple[dict[str, str], int]:
     """Log in as the `bench` appliance and add the simulator at `url` as the cloud configuration:
     the auth headers and the configuration's id."""
-    from plugins.ossea.simulator import DEFAULT_VM_ID
+    from oma.plugins.ossea.simulator import DEFAULT_VM_ID
 
     r = await c.post("/api/v1/auth/login", json={"appliance_id": "bench", "token": TOKEN})
     h = {"Authorization": f"Bearer {r.json()['session_token']}"}

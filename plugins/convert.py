@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import Field
 
-from shared import errors
-from shared.hookspecs import PluginSettings, hookimpl
+from oma.shared import errors
+from oma.shared.hookspecs import PluginSettings, hookimpl
 
 OUTPUT_KEPT = 4000  # characters of the converter's output kept in an error (its message is at the end)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import Field
 
-from shared import errors
-from shared.hookspecs import PluginSettings, hookimpl
+from oma.shared import errors
+from oma.shared.hookspecs import PluginSettings, hookimpl
 
 
 def disk_serial(volume_id: str) -> str:

@@ -11,9 +11,9 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared import errors
-from shared.bus import Reply
-from shared.crypto import Keyring
+from oma.shared import errors
+from oma.shared.bus import Reply
+from oma.shared.crypto import Keyring
 
 Row = TypeVar("Row")
 OnChanged = Callable[[Any, str], Awaitable[None]]  # (row, "create" | "update" | "delete")

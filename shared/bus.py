@@ -22,10 +22,10 @@ from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
-from shared import errors, metrics
-from shared.logging import correlation_id
-from shared.retry import backoff_delay
-from shared.subjects import EVENTS_STREAM, EVENTS_WILDCARD
+from oma.shared import errors, metrics
+from oma.shared.logging import correlation_id
+from oma.shared.retry import backoff_delay
+from oma.shared.subjects import EVENTS_STREAM, EVENTS_WILDCARD
 
 log = logging.getLogger("oma.bus")
 
@@ -42,7 +42,7 @@ def dumps(obj: Any) -> bytes:
 
 def event_envelope(event_id: str | None = None) -> dict[str, Any]:
     """The common fields of every event (docs/events.md): a unique id and the time, in ms."""
-    from shared.db import iso_ms, utcnow
+    from oma.shared.db import iso_ms, utcnow
     return {"event_id": event_id or uuid.uuid4().hex, "occurred_at": iso_ms(utcnow())}
 
 

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Protocol, runtime_checkable
 
-from shared.errors import BadGateway, BadRequest, NotFound, UpstreamTimeout
+from oma.shared.errors import BadGateway, BadRequest, NotFound, UpstreamTimeout
 
 # -- cloud ------------------------------------------------------------------------------------------
 

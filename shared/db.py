@@ -14,7 +14,7 @@ from sqlalchemy import MetaData, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase
 
-from shared import errors, metrics
+from oma.shared import errors, metrics
 
 log = logging.getLogger("oma.db")
 

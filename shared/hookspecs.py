@@ -25,25 +25,25 @@ def oma_register_storage_backends(register: Register) -> None:
 @hookspec
 def oma_register_cloud_backends(register: Register) -> None:
     """Register target-cloud clients: `register(name, factory)`; `factory(credentials, settings)`
-    returns a `shared.contracts.CloudClient` (plugins.ossea is the reference implementation)."""
+    returns a `oma.shared.contracts.CloudClient` (plugins.ossea is the reference implementation)."""
 
 
 @hookspec
 def oma_register_inventory_sources(register: Register) -> None:
     """Register inventory sources: `register(name, factory)`; `factory(connection, settings)` returns
-    a `shared.contracts.InventorySource` whose async `test()` and `discover()` read a source hypervisor."""
+    a `oma.shared.contracts.InventorySource` whose async `test()` and `discover()` read a source hypervisor."""
 
 
 @hookspec
 def oma_register_exporters(register: Register) -> None:
     """Register NBD export backends: `register(name, factory)`; `factory(settings)` returns a
-    `shared.contracts.Exporter` that serves block devices under export names."""
+    `oma.shared.contracts.Exporter` that serves block devices under export names."""
 
 
 @hookspec
 def oma_register_device_resolvers(register: Register) -> None:
     """Register device resolvers: `register(name, factory)`; `factory(settings)` returns a
-    `shared.contracts.DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached
+    `oma.shared.contracts.DeviceResolver` whose async `resolve(volume_id, timeout)` finds an attached
     volume's device path."""
 
 
@@ -57,7 +57,7 @@ def oma_register_vma_clients(register: Register) -> None:
 def oma_register_settings(register: Register) -> None:
     """Register a plugin's settings: `register(section, model)`; `model` is a `PluginSettings`
     subclass. Its field `x` is read from `OMA_<SECTION>_<X>` and is `settings.<section>.x` in the one
-    `shared.settings.Settings` tree (documented by `python3 -m shared.settings --markdown`)."""
+    `oma.shared.settings.Settings` tree (documented by `python3 -m oma.shared.settings --markdown`)."""
 
 
 class PluginSettings(BaseModel):

@@ -7,7 +7,7 @@ permissions name only the subjects and JetStream API calls it needs; anonymous c
 refused because users exist and there is no `no_auth_user`.
 
 After changing a list here, regenerate the ops file (a test compares them):
-    python -m shared.natsauth > ops/nats/nats-server.conf
+    python -m oma.shared.natsauth > ops/nats/nats-server.conf
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Failover, Inventory, Replication
+from oma.shared.settings import SERVICES
+from oma.shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Failover, Inventory, Replication
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -132,7 +132,7 @@ def render_authorization() -> str:
 
 OPS_HEADER = """\
 # nats-server configuration of an OMA deployment (compose.yaml mounts it at /etc/nats/nats-server.conf).
-# GENERATED from shared/natsauth.py: python -m shared.natsauth > ops/nats/nats-server.conf
+# GENERATED from shared/natsauth.py: python -m oma.shared.natsauth > ops/nats/nats-server.conf
 # (oma-api's embedded nats-server uses the same users and permissions; docs/deployment.md).
 #
 # JetStream holds the OMA_EVENTS stream. Every client has its own user; the passwords come from

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shared import natsauth
+from oma.shared import natsauth
 
 log = logging.getLogger("oma.nats")
 

@@ -7,27 +7,27 @@ from typing import Any, Callable
 
 import pluggy
 
-from shared import hookspecs
+from oma.shared import hookspecs
 
 # Built-in plugins, registered under their entry-point names exactly like third-party ones.
 DEFAULT_PLUGINS: dict[str, str] = {
-    "storage": "plugins.storage",
-    "ossea": "plugins.ossea.plugin",
-    "nbd": "plugins.nbd.plugin",
-    "vsphere": "plugins.vsphere.plugin",
-    "device": "plugins.device",
-    "vma": "plugins.vma.plugin",
-    "convert": "plugins.convert",
+    "storage": "oma.plugins.storage",
+    "ossea": "oma.plugins.ossea.plugin",
+    "nbd": "oma.plugins.nbd.plugin",
+    "vsphere": "oma.plugins.vsphere.plugin",
+    "device": "oma.plugins.device",
+    "vma": "oma.plugins.vma.plugin",
+    "convert": "oma.plugins.convert",
 }
 
 # The plugins' settings sections (`oma_register_settings`), entry-point group `oma.settings`. They are
 # loaded while shared.settings builds the Settings tree, so these modules import pydantic and
 # shared.hookspecs only, never their plugin's code (which may import shared.settings).
 SETTINGS_PLUGINS: dict[str, str] = {
-    "nbd": "plugins.nbd.settings",
-    "vma": "plugins.vma.settings",
-    "device": "plugins.device",
-    "convert": "plugins.convert",
+    "nbd": "oma.plugins.nbd.settings",
+    "vma": "oma.plugins.vma.settings",
+    "device": "oma.plugins.device",
+    "convert": "oma.plugins.convert",
 }
 
 KINDS = {

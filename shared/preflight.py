@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import errors
-from shared.contracts import safe_name
-from shared.subjects import Failover, Inventory
+from oma.shared import errors
+from oma.shared.contracts import safe_name
+from oma.shared.subjects import Failover, Inventory
 
 log = logging.getLogger("oma.preflight")
 

@@ -13,7 +13,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from shared.disk_slot import CONTROLLER_TYPES, UNITS_PER_BUS, BusNumber, DiskSlot, SlotNumber, slot_number
+from oma.shared.disk_slot import CONTROLLER_TYPES, UNITS_PER_BUS, BusNumber, DiskSlot, SlotNumber, slot_number
 
 Name = Field(min_length=1, max_length=255)
 

@@ -23,14 +23,14 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, ServiceConfig
 from pydantic import BaseModel, ValidationError
 
-from shared import bus as busmod
-from shared import db, errors, metrics
-from shared.crypto import Keyring
-from shared.errors import validation_details  # noqa: F401 - imported from here by services
-from shared.logging import correlation_id
-from shared.schemas import VERSION
-from shared.settings import Settings
-from shared.subjects import health
+from oma.shared import bus as busmod
+from oma.shared import db, errors, metrics
+from oma.shared.crypto import Keyring
+from oma.shared.errors import validation_details  # noqa: F401 - imported from here by services
+from oma.shared.logging import correlation_id
+from oma.shared.schemas import VERSION
+from oma.shared.settings import Settings
+from oma.shared.subjects import health
 
 log = logging.getLogger("oma.service")
 M = TypeVar("M", bound=BaseModel)
@@ -105,7 +105,7 @@ class ServiceApp:
     # Life cycle.
     async def start(self) -> None:
         if self.migrations is not None:
-            from shared.plugins import get_backend
+            from oma.shared.plugins import get_backend
             storage = get_backend(self.pm, "storage", self.settings.db_type).factory(self.settings)
             self.engine = await storage.create_engine(self.name)
             await db.run_migrations(self.engine, self.name, self.migrations)

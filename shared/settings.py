@@ -3,7 +3,7 @@
 The tree is the core's fields (below) plus one typed section per plugin that registers one through
 `oma_register_settings` (shared.hookspecs): section `nbd`'s field `port` is `settings.nbd.port`,
 read from `OMA_NBD_PORT`, and may be given as `Settings(nbd_port=...)`. `variables()` lists every
-`OMA_` variable; `python3 -m shared.settings --markdown` prints them as docs/settings.md's table.
+`OMA_` variable; `python3 -m oma.shared.settings --markdown` prints them as docs/settings.md's table.
 
 Precedence: command-line flag > environment > default. Flags are parsed by `parse_flags`,
 which returns only the flags actually given, so that unset flags never mask the environment.
@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.hookspecs import PluginSettings
+from oma.shared.hookspecs import PluginSettings
 
 SERVICES = ("auth", "config", "inventory", "replication", "export_manager", "context_aggregator", "failover",
             "scheduler")
@@ -77,7 +77,7 @@ class CoreSettings(BaseSettings):
                            description="oma-api processes: 1 = all in one; N = the services and N-1 gateway "
                                        "workers; auto = 2 on two cores or more")
 
-    # The demo (`oma-api -demo`, shared/demo.py, docs/demo.md).
+    # The demo (`oma-api -demo`, oma/demo.py, docs/demo.md).
     demo: bool = Field(False, description="run the demo: the appliance with a synthetic vCenter, the VMA and "
                                           "CloudStack simulators; the GUI says on every page it is a demo")
     demo_vma_url: str = Field("", max_length=255, description="the demo's VMA simulator (set by -demo): where "
@@ -210,7 +210,7 @@ def compose(sections: dict[str, type[PluginSettings]]) -> type[CoreSettings]:
 
 
 def _plugin_sections() -> dict[str, type[PluginSettings]]:
-    from shared.plugins import get_plugin_manager, settings_sections
+    from oma.shared.plugins import get_plugin_manager, settings_sections
     return settings_sections(get_plugin_manager(settings=True))
 
 
@@ -349,7 +349,7 @@ def settings_from_flags(args: dict[str, Any], prog: str) -> Settings:
 
 # docs/settings.md holds the generated table between these markers (tests/test_docs_settings.py).
 DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
-BEGIN, END = "<!-- generated: python3 -m shared.settings --markdown --write -->", "<!-- end generated -->"
+BEGIN, END = "<!-- generated: python3 -m oma.shared.settings --markdown --write -->", "<!-- end generated -->"
 
 
 def with_table(text: str, table: str) -> str:
@@ -362,7 +362,7 @@ def with_table(text: str, table: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python3 -m shared.settings",
+    parser = argparse.ArgumentParser(prog="python3 -m oma.shared.settings",
                                      description="print (or write into docs/settings.md) every OMA_ variable")
     parser.add_argument("--markdown", action="store_true", required=True, help="a Markdown table")
     parser.add_argument("--write", action="store_true", help=f"replace the table in {DOC}")
@@ -376,5 +376,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Through the imported module, whose Settings is the one the rest of the code sees.
-    from shared.settings import main as _main
+    from oma.shared.settings import main as _main
     _main()

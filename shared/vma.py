@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 
-from shared.errors import BadGateway, BadRequest, NotFound, UpstreamTimeout
+from oma.shared.errors import BadGateway, BadRequest, NotFound, UpstreamTimeout
 
 API_PREFIX = "/api/v1"
 # Query parameters and body fields whose values never reach a log line.

@@ -13,8 +13,8 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 
-from shared.natsserver import EmbeddedNats, free_port  # noqa: F401  (tests import free_port from here)
-from shared.settings import SERVICES, Settings
+from oma.shared.natsserver import EmbeddedNats, free_port  # noqa: F401  (tests import free_port from here)
+from oma.shared.settings import SERVICES, Settings
 from tests.natsaudit import Audit
 from tests.mariadbutil import MARIADB, mariadb_exec, mariadb_settings  # noqa: F401  (tests import them from here)
 
@@ -85,8 +85,8 @@ def make_settings(tmp_path: Path, nats_url: str):
 @contextlib.asynccontextmanager
 async def running(settings: Settings, services: tuple[str, ...] = SERVICES):
     """The named services and the gateway, in this process; yields an httpx client on the gateway."""
-    from services.gateway.app import create_app
-    from shared.runner import Appliance
+    from oma.services.gateway.app import create_app
+    from oma.runner import Appliance
 
     async with Appliance(settings, services) as appliance:
         app = create_app(settings, appliance.nats_url)

@@ -109,7 +109,7 @@ def launch(port: int, *extra: str, log: Path | None = None, tmpdir: Path | None 
     its log (stderr) to `log`, its TMPDIR `tmpdir`."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
     with open(log or os.devnull, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", "from shared.cli import oma_api; oma_api()", "-demo",
+        proc = subprocess.Popen([sys.executable, "-c", "from oma.cli import oma_api; oma_api()", "-demo",
                                  "-port", str(port), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=err, stdin=subprocess.DEVNULL)
     return DemoProcess(proc, time.monotonic())

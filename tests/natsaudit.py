@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from shared import natsauth
+from oma.shared import natsauth
 
 
 def matches(pattern: str, subject: str) -> bool:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from shared.natsserver import free_port  # noqa: F401  (tests and benchmarks import it from here)
+from oma.shared.natsserver import free_port  # noqa: F401  (tests and benchmarks import it from here)
 
 NBD_TOOLS = ("nbd-server", "nbdkit", "nbdinfo", "nbdcopy")
 MiB = 1 << 20

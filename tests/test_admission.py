@@ -10,8 +10,8 @@ from pathlib import Path
 
 from sqlalchemy import update
 
-from plugins.ossea.simulator import DEFAULT_VM_ID
-from services.replication.models import ReplicationJob
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID
+from oma.services.replication.models import ReplicationJob
 from tests.conftest import mariadb_settings, wait_for
 from tests.test_replication import Env, replication_env, request
 from tests.test_replication_faults import _true, answering, kill, start_service

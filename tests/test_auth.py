@@ -102,7 +102,7 @@ async def test_failed_logins_are_throttled_but_never_lock_out_a_correct_token(ma
     times that per address; a correct token logs in regardless, from any address."""
     async with running(make_settings(login_rate_limit=5), ("auth",)) as client:
         bus = client.app.state.bus
-        from shared.subjects import Auth
+        from oma.shared.subjects import Auth
         tokens = {"test-vma": SEED_TOKEN}
         for name in ("vma-2", "vma-3"):
             tokens[name] = (await bus.call(Auth.APPLIANCE_ADD, {"name": name}))["token"]
@@ -131,7 +131,7 @@ async def test_failed_logins_are_throttled_but_never_lock_out_a_correct_token(ma
 
 async def test_logout_seen_by_every_gateway(make_settings):
     """Two gateways with verification caches: a logout through one is refused at once by the other."""
-    from services.gateway.app import create_app
+    from oma.services.gateway.app import create_app
 
     settings = make_settings(auth_cache_ttl=60)
     async with running(settings, ("auth", "config")) as gw1:
@@ -175,7 +175,7 @@ async def test_open_routes_and_no_tokens_in_logs(make_settings, caplog):
 async def test_appliance_admin_subjects(make_settings):
     async with running(make_settings(), ("auth",)) as client:
         bus = client.app.state.bus
-        from shared.subjects import Auth
+        from oma.shared.subjects import Auth
         added = await bus.call(Auth.APPLIANCE_ADD, {"name": "vma-2"})
         assert added["token"].startswith("vma_")
         assert len(base64.urlsafe_b64decode(added["token"].removeprefix("vma_") + "=")) == 32  # 256 random bits

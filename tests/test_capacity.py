@@ -9,9 +9,9 @@ import asyncio
 
 import pytest
 
-from plugins.ossea.simulator import DEFAULT_VM_ID
-from services.replication.models import ApplianceSlots
-from shared.subjects import health
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID
+from oma.services.replication.models import ApplianceSlots
+from oma.shared.subjects import health
 from tests.conftest import wait_for
 from tests.test_admission import attached, finish_ready_jobs
 from tests.test_replication import Env, metric, replication_env, request

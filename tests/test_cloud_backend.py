@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from plugins.device import disk_serial
-from shared import plugins
-from shared.contracts import CloudClient, CloudParamError
-from shared.hookspecs import hookimpl
+from oma.plugins.device import disk_serial
+from oma.shared import plugins
+from oma.shared.contracts import CloudClient, CloudParamError
+from oma.shared.hookspecs import hookimpl
 from tests.conftest import assert_error_shape
 from tests.test_replication import replication_env, request
 

@@ -10,8 +10,8 @@ from typing import Any
 import pluggy
 import pytest
 
-from plugins.ossea import plugin
-from plugins.ossea.client import (
+from oma.plugins.ossea import plugin
+from oma.plugins.ossea.client import (
     CloudAuthError,
     CloudConfigError,
     CloudCredentials,
@@ -24,8 +24,8 @@ from plugins.ossea.client import (
     CloudUnknownCommand,
     CloudUnreachable,
 )
-from plugins.ossea.plugin import test_connection
-from plugins.ossea.simulator import (
+from oma.plugins.ossea.plugin import test_connection
+from oma.plugins.ossea.simulator import (
     CUSTOM_OFFERING_ID,
     DEFAULT_VM_ID,
     DEFAULT_ZONE_ID,
@@ -33,8 +33,8 @@ from plugins.ossea.simulator import (
     CloudStackSimulator,
     disk_serial,
 )
-from shared import hookspecs
-from shared.errors import BadGateway, UpstreamTimeout
+from oma.shared import hookspecs
+from oma.shared.errors import BadGateway, UpstreamTimeout
 
 KEY = "client-test-key"
 SECRET = "Sup3r~S3cret[key]-never-shown"

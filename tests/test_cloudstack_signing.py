@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from plugins.ossea.signing import (
+from oma.plugins.ossea.signing import (
     canonical_string,
     java_urlencode,
     sign,

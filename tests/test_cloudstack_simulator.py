@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from plugins.ossea.signing import signed_query
-from plugins.ossea.simulator import (
+from oma.plugins.ossea.signing import signed_query
+from oma.plugins.ossea.simulator import (
     AUTH_ERROR,
     CUSTOM_OFFERING_ID,
     DEFAULT_VM_ID,
@@ -456,7 +456,7 @@ async def test_job_latency_and_latency(api: Api) -> None:
 
 async def test_command_line_prints_its_url_when_ready(http: aiohttp.ClientSession) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "plugins.ossea.simulator", "--port", "0", "--api-key", KEY,
+        sys.executable, "-m", "oma.plugins.ossea.simulator", "--port", "0", "--api-key", KEY,
         "--secret-key", SECRET, "--zone-name", "Zone-CLI", "--pre-attached", "2",
         "--max-data-disks", "4", "--pci-slots", "3", stdout=asyncio.subprocess.PIPE)
     try:

@@ -4,8 +4,8 @@ export with that configuration; then the configuration may go. Real nbdkit, NATS
 cloud is the project's simulator."""
 from __future__ import annotations
 
-from services.replication import service as replication_service
-from shared.subjects import Replication
+from oma.services.replication import service as replication_service
+from oma.shared.subjects import Replication
 from tests.conftest import assert_error_shape, login, running, wait_for
 from tests.test_replication import SERVICES, replication_env, request
 

@@ -18,9 +18,9 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
-from shared import errors
-from shared.subjects import Config
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.shared import errors
+from oma.shared.subjects import Config
 from tests.conftest import (
     assert_error_shape,
     login,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import assert_error_shape, login, mariadb_settings, running, wait_for
-from shared.replies import Replies
-from shared.settings import SERVICES
-from shared.subjects import Contexts
+from oma.shared.replies import Replies
+from oma.shared.settings import SERVICES
+from oma.shared.subjects import Contexts
 from test_contexts import Clock, Job, bus, ctx_settings, get_ctx, publish, until  # noqa: F401 - fixtures
 
 FOREVER = 3600.0  # so that only the change notifications can make a reply fresh again

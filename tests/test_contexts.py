@@ -25,10 +25,10 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conftest import assert_error_shape, login, mariadb_settings, running, wait_for
-from shared import errors
-from shared.bus import Bus
-from shared.settings import Settings
-from shared.subjects import EVENTS_STREAM, Contexts, Inventory, Replication
+from oma.shared import errors
+from oma.shared.bus import Bus
+from oma.shared.settings import Settings
+from oma.shared.subjects import EVENTS_STREAM, Contexts, Inventory, Replication
 
 SERVICES = ("auth", "context_aggregator")
 T0 = datetime(2025, 9, 9, 11, 48, 50, 123000, tzinfo=timezone.utc)

@@ -18,7 +18,7 @@ import pytest
 from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from plugins.ossea.client import CloudStackClient
+from oma.plugins.ossea.client import CloudStackClient
 from tests.conftest import free_port, wait_for
 from tests.demo_util import DemoProcess, launch
 from tests.test_openapi_contract import Contract
@@ -225,7 +225,7 @@ async def test_sigterm_during_start_up_stops_it_too(tmp_path):
 
 
 def test_the_demo_refuses_a_database_outside_its_data_directory(capsys):
-    from shared.cli import oma_api
+    from oma.cli import oma_api
 
     with pytest.raises(SystemExit) as exit_:
         oma_api(["-demo", "-db-type", "mariadb"])

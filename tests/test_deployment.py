@@ -32,11 +32,11 @@ import yaml
 from conftest import SEED_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import errors
-from shared.bus import Bus
-from shared.natsserver import _die_with_parent, find_binary, free_port
-from shared.settings import METRICS_PORTS, SERVICES, variables
-from shared.subjects import Config, Contexts, Exports, Inventory, health
+from oma.shared import errors
+from oma.shared.bus import Bus
+from oma.shared.natsserver import _die_with_parent, find_binary, free_port
+from oma.shared.settings import METRICS_PORTS, SERVICES, variables
+from oma.shared.subjects import Config, Contexts, Exports, Inventory, health
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -779,11 +779,13 @@ def test_image_installs_the_project_and_the_exporters(tmp_path: Path):
     lib = tmp_path / "build" / "lib"
     names = {str(p.relative_to(lib)) for p in lib.rglob("*") if p.is_file()}
     entry_points = (tmp_path / "oma.egg-info" / "entry_points.txt").read_text()
-    assert "oma-service = shared.cli:oma_service" in entry_points
+    assert "oma-service = oma.cli:oma_service" in entry_points
+    # One top-level package: the repository's services/, shared/ and plugins/ sit under oma/.
+    assert {n.split("/")[0] for n in names} == {"oma"}, sorted({n.split("/")[0] for n in names})
     for service in (*SERVICES, "gateway"):
-        assert f"services/{service}/app.py" in names, service
+        assert f"oma/services/{service}/app.py" in names, service
     for migration in [*ROOT.glob("services/*/migrations/versions/*.py"), *ROOT.glob("services/*/migrations/env.py")]:
-        assert str(migration.relative_to(ROOT)) in names, f"the image would lack {migration}"
+        assert f"oma/{migration.relative_to(ROOT)}" in names, f"the image would lack {migration}"
 
 
 # ---------------------------------------------------------------------------------------------

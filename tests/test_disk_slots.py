@@ -8,8 +8,8 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from shared.disk_slot import DISK_SLOT_MAX, DiskSlot, slot_number
-from shared.schemas import REPLICATION_EXAMPLE, ReplicationRequest
+from oma.shared.disk_slot import DISK_SLOT_MAX, DiskSlot, slot_number
+from oma.shared.schemas import REPLICATION_EXAMPLE, ReplicationRequest
 from tests.conftest import assert_error_shape, wait_for
 from tests.test_replication import SERVICES, replication_env, request
 
@@ -85,7 +85,7 @@ async def test_incremental_takes_over_a_volume_numbered_before_disk_slots(make_s
     instead of creating a second volume and stranding the first on the appliance VM."""
     from sqlalchemy import update
 
-    from services.replication.models import JobVolume
+    from oma.services.replication.models import JobVolume
     async with replication_env(make_settings, tmp_path) as env:
         body = request(env.config_id, "satavm", disks=1, uuid=VM_UUID)
         body["source_vm"]["disks"][0].update(controller_type="sata", controller_bus_number=0, unit_number=0)

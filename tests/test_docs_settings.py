@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import settings as settings_mod
-from shared.settings import Settings, environ, variables
+from oma.shared import settings as settings_mod
+from oma.shared.settings import Settings, environ, variables
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
@@ -79,7 +79,7 @@ def test_the_checks_catch_what_they_should():
 def test_generated_table_is_up_to_date():
     text = settings_mod.DOC.read_text()
     assert settings_mod.with_table(text, settings_mod.markdown()) == text, \
-        "run: python3 -m shared.settings --markdown --write"
+        "run: python3 -m oma.shared.settings --markdown --write"
     documented = set(re.findall(r"^\| `(OMA_[A-Z0-9_]+)` \|", text, re.M))
     assert documented == ENV
 
@@ -109,7 +109,7 @@ def test_plugin_sections_read_their_variables(monkeypatch):
 
 
 def test_bad_section_values_name_the_variable(monkeypatch):
-    from shared.settings import FlagError, settings_from_flags
+    from oma.shared.settings import FlagError, settings_from_flags
     monkeypatch.setenv("OMA_NBD_PORT", "0")
     with pytest.raises(FlagError, match="setting OMA_NBD_PORT: "):
         settings_from_flags({}, "oma-api")

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
-from shared.settings import SERVICES
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.shared.settings import SERVICES
 from tests.conftest import login, running, wait_for
 from tests.nbdutil import MiB, digest, nbdcopy, random_file
 from tests.test_replication import API_KEY, SECRET, settings_for

@@ -30,12 +30,12 @@ from nbdutil import (
 from prometheus_client import REGISTRY
 from sqlalchemy import inspect
 
-from plugins.nbd.base import pid_alive
-from services.export_manager import service as em
-from shared import db, errors
-from shared.plugins import get_backend, get_plugin_manager
-from shared.runner import Appliance
-from shared.subjects import Exports, health
+from oma.plugins.nbd.base import pid_alive
+from oma.services.export_manager import service as em
+from oma.shared import db, errors
+from oma.shared.plugins import get_backend, get_plugin_manager
+from oma.runner import Appliance
+from oma.shared.subjects import Exports, health
 
 BACKENDS = ("nbdkit", "nbd-server")
 RELOADS_PER_BATCH = {"nbdkit": 0, "nbd-server": 1}

@@ -18,13 +18,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from plugins.ossea.client import CloudParamError, CloudStackClient
-from plugins.ossea.sim_vms import PROD_NETWORK_IDS, SMALL_OFFERING_ID, STUB_TEMPLATE_ID, TEST_NETWORK_IDS
-from plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSimulator
-from services.failover.models import FailoverJob
-from services.failover.service import failover_id_base
-from shared.db import free_id
-from shared.settings import SERVICES as SETTINGS_SERVICES
+from oma.plugins.ossea.client import CloudParamError, CloudStackClient
+from oma.plugins.ossea.sim_vms import PROD_NETWORK_IDS, SMALL_OFFERING_ID, STUB_TEMPLATE_ID, TEST_NETWORK_IDS
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSimulator
+from oma.services.failover.models import FailoverJob
+from oma.services.failover.service import failover_id_base
+from oma.shared.db import free_id
+from oma.shared.settings import SERVICES as SETTINGS_SERVICES
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.nbdutil import nbdcopy, random_file
 from tests.test_orchestration import VM, assert_volumes_equal_source, discovered_vm, job_in, orchestrated
@@ -552,7 +552,7 @@ class FailoverProcess:
 
     def start(self) -> None:
         s = self.settings
-        argv = [sys.executable, "-c", "from shared.cli import oma_service; oma_service()", "failover",
+        argv = [sys.executable, "-c", "from oma.cli import oma_service; oma_service()", "failover",
                 "-nats-url", s.nats_url, "-db-type", "mariadb", "-db-host", s.db_host, "-db-port", str(s.db_port),
                 "-db-name", s.db_name, "-db-user", s.db_user, "-db-pass", s.db_pass, "-metrics-port", "0",
                 "-data-dir", str(s.data_dir)]

@@ -18,12 +18,12 @@ from sqlalchemy import inspect as sa_inspect, text
 import orjson
 
 from conftest import assert_error_shape, login, mariadb_settings, running, wait_for
-from shared import bus as busmod, errors
-from shared.plugins import BackendNotFound
-from shared.runner import Appliance
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.settings import FlagError, Settings, load_settings
-from shared.subjects import Config
+from oma.shared import bus as busmod, errors
+from oma.shared.plugins import BackendNotFound
+from oma.runner import Appliance
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.settings import FlagError, Settings, load_settings
+from oma.shared.subjects import Config
 
 TEST_SUBJECT = "oma.test.probe.run"
 
@@ -90,7 +90,7 @@ def test_precedence_flag_over_env_over_default(monkeypatch):
 
 
 def test_cli_bad_flag_exits_nonzero_with_one_line():
-    r = subprocess.run([sys.executable, "-c", "from shared.cli import oma_api; oma_api()", "-port", "abc"],
+    r = subprocess.run([sys.executable, "-c", "from oma.cli import oma_api; oma_api()", "-port", "abc"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "-port" in r.stderr
@@ -106,7 +106,7 @@ async def test_unknown_db_type_names_installed_backends(make_settings):
 
 def test_cli_unknown_db_type(tmp_path):
     env = {**os.environ, "OMA_DATA_DIR": str(tmp_path), "OMA_NBD_PORT": str(_free_port())}
-    r = subprocess.run([sys.executable, "-c", "from shared.cli import oma_api; oma_api()", "-db-type", "oracle",
+    r = subprocess.run([sys.executable, "-c", "from oma.cli import oma_api; oma_api()", "-db-type", "oracle",
                         "-port", str(_free_port())], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode != 0 and "mariadb, memory" in r.stderr.strip().splitlines()[-1]
 
@@ -118,7 +118,7 @@ async def test_not_found_travels_as_seed_404(make_settings):
         probe = ProbeService(settings, await busmod.connect(appliance.nats_url, "probe"), appliance.services["auth"].pm)
         await probe.start()
         try:
-            from services.gateway.app import create_app
+            from oma.services.gateway.app import create_app
             app = create_app(settings, appliance.nats_url)
             async with app.router.lifespan_context(app):
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://oma") as c:
@@ -158,7 +158,7 @@ async def test_http_errors_in_seed_shape(make_settings):
 # --- drain and queue groups ------------------------------------------------------------------
 async def test_in_flight_request_gets_reply_during_shutdown(make_settings, nats_url):
     settings = make_settings()
-    from shared.plugins import get_plugin_manager
+    from oma.shared.plugins import get_plugin_manager
     pm = get_plugin_manager()
     probe = ProbeService(settings, await busmod.connect(nats_url, "probe"), pm)
     await probe.start()
@@ -175,7 +175,7 @@ async def test_in_flight_request_gets_reply_during_shutdown(make_settings, nats_
 
 async def test_two_instances_share_requests(make_settings, nats_url):
     settings = make_settings()
-    from shared.plugins import get_plugin_manager
+    from oma.shared.plugins import get_plugin_manager
     pm = get_plugin_manager()
     probes = [ProbeService(settings, await busmod.connect(nats_url, f"probe{i}"), pm) for i in range(2)]
     for p in probes:
@@ -185,7 +185,7 @@ async def test_two_instances_share_requests(make_settings, nats_url):
         seen = {(await caller.call(TEST_SUBJECT, {}))["instance"] for _ in range(40)}
         assert seen == {id(p) for p in probes}
         # $SRV.PING finds both instances.
-        from services.gateway.routers.health import _ping_all
+        from oma.services.gateway.routers.health import _ping_all
         assert (await _ping_all(caller.nc, 1.0))["config"] == 2
     finally:
         for p in probes:
@@ -318,7 +318,7 @@ async def test_two_oma_service_processes_share_a_queue_group(make_settings, nats
     try:
         async with running(make_settings(), ("auth",)) as client:
             nc = client.app.state.bus.nc
-            from services.gateway.routers.health import _ping_all
+            from oma.services.gateway.routers.health import _ping_all
 
             async def both_up():
                 return (await _ping_all(nc, 0.5))["config"] == 2
@@ -362,7 +362,7 @@ async def test_appliance_comes_up_when_the_nbd_server_cannot(make_settings):
             assert r.status_code == 503 and body["status"] == "degraded" and body["down"] == ["export_manager"]
             reason = body["services"]["export_manager"]["reason"]
             assert reason.startswith("NBD exporter not serving: ") and "in use" in reason
-            from shared.subjects import Exports
+            from oma.shared.subjects import Exports
             with pytest.raises(errors.Unavailable) as exc:
                 await client.appliance.services["replication"].bus.call(Exports.ENSURE, {"vm_id": "x", "disk_unit_number": 0,
                                                                  "vm_name": "x", "device_path": "/dev/null"})
@@ -377,7 +377,7 @@ async def test_correlation_id_travels_to_the_service(make_settings, caplog):
                               headers={"X-Request-ID": "trace-abc-123"})
         assert r.status_code == 401 and r.headers["x-request-id"] == "trace-abc-123"
         assert (await client.get("/health")).headers["x-request-id"]  # generated when absent
-    from shared.logging import _Formatter
+    from oma.shared.logging import _Formatter
     lines = [_Formatter("json").format(rec) for rec in caplog.records if rec.name == "oma.auth"]
     assert any('"correlation_id": "trace-abc-123"' in line and "login failed" in line for line in lines), lines
 
@@ -414,7 +414,7 @@ async def test_db_up_metric_follows_the_database(make_settings):
 
 async def test_start_up_keeps_an_operators_stream_limits(make_settings, nats_url):
     from nats.js.api import StreamConfig
-    from shared.subjects import EVENTS_STREAM, EVENTS_WILDCARD
+    from oma.shared.subjects import EVENTS_STREAM, EVENTS_WILDCARD
     caller = busmod.Bus(await busmod.connect(nats_url, "operator"))
     try:
         await caller.ensure_stream()

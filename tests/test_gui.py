@@ -20,9 +20,9 @@ from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
 
 from conftest import free_port, login, running, wait_for
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
-from services.auth import operators
-from shared.settings import SERVICES, Settings
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.services.auth import operators
+from oma.shared.settings import SERVICES, Settings
 from tests.test_replication import API_KEY, SECRET
 from tests.vcsim import DiskSpec, create_vm, running_vcsim
 

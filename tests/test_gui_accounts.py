@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import assert_error_shape, mariadb_settings, running
-from services.auth import operators
+from oma.services.auth import operators
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = "a long enough password"
@@ -41,7 +41,7 @@ async def add(client: httpx.AsyncClient, username: str, role: str, password: str
 def oma_admin(settings: dict[str, Any], data_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     flags = [f"-{k.replace('_', '-')}={v}" for k, v in settings.items()] + [f"-data-dir={data_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", "from shared.cli import oma_admin; oma_admin()", *args, *flags],
+    return subprocess.run([sys.executable, "-c", "from oma.cli import oma_admin; oma_admin()", *args, *flags],
                           input=stdin, capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -178,11 +178,11 @@ async def test_gateway_may_call_the_operator_subjects_on_the_secured_bus(tmp_pat
     """The embedded NATS with shared/natsauth.py's permissions: the gateway is answered, another
     service's user may not even ask."""
     from conftest import SEED_TOKEN, free_port
-    from shared import bus as busmod
-    from shared import errors
-    from shared.runner import Appliance
-    from shared.settings import Settings
-    from shared.subjects import Auth
+    from oma.shared import bus as busmod
+    from oma.shared import errors
+    from oma.runner import Appliance
+    from oma.shared.settings import Settings
+    from oma.shared.subjects import Auth
 
     settings = Settings(nats_url="", data_dir=tmp_path / "data", nbd_port=free_port(),
                         appliance_tokens=f"test-vma={SEED_TOKEN}", startup_timeout=20)
@@ -199,7 +199,7 @@ async def test_gateway_may_call_the_operator_subjects_on_the_secured_bus(tmp_pat
 
 
 async def test_every_gui_route_but_sign_in_needs_a_session(make_settings):
-    from services.gateway.ui import router
+    from oma.services.gateway.ui import router
 
     async with running(make_settings(), ("auth",)) as client:
         routes = [(m, r.path.replace("{vm_name:path}", "x")) for r in router.routes

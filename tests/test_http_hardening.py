@@ -222,8 +222,8 @@ async def test_a_refused_upload_cannot_keep_streaming():
 
 
 def test_file_limit_raised_and_cap_fits_it():
-    from services.gateway.server import FD_RESERVE, connection_cap, raise_file_limit
-    from shared.settings import Settings
+    from oma.services.gateway.server import FD_RESERVE, connection_cap, raise_file_limit
+    from oma.shared.settings import Settings
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
@@ -260,7 +260,7 @@ async def test_health_callers_share_one_check_per_ttl(make_settings):
 async def test_health_degraded_service_gives_503_with_its_reason(make_settings):
     """A service that answers its health check with a status other than "up" (the export manager
     when its NBD server is not serving) makes /health 503 with the reason; only public fields pass."""
-    from shared.subjects import health
+    from oma.shared.subjects import health
 
     async with running(make_settings(health_cache_ttl=0)) as client:
         await client.appliance.services["config"].stop()

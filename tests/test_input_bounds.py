@@ -18,8 +18,8 @@ import httpx
 import orjson
 import uvicorn
 
-from services.replication import service as replication_service
-from shared.schemas import INT32_MAX, SOURCE_VM_EXTRA_MAX
+from oma.services.replication import service as replication_service
+from oma.shared.schemas import INT32_MAX, SOURCE_VM_EXTRA_MAX
 from tests.conftest import SEED_TOKEN, assert_error_shape, login, mariadb_settings, running, wait_for
 from tests.test_replication import SERVICES, replication_env, request
 

@@ -13,8 +13,8 @@ from prometheus_client import REGISTRY
 from pyVmomi import vim
 from sqlalchemy import text
 
-from shared.schemas import ReplicationRequest
-from shared.subjects import Inventory
+from oma.shared.schemas import ReplicationRequest
+from oma.shared.subjects import Inventory
 from tests.conftest import assert_error_shape, login, mariadb_settings, running, wait_for
 from tests.vcsim import (DiskSpec, NicSpec, Vcsim, create_vm, read_vm_direct, running_vcsim,
                          wait_for_task)

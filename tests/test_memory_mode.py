@@ -10,7 +10,7 @@ import sys
 import pytest
 from sqlalchemy import text
 
-from shared.settings import SERVICES
+from oma.shared.settings import SERVICES
 from tests.conftest import free_port, login, running
 
 OSSEA = {"api_url": "http://127.0.0.1:9/client/api", "api_key": "k", "secret_key": "s", "zone": "Z"}
@@ -53,7 +53,7 @@ def test_memory_with_external_nats_is_refused_at_start(tmp_path, nats_url, argv)
     entry, *args = argv
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMA_")}
     env.update(OMA_DATA_DIR=str(tmp_path), OMA_NBD_PORT=str(free_port()))
-    r = subprocess.run([sys.executable, "-c", f"from shared.cli import {entry}; {entry}()", *args,
+    r = subprocess.run([sys.executable, "-c", f"from oma.cli import {entry}; {entry}()", *args,
                         "-db-type", "memory", "-nats-url", nats_url, "-port", str(free_port()), "-metrics-port", "0"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2, (r.returncode, r.stderr)

@@ -19,10 +19,10 @@ import nats
 import pytest
 from nats.errors import Error as NatsError
 
-from shared import natsauth
-from shared.runner import Appliance
-from shared.settings import SERVICES
-from shared.subjects import EVENTS_STREAM, Config, Contexts, health
+from oma.shared import natsauth
+from oma.runner import Appliance
+from oma.shared.settings import SERVICES
+from oma.shared.subjects import EVENTS_STREAM, Config, Contexts, health
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ SERVICE_USERS = (*SERVICES, "gateway")
 # --- one source of truth ---------------------------------------------------------------------
 def test_ops_conf_is_generated_from_natsauth():
     assert (ROOT / "ops/nats/nats-server.conf").read_text() == natsauth.render_ops_conf(), \
-        "regenerate it: python -m shared.natsauth > ops/nats/nats-server.conf"
+        "regenerate it: python -m oma.shared.natsauth > ops/nats/nats-server.conf"
 
 
 def test_only_admin_may_touch_streams_in_the_permissions():
@@ -176,7 +176,7 @@ def test_oma_admin_help_shows_its_commands_and_only_their_flags():
 # --- each generated user, against the appliance in this process --------------------------------
 @pytest.fixture(scope="module")
 async def appliance(tmp_path_factory) -> AsyncIterator[Appliance]:
-    from shared.settings import Settings
+    from oma.shared.settings import Settings
     from tests.conftest import SEED_TOKEN
     settings = Settings(nats_url="", data_dir=tmp_path_factory.mktemp("appliance"), nbd_port=free_port(),
                         appliance_tokens=f"test-vma={SEED_TOKEN}", startup_timeout=20)

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from nbdutil import MiB, digest, free_port, missing_tools, nbdcopy, random_file, sparse_file, wait_until
-from plugins.nbd import (Exporter, ExporterConfig, ExporterStartError, ExportCheckError, NbdkitExporter,
+from oma.plugins.nbd import (Exporter, ExporterConfig, ExporterStartError, ExportCheckError, NbdkitExporter,
                          NbdServerExporter, probe)
-from plugins.nbd import nbdserver
-from plugins.nbd.base import parse_version
-from plugins.nbd.plugin import oma_register_exporters
-from shared.errors import BadGateway, BadRequest, NotFound
-from shared.settings import Settings, variables
+from oma.plugins.nbd import nbdserver
+from oma.plugins.nbd.base import parse_version
+from oma.plugins.nbd.plugin import oma_register_exporters
+from oma.shared.errors import BadGateway, BadRequest, NotFound
+from oma.shared.settings import Settings, variables
 
 BACKENDS = {"nbdkit": NbdkitExporter, "nbd-server": NbdServerExporter}
 # reloads one batch of additions costs, per backend
@@ -332,8 +332,8 @@ def test_docs_name_only_existing_nbd_settings():
 # subreaper of the daemonized nbdkit, neither of which the test process should do to itself.
 EMFILE_SCENARIO = r'''
 import asyncio, ctypes, json, logging, os, resource, signal, sys
-from plugins.nbd import ExporterConfig, NbdkitExporter
-from plugins.nbd.base import pid_alive
+from oma.plugins.nbd import ExporterConfig, NbdkitExporter
+from oma.plugins.nbd.base import pid_alive
 
 records = []
 class Keep(logging.Handler):

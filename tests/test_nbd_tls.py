@@ -13,10 +13,10 @@ import uuid
 import pytest
 from nbdutil import MiB, digest, free_port, missing_tools, nbdcopy, random_file, sparse_file
 
-from plugins.nbd import ExporterConfig, ExporterStartError, NbdkitExporter, NbdServerExporter, probe
-from services.export_manager import service as em
-from shared.runner import Appliance
-from shared.subjects import Exports
+from oma.plugins.nbd import ExporterConfig, ExporterStartError, NbdkitExporter, NbdServerExporter, probe
+from oma.services.export_manager import service as em
+from oma.runner import Appliance
+from oma.shared.subjects import Exports
 from tests.test_replication import replication_env, request
 
 PSK_LINE = re.compile(r"^oma:[0-9a-f]{64}\n$")

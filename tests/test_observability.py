@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from shared import cli, db
-from shared.logging import _Formatter
-from shared.plugins import get_backend, get_plugin_manager
+from oma import cli, db
+from oma.shared.logging import _Formatter
+from oma.shared.plugins import get_backend, get_plugin_manager
 from tests.conftest import login, running
 
 LOGFMT_PAIR = re.compile(r'([^\s=]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s|$)')

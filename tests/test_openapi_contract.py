@@ -13,11 +13,11 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 
-from plugins.ossea.sim_vms import PROD_NETWORK_IDS, TEST_NETWORK_IDS
-from plugins.ossea.simulator import DEFAULT_VM_ID
-from services.gateway.app import create_app
-from shared.schemas import REPLICATION_EXAMPLE
-from shared.settings import SERVICES
+from oma.plugins.ossea.sim_vms import PROD_NETWORK_IDS, TEST_NETWORK_IDS
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID
+from oma.services.gateway.app import create_app
+from oma.shared.schemas import REPLICATION_EXAMPLE
+from oma.shared.settings import SERVICES
 from tests.conftest import SEED_TOKEN, wait_for
 from tests.test_replication import API_KEY, SECRET, replication_env, request
 from tests.vcsim import running_vcsim

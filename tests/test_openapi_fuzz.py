@@ -22,11 +22,11 @@ import schemathesis
 import uvicorn
 from schemathesis.checks import not_a_server_error
 
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
-from services.gateway.app import create_app
-from shared.natsserver import EmbeddedNats
-from shared.runner import Appliance
-from shared.settings import SERVICES, Settings
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.services.gateway.app import create_app
+from oma.shared.natsserver import EmbeddedNats
+from oma.runner import Appliance
+from oma.shared.settings import SERVICES, Settings
 from tests.conftest import SEED_TOKEN, free_port, mariadb_exec, mariadb_settings
 
 SEED = 20250812

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import uvicorn
 
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
-from plugins.vma.client import HttpVmaClient
-from plugins.vma.simulator import VmaSimulator
-from shared.settings import SERVICES
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.plugins.vma.client import HttpVmaClient
+from oma.plugins.vma.simulator import VmaSimulator
+from oma.shared.settings import SERVICES
 from tests.conftest import SEED_TOKEN, assert_error_shape, free_port, login, mariadb_settings, running, wait_for
 from tests.nbdutil import digest
 from tests.test_replication import API_KEY, SECRET, settings_for

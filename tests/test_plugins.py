@@ -7,9 +7,9 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from shared import hookspecs
-from shared.hookspecs import hookimpl
-from shared.plugins import DEFAULT_PLUGINS, KINDS, BackendNotFound, backends, get_backend, get_plugin_manager
+from oma.shared import hookspecs
+from oma.shared.hookspecs import hookimpl
+from oma.shared.plugins import DEFAULT_PLUGINS, KINDS, BackendNotFound, backends, get_backend, get_plugin_manager
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 
@@ -82,9 +82,9 @@ def test_a_plugin_settings_section_joins_the_one_tree(monkeypatch):
     OMA_<SECTION>_<FIELD>, given as <section>_<field>=..., and listed among the variables."""
     from pydantic import Field
 
-    from shared.hookspecs import PluginSettings
-    from shared.plugins import settings_sections
-    from shared.settings import Settings, compose, variables
+    from oma.shared.hookspecs import PluginSettings
+    from oma.shared.plugins import settings_sections
+    from oma.shared.settings import Settings, compose, variables
 
     class ThrowawaySettings(PluginSettings):
         depth: int = Field(3, ge=1, description="how deep")

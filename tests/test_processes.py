@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import natsauth
-from shared.natsauth import read_admin_file
-from shared.natsserver import free_port
+from oma.shared import natsauth
+from oma.shared.natsauth import read_admin_file
+from oma.shared.natsserver import free_port
 from tests.procutil import descendants
 
 SEED_TOKEN = "vma_test_token_abc123def456789012345678"

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
-from services.replication.service import REUSED_MESSAGE
-from shared.schemas import REPLICATION_EXAMPLE
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.services.replication.service import REUSED_MESSAGE
+from oma.shared.schemas import REPLICATION_EXAMPLE
 from tests.conftest import assert_error_shape, login, mariadb_settings, running, wait_for
 from tests.nbdutil import digest, free_port, nbdcopy, random_file
 

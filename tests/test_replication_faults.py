@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plugins.ossea.simulator import DEFAULT_VM_ID
-from shared.settings import environ
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID
+from oma.shared.settings import environ
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.test_replication import Env, metric, replication_env, request, write_and_check
 
@@ -177,7 +177,7 @@ def service_env(settings) -> dict[str, str]:
 async def start_service(name: str, settings, log: Path) -> asyncio.subprocess.Process:
     """`oma-service NAME` in its own process (so it can be SIGKILLed), with the test's settings."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from shared.cli import oma_service; oma_service()", name,
+        sys.executable, "-c", "from oma.cli import oma_service; oma_service()", name,
         env=service_env(settings), stdout=log.open("ab"), stderr=asyncio.subprocess.STDOUT)
 
 

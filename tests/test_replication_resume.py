@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy import delete
 
-from plugins.ossea.simulator import CUSTOM_OFFERING_ID, DEFAULT_VM_ID, GIB, Volume
-from services.replication.service import parse_volume_name, volume_name
+from oma.plugins.ossea.simulator import CUSTOM_OFFERING_ID, DEFAULT_VM_ID, GIB, Volume
+from oma.services.replication.service import parse_volume_name, volume_name
 from tests.conftest import mariadb_settings, wait_for
 from tests.test_replication import Env, metric, replication_env, request, write_and_check
 from tests.test_replication_faults import _status_is, _true, answering, kill, start_service
@@ -192,7 +192,7 @@ async def test_cleanup_without_its_configuration_is_pending_and_says_why(make_se
         assert r.status_code == 201, r.text
         job_id = r.json()["job_id"]
         [volume] = [v["volume_id"] for v in r.json()["created_volumes"]]
-        from services.config.models import OsseaConfig
+        from oma.services.config.models import OsseaConfig
         config = env.client.appliance.services["config"]
         async with config.sessions.begin() as db:  # gone behind the API's back (its guard is not ours)
             await db.execute(delete(OsseaConfig).where(OsseaConfig.id == env.config_id))
@@ -220,7 +220,7 @@ def test_systemd_orders_replication_after_the_services_it_needs():
 
 
 def test_gateway_timeouts_derive_from_settings(make_settings):
-    from services.gateway.routers import replications
+    from oma.services.gateway.routers import replications
     s = make_settings(provision_wait=7.0, request_timeout=3.0, cloud_job_timeout=11.0, cloud_timeout=2.0)
     assert replications.create_timeout(s) == 10.0
     assert replications.cancel_timeout(s) == 2 * 13.0 + 3.0

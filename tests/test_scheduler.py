@@ -12,15 +12,15 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from services.scheduler.models import V_COMPLETED, V_PENDING, V_STARTING, ExecutionVm, Schedule
-from services.scheduler.service import Scheduler, now_s
-from plugins.ossea.sim_vms import PROD_NETWORK_IDS
-from plugins.ossea.simulator import _vm_row
-from shared import db as dbmod
-from shared import preflight
-from shared.plugins import get_backend, get_plugin_manager
-from shared.schemas import GroupRequest, ScheduleRequest
-from shared.settings import SERVICES
+from oma.services.scheduler.models import V_COMPLETED, V_PENDING, V_STARTING, ExecutionVm, Schedule
+from oma.services.scheduler.service import Scheduler, now_s
+from oma.plugins.ossea.sim_vms import PROD_NETWORK_IDS
+from oma.plugins.ossea.simulator import _vm_row
+from oma.shared import db as dbmod
+from oma.shared import preflight
+from oma.shared.plugins import get_backend, get_plugin_manager
+from oma.shared.schemas import GroupRequest, ScheduleRequest
+from oma.shared.settings import SERVICES
 from tests.conftest import assert_error_shape, login, mariadb_settings, running, wait_for
 from tests.test_orchestration import VM, orchestrated
 from tests.test_replication_faults import kill, start_service

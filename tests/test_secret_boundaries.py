@@ -2,7 +2,7 @@
 secret (OSSEA secret_key, vCenter password) at another host."""
 from __future__ import annotations
 
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
 from tests.conftest import assert_error_shape, login, running
 
 

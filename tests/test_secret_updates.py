@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
 from tests.conftest import assert_error_shape, login, running
 from tests.vcsim import running_vcsim
 

@@ -16,12 +16,12 @@ import httpx
 import pytest
 
 from nbdutil import MiB, digest, free_port, sparse_file
-from plugins.nbd import ExporterConfig, NbdkitExporter
-from plugins.vma.client import HttpVmaClient, redact_url
-from plugins.vma.disks import BLOCK, DiskImage
-from plugins.vma.simulator import VmaSimulator
-from shared.plugins import get_backend, get_plugin_manager
-from shared.vma import (CleanupRequest, DiscoverRequest, NbdTarget, PowerRequest, ProgressResponse,
+from oma.plugins.nbd import ExporterConfig, NbdkitExporter
+from oma.plugins.vma.client import HttpVmaClient, redact_url
+from oma.plugins.vma.disks import BLOCK, DiskImage
+from oma.plugins.vma.simulator import VmaSimulator
+from oma.shared.plugins import get_backend, get_plugin_manager
+from oma.shared.vma import (CleanupRequest, DiscoverRequest, NbdTarget, PowerRequest, ProgressResponse,
                         ReplicateRequest, VCenterCredentials, VmaClient, VmaNotFound, VmaRejected,
                         VmaRemoteError, VmaTimeout, VmaUnreachable)
 from vcsim import DiskSpec, NicSpec, create_vm, find_by_name, running_vcsim
@@ -119,7 +119,7 @@ def recorded_change_ids(sim, job_id: str) -> dict[str, str]:
 # -- the contract and the plugin ----------------------------------------------------------
 
 def test_plugin_registers_the_http_client(tmp_path):
-    from shared.settings import Settings
+    from oma.shared.settings import Settings
     backend = get_backend(get_plugin_manager(load_entrypoints=False), "vma", "http")
     settings = Settings(vma_timeout=5, vma_retries=1, data_dir=tmp_path)
     client = backend.factory("http://127.0.0.1:9081", settings)
@@ -356,7 +356,7 @@ def test_command_line_serves_and_stops_on_sigterm(tmp_path):
     import sys
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                          os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "plugins.vma.simulator", "--port", "0", "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "oma.plugins.vma.simulator", "--port", "0", "--data-dir",
                              str(tmp_path), "--disk-scale", "1/1024"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -2,8 +2,8 @@
 OMA_NBD_HOST when set (services/replication/driver.py device_uri)."""
 from __future__ import annotations
 
-from services.replication.driver import device_uri
-from services.replication.models import JobVolume
+from oma.services.replication.driver import device_uri
+from oma.services.replication.models import JobVolume
 
 TLS_URI = "nbds://oma@127.0.0.1:10809/migration-vm-disk0?tls-psk-file=/etc/vma/nbd-tls.psk"
 

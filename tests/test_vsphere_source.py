@@ -12,12 +12,12 @@ import pluggy
 import pytest
 from pyVmomi import vim
 
-import shared.hookspecs
-from plugins.vsphere import plugin
-from plugins.vsphere.source import (VCenterAuthError, VCenterConnection, VCenterUnreachable,
+import oma.shared.hookspecs
+from oma.plugins.vsphere import plugin
+from oma.plugins.vsphere.source import (VCenterAuthError, VCenterConnection, VCenterUnreachable,
                                     VSphereSource)
-from shared.errors import BadGateway, NotFound
-from shared.settings import Settings
+from oma.shared.errors import BadGateway, NotFound
+from oma.shared.settings import Settings
 from tests.vcsim import (DiskSpec, NicSpec, Vcsim, create_vm, read_vm_direct, running_vcsim,
                          start_vcsim)
 
@@ -233,7 +233,7 @@ def test_connection_repr_hides_password():
 
 def test_plugin_registers_the_vsphere_source():
     pm = pluggy.PluginManager("oma")
-    pm.add_hookspecs(shared.hookspecs)
+    pm.add_hookspecs(oma.shared.hookspecs)
     pm.register(plugin)
     registered = {}
     pm.hook.oma_register_inventory_sources(

@@ -76,7 +76,7 @@ class Vcsim:
 
     def connection(self, **overrides: Any):
         """A VCenterConnection to this simulator (verify_tls off: its certificate is self-signed)."""
-        from plugins.vsphere.source import VCenterConnection
+        from oma.plugins.vsphere.source import VCenterConnection
         fields = {"host": self.host, "port": self.port, "username": self.username,
                   "password": self.password, "verify_tls": False, **overrides}
         return VCenterConnection(**fields)

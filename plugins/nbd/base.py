@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shared.contracts import Exporter, validate_device_path  # noqa: F401 - the contract, re-exported for the backends
-from shared.errors import BadRequest, Unavailable
+from oma.shared.contracts import Exporter, validate_device_path  # noqa: F401 - the contract, re-exported for the backends
+from oma.shared.errors import BadRequest, Unavailable
 
 from . import probe
 from .probe import ExportCheckError, describe_oserror, resource_error
@@ -52,7 +52,7 @@ _NBD = NbdSettings()  # the defaults: one definition, the settings section's (pl
 
 def _data_dir() -> Path:
     # Imported when called: shared.settings loads plugins.nbd.settings (this package) while it is built.
-    from shared.settings import default_data_dir
+    from oma.shared.settings import default_data_dir
     return default_data_dir()
 
 
@@ -91,7 +91,7 @@ class ExporterConfig:
         """From the `nbd` settings section (NbdSettings) of shared.settings.Settings; state in
         DATA_DIR/exports."""
         if settings is None:  # imported here: plugins.nbd.settings is loaded while shared.settings is built
-            from shared.settings import Settings
+            from oma.shared.settings import Settings
             settings = Settings()
         nbd: NbdSettings = settings.nbd
         return cls(

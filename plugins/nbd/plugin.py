@@ -1,9 +1,9 @@
-"""Registers the built-in NBD exporters (entry point `nbd = "plugins.nbd.plugin"`)."""
+"""Registers the built-in NBD exporters (entry point `nbd = "oma.plugins.nbd.plugin"`)."""
 from __future__ import annotations
 
 from typing import Any
 
-from shared.hookspecs import Register, hookimpl
+from oma.shared.hookspecs import Register, hookimpl
 
 from .base import ExporterConfig
 from .nbdkit import NbdkitExporter

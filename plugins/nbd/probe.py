@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 from urllib.parse import quote
 
-from shared.errors import BadGateway
+from oma.shared.errors import BadGateway
 
 NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT"

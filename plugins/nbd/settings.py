@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from shared.hookspecs import PluginSettings, Register, hookimpl
+from oma.shared.hookspecs import PluginSettings, Register, hookimpl
 
 
 class NbdSettings(PluginSettings):

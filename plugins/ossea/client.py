@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from shared.contracts import (
+from oma.shared.contracts import (
     CloudAuthError,
     CloudCapacityError,
     CloudConfigError,
@@ -27,7 +27,7 @@ from shared.contracts import (
     CloudTimeout,
     CloudUnreachable,
 )
-from shared.retry import retry
+from oma.shared.retry import retry
 
 from .signing import signed_query
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from shared.contracts import CloudConfigError, CloudParamError
-from shared.hookspecs import Register, hookimpl
+from oma.shared.contracts import CloudConfigError, CloudParamError
+from oma.shared.hookspecs import Register, hookimpl
 
 from .client import CloudCredentials, CloudStackClient
 
@@ -23,7 +23,7 @@ def create_client(credentials: CloudCredentials | Mapping[str, Any], settings: A
 
 
 class OsseaCloud(CloudStackClient):
-    """The `ossea` backend's `shared.contracts.CloudClient`: the API client plus its connection test."""
+    """The `ossea` backend's `oma.shared.contracts.CloudClient`: the API client plus its connection test."""
 
     async def test_connection(self, zone: str | None = None, oma_vm_id: str | None = None) -> dict[str, Any]:
         return await test_connection(self, zone, oma_vm_id)

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from plugins.simserve import Served, json_body, loopback_only_control
+from oma.plugins.simserve import Served, json_body, loopback_only_control
 
 from .signing import lookup, verify
 from .sim_common import ApiError, _Args, _now

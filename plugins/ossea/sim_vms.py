@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from shared.schemas import GIB
+from oma.shared.schemas import GIB
 
 from .signing import format_date
 from .sim_common import ACCOUNT_ID, DEFAULT_ZONE_ID, DOMAIN_ID, ApiError, _Args, _now, _uuid, filtered, listing, page

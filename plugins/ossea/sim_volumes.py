@@ -11,8 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from plugins.device import disk_serial  # the OMA VM's /dev/disk/by-id name of a volume
-from shared.schemas import GIB
+from oma.plugins.device import disk_serial  # the OMA VM's /dev/disk/by-id name of a volume
+from oma.shared.schemas import GIB
 
 from .signing import format_date
 from .sim_common import (

@@ -9,7 +9,7 @@ that clears a newer attach elsewhere (apache/cloudstack #14214), recorded as a h
 `device_dir`, a volume attached to the OMA VM also appears as a `virtio-<serial>` symlink to a
 sparse file, standing in for /dev/disk/by-id.
 
-    python -m plugins.ossea.simulator --port 8080 --api-key K --secret-key S   # prints its URL
+    python -m oma.plugins.ossea.simulator --port 8080 --api-key K --secret-key S   # prints its URL
 
 The parts, one module each: sim_common (ids, errors, parameters, list envelope), sim_http (the
 signed API and the /sim/ control endpoint), sim_jobs (async jobs, VM work queues), sim_faults
@@ -23,9 +23,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from plugins.device import disk_serial  # noqa: F401
-from plugins.simserve import serve_until_signalled
-from shared.schemas import GIB
+from oma.plugins.device import disk_serial  # noqa: F401
+from oma.plugins.simserve import serve_until_signalled
+from oma.shared.schemas import GIB
 
 from . import sim_vms
 from .sim_common import (  # noqa: F401  (re-exported: tests and benchmarks import them from here)

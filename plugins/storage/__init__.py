@@ -15,9 +15,9 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.schema import CreateTable
 
-from shared import errors
-from shared.hookspecs import hookimpl
-from shared.retry import backoff_delay
+from oma.shared import errors
+from oma.shared.hookspecs import hookimpl
+from oma.shared.retry import backoff_delay
 
 log = logging.getLogger("oma.db")
 

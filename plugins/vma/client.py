@@ -1,4 +1,4 @@
-"""An aiohttp client of the VMA's API (implements `shared.vma.VmaClient`).
+"""An aiohttp client of the VMA's API (implements `oma.shared.vma.VmaClient`).
 
 Each call has a total timeout. Transient failures are retried with a short exponential backoff:
 a refused connection always (nothing reached the VMA), a reset connection or a 502/503/504 only
@@ -19,8 +19,8 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
-from shared.settings import Settings
-from shared.vma import (API_PREFIX, SECRET_FIELDS, CbtStatusResponse, CleanupRequest, CleanupResponse,
+from oma.shared.settings import Settings
+from oma.shared.vma import (API_PREFIX, SECRET_FIELDS, CbtStatusResponse, CleanupRequest, CleanupResponse,
                         DiscoverRequest, DiscoverResponse, HealthResponse, PowerRequest, PowerResponse,
                         PowerStateResponse, ProgressResponse, ReplicateRequest, ReplicateResponse,
                         StatusResponse, VCenterCredentials, VmaError, VmaNotFound, VmaRejected,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugins.vma.client import factory as client_factory
-from shared.settings import Settings
-from shared.vma import DiscoverRequest, PowerRequest, VCenterCredentials, VmaDisk, VmaNetwork, VmaVm, vcenter_address
+from oma.plugins.vma.client import factory as client_factory
+from oma.shared.settings import Settings
+from oma.shared.vma import DiscoverRequest, PowerRequest, VCenterCredentials, VmaDisk, VmaNetwork, VmaVm, vcenter_address
 
 
 def _disk(d: VmaDisk) -> dict[str, Any]:

@@ -3,7 +3,7 @@ change-id calls to OMA that the original copier makes.
 
 A full sync writes every data extent of the source and zeroes its holes; an incremental one
 writes exactly the blocks changed since the previous change id. Progress is kept in the
-original's shape (`shared.vma.ProgressResponse`), per disk too.
+original's shape (`oma.shared.vma.ProgressResponse`), per disk too.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from shared.vma import (DiskProgress, Phase, ProgressResponse, ProgressUpdate, StatusResponse, Throughput,
+from oma.shared.vma import (DiskProgress, Phase, ProgressResponse, ProgressUpdate, StatusResponse, Throughput,
                         Timing, VmInfo)
 
 from .disks import DiskImage, UnknownChangeId

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.hookspecs import PluginSettings, Register, hookimpl
+from oma.shared.hookspecs import PluginSettings, Register, hookimpl
 
 
 class VmaSettings(PluginSettings):

@@ -26,12 +26,12 @@ from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, Field, ValidationError
 from pyVmomi import vim, vmodl
 
-from plugins.simserve import Served, loopback_only_control, serve_until_signalled
-from plugins.vsphere.source import VCenterAuthError, VCenterConnection, VSphereSource
-from plugins.vma.client import redact_url
-from shared.errors import BadRequest, Conflict, NotFound, OmaError
-from shared.logging import setup_logging
-from shared.vma import (API_PREFIX, CbtStatusResponse, CleanupRequest, CleanupResponse, DiscoverRequest,
+from oma.plugins.simserve import Served, loopback_only_control, serve_until_signalled
+from oma.plugins.vsphere.source import VCenterAuthError, VCenterConnection, VSphereSource
+from oma.plugins.vma.client import redact_url
+from oma.shared.errors import BadRequest, Conflict, NotFound, OmaError
+from oma.shared.logging import setup_logging
+from oma.shared.vma import (API_PREFIX, CbtStatusResponse, CleanupRequest, CleanupResponse, DiscoverRequest,
                         DiscoverResponse, HealthResponse, PowerRequest, PowerResponse, PowerStateResponse,
                         ProgressUpdate, ReplicateRequest, ReplicateResponse, VCenterCredentials, VCenterInfo)
 

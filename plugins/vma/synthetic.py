@@ -13,9 +13,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.vsphere.source import VCenterAuthError
-from shared.errors import NotFound
-from shared.vma import VCenterCredentials
+from oma.plugins.vsphere.source import VCenterAuthError
+from oma.shared.errors import NotFound
+from oma.shared.vma import VCenterCredentials
 
 GIB = 1 << 30
 HOST = "vcenter.demo.local"

@@ -1,5 +1,5 @@
 """vSphere inventory source (pyvmomi): `VSphereSource` reads VMs, disks and NICs from vCenter."""
-from plugins.vsphere.source import (VCenterAuthError, VCenterConnection, VCenterError,
+from oma.plugins.vsphere.source import (VCenterAuthError, VCenterConnection, VCenterError,
                                     VCenterUnreachable, VSphereSource)
 
 __all__ = ["VCenterAuthError", "VCenterConnection", "VCenterError", "VCenterUnreachable", "VSphereSource"]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.hookspecs import hookimpl
-from shared.settings import Settings
-from plugins.vsphere.source import VCenterConnection, VSphereSource
+from oma.shared.hookspecs import hookimpl
+from oma.shared.settings import Settings
+from oma.plugins.vsphere.source import VCenterConnection, VSphereSource
 
 DESCRIPTION = "VMware vCenter through pyvmomi (PropertyCollector bulk reads)"
 

@@ -22,9 +22,9 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
-from shared.contracts import SourceAuthError, SourceError, SourceUnreachable
-from shared.errors import NotFound
-from shared.schemas import GIB
+from oma.shared.contracts import SourceAuthError, SourceError, SourceUnreachable
+from oma.shared.errors import NotFound
+from oma.shared.schemas import GIB
 
 log = logging.getLogger("oma.vsphere")
 

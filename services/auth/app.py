@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from services.auth import operators, service
-from shared import errors
-from shared.schemas import ApplianceAction, LoginRequest
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Auth
+from oma.services.auth import operators, service
+from oma.shared import errors
+from oma.shared.schemas import ApplianceAction, LoginRequest
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Auth
 
 AUTH_EVENTS = Counter("oma_auth_events_total", "Authentication events", ["event"])
 

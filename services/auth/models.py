@@ -5,7 +5,7 @@ from datetime import datetime
 from sqlalchemy import Boolean, DateTime, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base
+from oma.shared.db import Base
 
 
 class Appliance(Base):

@@ -17,10 +17,10 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.models import Operator, OperatorSession
-from shared import errors
-from shared.crypto import Keyring
-from shared.db import iso, utcnow
+from oma.services.auth.models import Operator, OperatorSession
+from oma.shared import errors
+from oma.shared.crypto import Keyring
+from oma.shared.db import iso, utcnow
 
 ROLES = ("viewer", "operator")
 UI_SESSION_PREFIX = "oma_ui_"

@@ -10,10 +10,10 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.models import Appliance, Session
-from shared import errors
-from shared.crypto import Keyring
-from shared.db import iso, utcnow
+from oma.services.auth.models import Appliance, Session
+from oma.shared import errors
+from oma.shared.crypto import Keyring
+from oma.shared.db import iso, utcnow
 
 SESSION_PREFIX = "oma_session_"
 _DUMMY_HASH = "0" * 64

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.config import service
-from shared import errors
-from shared.actions import given, run_action
-from shared.plugins import get_backend
-from shared.schemas import OsseaConfigRequest
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Config, Failover, Replication
+from oma.services.config import service
+from oma.shared import errors
+from oma.shared.actions import given, run_action
+from oma.shared.plugins import get_backend
+from oma.shared.schemas import OsseaConfigRequest
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Config, Failover, Replication
 
 MAX_JOBS_NAMED = 20  # in a 409's details
 # Who keeps jobs that need a configuration's credentials, and how an operator frees it.

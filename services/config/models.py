@@ -5,7 +5,7 @@ from datetime import datetime
 from sqlalchemy import Boolean, DateTime, Integer, String, func, true
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base
+from oma.shared.db import Base
 
 SECRET_MAX_CHARS = 500  # the seed's VARCHAR(500) bounds the plaintext (shared.schemas says so too)
 # secret_key holds Keyring ciphertext: "v1:" + base64url(12-byte nonce + UTF-8 plaintext + 16-byte

@@ -16,14 +16,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.config.models import OsseaConfig
-from shared import actions, errors
-from shared.actions import require
-from shared.bus import event_envelope
-from shared.contracts import CloudAuthError, CloudClient, CloudConfigError, CloudTimeout, CloudUnreachable
-from shared.crypto import Keyring
-from shared.db import iso, utcnow
-from shared.schemas import REDACTED
+from oma.services.config.models import OsseaConfig
+from oma.shared import actions, errors
+from oma.shared.actions import require
+from oma.shared.bus import event_envelope
+from oma.shared.contracts import CloudAuthError, CloudClient, CloudConfigError, CloudTimeout, CloudUnreachable
+from oma.shared.crypto import Keyring
+from oma.shared.db import iso, utcnow
+from oma.shared.schemas import REDACTED
 
 CREATE_REQUIRED = ("name", "api_url", "api_key", "secret_key", "zone")
 TEST_REQUIRED = ("api_url", "api_key", "secret_key")

@@ -5,17 +5,17 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.context_aggregator import service
-from services.context_aggregator.consumer import (
+from oma.services.context_aggregator import service
+from oma.services.context_aggregator.consumer import (
     VM_CONTEXTS,
     Applier,
     DurableConsumer,
     replay,
 )
-from shared.bus import dumps
-from shared.replies import Replies
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Contexts
+from oma.shared.bus import dumps
+from oma.shared.replies import Replies
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Contexts
 
 
 class ListQuery(BaseModel):

@@ -23,9 +23,9 @@ from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from services.context_aggregator import service
-from services.context_aggregator.events import Malformed, event_type, parse
-from shared.subjects import EVENTS_STREAM, Failover, Inventory, Replication
+from oma.services.context_aggregator import service
+from oma.services.context_aggregator.events import Malformed, event_type, parse
+from oma.shared.subjects import EVENTS_STREAM, Failover, Inventory, Replication
 
 # Never auth/config/export events, nor our own context.updated (also under oma.evt.).
 FILTERS = [f"{Replication.EVT_PREFIX}.>", Inventory.EVT_DISCOVERED, Failover.EVT_STATUS]

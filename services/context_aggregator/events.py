@@ -8,10 +8,10 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.disk_slot import SlotNumber, slot_number
-from shared.schemas import JOB_STATUSES
-from shared.service import validation_details
-from shared.subjects import Failover, Inventory, Replication
+from oma.shared.disk_slot import SlotNumber, slot_number
+from oma.shared.schemas import JOB_STATUSES
+from oma.shared.service import validation_details
+from oma.shared.subjects import Failover, Inventory, Replication
 
 # Metric label values: bounded, whatever subject a producer invents.
 KNOWN_TYPES = ("created", "status_changed", "progressed", "completed", "failed", "discovered")

@@ -17,7 +17,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base
+from oma.shared.db import Base
 
 # Millisecond event times: MariaDB's plain DATETIME would drop them and break "newest first".
 Stamp = DateTime().with_variant(mysql.DATETIME(fsp=3), "mysql", "mariadb")

@@ -19,17 +19,17 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.context_aggregator.events import FailoverEvent, InventoryEvent, JobEvent, Malformed
-from services.context_aggregator.models import (
+from oma.services.context_aggregator.events import FailoverEvent, InventoryEvent, JobEvent, Malformed
+from oma.services.context_aggregator.models import (
     CbtRecord,
     ContextDisk,
     ContextJob,
     ReadModelState,
     VmContext,
 )
-from shared import errors
-from shared.db import iso
-from shared.schemas import COMPLETED, FAILED
+from oma.shared import errors
+from oma.shared.db import iso
+from oma.shared.schemas import COMPLETED, FAILED
 
 HISTORY_JOBS = 10
 HISTORY_CBT = 20

@@ -4,18 +4,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from services.export_manager import service
-from services.export_manager.service import (
+from oma.services.export_manager import service
+from oma.services.export_manager.service import (
     EnsureRequest,
     ListRequest,
     Selector,
     Snapshot,
 )
-from shared.bus import event_envelope
-from shared.errors import Unavailable
-from shared.plugins import get_backend
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Exports
+from oma.shared.bus import event_envelope
+from oma.shared.errors import Unavailable
+from oma.shared.plugins import get_backend
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Exports
 
 
 class ExportManagerService(ServiceApp):

@@ -15,7 +15,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base, utcnow
+from oma.shared.db import Base, utcnow
 
 ACTIVE, INACTIVE = "active", "inactive"
 STATUSES = (ACTIVE, INACTIVE)

@@ -26,12 +26,12 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.export_manager.models import ACTIVE, INACTIVE, VmExportMapping
-from shared import errors
-from shared.contracts import validate_device_path
-from shared.db import iso
-from shared.disk_slot import SlotNumber
-from shared.schemas import VM_KEY_MAX, VM_KEY_PATTERN
+from oma.services.export_manager.models import ACTIVE, INACTIVE, VmExportMapping
+from oma.shared import errors
+from oma.shared.contracts import validate_device_path
+from oma.shared.db import iso
+from oma.shared.disk_slot import SlotNumber
+from oma.shared.schemas import VM_KEY_MAX, VM_KEY_PATTERN
 
 EXPORT_PREFIX = "migration-vm-"
 EXPORT_NAME_RE = re.compile(r"migration-vm-(?P<vm_id>.+)-disk(?P<unit>\d+)")

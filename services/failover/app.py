@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.failover.service import Failovers
-from shared import errors
-from shared.schemas import FailoverRequest, NetworkMappingRequest
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Failover
+from oma.services.failover.service import Failovers
+from oma.shared import errors
+from oma.shared.schemas import FailoverRequest, NetworkMappingRequest
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Failover
 
 
 class FailoverService(ServiceApp):

@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base, utcnow
+from oma.shared.db import Base, utcnow
 
 # Job statuses.
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"

@@ -17,8 +17,8 @@ from prometheus_client import Counter, Histogram
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from services.failover import steps as st
-from services.failover.models import (
+from oma.services.failover import steps as st
+from oma.services.failover.models import (
     ACTIVE,
     CLEANED_UP,
     COMPENSATED,
@@ -44,13 +44,13 @@ from services.failover.models import (
     FailoverStep,
     NetworkMapping,
 )
-from shared.errors import error_text
-from shared import errors
-from shared.bus import Reply, event_envelope
-from shared.db import free_id, iso, limit_offset, list_filters, utcnow
-from shared.plugins import BackendNotFound, get_backend
-from shared.schemas import FailoverRequest, NetworkMappingRequest
-from shared.subjects import Config, Failover, Replication
+from oma.shared.errors import error_text
+from oma.shared import errors
+from oma.shared.bus import Reply, event_envelope
+from oma.shared.db import free_id, iso, limit_offset, list_filters, utcnow
+from oma.shared.plugins import BackendNotFound, get_backend
+from oma.shared.schemas import FailoverRequest, NetworkMappingRequest
+from oma.shared.subjects import Config, Failover, Replication
 
 STEP_DURATION = Histogram("oma_failover_step_duration_seconds", "Duration of each failover step",
                           ["step", "result"], buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))

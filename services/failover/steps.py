@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.contracts import CloudError as CloudStackError, CloudParamError, safe_name  # noqa: F401 (st.safe_name)
-from shared import errors
-from shared.db import iso, utcnow
-from shared.subjects import Exports, Inventory, Replication
+from oma.shared.contracts import CloudError as CloudStackError, CloudParamError, safe_name  # noqa: F401 (st.safe_name)
+from oma.shared import errors
+from oma.shared.db import iso, utcnow
+from oma.shared.subjects import Exports, Inventory, Replication
 
 RUNNING_STATES = ("Running", "Starting")
 # Step name -> the cleanup step that undoes it (None: nothing to undo).

@@ -13,14 +13,14 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.gateway import errors as error_handlers
-from services.gateway import openapi, parent_metrics, ui
-from services.gateway.ui import demo_views as ui_demo
-from services.gateway.content_type import JsonBodies
-from services.gateway.deps import SessionCache
-from services.gateway.fastpath import ContextReplies, FastReads
-from services.gateway.guard import RequestGuard
-from services.gateway.routers import (
+from oma.services.gateway import errors as error_handlers
+from oma.services.gateway import openapi, parent_metrics, ui
+from oma.services.gateway.ui import demo_views as ui_demo
+from oma.services.gateway.content_type import JsonBodies
+from oma.services.gateway.deps import SessionCache
+from oma.services.gateway.fastpath import ContextReplies, FastReads
+from oma.services.gateway.guard import RequestGuard
+from oma.services.gateway.routers import (
     appliances,
     auth,
     contexts,
@@ -32,12 +32,12 @@ from services.gateway.routers import (
     replications,
     scheduler,
 )
-from shared import bus as busmod
-from shared import metrics
-from shared.logging import correlation_id
-from shared.schemas import VERSION
-from shared.settings import Settings
-from shared.subjects import Auth
+from oma.shared import bus as busmod
+from oma.shared import metrics
+from oma.shared.logging import correlation_id
+from oma.shared.schemas import VERSION
+from oma.shared.settings import Settings
+from oma.shared.subjects import Auth
 
 log = logging.getLogger("oma.gateway")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.gateway.proxy import json_response
-from shared import errors
+from oma.services.gateway.proxy import json_response
+from oma.shared import errors
 
 JSON = b"application/json"
 READ_AS_JSON = (b"", b"application/x-www-form-urlencoded")

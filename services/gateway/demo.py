@@ -8,11 +8,11 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, Field
 
-from shared import errors
-from shared.bus import Bus
-from shared.schemas import NO_CONTROL
-from shared.settings import Settings
-from shared.subjects import Inventory
+from oma.shared import errors
+from oma.shared.bus import Bus
+from oma.shared.schemas import NO_CONTROL
+from oma.shared.settings import Settings
+from oma.shared.subjects import Inventory
 
 
 class MutateRequest(BaseModel):

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, Request
 
-from shared import errors
-from shared.bus import Bus
-from shared.subjects import Auth
+from oma.shared import errors
+from oma.shared.bus import Bus
+from oma.shared.subjects import Auth
 
 
 async def get_bus(request: Request) -> Bus:  # async: a plain def would hop to a thread per request

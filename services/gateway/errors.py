@@ -8,8 +8,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.proxy import json_response
-from shared import errors
+from oma.services.gateway.proxy import json_response
+from oma.shared import errors
 
 log = logging.getLogger("oma.gateway")
 

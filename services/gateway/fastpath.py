@@ -17,12 +17,12 @@ from urllib.parse import parse_qsl
 import orjson
 from fastapi import Response
 
-from services.gateway.errors import error_response
-from services.gateway.proxy import JSON
-from services.gateway.routers import contexts
-from shared import errors
-from shared.replies import Replies
-from shared.subjects import Contexts
+from oma.services.gateway.errors import error_response
+from oma.services.gateway.proxy import JSON
+from oma.services.gateway.routers import contexts
+from oma.shared import errors
+from oma.shared.replies import Replies
+from oma.shared.subjects import Contexts
 
 PREFIX = contexts.router.prefix  # /api/v1/vm-contexts
 DETAIL = PREFIX + "/"

@@ -11,9 +11,9 @@ from typing import Any
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from services.gateway.deps import require_session
-from services.gateway.errors import HTTP_TEXT, error_response
-from shared import errors
+from oma.services.gateway.deps import require_session
+from oma.services.gateway.errors import HTTP_TEXT, error_response
+from oma.shared import errors
 
 API_PREFIX = "/api/v1/"
 PUBLIC_API = frozenset({"/api/v1/auth/login"})

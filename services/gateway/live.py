@@ -13,7 +13,7 @@ from typing import Any, Callable, Final
 
 import orjson
 
-from shared import metrics
+from oma.shared import metrics
 
 QUEUE_SIZE = 100
 RESYNC: Final = object()

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi import routing
 from fastapi.openapi.utils import get_openapi
 
-from services.gateway.guard import is_protected
+from oma.services.gateway.guard import is_protected
 
 BEARER = "bearerAuth"
 SECURITY_SCHEME = {"type": "http", "scheme": "bearer", "bearerFormat": "session token",

@@ -1,7 +1,7 @@
 """/metrics of a gateway worker: its own metrics and those of the services' process.
 
 With OMA_PROCESSES > 1 the services run in oma-api's parent process, which serves its registry on
-a loopback port (shared/runner.py). A scrape of the gateway port still gets every metric, as from
+a loopback port (oma/runner.py). A scrape of the gateway port still gets every metric, as from
 one process: the parent's samples are added to ours, except a series we have ourselves (the
 process_* and python_* ones describe the worker that answers).
 """

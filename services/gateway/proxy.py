@@ -6,8 +6,8 @@ from typing import Any
 import orjson
 from fastapi import Response
 
-from shared.bus import Bus
-from shared.schemas import ErrorBody
+from oma.shared.bus import Bus
+from oma.shared.schemas import ErrorBody
 
 JSON = "application/json"
 

@@ -19,7 +19,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from shared.settings import Settings
+from oma.shared.settings import Settings
 
 log = logging.getLogger("oma.gateway")
 

@@ -4,15 +4,15 @@ import asyncio
 import time
 from typing import Any
 
-from services.inventory import service
-from shared import errors
-from shared.actions import given, require, run_action
-from shared.bus import Reply, dumps
-from shared.contracts import SourceAuthError, SourceUnreachable
-from shared.plugins import get_backend
-from shared.schemas import VCenterRequest
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Auth, Inventory
+from oma.services.inventory import service
+from oma.shared import errors
+from oma.shared.actions import given, require, run_action
+from oma.shared.bus import Reply, dumps
+from oma.shared.contracts import SourceAuthError, SourceUnreachable
+from oma.shared.plugins import get_backend
+from oma.shared.schemas import VCenterRequest
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Auth, Inventory
 
 CONNECTION_FIELDS = ("host", "port", "username", "password", "datacenter", "verify_tls")
 PUBLISH_BATCH = 256  # events published concurrently at a time

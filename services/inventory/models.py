@@ -16,7 +16,7 @@ from sqlalchemy import Boolean, DateTime, Index, Integer, String, Text, UniqueCo
 from sqlalchemy.dialects.mysql import MEDIUMTEXT
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base
+from oma.shared.db import Base
 
 PRESENT, GONE = "present", "gone"
 JSON_TEXT = Text().with_variant(MEDIUMTEXT(), "mysql")  # TEXT stops at 64 KiB on MariaDB

@@ -20,13 +20,13 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.inventory.models import GONE, PRESENT, VCenterConfig, Vm
-from shared import actions, errors
-from shared.actions import require
-from shared.bus import event_envelope
-from shared.crypto import Keyring
-from shared.db import iso, utcnow
-from shared.schemas import REDACTED
+from oma.services.inventory.models import GONE, PRESENT, VCenterConfig, Vm
+from oma.shared import actions, errors
+from oma.shared.actions import require
+from oma.shared.bus import event_envelope
+from oma.shared.crypto import Keyring
+from oma.shared.db import iso, utcnow
+from oma.shared.schemas import REDACTED
 
 CREATE_REQUIRED = ("host", "username", "password")
 CHUNK = 500  # ids per IN (...) list: well below SQLite's and MariaDB's parameter limits

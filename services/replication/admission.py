@@ -20,8 +20,8 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import original
-from services.replication.models import (
+from oma.services.replication import original
+from oma.services.replication.models import (
     D_PENDING,
     PROVISIONING,
     QUEUED,
@@ -29,8 +29,8 @@ from services.replication.models import (
     JobVolume,
     ReplicationJob,
 )
-from services.replication.naming import volume_name
-from shared.db import utcnow
+from oma.services.replication.naming import volume_name
+from oma.shared.db import utcnow
 
 log = logging.getLogger("oma.replication.admission")
 

@@ -9,15 +9,15 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from sqlalchemy import or_, select
 
-from services.replication import admission, handover
-from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
-from services.replication import changeids
-from services.replication.driver import VmaDriver
-from services.replication.service import Replicator
-from shared import errors
-from shared.schemas import ProgressReport, ReplicationRequest
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Replication
+from oma.services.replication import admission, handover
+from oma.services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
+from oma.services.replication import changeids
+from oma.services.replication.driver import VmaDriver
+from oma.services.replication.service import Replicator
+from oma.shared import errors
+from oma.shared.schemas import ProgressReport, ReplicationRequest
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Replication
 
 
 class ReplicationService(ServiceApp):

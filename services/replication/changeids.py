@@ -14,9 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from services.replication import views
-from services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
-from shared import errors
+from oma.services.replication import views
+from oma.services.replication.models import IN_FLIGHT, JobVolume, ReplicationJob
+from oma.shared import errors
 
 SCAN_LIMIT = 50  # jobs of one VM name looked at, newest first
 

@@ -8,8 +8,8 @@ from typing import Any
 from prometheus_client import Counter
 from sqlalchemy import select, update
 
-from services.replication.cloud import CloudOps, error_text
-from services.replication.models import (
+from oma.services.replication.cloud import CloudOps, error_text
+from oma.services.replication.models import (
     D_EXPORTING,
     D_FAILED,
     D_READY,
@@ -19,9 +19,9 @@ from services.replication.models import (
     JobVolume,
     ReplicationJob,
 )
-from services.replication.naming import parse_volume_name, volume_name
-from shared import errors
-from shared.subjects import Exports
+from oma.services.replication.naming import parse_volume_name, volume_name
+from oma.shared import errors
+from oma.shared.subjects import Exports
 
 log = logging.getLogger("oma.replication")
 SWEPT = Counter("oma_replication_orphans_swept_total", "OMA volumes no row holds, removed by the sweep")

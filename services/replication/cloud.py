@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
-from shared import errors
-from shared.contracts import CloudClient, CloudError, CloudParamError, CloudTimeout, CloudUnreachable
-from shared.errors import error_text  # noqa: F401  (the replication modules and failover import it from here)
-from shared.retry import backoff_delay
+from oma.shared import errors
+from oma.shared.contracts import CloudClient, CloudError, CloudParamError, CloudTimeout, CloudUnreachable
+from oma.shared.errors import error_text  # noqa: F401  (the replication modules and failover import it from here)
+from oma.shared.retry import backoff_delay
 
 log = logging.getLogger("oma.replication.cloud")
 T = TypeVar("T")

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 from prometheus_client import Gauge
 from sqlalchemy import select, update
 
-from services.replication import views
-from services.replication.cloud import error_text
-from services.replication.models import (
+from oma.services.replication import views
+from oma.services.replication.cloud import error_text
+from oma.services.replication.models import (
     COMPLETED,
     FAILED,
     FINISHED,
@@ -32,12 +32,12 @@ from services.replication.models import (
     JobVolume,
     ReplicationJob,
 )
-from shared import errors
-from shared.db import utcnow
-from shared.plugins import get_backend
-from shared.schemas import DiskProgress, ProgressReport
-from shared.subjects import Auth, Inventory, Replication
-from shared.vma import (CleanupRequest, NbdTarget, ProgressResponse, ReplicateRequest, VCenterCredentials,
+from oma.shared import errors
+from oma.shared.db import utcnow
+from oma.shared.plugins import get_backend
+from oma.shared.schemas import DiskProgress, ProgressReport
+from oma.shared.subjects import Auth, Inventory, Replication
+from oma.shared.vma import (CleanupRequest, NbdTarget, ProgressResponse, ReplicateRequest, VCenterCredentials,
                         VmaClient, VmaError, VmaNotFound, vcenter_address)
 
 STALLED_JOBS = Gauge("oma_replication_stalled_jobs", "Jobs whose VMA stopped answering or whose bytes stopped moving")

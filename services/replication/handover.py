@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import admission, queries
-from services.replication.models import IN_FLIGHT, FailedOverVm, JobVolume, ReplicationJob
-from shared import errors
-from shared.db import iso
+from oma.services.replication import admission, queries
+from oma.services.replication.models import IN_FLIGHT, FailedOverVm, JobVolume, ReplicationJob
+from oma.shared import errors
+from oma.shared.db import iso
 
 
 class HandoverRequest(BaseModel):

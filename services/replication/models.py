@@ -22,9 +22,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base, utcnow
+from oma.shared.db import Base, utcnow
 
-from shared.schemas import (  # noqa: F401  (the job statuses, named here by the replication modules)
+from oma.shared.schemas import (  # noqa: F401  (the job statuses, named here by the replication modules)
     CANCELLED,
     COMPLETED,
     FAILED,

@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from shared.schemas import GIB
+from oma.shared.schemas import GIB
 
 
 def job_id_base(now: datetime) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
-from services.replication.models import ORIGINAL_FIELDS
-from shared import errors
-from shared.schemas import ReplicationRequest
-from shared.subjects import Inventory
+from oma.services.replication.models import ORIGINAL_FIELDS
+from oma.shared import errors
+from oma.shared.schemas import ReplicationRequest
+from oma.shared.subjects import Inventory
 
 Call = Callable[..., Awaitable[Any]]
 

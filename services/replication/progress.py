@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import queries, views
-from services.replication.models import (
+from oma.services.replication import queries, views
+from oma.services.replication.models import (
     COMPLETED,
     FAILED,
     FINISHED,
@@ -19,10 +19,10 @@ from services.replication.models import (
     REPLICATING,
     ReplicationJob,
 )
-from shared import errors
-from shared.db import utcnow
-from shared.schemas import INT32_MAX, ProgressReport
-from shared.subjects import Replication
+from oma.shared import errors
+from oma.shared.db import utcnow
+from oma.shared.schemas import INT32_MAX, ProgressReport
+from oma.shared.subjects import Replication
 
 EWMA_ALPHA = 0.3  # weight of the newest throughput sample
 ETA_MAX = INT32_MAX  # vma_eta_seconds is an INT column (68 years)

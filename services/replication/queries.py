@@ -8,10 +8,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import views
-from services.replication.models import JOB_STATUSES, JobVolume, ReplicationJob
-from shared import errors
-from shared.db import limit_offset, list_filters
+from oma.services.replication import views
+from oma.services.replication.models import JOB_STATUSES, JobVolume, ReplicationJob
+from oma.shared import errors
+from oma.shared.db import limit_offset, list_filters
 
 
 async def job(db: AsyncSession, job_id: str) -> ReplicationJob:

@@ -13,8 +13,8 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication.models import CANCELLED, PROVISIONING, ReplicationJob
-from shared.db import utcnow
+from oma.services.replication.models import CANCELLED, PROVISIONING, ReplicationJob
+from oma.shared.db import utcnow
 
 async def renew(db: AsyncSession, job_ids: list[str], lease: float) -> None:
     """Extend this process's claim on the jobs it is provisioning."""

@@ -25,9 +25,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.replication import admission, cleanup, handover, original, progress, queries, recovery, views
-from services.replication.cloud import CloudOps, error_text
-from services.replication.models import (
+from oma.services.replication import admission, cleanup, handover, original, progress, queries, recovery, views
+from oma.services.replication.cloud import CloudOps, error_text
+from oma.services.replication.models import (
     CANCELLED,
     COMPLETED,
     D_ATTACHED,
@@ -51,20 +51,20 @@ from services.replication.models import (
     JobVolume,
     ReplicationJob,
 )
-from services.replication.naming import (  # noqa: F401 - re-exported: tests and tools name them here
+from oma.services.replication.naming import (  # noqa: F401 - re-exported: tests and tools name them here
     GIB,
     job_id_base,
     parse_volume_name,
     rounded_gb,
     volume_name,
 )
-from shared import errors, preflight
-from shared.bus import Reply
-from shared.contracts import CloudCapacityError
-from shared.db import free_id, utcnow
-from shared.plugins import get_backend
-from shared.schemas import ProgressReport, ReplicationRequest
-from shared.subjects import Config, Exports, Replication
+from oma.shared import errors, preflight
+from oma.shared.bus import Reply
+from oma.shared.contracts import CloudCapacityError
+from oma.shared.db import free_id, utcnow
+from oma.shared.plugins import get_backend
+from oma.shared.schemas import ProgressReport, ReplicationRequest
+from oma.shared.subjects import Config, Exports, Replication
 
 REUSED_MESSAGE = "Migration workflow started - VM export reused without SIGHUP operation"
 NEW_MESSAGE = "Migration workflow started - VM exports created"

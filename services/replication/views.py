@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from services.replication.models import (
+from oma.services.replication.models import (
     COMPLETED,
     D_READY,
     ORIGINAL_FIELDS,
@@ -15,8 +15,8 @@ from services.replication.models import (
     JobVolume,
     ReplicationJob,
 )
-from shared.bus import event_envelope
-from shared.db import iso, iso_ms
+from oma.shared.bus import event_envelope
+from oma.shared.db import iso, iso_ms
 
 VM_FIELDS = ("id", "uuid", "name", "path", "datacenter", "cpus", "memory_mb")
 

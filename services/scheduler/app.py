@@ -8,11 +8,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from services.scheduler.service import TICKS, Scheduler
-from shared import errors
-from shared.schemas import GroupRequest, PreflightRequest, ScheduleRequest
-from shared.service import BusRequest, ServiceApp, endpoint
-from shared.subjects import Scheduler as Subjects
+from oma.services.scheduler.service import TICKS, Scheduler
+from oma.shared import errors
+from oma.shared.schemas import GroupRequest, PreflightRequest, ScheduleRequest
+from oma.shared.service import BusRequest, ServiceApp, endpoint
+from oma.shared.subjects import Scheduler as Subjects
 
 
 class SchedulerService(ServiceApp):

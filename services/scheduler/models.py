@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base
+from oma.shared.db import Base
 
 # Execution states, and those of a VM in one.
 E_RUNNING, E_COMPLETED, E_SKIPPED = "running", "completed", "skipped"

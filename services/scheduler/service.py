@@ -23,7 +23,7 @@ from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scheduler.models import (
+from oma.services.scheduler.models import (
     E_COMPLETED,
     E_RUNNING,
     E_SKIPPED,
@@ -42,11 +42,11 @@ from services.scheduler.models import (
     ProtectionGroup,
     Schedule,
 )
-from shared import errors
-from shared.bus import Reply
-from shared.db import iso, limit_offset, utcnow
-from shared.schemas import GroupRequest, PreflightRequest, ScheduleRequest
-from shared.subjects import Inventory, Replication
+from oma.shared import errors
+from oma.shared.bus import Reply
+from oma.shared.db import iso, limit_offset, utcnow
+from oma.shared.schemas import GroupRequest, PreflightRequest, ScheduleRequest
+from oma.shared.subjects import Inventory, Replication
 
 DEFAULT_MAX_CONCURRENT = 5
 FOLLOW_CONCURRENCY = 16  # job reads in flight while following running syncs

@@ -1,3 +1,3 @@
-from shared.db import alembic_env
+from oma.shared.db import alembic_env
 
 alembic_env()

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.gateway import responses as r
-from services.gateway.deps import BusDep
-from services.gateway.proxy import errors_doc, forward
-from shared.schemas import ApplianceAction
-from shared.subjects import Auth
+from oma.services.gateway import responses as r
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.shared.schemas import ApplianceAction
+from oma.shared.subjects import Auth
 
 router = APIRouter(prefix="/api/v1", tags=["appliances"])
 

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from services.gateway.deps import BusDep, bearer_token
-from services.gateway.proxy import errors_doc, forward
-from services.gateway import responses as r
-from shared.schemas import LoginRequest, LoginResponse
-from shared.subjects import Auth
+from oma.services.gateway.deps import BusDep, bearer_token
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.services.gateway import responses as r
+from oma.shared.schemas import LoginRequest, LoginResponse
+from oma.shared.subjects import Auth
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 

@@ -7,13 +7,13 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from services.gateway.deps import BusDep
-from services.gateway.live import RESYNC, Feed
-from shared import errors
-from services.gateway.proxy import errors_doc, forward
-from services.gateway import responses as r
-from shared.schemas import OFFSET_MAX
-from shared.subjects import Contexts
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.live import RESYNC, Feed
+from oma.shared import errors
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.services.gateway import responses as r
+from oma.shared.schemas import OFFSET_MAX
+from oma.shared.subjects import Contexts
 
 router = APIRouter(prefix="/api/v1/vm-contexts", tags=["vm-contexts"])
 

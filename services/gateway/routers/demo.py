@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from services.gateway import demo
-from services.gateway.deps import BusDep
-from services.gateway.proxy import errors_doc
-from services.gateway.responses import Ok
+from oma.services.gateway import demo
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.proxy import errors_doc
+from oma.services.gateway.responses import Ok
 
 router = APIRouter(prefix="/api/v1", tags=["demo"])
 

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from services.gateway.deps import BusDep
-from services.gateway.proxy import errors_doc, forward
-from services.gateway import responses as r
-from shared.schemas import FailoverRequest, NetworkMappingRequest
-from shared.subjects import Failover
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.services.gateway import responses as r
+from oma.shared.schemas import FailoverRequest, NetworkMappingRequest
+from oma.shared.subjects import Failover
 
 router = APIRouter(prefix="/api/v1", tags=["failover"])
 

@@ -7,12 +7,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from services.gateway import responses as r
-from services.gateway.proxy import JSON
-from shared import errors
-from shared.schemas import VERSION
-from shared.settings import SERVICES
-from shared.subjects import health
+from oma.services.gateway import responses as r
+from oma.services.gateway.proxy import JSON
+from oma.shared import errors
+from oma.shared.schemas import VERSION
+from oma.shared.settings import SERVICES
+from oma.shared.subjects import health
 
 router = APIRouter(tags=["health"])
 

@@ -4,11 +4,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 
-from services.gateway.deps import BusDep
-from services.gateway.proxy import errors_doc, forward
-from services.gateway import responses as r
-from shared.schemas import OFFSET_MAX, VCenterRequest
-from shared.subjects import Inventory
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.services.gateway import responses as r
+from oma.shared.schemas import OFFSET_MAX, VCenterRequest
+from oma.shared.subjects import Inventory
 
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
 

@@ -4,11 +4,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from services.gateway.deps import BusDep
-from services.gateway.proxy import errors_doc, forward
-from services.gateway import responses as r
-from shared.schemas import OsseaConfigRequest
-from shared.subjects import Config
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.services.gateway import responses as r
+from oma.shared.schemas import OsseaConfigRequest
+from oma.shared.subjects import Config
 
 router = APIRouter(prefix="/api/v1/ossea", tags=["ossea"])
 

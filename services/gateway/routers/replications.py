@@ -4,11 +4,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 
-from services.gateway.deps import BusDep
-from services.gateway.proxy import errors_doc, forward
-from services.gateway import responses as r
-from shared.schemas import OFFSET_MAX, ChangeIdBody, ProgressReport, ReplicationRequest
-from shared.subjects import Replication
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.services.gateway import responses as r
+from oma.shared.schemas import OFFSET_MAX, ChangeIdBody, ProgressReport, ReplicationRequest
+from oma.shared.subjects import Replication
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="e.g. job-20250812-080802")]
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Path, Query
 
-from services.gateway import responses as r
-from services.gateway.deps import BusDep
-from services.gateway.proxy import errors_doc, forward
-from shared.schemas import INT32_MAX, GroupRequest, PreflightRequest, ScheduleRequest
-from shared.subjects import Scheduler
+from oma.services.gateway import responses as r
+from oma.services.gateway.deps import BusDep
+from oma.services.gateway.proxy import errors_doc, forward
+from oma.shared.schemas import INT32_MAX, GroupRequest, PreflightRequest, ScheduleRequest
+from oma.shared.subjects import Scheduler
 
 router = APIRouter(prefix="/api/v1", tags=["scheduler"])
 ScheduleId = Path(ge=1, le=INT32_MAX)

@@ -1,5 +1,5 @@
 """The operator web GUI under /ui: server-rendered pages (Jinja2 + htmx), live over SSE."""
-from services.gateway.ui.render import STATIC_DIR
-from services.gateway.ui.views import router
+from oma.services.gateway.ui.render import STATIC_DIR
+from oma.services.gateway.ui.views import router
 
 __all__ = ["STATIC_DIR", "router"]

@@ -7,10 +7,10 @@ from typing import Any
 
 import orjson
 
-from services.gateway.fastpath import context_read
-from services.gateway.ui.render import STATUS, vm_view
-from shared import errors
-from shared.subjects import Auth, Config, Contexts, Failover, Inventory, Replication
+from oma.services.gateway.fastpath import context_read
+from oma.services.gateway.ui.render import STATUS, vm_view
+from oma.shared import errors
+from oma.shared.subjects import Auth, Config, Contexts, Failover, Inventory, Replication
 
 PAGE_SIZES = (25, 50, 100)
 # The list request pages by name only; a name filter or another order reads the whole list,

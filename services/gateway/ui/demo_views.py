@@ -5,14 +5,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 
-from services.gateway import demo
-from services.gateway.routers.replications import create_timeout
-from services.gateway.ui import data
-from services.gateway.ui import session as sess
-from services.gateway.ui.render import render
-from services.gateway.ui.views import PageRoute
-from shared import errors
-from shared.subjects import Inventory
+from oma.services.gateway import demo
+from oma.services.gateway.routers.replications import create_timeout
+from oma.services.gateway.ui import data
+from oma.services.gateway.ui import session as sess
+from oma.services.gateway.ui.render import render
+from oma.services.gateway.ui.views import PageRoute
+from oma.shared import errors
+from oma.shared.subjects import Inventory
 
 router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
 

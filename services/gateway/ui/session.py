@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 
-from shared import errors
-from shared.subjects import Auth
+from oma.shared import errors
+from oma.shared.subjects import Auth
 
 COOKIE = "oma_ui_session"
 LOGIN_COOKIE = "oma_ui_login"  # double-submit token of the login form (there is no session yet)

@@ -14,17 +14,17 @@ from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from services.gateway.routers.health import get_health
-from services.gateway.routers.inventory import discover_timeout, vcenter_timeout
-from services.gateway.routers.ossea import config_timeout
-from services.gateway.routers.replications import create_timeout
-from services.gateway.ui import data
-from services.gateway.ui import session as sess
-from services.gateway.ui.render import (FAILOVER_ACTIONS, JOB_STATES, STATUS, SECURITY_HEADERS, cell_html,
+from oma.services.gateway.routers.health import get_health
+from oma.services.gateway.routers.inventory import discover_timeout, vcenter_timeout
+from oma.services.gateway.routers.ossea import config_timeout
+from oma.services.gateway.routers.replications import create_timeout
+from oma.services.gateway.ui import data
+from oma.services.gateway.ui import session as sess
+from oma.services.gateway.ui.render import (FAILOVER_ACTIONS, JOB_STATES, STATUS, SECURITY_HEADERS, cell_html,
                                        failover_actions, fragment, render, vm_view)
-from shared import errors
-from shared.service import validation_details
-from shared.subjects import Auth, Config, Contexts, Failover, Inventory
+from oma.shared import errors
+from oma.shared.service import validation_details
+from oma.shared.subjects import Auth, Config, Contexts, Failover, Inventory
 
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import aiohttp
 
-from shared.errors import OmaError
-from shared.settings import FlagError, Settings
+from oma.shared.errors import OmaError
+from oma.shared.settings import FlagError, Settings
 
 log = logging.getLogger("oma.demo")
 
@@ -61,10 +61,10 @@ class Demo:
     """The simulators and the seed data of one demo run."""
 
     def __init__(self, settings: Settings, data_dir: Path):
-        from plugins.ossea.simulator import CloudStackSimulator
-        from plugins.vma.simulator import VmaSimulator
-        from plugins.vma.synthetic import SyntheticInventory
-        from services.auth.service import new_appliance_token
+        from oma.plugins.ossea.simulator import CloudStackSimulator
+        from oma.plugins.vma.simulator import VmaSimulator
+        from oma.plugins.vma.synthetic import SyntheticInventory
+        from oma.services.auth.service import new_appliance_token
 
         self.data_dir, self.started = data_dir, time.monotonic()
         self.api_key, self.secret_key = "demo-api-key", secrets.token_urlsafe(24)
@@ -95,7 +95,7 @@ class Demo:
     async def seed(self, appliance: Any) -> None:
         """Accounts in the auth service's database (in memory, so only from this process), the rest
         through the API as an operator would; then the URL and password, once."""
-        from services.auth import operators, service
+        from oma.services.auth import operators, service
 
         auth = appliance.services["auth"]
         async with auth.sessions.begin() as db:
@@ -125,7 +125,7 @@ class Demo:
                 await asyncio.sleep(0.05)
 
     async def _configure(self, http: aiohttp.ClientSession) -> None:
-        from plugins.vma.synthetic import NETWORKS
+        from oma.plugins.vma.synthetic import NETWORKS
 
         inv = self.inventory
         await _call(http, "POST", "/api/v1/ossea/config", {"action": "create", "configuration": {
@@ -179,7 +179,7 @@ def demo_settings(settings: Settings) -> tuple[Settings, Path | None]:
 
 
 async def run_demo(settings: Settings) -> None:
-    from shared.runner import run_all
+    from oma.runner import run_all
 
     settings, temp = demo_settings(settings)
     # Temporary files (the embedded NATS's stream, the simulators' scratch) inside the data dir too.

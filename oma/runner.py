@@ -13,25 +13,25 @@ import sys
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from shared import bus as busmod
-from shared import natsauth
-from shared.gateway_worker import WORKER_FDS, serve_gateway
-from shared.natsserver import EmbeddedNats, _die_with_parent
-from shared.plugins import get_plugin_manager
-from shared.service import ServiceApp
-from shared.settings import SERVICES, Settings
+from oma.shared import bus as busmod
+from oma.shared import natsauth
+from oma.gateway_worker import WORKER_FDS, serve_gateway
+from oma.shared.natsserver import EmbeddedNats, _die_with_parent
+from oma.shared.plugins import get_plugin_manager
+from oma.shared.service import ServiceApp
+from oma.shared.settings import SERVICES, Settings
 
 log = logging.getLogger("oma.runner")
 
 SERVICE_CLASSES = {
-    "auth": "services.auth.app:AuthService",
-    "config": "services.config.app:ConfigService",
-    "inventory": "services.inventory.app:InventoryService",
-    "replication": "services.replication.app:ReplicationService",
-    "export_manager": "services.export_manager.app:ExportManagerService",
-    "context_aggregator": "services.context_aggregator.app:ContextAggregatorService",
-    "failover": "services.failover.app:FailoverService",
-    "scheduler": "services.scheduler.app:SchedulerService",
+    "auth": "oma.services.auth.app:AuthService",
+    "config": "oma.services.config.app:ConfigService",
+    "inventory": "oma.services.inventory.app:InventoryService",
+    "replication": "oma.services.replication.app:ReplicationService",
+    "export_manager": "oma.services.export_manager.app:ExportManagerService",
+    "context_aggregator": "oma.services.context_aggregator.app:ContextAggregatorService",
+    "failover": "oma.services.failover.app:FailoverService",
+    "scheduler": "oma.services.scheduler.app:SchedulerService",
 }
 
 
@@ -193,7 +193,7 @@ class GatewayWorkers:
             r, w = os.pipe()
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "shared.gateway_worker"],
+                    [sys.executable, "-m", "oma.gateway_worker"],
                     env={**os.environ, WORKER_FDS: f"{self.sock.fileno()},{r}"},
                     pass_fds=(self.sock.fileno(), r), preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
             finally:
@@ -271,7 +271,7 @@ async def run_one(settings: Settings, name: str) -> None:
         return
     if not settings.nats_url:
         raise SystemExit("oma-service: -nats-url (OMA_NATS_URL) is required to run one service alone")
-    from shared.settings import METRICS_PORTS
+    from oma.shared.settings import METRICS_PORTS
     port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[name]
     if port:
         start_http_server(port, addr=settings.host)

@@ -1,4 +1,4 @@
-"""The gateway's server, alone or as one of `oma-api`'s worker processes (shared/runner.py).
+"""The gateway's server, alone or as one of `oma-api`'s worker processes (oma/runner.py).
 
 A worker imports only the gateway (no database code), so each costs ~60 MB rather than ~90.
 """
@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 
-from shared.settings import Settings
+from oma.shared.settings import Settings
 
 WORKER_FDS = "OMA_WORKER_FDS"  # "<listening socket>,<settings pipe>": descriptor numbers only
 
@@ -21,8 +21,8 @@ async def serve_gateway(settings: Settings, nats_url: str, sock: socket.socket |
     handlers set for a signal that came before uvicorn took them over (during start-up)."""
     import uvicorn
 
-    from services.gateway.app import create_app
-    from services.gateway.server import uvicorn_config
+    from oma.services.gateway.app import create_app
+    from oma.services.gateway.server import uvicorn_config
 
     server = uvicorn.Server(uvicorn_config(create_app(settings, nats_url, services_metrics), settings))
 
@@ -43,8 +43,8 @@ async def serve_gateway(settings: Settings, nats_url: str, sock: socket.socket |
 def worker_main() -> None:
     """A gateway worker, started by runner.GatewayWorkers (never by hand): the listening socket
     and a pipe with the settings (NATS password included) are inherited descriptors."""
-    from shared.cli import _event_loop_run
-    from shared.logging import setup_logging
+    from oma.cli import _event_loop_run
+    from oma.shared.logging import setup_logging
 
     sock_fd, conf_fd = (int(x) for x in os.environ.pop(WORKER_FDS).split(","))
     with os.fdopen(conf_fd, "rb") as pipe:

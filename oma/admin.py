@@ -12,8 +12,8 @@ import asyncio
 import json
 import sys
 
-from shared import natsauth
-from shared.settings import FlagError, Settings, build_parser, settings_from_flags
+from oma.shared import natsauth
+from oma.shared.settings import FlagError, Settings, build_parser, settings_from_flags
 
 # The only flags a command here reads, with what they mean here.
 FLAGS = ("db-type", "db-host", "db-port", "db-name", "db-user", "db-pass")
@@ -75,9 +75,9 @@ USAGE = build_admin_parser().format_usage().strip()
 
 
 async def _auth_db(settings: Settings):
-    from services.auth.app import AuthService
-    from shared.db import run_migrations, sessionmaker
-    from shared.plugins import get_backend, get_plugin_manager
+    from oma.services.auth.app import AuthService
+    from oma.shared.db import run_migrations, sessionmaker
+    from oma.shared.plugins import get_backend, get_plugin_manager
 
     if settings.db_type == "memory":
         raise FlagError("oma-admin: the memory database lives inside oma-api; use -db-type mariadb "
@@ -90,8 +90,8 @@ async def _auth_db(settings: Settings):
 
 async def appliance(settings: Settings, action: str, name: str = "", token: str | None = None,
                     api_url: str | None = None) -> int:
-    from services.auth import service
-    from shared.crypto import Keyring
+    from oma.services.auth import service
+    from oma.shared.crypto import Keyring
 
     engine, sessions = await _auth_db(settings)
     try:
@@ -126,7 +126,7 @@ def read_password() -> str:
 
 
 async def user(settings: Settings, action: str, name: str = "", role: str = "viewer") -> int:
-    from services.auth import operators
+    from oma.services.auth import operators
 
     if action in ("add", "passwd"):  # validated before asking, so a bad name fails at once
         operators.validate(name)
@@ -163,8 +163,8 @@ def admin_bus(settings: Settings) -> natsauth.AdminAccess:
 
 
 async def contexts(settings: Settings, action: str) -> int:
-    from shared import bus as busmod
-    from shared.subjects import Contexts
+    from oma.shared import bus as busmod
+    from oma.shared.subjects import Contexts
 
     url, user, password = admin_bus(settings)
     nc = await busmod.connect(url, "oma-admin", user=user, password=password, timeout=10)
@@ -177,8 +177,8 @@ async def contexts(settings: Settings, action: str) -> int:
 
 
 def main(argv: list[str]) -> None:
-    from shared.errors import OmaError
-    from shared.logging import setup_logging
+    from oma.shared.errors import OmaError
+    from oma.shared.logging import setup_logging
 
     try:
         args = vars(build_admin_parser().parse_args(argv))

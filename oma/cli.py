@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from shared.logging import setup_logging
-from shared.plugins import BackendNotFound
-from shared.settings import SERVICES, FlagError, load_settings
+from oma.shared.logging import setup_logging
+from oma.shared.plugins import BackendNotFound
+from oma.shared.settings import SERVICES, FlagError, load_settings
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -50,7 +50,7 @@ def _run(coro_factory, prog: str, argv: list[str] | None, positional: tuple[str,
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - start-up failures: one clear line, non-zero exit
-        from shared.errors import OmaError
+        from oma.shared.errors import OmaError
         if isinstance(exc, OmaError):
             _fail(f"{prog}: {exc.error}: {exc.details}", 1)
         raise
@@ -58,11 +58,11 @@ def _run(coro_factory, prog: str, argv: list[str] | None, positional: tuple[str,
 
 def oma_api(argv: list[str] | None = None) -> None:
     """The whole appliance in one process; with -demo, beside simulators and ready to migrate."""
-    from shared.runner import run_all
+    from oma.runner import run_all
 
     def start(settings):
         if settings.demo:
-            from shared.demo import run_demo
+            from oma.demo import run_demo
             return run_demo(settings)
         return run_all(settings)
     _run(start, "oma-api", argv)
@@ -70,7 +70,7 @@ def oma_api(argv: list[str] | None = None) -> None:
 
 def oma_service(argv: list[str] | None = None) -> None:
     """One service alone (as compose.yaml runs them): oma-service NAME [flags]."""
-    from shared.runner import run_one
+    from oma.runner import run_one
     argv = sys.argv[1:] if argv is None else argv
     names = (*SERVICES, "gateway")
     if not argv or argv[0] not in names:
@@ -79,5 +79,5 @@ def oma_service(argv: list[str] | None = None) -> None:
 
 
 def oma_admin(argv: list[str] | None = None) -> None:
-    from shared.admin import main
+    from oma.admin import main
     main(sys.argv[1:] if argv is None else argv)
