@@ -772,7 +772,7 @@ def test_image_installs_the_project_and_the_exporters(tmp_path: Path):
                 shutil.copy2(ROOT / s, target)
     # What `pip install .` installs: setuptools' build of the packages and the egg metadata (the
     # same package discovery and package-data as the wheel; no network, no `wheel` package needed).
-    r = subprocess.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "-q",
+    r = subprocess.run([sys.executable, "setup.py", "-q",
                         "egg_info", "--egg-base", str(tmp_path), "build", "--build-base", str(tmp_path / "build")],
                        cwd=src, check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

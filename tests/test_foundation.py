@@ -22,7 +22,7 @@ from oma.shared import bus as busmod, errors
 from oma.shared.plugins import BackendNotFound
 from oma.runner import Appliance
 from oma.shared.service import BusRequest, ServiceApp, endpoint
-from oma.shared.settings import FlagError, Settings, load_settings
+from oma.shared.settings import SERVICES, FlagError, Settings, load_settings
 from oma.shared.subjects import Config
 
 TEST_SUBJECT = "oma.test.probe.run"
@@ -201,7 +201,7 @@ async def test_health_healthy_then_degraded(make_settings):
         body = r.json()
         assert r.status_code == 200 and body["status"] == "healthy" and body["database"] == "connected"
         assert set(body["services"]) == {"auth", "config", "inventory", "replication", "export_manager",
-                                         "context_aggregator", "failover"}
+                                         "context_aggregator", "failover", "scheduler"} == set(SERVICES)
         assert body["version"] == "1.0.0" and body["timestamp"].endswith("Z")
         await client.appliance.services["inventory"].stop()
         r = await client.get("/health")
@@ -289,7 +289,7 @@ def test_oma_api_process(tmp_path: Path, db: str, request):
                 pass
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             time.sleep(0.2)
-        assert body and body["status"] == "healthy" and len(body["services"]) == 7, body
+        assert body and body["status"] == "healthy" and len(body["services"]) == len(SERVICES) == 8, body
         assert httpx.get(f"http://127.0.0.1:{port}/swagger/").status_code == 200
         nats_children = _children(proc.pid)
         assert nats_children, "the embedded nats-server runs as a child"
