@@ -187,6 +187,9 @@ class VmaSimulator(Served):
         self._disks: dict[Path, DiskImage] = {}
         self._sessions: dict[str, VCenterCredentials] = {}  # vcenter -> last credentials (power-state)
         self._vm_vcenter: dict[str, str] = {}  # vm id or path -> vcenter it was last seen on
+        # vcenter -> (fresh until, its VMs): one walk of the inventory serves a burst of replicate calls
+        self._listed: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._listing: dict[str, asyncio.Lock] = {}
         self._started = time.time()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -304,8 +307,22 @@ class VmaSimulator(Served):
         return VCenter.from_request(creds, verify_tls=self.verify_tls, datacenter=datacenter,
                                     timeout=self.vcenter_timeout)
 
+    async def _vms(self, creds: VCenterCredentials, fresh_for: float = 2.0) -> list[dict[str, Any]]:
+        """The vCenter's VMs for a replicate call. A walk of the whole inventory costs a second of
+        pyVmomi on a large vCenter: 100 jobs started at once share one walk (2 s old at most; a
+        discovery starts afresh)."""
+        hit = self._listed.get(creds.vcenter)
+        if hit is None or hit[0] < time.monotonic():
+            async with self._listing.setdefault(creds.vcenter, asyncio.Lock()):
+                hit = self._listed.get(creds.vcenter)
+                if hit is None or hit[0] < time.monotonic():
+                    vms = await self._vcenter(creds).discover()
+                    hit = self._listed[creds.vcenter] = (time.monotonic() + fresh_for, vms)
+        return hit[1]
+
     async def _discover(self, request: web.Request) -> web.Response:
         body = await _parse(request, DiscoverRequest)
+        self._listed.pop(body.vcenter, None)
         vms = await self._vcenter(body, body.datacenter).discover()
         if body.filter:
             vms = [vm for vm in vms if body.filter.lower() in f"{vm['name']} {vm['path']}".lower()]
@@ -323,7 +340,7 @@ class VmaSimulator(Served):
         if old is not None and not old.finished:
             raise Conflict("Job running", f"job {body.job_id!r} is still {old.status}")
         path = body.vm_paths[0]
-        vms = await self._vcenter(body).discover()
+        vms = await self._vms(body)
         vm = next((v for v in vms if v["path"] == path), None)
         if vm is None:
             raise CannotStart(details=f"vCenter {body.vcenter} has no VM at {path!r}")
