@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from oma import cli, db
+from oma import cli
+from oma.shared import db
 from oma.shared.logging import _Formatter
 from oma.shared.plugins import get_backend, get_plugin_manager
 from tests.conftest import login, running
