@@ -38,7 +38,7 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 VMS = ("gui-alpha", "gui-beta", "gui-gamma", HOSTILE)
 PASSWORDS = {"olivia": "operator-password-1", "victor": "viewer-password-1"}
 GiB = 2**30
-ACTIONS = re.compile("Start replication|Discover now|Test connection|Test failover|Clean up|Cut over|Roll back")  # what only an operator gets
+ACTIONS = re.compile("Sync now|Cancel the replication|Start replication|Discover now|Test connection|Test failover|Clean up|Cut over|Roll back")  # what only an operator gets
 
 
 class Gui:
@@ -333,7 +333,8 @@ async def test_viewer_sees_no_actions_and_forged_posts_are_refused(gui: Gui, bro
 
         for path, form in (("/ui/discovery", {"vcenter": gui.vc.host}),
                            ("/ui/settings/test", {"kind": "ossea", "config_id": "1"}),
-                           ("/ui/failover", {"vm": "gui-gamma", "action": "test"})):
+                           ("/ui/failover", {"vm": "gui-gamma", "action": "test"}),
+                           ("/ui/replication", {"vm": "gui-gamma", "action": "sync", "config_id": "1"})):
             r = await page.request.post(gui.url + path, form=form)
             assert r.status == 403 and (await r.json())["error"] == "CSRF check failed"
         r = await page.goto(gui.url + "/ui/failover?vm=gui-gamma&action=test")
@@ -449,6 +450,49 @@ async def test_settings_show_configurations_redacted_and_test_them(gui: Gui, bro
         await vcenters.get_by_role("button", name=re.compile("^Test connection")).click()
         await expect(page.get_by_role("status")).to_contain_text("vCenter connection test successful")
         await _check(page, Axe(), "settings")
+        watch.assert_clean()
+
+
+async def test_operator_syncs_now_and_cancels_from_the_vm_page(gui: Gui, browser: Browser):
+    """After a completed first job, Sync now starts an incremental one; Cancel stops it."""
+    vm = "sync-theta"
+    await asyncio.to_thread(create_vms, gui, vm)
+    r = await gui.client.get("/api/v1/vms/discover", params={"vcenter": gui.vc.host}, headers=gui.headers)
+    assert r.status_code == 200, r.text
+    await wait_for(lambda: _has_context(gui, vm), timeout=20)
+    async with signed_in(browser, gui, "olivia") as (page, watch):
+        await page.get_by_label(f"Select {vm}").check()
+        await page.get_by_role("button", name=re.compile("Start replication")).click()
+        await expect(row(page, vm)).to_contain_text("Ready for sync", timeout=30_000)
+        first = await replicate_to_the_end(gui, page, vm)
+
+        await page.goto(gui.url + "/ui/vms/" + vm)
+        await expect(page.get_by_role("button", name="Cancel the replication…")).to_be_disabled()
+        await page.get_by_role("button", name="Sync now…").click()
+        await expect(page.get_by_role("heading", name=f"Sync now: {vm}?", level=1)).to_be_visible()
+        await _check(page, Axe(), None)
+        await page.get_by_role("button", name="Sync now", exact=True).click()
+        await expect(page.get_by_role("status")).to_contain_text(
+            re.compile(rf"Sync now of {vm} started \((job-\S+), incremental\)\."), timeout=30_000)
+        job = await gui.job_of(vm, "ready_for_sync")
+        assert job != first
+        await page.get_by_role("button", name="Sync now", exact=True).click()  # again: refused, shown
+        await expect(page.get_by_role("alert")).to_contain_text(f"Replication job already in flight: VM {vm} "
+                                                                f"already has job {job}")
+        watch.expect_htmx_error("409", "/ui/replication")
+        await page.get_by_role("link", name="Back").click()
+        jobs = page.get_by_role("table", name=re.compile("^Jobs"))
+        await expect(jobs.get_by_role("row", name=re.compile(job))).to_contain_text("incremental")
+        await expect(page.get_by_role("button", name="Sync now…")).to_be_disabled()
+        await _check(page, Axe(), None)
+
+        await page.get_by_role("button", name="Cancel the replication…").click()
+        await page.get_by_role("button", name=f"Cancel the replication {job}").click()
+        await expect(page.get_by_role("status")).to_contain_text(f"Replication {job} of {vm} cancelled.",
+                                                                 timeout=30_000)
+        await page.get_by_role("link", name="Back").click()
+        await expect(jobs.get_by_role("row", name=re.compile(job))).to_contain_text("cancelled", timeout=30_000)
+        await expect(page.get_by_role("button", name="Sync now…")).to_be_enabled()
         watch.assert_clean()
 
 

@@ -126,11 +126,12 @@ async def test_sign_in_throttle_cookie_idle_expiry_and_sign_out(make_settings):
         assert_error_shape(await client.get("/ui/?size=7"), 400)
         assert_error_shape(await client.get("/ui/?status=bogus"), 400)
         assert_error_shape(await client.get("/ui/vms/no-such-vm"), 404)
-        for action in ("/ui/discovery", "/ui/failover", "/ui/settings/test"):
+        for action in ("/ui/discovery", "/ui/failover", "/ui/replication", "/ui/settings/test"):
             r = await client.post(action, data={"csrf_token": csrf_of(page)})
             assert assert_error_shape(r, 403)["error"] == "Not allowed", action
-        r = await client.get("/ui/failover", params={"vm": "x", "action": "test"})  # the confirmation page
-        assert assert_error_shape(r, 403)["error"] == "Not allowed"
+        for path, action in (("/ui/failover", "test"), ("/ui/replication", "sync")):  # the confirmation pages
+            r = await client.get(path, params={"vm": "x", "action": action})
+            assert assert_error_shape(r, 403)["error"] == "Not allowed", path
         assert_error_shape(await client.get("/ui/jobs?kind=bogus"), 400)
         assert_error_shape(await client.get("/ui/jobs?size=7"), 400)
 

@@ -183,3 +183,17 @@ def failover_actions(body: dict[str, Any], failovers: list[dict[str, Any]] | Non
            "rollback": None if done and done["action"] == "live" else "no completed cutover to roll back"}
     return [{"action": a, "label": label, "why": "a failover is running" if busy else why[a]}
             for a, (label, _) in FAILOVER_ACTIONS.items()]
+
+
+REPLICATION_ACTIONS = {  # action -> (button, what the confirmation says it does)
+    "sync": ("Sync now", "starts a replication now: incremental after a completed one, else the initial copy"),
+    "cancel": ("Cancel the replication", "stops the job in flight and deletes the volumes it created"),
+}
+
+
+def replication_actions(vm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The VM page's replication buttons (`vm` from vm_view()): sync now needs no job in flight,
+    cancel needs one (the replication service checks again)."""
+    why = {"sync": "a replication is in flight" if vm["active"] else None,
+           "cancel": None if vm["active"] and vm["job"] else "no replication in flight"}
+    return [{"action": a, "label": label, "why": why[a]} for a, (label, _) in REPLICATION_ACTIONS.items()]

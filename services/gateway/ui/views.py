@@ -17,14 +17,15 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from oma.services.gateway.routers.health import get_health
 from oma.services.gateway.routers.inventory import discover_timeout, vcenter_timeout
 from oma.services.gateway.routers.ossea import config_timeout
-from oma.services.gateway.routers.replications import create_timeout
+from oma.services.gateway.routers.replications import cancel_timeout, create_timeout
 from oma.services.gateway.ui import data
 from oma.services.gateway.ui import session as sess
-from oma.services.gateway.ui.render import (FAILOVER_ACTIONS, JOB_STATES, STATUS, SECURITY_HEADERS, cell_html,
-                                       failover_actions, fragment, render, vm_view)
+from oma.services.gateway.ui.render import (ACTIVE, FAILOVER_ACTIONS, JOB_STATES, REPLICATION_ACTIONS, STATUS,
+                                            SECURITY_HEADERS, cell_html, failover_actions, fragment, render,
+                                            replication_actions, vm_view)
 from oma.shared import errors
 from oma.shared.service import validation_details
-from oma.shared.subjects import Auth, Config, Contexts, Failover, Inventory
+from oma.shared.subjects import Auth, Config, Contexts, Failover, Inventory, Replication
 
 
 
@@ -88,6 +89,11 @@ def _events_url(names: list[str], **flags: str) -> str:
 async def _targets(request: Request, user: dict[str, Any]) -> list[dict[str, Any]]:
     """The OSSEA configurations an operator can start replications to (none for a viewer)."""
     return await data.configurations(_bus(request)) if user["role"] == "operator" else []
+
+
+def _need_target(config_id: int | None) -> None:
+    if config_id is None:
+        raise errors.BadRequest("No target", "add an OSSEA configuration first (POST /api/v1/ossea/config)")
 
 
 # --- sign in and out -------------------------------------------------------------------------
@@ -164,8 +170,7 @@ async def start_replications(request: Request, user: sess.Operator,
     """Start an initial replication of each selected VM; the answer goes to the status region."""
     if not vm or len(vm) > 100:
         raise errors.BadRequest("Nothing selected" if not vm else "Too many VMs", "select 1 to 100 VMs")
-    if config_id is None:
-        raise errors.BadRequest("No target", "add an OSSEA configuration first (POST /api/v1/ossea/config)")
+    _need_target(config_id)
     bus = _bus(request)
     timeout = create_timeout(request.app.state.settings)
     results = await asyncio.gather(*(data.start_replication(bus, name, config_id, timeout) for name in vm),
@@ -183,8 +188,10 @@ async def vm_detail(request: Request, vm_name: str, user: sess.User):
     bus = _bus(request)
     body = await bus.call(Contexts.GET, {"vm_name": vm_name})
     failovers = await data.failovers(bus, vm_name)
-    return render(request, "vm.html", vm=vm_view(body), body=body, failovers=failovers,
-                  failover_states=JOB_STATES["failover"], actions=failover_actions(body, failovers),
+    vm = vm_view(body)
+    actions = [("/ui/replication", replication_actions(vm)), ("/ui/failover", failover_actions(body, failovers))]
+    return render(request, "vm.html", vm=vm, body=body, failovers=failovers,
+                  failover_states=JOB_STATES["failover"], actions=actions,
                   events_url=_events_url([vm_name], detail="true"))
 
 
@@ -196,7 +203,8 @@ FailoverAction = Annotated[str, Query(pattern="^(test|cleanup|live|rollback)$")]
 async def confirm_failover(request: Request, user: sess.OperatorPage, vm: Annotated[str, Query(min_length=1, max_length=255)],
                            action: FailoverAction):
     label, effect = FAILOVER_ACTIONS[action]
-    return render(request, "confirm.html", vm_name=vm, action=action, label=label, effect=effect)
+    return render(request, "confirm.html", vm_name=vm, post="/ui/failover", fields={"action": action},
+                  label=label, effect=effect)
 
 
 @router.post("/failover")
@@ -206,6 +214,52 @@ async def start_failover(request: Request, user: sess.Operator, vm: Annotated[st
     result = await _bus(request).call(Failover.ACTION, {"action": action, "vm_name": vm})
     return render(request, "_announce_text.html", text=f"{FAILOVER_ACTIONS[action][0]} of {vm} started "
                   f"({result['failover_id']}).", headers={"HX-Redirect": "/ui/vms/" + quote(vm, safe="")})
+
+
+# --- replication of one VM: sync now, cancel; a confirmation page, then the action ---------------
+ReplicationAction = Annotated[str, Query(pattern="^(sync|cancel)$")]
+
+
+@router.get("/replication")
+async def confirm_replication(request: Request, user: sess.OperatorPage,
+                              vm: Annotated[str, Query(min_length=1, max_length=255)], action: ReplicationAction):
+    """Sync now asks for the target cloud; cancel names the job in flight it will cancel."""
+    bus = _bus(request)
+    label, effect = REPLICATION_ACTIONS[action]
+    fields, extra = {"action": action}, {}
+    if action == "sync":
+        extra["configs"] = await data.configurations(bus)
+    else:
+        job = (await bus.call(Contexts.GET, {"vm_name": vm})).get("current_job")
+        if not job or job["status"] not in ACTIVE:
+            raise errors.Conflict("No replication in flight", f"{vm!r} has no job to cancel")
+        fields["job"], label = job["id"], f"{label} {job['id']}"
+    return render(request, "confirm.html", vm_name=vm, post="/ui/replication", fields=fields, label=label,
+                  effect=effect, **extra)
+
+
+@router.post("/replication")
+async def replication_action(request: Request, user: sess.Operator,
+                             vm: Annotated[str, Form(min_length=1, max_length=255)],
+                             action: Annotated[str, Form(pattern="^(sync|cancel)$")],
+                             config_id: Annotated[int | None, Form()] = None,
+                             job: Annotated[str, Form(max_length=64)] = ""):
+    """Sync now as POST /api/v1/replications (incremental once a replication completed), cancel as
+    DELETE /api/v1/replication/jobs/{id}. The outcome stays on the confirmation page, in its status
+    region (a redirect would lose the announcement); its links lead back to the VM."""
+    bus, settings = _bus(request), request.app.state.settings
+    if action == "cancel":
+        if not job:
+            raise errors.BadRequest("Validation failed", "job: the job to cancel is required")
+        result = await bus.call(Replication.CANCEL, {"job_id": job}, timeout=cancel_timeout(settings))
+        text = f"Replication {result['job_id']} of {vm} cancelled."
+    else:
+        _need_target(config_id)
+        ctx = (await bus.call(Contexts.GET, {"vm_name": vm}))["context"]
+        kind = "incremental" if ctx["successful_jobs"] else "initial"
+        result = await data.start_replication(bus, vm, config_id, create_timeout(settings), kind=kind)
+        text = f"Sync now of {vm} started ({result['job_id']}, {kind})."
+    return render(request, "_announce_text.html", text=text)
 
 
 # --- discovery -------------------------------------------------------------------------------
