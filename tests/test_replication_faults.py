@@ -133,7 +133,9 @@ async def test_capacity_queues_fifo_and_never_half_attaches(make_settings, tmp_p
         c = await env.post(request(env.config_id, "cap-c", disks=1))
         assert c.status_code == 202 and c.json()["status"] == "queued", "FIFO: it waits behind b though it fits"
         too_big = await env.post(request(env.config_id, "cap-huge", disks=5))
-        assert "at most 4" in assert_error_shape(too_big, 409)["details"]
+        # More disks than the appliance VM can ever hold: preflight refuses it (400, shared/preflight.py).
+        refused = assert_error_shape(too_big, 400)
+        assert refused["error"] == "Preflight failed" and "at most 4" in refused["details"], refused
         assert len(attached(env)) == 3 and metric("oma_attached_disks") == 3
 
         # a's completion keeps its disks attached: still no room

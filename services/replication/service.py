@@ -162,6 +162,9 @@ class Replicator:
         # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager),
         # none for a VM that cannot work (shared/preflight.py: 400 with the failed checks).
         await self.bus.call(Exports.READY, {})
+        async with self.sessions() as db:  # a VM failed over is refused as such (409), not by preflight
+            if (moved := await handover.failed_over(db, vm.uuid or vm.id)) is not None:
+                raise handover.refusal(moved, "it can be replicated again")
         preflight.refuse_if_failed(vm.name, await self.preflight(req, creds))
         vcenter_host = await original.place(req, self.call)  # 400 when the original's fields contradict it
         key = vm.uuid or vm.id
