@@ -170,21 +170,33 @@ async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
         # and its rollback. Each undo is offered once what it undoes has completed, and no failover
         # while one holds the VM (the failover service would refuse it).
         history = page.get_by_role("region", name="Failover history")
+        specs = page.get_by_role("region", name="Specifications")  # the VM's status, live
         test = await failover_from_the_vm_page(page, demo, "app01", "Test failover", "test")
+        await expect(specs).to_contain_text("Failed over (test)")
         for held in ("Cut over…", "Roll back the cutover…"):
             await expect(page.get_by_role("button", name=held)).to_be_disabled()
         await expect(page.get_by_role("region", name="Actions")).to_contain_text("(clean up the test failover first)")
         await failover_from_the_vm_page(page, demo, "app01", "Clean up the test", "cleanup")
         await expect(history.locator("tr", has_text=test)).to_contain_text("Cleaned up")
+        await expect(specs).to_contain_text("Ready for failover")
         await expect(page.get_by_role("button", name="Clean up the test…")).to_be_disabled()
         live = await failover_from_the_vm_page(page, demo, "app01", "Cut over", "live")
         assert await power_state(c, "app01") == "poweredOff"
+        await expect(specs).to_contain_text("Failed over (cutover)")
         for held in ("Test failover…", "Clean up the test…"):
             await expect(page.get_by_role("button", name=held)).to_be_disabled()
         await failover_from_the_vm_page(page, demo, "app01", "Roll back the cutover", "rollback")
         await expect(page.get_by_role("button", name="Roll back the cutover…")).to_be_disabled()
         await expect(history.locator("tr", has_text=live)).to_contain_text("Rolled back")
+        await expect(specs).to_contain_text("⟲ Rolled back")
         assert await power_state(c, "app01") == "poweredOn"
+        # The page's power state is the inventory's: once the discovery's event reached the VM's
+        # context, a reload shows it powered on again.
+        async def powered_on():
+            return (await c.get("/api/v1/vm-contexts/app01")).json()["context"]["power_state"] == "poweredOn"
+        await wait_for(powered_on, timeout=30, interval=0.2)
+        await page.reload()
+        await expect(specs).to_contain_text("poweredOn")
         result = await Axe().run(page)
         assert result.violations_count == 0, result.generate_report()
         if os.environ.get("OMA_GUI_SCREENSHOTS"):

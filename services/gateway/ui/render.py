@@ -37,6 +37,13 @@ STATUS = {
     "failed": ("✕", "Failed", "bad"),
     "cancelled": ("⊘", "Cancelled", "idle"),
     "gone": ("⌀", "Gone from vCenter", "idle"),
+    # What a failover sets (services/context_aggregator/events.py FAILOVER_STATUSES).
+    "failing_over": ("⇢", "Failing over", "busy"),
+    "failed_over_test": ("◑", "Failed over (test)", "ok"),
+    "failed_over_live": ("●", "Failed over (cutover)", "ok"),
+    "cleaning_up": ("↺", "Cleaning up", "busy"),
+    "ready_for_failover": ("◎", "Ready for failover", "ok"),
+    "rolled_back": ("⟲", "Rolled back", "idle"),
 }
 ACTIVE = ("queued", "provisioning", "ready_for_sync", "replicating", "stalled")
 # Replication job states are the VM statuses above without discovered/gone; failover jobs have their own.
