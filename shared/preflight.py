@@ -119,7 +119,7 @@ def target_name(vm_name: str) -> str:
     return safe_name(vm_name, 63)  # the name failover gives it
 
 
-async def _quietly(what: str, coro: Awaitable[Any]) -> Any:
+async def quietly(what: str, coro: Awaitable[Any]) -> Any:
     """A fact, or None when it cannot be read in time (logged: the check then warns)."""
     try:
         async with asyncio.timeout(FACT_TIMEOUT):
@@ -166,14 +166,14 @@ async def gather(vm: dict[str, Any], *, call: Call, client: Any, new_disks: int,
                   free_slots=free_slots)
     listers = {k: getattr(client, k, None) for k in ("list_accounts", "list_virtual_machines")}
     found, mappings, accounts, named = await asyncio.gather(
-        _quietly("inventory", call(Inventory.LIST, {"name": name, "limit": 1000})),
-        _quietly("network mappings", call(Failover.MAPPINGS, {"action": "get"})),
-        _quietly("accounts", listers["list_accounts"]()) if listers["list_accounts"] else asyncio.sleep(0),
-        _quietly("target names", listers["list_virtual_machines"](name=facts.target_name))
+        quietly("inventory", call(Inventory.LIST, {"name": name, "limit": 1000})),
+        quietly("network mappings", call(Failover.MAPPINGS, {"action": "get"})),
+        quietly("accounts", listers["list_accounts"]()) if listers["list_accounts"] else asyncio.sleep(0),
+        quietly("target names", listers["list_virtual_machines"](name=facts.target_name))
         if listers["list_virtual_machines"] else asyncio.sleep(0))
     known = _inventory_vm(found, vm)
     if known is not None:
-        probed = await _quietly("cbt through the VMA", cbt_probe(known))
+        probed = await quietly("cbt through the VMA", cbt_probe(known))
         facts.cbt_enabled = bool(known.get("cbt_enabled")) if probed is None else probed
     nics = vm.get("nics") if isinstance(vm.get("nics"), list) else (known or {}).get("nics") or []
     facts.networks = [str(n["network"]) for n in nics if isinstance(n, dict) and n.get("network")]

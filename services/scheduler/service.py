@@ -158,7 +158,8 @@ class Scheduler:
             _require(values, ("name",), "create", "schedule")
             if values.get("interval_seconds") is None and values.get("cron") is None:
                 raise errors.BadRequest("Missing required fields", "create needs schedule interval_seconds or cron")
-            row = Schedule(name=values["name"], interval_seconds=values.get("interval_seconds"), cron=values.get("cron"),
+            row = Schedule(name=values["name"], interval_seconds=values.get("interval_seconds"),
+                           cron=values.get("cron"),
                            window_start=values.get("window_start") or None, window_end=values.get("window_end") or None,
                            jitter_seconds=values.get("jitter_seconds", 0),
                            max_concurrent=values.get("max_concurrent", DEFAULT_MAX_CONCURRENT),
