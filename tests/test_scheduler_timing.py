@@ -131,7 +131,10 @@ async def test_outside_its_window_a_due_schedule_does_not_fire_and_waits_for_the
         await s.schedules(ScheduleRequest(action="run", id=sched["id"]))
         assert await s.fire_due() == 1
         assert [e.status for e in await _executions(s, sched["id"])] == ["running"]
-        # Removing the window ("" for both) is allowed; one end alone is not.
+        # One end moves alone (the other is kept); removing the window takes "" for both, not one end.
+        r = await s.schedules(ScheduleRequest(action="update", id=sched["id"], schedule={
+            "window_end": _hhmm(now + timedelta(hours=2))}))
+        assert r["schedule"]["window_end"] == _hhmm(now + timedelta(hours=2)) and r["schedule"]["window_start"]
         r = await s.schedules(ScheduleRequest(action="update", id=sched["id"], schedule={
             "window_start": "", "window_end": ""}))
         assert (r["schedule"]["window_start"], r["schedule"]["window_end"]) == (None, None)

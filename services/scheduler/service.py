@@ -131,8 +131,6 @@ class Scheduler:
                                     f"{self.settings.scheduler_min_interval:g} (OMA_SCHEDULER_MIN_INTERVAL)")
         if cron is not None:
             timing.check_cron(cron, self.settings.scheduler_min_interval)
-        if "window_start" in values or "window_end" in values:
-            timing.window_of(values.get("window_start"), values.get("window_end"))
 
     @staticmethod
     def _next(s: Schedule, after: datetime) -> datetime:
@@ -165,7 +163,7 @@ class Scheduler:
                            max_concurrent=values.get("max_concurrent", DEFAULT_MAX_CONCURRENT),
                            skip_if_running=values.get("skip_if_running", True), enabled=values.get("enabled", True),
                            created_at=now, updated_at=now)
-            row.next_run_at = self._first(row, now)
+            row.next_run_at = self._first(row, now)  # 400 for half a window
             await self._save(row, lambda db: db.add(row), "Schedule", row.name)
             return Reply({"success": True, "message": "Schedule created successfully",
                           "schedule": self.schedule_public(row)}, status=201)
