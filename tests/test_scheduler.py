@@ -328,7 +328,8 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
                 "source_network": "VM Network", "production_network_id": PROD_NETWORK_IDS[0]}})
             assert r.status_code == 201, r.text
             r = await c.post("/api/v1/groups", headers=h, json={"action": "create", "group": {
-                "name": "pf", "ossea_config_id": env.config_id, "vm_names": [*PREFLIGHT_VMS, "pf-unknown"]}})
+                "name": "pf", "ossea_config_id": env.config_id, "vm_names": ["pf-unknown"],
+                "vm_filter": {"name_pattern": "pf-*"}}})  # the discovered pf-* VMs by filter
             assert r.status_code == 201, r.text
 
             r = await c.post("/api/v1/preflight", headers=h, json={"group_id": r.json()["group"]["id"]})
