@@ -83,3 +83,25 @@ async def test_a_group_by_filter_runs_the_matching_inventory_vms_with_its_named_
             assert r.json()["group"]["vm_filter"] is None, r.text
             assert_error_shape(await c.post("/api/v1/groups", headers=h, json={
                 "action": "update", "id": groups["prod"]["id"], "group": {"vm_filter": {"cluster": "x"}}}), 400)
+
+
+async def test_a_filter_the_inventory_cannot_resolve_skips_the_run_with_the_reason(make_settings):
+    """No inventory service: the run is recorded skipped, saying why, rather than run on the named VMs
+    alone or retried every round."""
+    async with running(make_settings(scheduler_min_interval=1, scheduler_tick=0.2),
+                       services=("auth", "scheduler")) as c:
+        h = await login(c)
+        r = await c.post("/api/v1/schedules", headers=h, json={"action": "create", "schedule": {
+            "name": "s", "interval_seconds": 3600}})
+        sched = r.json()["schedule"]
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "create", "group": {
+            "name": "g", "ossea_config_id": 1, "schedule_id": sched["id"], "vm_names": ["a"],
+            "vm_filter": {"name_pattern": "db-*"}}})
+        assert r.status_code == 201, r.text
+
+        async def run():
+            r = await c.get(f"/api/v1/schedules/{sched['id']}/executions", headers=h)
+            return r.json()["executions"] or None
+        [execution] = await wait_for(run, timeout=30, interval=0.2)
+        assert execution["status"] == "skipped" and execution["vms_total"] == 0, execution
+        assert "vm_filter could not be resolved" in execution["message"], execution
