@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from oma.shared.settings import SERVICES
-from oma.shared.subjects import EVENTS_STREAM, Auth, Config, Contexts, Exports, Failover, Inventory, Replication
+from oma.shared.subjects import (EVENTS_STREAM, Auth, Config, Contexts, Exports, Failover, Inventory, Replication,
+                                 Scheduler)
 
 USERS = ("gateway", *SERVICES, "admin")
 ADMIN = "admin"
@@ -91,9 +92,11 @@ def permissions() -> dict[str, Permissions]:
         "failover": _service(
             "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Replication.CREATE,
             Replication.HANDOVER, Replication.RECLAIM, Inventory.POWER, Exports.ENSURE, Exports.DEACTIVATE,
+            Scheduler.GROUPS,
             comment="Reads the replica volumes of a VM's latest replication job and runs the live cutover's\n"
                     "final sync; needs the cloud credentials; powers the source VM off and on; hands the\n"
-                    "replica over to the new VM and takes it back; releases and restores its exports."),
+                    "replica over to the new VM and takes it back; releases and restores its exports; reads\n"
+                    "the VM's protection group for its failover defaults."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

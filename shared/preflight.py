@@ -10,8 +10,11 @@ Each check is `pass`, `warn` (unknown, or it will wait) or `fail` (it cannot wor
 - `disk_slots`: the disks that need a new volume against the appliance VM's capacity (fail) and its
   free slots now (warn: the job waits in the queue).
 - `volume_limit`: the cloud account's volumes left (listAccounts `volumeavailable`).
+- `disk_offering`: the cloud account offers a customized disk offering (volumes are made to the exact
+  size of each source disk).
 - `network`: every NIC's source network has a network mapping (failover needs one).
 - `target_name`: no VM in the cloud already has the name the VM gets at cutover.
+- `power_state`: on or off passes; suspended warns (its memory state is not migrated).
 A fact that cannot be read (a service or the cloud not answering, a backend without the call) gives
 `warn`, never `fail`: preflight refuses only what it knows cannot work.
 """
@@ -30,7 +33,7 @@ from oma.shared.subjects import Failover, Inventory
 log = logging.getLogger("oma.preflight")
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
-CHECKS = ("cbt", "disk_slots", "volume_limit", "network", "target_name")
+CHECKS = ("cbt", "disk_slots", "volume_limit", "disk_offering", "network", "target_name", "power_state")
 FACT_TIMEOUT = 10.0  # seconds for each fact read: a slow service makes a warn, not a hung create
 
 Call = Callable[[str, Any], Awaitable[Any]]
@@ -50,6 +53,8 @@ class Facts:
     volumes_known: bool = False
     taken_by: str | None = None             # id of the cloud VM that has the target name
     names_known: bool = False
+    custom_offering: bool | None = None     # None: the disk offerings could not be read
+    power_state: str | None = None          # the inventory's (poweredOn, poweredOff, suspended)
 
 
 def check(name: str, status: str, reason: str) -> dict[str, str]:
@@ -85,6 +90,13 @@ def evaluate(f: Facts, *, incremental: bool = True) -> list[dict[str, str]]:
     else:
         left = "unlimited" if f.volumes_available is None else f"{f.volumes_available} left"
         out.append(check("volume_limit", PASS, f"account volumes: {left}"))
+    if f.custom_offering is None:
+        out.append(check("disk_offering", WARN, "the cloud's disk offerings could not be read"))
+    elif not f.custom_offering:
+        out.append(check("disk_offering", FAIL, "the cloud account offers no customized disk offering "
+                                                "(iscustomized=true): volumes cannot be made to each disk's size"))
+    else:
+        out.append(check("disk_offering", PASS, "a customized disk offering is present"))
     if f.unmapped is None:
         out.append(check("network", WARN, "the network mappings could not be read (failover not answering)"))
     elif f.unmapped:
@@ -99,6 +111,13 @@ def evaluate(f: Facts, *, incremental: bool = True) -> list[dict[str, str]]:
                                               f"(id {f.taken_by})"))
     else:
         out.append(check("target_name", PASS, f"{f.target_name!r} is free in the target cloud"))
+    if f.power_state in ("poweredOn", "poweredOff"):
+        out.append(check("power_state", PASS, f"{f.vm_name} is {f.power_state}"))
+    elif f.power_state == "suspended":
+        out.append(check("power_state", WARN, f"{f.vm_name} is suspended: its memory state is not migrated "
+                                              "(it boots cold in the cloud)"))
+    else:
+        out.append(check("power_state", WARN, f"the power state of {f.vm_name} is unknown"))
     return out
 
 
@@ -119,7 +138,7 @@ def target_name(vm_name: str) -> str:
     return safe_name(vm_name, 63)  # the name failover gives it
 
 
-async def _quietly(what: str, coro: Awaitable[Any]) -> Any:
+async def quietly(what: str, coro: Awaitable[Any]) -> Any:
     """A fact, or None when it cannot be read in time (logged: the check then warns)."""
     try:
         async with asyncio.timeout(FACT_TIMEOUT):
@@ -164,21 +183,27 @@ async def gather(vm: dict[str, Any], *, call: Call, client: Any, new_disks: int,
     name = vm["name"]
     facts = Facts(vm_name=name, target_name=target_name(name), new_disks=new_disks, capacity=capacity,
                   free_slots=free_slots)
-    listers = {k: getattr(client, k, None) for k in ("list_accounts", "list_virtual_machines")}
-    found, mappings, accounts, named = await asyncio.gather(
-        _quietly("inventory", call(Inventory.LIST, {"name": name, "limit": 1000})),
-        _quietly("network mappings", call(Failover.MAPPINGS, {"action": "get"})),
-        _quietly("accounts", listers["list_accounts"]()) if listers["list_accounts"] else asyncio.sleep(0),
-        _quietly("target names", listers["list_virtual_machines"](name=facts.target_name))
-        if listers["list_virtual_machines"] else asyncio.sleep(0))
+    listers = {k: getattr(client, k, None) for k in ("list_accounts", "list_virtual_machines",
+                                                     "list_disk_offerings")}
+    found, mappings, accounts, named, offerings = await asyncio.gather(
+        quietly("inventory", call(Inventory.LIST, {"name": name, "limit": 1000})),
+        quietly("network mappings", call(Failover.MAPPINGS, {"action": "get"})),
+        quietly("accounts", listers["list_accounts"]()) if listers["list_accounts"] else asyncio.sleep(0),
+        quietly("target names", listers["list_virtual_machines"](name=facts.target_name))
+        if listers["list_virtual_machines"] else asyncio.sleep(0),
+        quietly("disk offerings", listers["list_disk_offerings"]())
+        if listers["list_disk_offerings"] else asyncio.sleep(0))
     known = _inventory_vm(found, vm)
     if known is not None:
-        probed = await _quietly("cbt through the VMA", cbt_probe(known))
+        probed = await quietly("cbt through the VMA", cbt_probe(known))
         facts.cbt_enabled = bool(known.get("cbt_enabled")) if probed is None else probed
     nics = vm.get("nics") if isinstance(vm.get("nics"), list) else (known or {}).get("nics") or []
     facts.networks = [str(n["network"]) for n in nics if isinstance(n, dict) and n.get("network")]
     facts.unmapped = _unmapped(facts.networks, (known or {}).get("vcenter"), mappings) if facts.networks else []
     facts.volumes_known, facts.volumes_available = _available(accounts)
+    if offerings is not None:
+        facts.custom_offering = any(o.get("iscustomized") for o in offerings)
+    facts.power_state = (known or {}).get("power_state") or vm.get("power_state")
     if named is not None:
         facts.names_known = True
         facts.taken_by = next((v.get("id") for v in named if v.get("name") == facts.target_name), None)

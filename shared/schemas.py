@@ -353,12 +353,31 @@ MAX_GROUP_VMS = 1000
 MAX_INTERVAL = 31 * 86400
 
 
+class GroupFilter(Strict):
+    """The inventory's VMs that belong to the group as well as its `vm_names` (all given fields must match)."""
+    datacenter: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL)
+    folder: str | None = Field(None, min_length=1, max_length=1024, pattern=NO_CONTROL,
+                               description="an inventory folder path (`/DC0/vm/prod`): the VMs in it and below")
+    name_pattern: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL,
+                                     description="shell-style, case-insensitive (`db-*`)")
+    vcenter: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL)
+
+
+class GroupDefaults(Strict):
+    """Failover options used when a failover of a member VM gives none."""
+    service_offering: str | None = Field(None, min_length=1, max_length=255, description="name or id")
+    network_profile: Literal["test", "production"] | None = None
+
+
 class GroupFields(Strict):
     name: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL)
     description: str | None = Field(None, max_length=1000, pattern=NO_CONTROL)
     ossea_config_id: RowId | None = Field(None, description="the OSSEA configuration its syncs use")
     schedule_id: RowId | None = Field(None, description="the schedule that starts its syncs; none: by hand only")
     vm_names: list[VmName] | None = Field(None, max_length=MAX_GROUP_VMS, description="the VMs (inventory names)")
+    vm_filter: GroupFilter | None = Field(None, description="members by filter over the inventory, resolved "
+                                                            "at each run; `{}` on update removes it")
+    defaults: GroupDefaults | None = None
 
 
 class GroupRequest(Strict):
@@ -372,10 +391,21 @@ class GroupRequest(Strict):
     vm_names: list[VmName] | None = Field(None, max_length=MAX_GROUP_VMS, description="add_vms / remove_vms")
 
 
+WINDOW_TIME = r"^(([01][0-9]|2[0-3]):[0-5][0-9])?$"
+
+
 class ScheduleFields(Strict):
     name: str | None = Field(None, min_length=1, max_length=255, pattern=NO_CONTROL)
     interval_seconds: int | None = Field(None, strict=True, ge=1, le=MAX_INTERVAL,
-                                         description="seconds between runs (at least OMA_SCHEDULER_MIN_INTERVAL)")
+                                         description="seconds between runs (at least OMA_SCHEDULER_MIN_INTERVAL); "
+                                                     "this or `cron`")
+    cron: str | None = Field(None, min_length=9, max_length=255, pattern=NO_CONTROL,
+                             description="a cron expression (UTC), e.g. `*/15 * * * *`; this or `interval_seconds`")
+    window_start: str | None = Field(None, pattern=WINDOW_TIME, description="`HH:MM` UTC: runs only from then...")
+    window_end: str | None = Field(None, pattern=WINDOW_TIME, description="...until then (may span midnight); "
+                                                                          "`\"\"` for both removes the window")
+    jitter_seconds: int | None = Field(None, strict=True, ge=0, le=3600,
+                                       description="each run is delayed by a random 0..jitter seconds (default 0)")
     max_concurrent: int | None = Field(None, strict=True, ge=1, le=1000,
                                        description="syncs of one group running at once (default 5)")
     skip_if_running: bool | None = Field(None, description="skip a run while the group's previous one runs "

@@ -1,9 +1,10 @@
 """`oma-api -demo` (issue 23), started as a subprocess as a newcomer would, with its printed URL
 and password. In Chromium: the sign-in, the demo banner, the discovered VMs, two of them replicated
-from the dashboard to Completed, a guest write and an incremental from the demo panel. Through the
-API: the incremental copied exactly the bytes written, a test failover and its cleanup, a live
-cutover (the source powered off) and its rollback. Then the cloud holds nothing left over (no VM
-but the appliance's, no snapshot, every volume a replica on the appliance), and after SIGTERM no
+from the dashboard to Completed, a guest write and an incremental from the demo panel, then on the
+VM page's buttons (each through its confirmation page) a test failover and its cleanup, a live
+cutover (the source powered off) and its rollback. Through the API: the incremental copied exactly
+the bytes written, and the source's power state. Then the cloud holds nothing left over (no VM but
+the appliance's, no snapshot, every volume a replica on the appliance), and after SIGTERM no
 process is left behind and nothing in TMPDIR."""
 from __future__ import annotations
 
@@ -43,15 +44,6 @@ async def latest_job(c: httpx.AsyncClient, vm_name: str, kind: str) -> dict:
     job = await wait_for(ended, timeout=90, interval=0.2)
     assert job["status"] == "completed", job
     return (await c.get(f"/api/v1/replication/jobs/{job['job_id']}")).json()
-
-
-async def failover(c: httpx.AsyncClient, action: str, vm_name: str) -> dict:
-    r = await c.post("/api/v1/failover", json={"action": action, "vm_name": vm_name, "options": {}})
-    assert r.status_code == 202, r.text
-    job = await job_done(c, f"/api/v1/failover/jobs/{r.json()['failover_id']}", "completed", "failed",
-                         "compensated", "compensation_failed")
-    assert job["status"] == "completed", job
-    return job
 
 
 async def power_state(c: httpx.AsyncClient, vm_name: str) -> str:
@@ -115,6 +107,26 @@ async def change_and_copy_in_panel(page: Page, demo: DemoProcess, label: str, vm
     return written
 
 
+async def failover_from_the_vm_page(page: Page, demo: DemoProcess, vm_name: str, button: str, action: str) -> str:
+    """An operator's failover action on the VM page: its button, the confirmation page, then the VM
+    page again, whose history (reloading itself while the failover runs) shows it completed, with
+    the actions its outcome allows. Returns the failover's id."""
+    vm_url = f"{demo.url}/ui/vms/{vm_name}"
+    if page.url != vm_url:
+        await page.goto(vm_url)
+    rows = page.get_by_role("region", name="Failover history").locator("tbody tr")
+    before = await rows.count()
+    await page.get_by_role("button", name=f"{button}…").click()
+    await expect(page.get_by_role("heading", name=f"{button}: {vm_name}?", level=1)).to_be_visible()
+    await page.get_by_role("button", name=button, exact=True).click()
+    await expect(page).to_have_url(vm_url)
+    await expect(rows).to_have_count(before + 1)
+    newest = rows.first
+    await expect(newest.locator("td").first).to_have_text(action)
+    await expect(newest).to_contain_text("Completed", timeout=60_000)
+    return await newest.get_by_role("rowheader").inner_text()
+
+
 async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
     state = json.loads((demo.data_dir / "demo.json").read_text())
     page = await signed_in(browser, demo)
@@ -154,15 +166,43 @@ async def a_whole_migration(demo: DemoProcess, browser: Browser) -> None:
         inc = await latest_job(c, "app01", "incremental")
         assert inc["bytes_transferred"] == written, inc
 
-        # Test failover and its cleanup; live cutover (the source powered off) and its rollback.
-        test = await failover(c, "test", "app01")
-        await failover(c, "cleanup", "app01")
-        assert (await c.get(f"/api/v1/failover/jobs/{test['failover_id']}")).json()["status"] == "cleaned_up"
-        live = await failover(c, "live", "app01")
+        # On app01's page: a test failover and its cleanup; a live cutover (the source powered off)
+        # and its rollback. Each undo is offered once what it undoes has completed, and no failover
+        # while one holds the VM (the failover service would refuse it).
+        history = page.get_by_role("region", name="Failover history")
+        specs = page.get_by_role("region", name="Specifications")  # the VM's status, live
+        test = await failover_from_the_vm_page(page, demo, "app01", "Test failover", "test")
+        await expect(specs).to_contain_text("Failed over (test)")
+        for held in ("Cut over…", "Roll back the cutover…"):
+            await expect(page.get_by_role("button", name=held)).to_be_disabled()
+        await expect(page.get_by_role("region", name="Actions")).to_contain_text("(clean up the test failover first)")
+        await failover_from_the_vm_page(page, demo, "app01", "Clean up the test", "cleanup")
+        await expect(history.locator("tr", has_text=test)).to_contain_text("Cleaned up")
+        await expect(specs).to_contain_text("Ready for failover")
+        await expect(page.get_by_role("button", name="Clean up the test…")).to_be_disabled()
+        live = await failover_from_the_vm_page(page, demo, "app01", "Cut over", "live")
         assert await power_state(c, "app01") == "poweredOff"
-        await failover(c, "rollback", "app01")
-        assert (await c.get(f"/api/v1/failover/jobs/{live['failover_id']}")).json()["status"] == "rolled_back"
+        await expect(specs).to_contain_text("Failed over (cutover)")
+        for held in ("Test failover…", "Clean up the test…"):
+            await expect(page.get_by_role("button", name=held)).to_be_disabled()
+        await failover_from_the_vm_page(page, demo, "app01", "Roll back the cutover", "rollback")
+        await expect(page.get_by_role("button", name="Roll back the cutover…")).to_be_disabled()
+        await expect(history.locator("tr", has_text=live)).to_contain_text("Rolled back")
+        await expect(specs).to_contain_text("⟲ Rolled back")
         assert await power_state(c, "app01") == "poweredOn"
+        # The page's power state is the inventory's: once the discovery's event reached the VM's
+        # context, a reload shows it powered on again.
+        async def powered_on():
+            return (await c.get("/api/v1/vm-contexts/app01")).json()["context"]["power_state"] == "poweredOn"
+        await wait_for(powered_on, timeout=30, interval=0.2)
+        await page.reload()
+        await expect(specs).to_contain_text("poweredOn")
+        result = await Axe().run(page)
+        assert result.violations_count == 0, result.generate_report()
+        if os.environ.get("OMA_GUI_SCREENSHOTS"):
+            await page.screenshot(path=DOCS / "gui" / "demo-failover.png", full_page=True)
+        for failover_id, ended in ((test, "cleaned_up"), (live, "rolled_back")):
+            assert (await c.get(f"/api/v1/failover/jobs/{failover_id}")).json()["status"] == ended
 
         replicas = {d["volume_id"] for name in MIGRATED
                     for d in (await c.get(f"/api/v1/replication/jobs/{jobs[name]['job_id']}")).json()["disks"]}

@@ -19,8 +19,14 @@ import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from oma.plugins.ossea.client import CloudParamError, CloudStackClient
-from oma.plugins.ossea.sim_vms import PROD_NETWORK_IDS, SMALL_OFFERING_ID, STUB_TEMPLATE_ID, TEST_NETWORK_IDS
-from oma.plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSimulator
+from oma.plugins.ossea.sim_vms import (
+    MEDIUM_OFFERING_ID,
+    PROD_NETWORK_IDS,
+    SMALL_OFFERING_ID,
+    STUB_TEMPLATE_ID,
+    TEST_NETWORK_IDS,
+)
+from oma.plugins.ossea.simulator import DEFAULT_VM_ID, DEFAULT_ZONE_ID, CloudStackSimulator, _vm_row
 from oma.services.failover.models import FailoverJob
 from oma.services.failover.service import failover_id_base
 from oma.shared.db import free_id
@@ -316,6 +322,58 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         assert (await delete_config()).status_code == 200
 
 
+async def test_group_defaults_fill_the_options_and_preflight_refuses_before_a_job(make_settings, tmp_path):
+    """A protection group's defaults (offering, network profile) apply when the request names none, the
+    request's own options win; an offering that does not exist and, for a cutover, a taken target name
+    are refused with every failed check (400) before a failover job exists."""
+    async with replication_env(make_settings, tmp_path, services=(*SERVICES, "scheduler"),
+                               cloud_poll_interval=0.05) as env:
+        await prepare(env)
+        c, h = env.client, env.headers
+
+        async def jobs() -> int:
+            r = await c.get("/api/v1/failover/jobs", headers=h, params={"vm_name": "app01"})
+            return r.json()["total"]
+
+        async def test_vm(**options: Any) -> dict[str, Any]:
+            job = await finished(env, (await failover(env, "test", **options))["failover_id"])
+            assert job["status"] == "completed", job
+            vm = env.sim.vms[job["target_vm_id"]]
+            found = (vm["serviceofferingid"], [n["networkid"] for n in env.sim.lab.nics[vm["id"]]])
+            assert (await finished(env, (await failover(env, "cleanup"))["failover_id"]))["status"] == "completed"
+            return found
+
+        r = await c.post("/api/v1/failover", headers=h, json={"action": "test", "vm_name": "app01",
+                                                               "options": {"service_offering": "Huge"}})
+        body = assert_error_shape(r, 400)
+        assert body["error"] == "Preflight failed" and "service_offering: service offering 'Huge' does not exist" \
+            in body["details"], body
+        assert await jobs() == 0
+
+        assert await test_vm() == (SMALL_OFFERING_ID, list(TEST_NETWORK_IDS))  # no group: the fitting one, test
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "create", "group": {
+            "name": "wave", "ossea_config_id": env.config_id, "vm_names": ["APP01"],
+            "defaults": {"service_offering": "Medium Instance", "network_profile": "production"}}})
+        assert r.status_code == 201, r.text
+        group = r.json()["group"]
+        assert await test_vm() == (MEDIUM_OFFERING_ID, list(PROD_NETWORK_IDS))
+        assert await test_vm(network_profile="test") == (MEDIUM_OFFERING_ID, list(TEST_NETWORK_IDS))
+
+        # A default offering gone, and the cutover's name taken in the cloud: both reasons, no job.
+        r = await c.post("/api/v1/groups", headers=h, json={"action": "update", "id": group["id"], "group": {
+            "defaults": {"service_offering": "Retired Instance"}}})
+        assert r.json()["group"]["defaults"] == {"service_offering": "Retired Instance"}, r.text
+        env.sim.vms["c0ffee00-0000-4000-8000-0000000000a1"] = _vm_row(
+            "c0ffee00-0000-4000-8000-0000000000a1", "app01", "OSSEA-Zone")
+        before = await jobs()
+        r = await c.post("/api/v1/failover", headers=h, json={"action": "live", "vm_name": "app01", "options": {
+            "final_sync": False, "power_off_source": False}})
+        details = assert_error_shape(r, 400)["details"]
+        assert "'Retired Instance' does not exist" in details and "a VM named 'app01' already exists" in details, \
+            details
+        assert await jobs() == before
+
+
 async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
                                cloud_job_timeout=5.0) as env:
@@ -470,6 +528,19 @@ async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict
     assert env.sim.lab.snapshots == {}
 
 
+async def mapped_and_synced(c, h, vm) -> tuple[dict, list[str], list]:
+    """Map the live NICs to production networks and run the first sync: (its job, the replica volume ids
+    in unit order, the exports served then)."""
+    for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+        r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+            "source_network": nic.network, "production_network_id": net}})
+        assert r.status_code == 201, r.text
+    first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
+    assert first["status"] == "completed", first
+    replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
+    return first, replicas, c.appliance.services["export_manager"].exporter.list_exports()
+
+
 def when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=None)
 
@@ -481,14 +552,7 @@ async def test_live_cutover_with_the_final_sync_through_the_vma_then_rollback(ma
                             cloud_poll_interval=0.05, failover_shutdown_timeout=2) as (c, h, cloud, vma, vc):
         env = Env(c, h, cloud, c.config_id, tmp_path, [])
         vm = await discovered_vm(c, h, vc)
-        for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
-            r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
-                "source_network": nic.network, "production_network_id": net}})
-            assert r.status_code == 201, r.text
-        first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
-        assert first["status"] == "completed", first
-        replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
-        served = c.appliance.services["export_manager"].exporter.list_exports()
+        first, replicas, served = await mapped_and_synced(c, h, vm)
         # The guest writes after the last sync: only a sync after the power-off carries it over.
         written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
 
@@ -730,14 +794,7 @@ async def test_kill_9_during_the_final_sync_follows_the_same_sync(make_settings,
         try:
             await wait_for(failover_up(env), timeout=60, interval=0.2)
             vm = await discovered_vm(c, h, vc)
-            for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
-                r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
-                    "source_network": nic.network, "production_network_id": net}})
-                assert r.status_code == 201, r.text
-            first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
-            assert first["status"] == "completed", first
-            replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
-            served = c.appliance.services["export_manager"].exporter.list_exports()
+            first, replicas, served = await mapped_and_synced(c, h, vm)
             written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
             await vma.set_faults(hang=True)
             failover_id = (await failover(env, "live", VM))["failover_id"]

@@ -502,3 +502,17 @@ async def _check(page: Page, axe: Axe, shot: str | None) -> None:
     assert result.violations_count == 0, result.generate_report()
     if shot:
         await page.screenshot(path=SHOTS / f"{shot}.png", full_page=True)
+
+
+def test_every_status_a_failover_sets_has_its_badge():
+    """The VM statuses the failover service sets have their own icon and words, and the dashboard
+    counts and filters them (a VM failed over showed "?" and was missing from the counters)."""
+    from oma.services.context_aggregator.events import FAILOVER_STATUSES
+    from oma.services.failover.service import CONTEXT_STATUS
+    from oma.services.gateway.ui.render import STATUS
+
+    assert set(CONTEXT_STATUS.values()) == set(FAILOVER_STATUSES)
+    assert set(FAILOVER_STATUSES) <= set(STATUS)
+    icons = [STATUS[s][0] for s in FAILOVER_STATUSES]  # none looks like another status
+    assert len(set(icons)) == len(icons) and not set(icons) & {i for s, (i, _, _) in STATUS.items()
+                                                               if s not in FAILOVER_STATUSES}

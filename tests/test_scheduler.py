@@ -328,7 +328,8 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
                 "source_network": "VM Network", "production_network_id": PROD_NETWORK_IDS[0]}})
             assert r.status_code == 201, r.text
             r = await c.post("/api/v1/groups", headers=h, json={"action": "create", "group": {
-                "name": "pf", "ossea_config_id": env.config_id, "vm_names": [*PREFLIGHT_VMS, "pf-unknown"]}})
+                "name": "pf", "ossea_config_id": env.config_id, "vm_names": ["pf-unknown"],
+                "vm_filter": {"name_pattern": "pf-*"}}})  # the discovered pf-* VMs by filter
             assert r.status_code == 201, r.text
 
             r = await c.post("/api/v1/preflight", headers=h, json={"group_id": r.json()["group"]["id"]})
@@ -369,6 +370,19 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
             body = assert_error_shape(await env.post({"source_vm": source["pf-taken"],
                                                       "ossea_config_id": env.config_id}), 400)
             assert limit["reason"] in body["details"]
+
+            # No customized disk offering left: no volume can be made to a disk's size.
+            env.sim.max_volumes = 10_000
+            customized = [o for o in env.sim.offerings.values() if o.get("iscustomized")]
+            for o in customized:
+                o["iscustomized"] = False
+            r = await c.post("/api/v1/preflight", headers=h, json={"vm_names": ["pf-ok"],
+                                                                   "ossea_config_id": env.config_id})
+            [offering] = [c_ for c_ in r.json()["results"][0]["checks"] if c_["check"] == "disk_offering"]
+            assert offering["status"] == "fail" and "no customized disk offering" in offering["reason"], offering
+            body = assert_error_shape(await env.post({"source_vm": source["pf-taken"],
+                                                      "ossea_config_id": env.config_id}), 400)
+            assert offering["reason"] in body["details"] and "limit" not in body["details"], body
 
 
 async def jobs_for(env, vm_name: str) -> list[dict]:

@@ -45,12 +45,12 @@ from oma.services.failover.models import (
     NetworkMapping,
 )
 from oma.shared.errors import error_text
-from oma.shared import errors
+from oma.shared import errors, preflight
 from oma.shared.bus import Reply, event_envelope
 from oma.shared.db import free_id, iso, limit_offset, list_filters, utcnow
 from oma.shared.plugins import BackendNotFound, get_backend
-from oma.shared.schemas import FailoverRequest, NetworkMappingRequest
-from oma.shared.subjects import Config, Failover, Replication
+from oma.shared.schemas import FailoverOptions, FailoverRequest, NetworkMappingRequest
+from oma.shared.subjects import Config, Failover, Replication, Scheduler
 
 STEP_DURATION = Histogram("oma_failover_step_duration_seconds", "Duration of each failover step",
                           ["step", "result"], buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
@@ -67,6 +67,7 @@ CONTEXT_STATUS = {("test", RUNNING): "failing_over", ("test", COMPLETED): "faile
 # What undoes each kind of failover, the status the undone job gets, and the steps.
 UNDOES = {"cleanup": ("test", CLEANED_UP, st.CLEANUP_STEPS), "rollback": ("live", ROLLED_BACK, st.ROLLBACK_STEPS)}
 USABLE_REPLICATION = ("ready_for_sync", "replicating", "completed")
+GROUP_DEFAULTS = ("service_offering", "network_profile")  # the options a protection group may default
 
 
 def failover_id_base(now: datetime) -> str:
@@ -172,6 +173,66 @@ class Failovers:
             raise errors.BadRequest("No NICs", "the replicated source_vm lists no nics to map to networks")
         return nics
 
+    async def _group_defaults(self, vm_name: str, replica: dict[str, Any]) -> dict[str, Any]:
+        """The `defaults` of the VM's protection group: the group that started its replica (a scheduled
+        sync's `vm_group_id`), else the first group naming it. None reachable (no scheduler): none."""
+        try:
+            gid = str(replica.get("vm_group_id") or "")
+            if gid.isdigit():
+                group = (await self.bus.call(Scheduler.GROUPS, {"action": "get", "id": int(gid)}))["group"]
+            else:
+                listed = (await self.bus.call(Scheduler.GROUPS, {"action": "get"}))["groups"]
+                group = next((g for g in listed if vm_name.casefold() in {n.casefold() for n in g["vm_names"]}), {})
+        except errors.OmaError as exc:
+            self.log.info("group defaults unavailable", extra={"vm_name": vm_name, "reason": exc.error})
+            return {}
+        return group.get("defaults") or {}
+
+    async def _with_defaults(self, vm_name: str, replica: dict[str, Any], opts: FailoverOptions) -> FailoverOptions:
+        """The request's options, each one it leaves out taken from the VM's group defaults."""
+        if all(getattr(opts, k) is not None for k in GROUP_DEFAULTS):
+            return opts
+        defaults = await self._group_defaults(vm_name, replica)
+        return opts.model_copy(update={k: defaults[k] for k in GROUP_DEFAULTS
+                                       if getattr(opts, k) is None and defaults.get(k)})
+
+    async def _preflight(self, creds: dict[str, Any], source: dict[str, Any], opts: FailoverOptions,
+                         profile: str, target_name: str | None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """The NICs' target networks and the checks run before a job exists (shared/preflight.py's
+        shape): every NIC mapped for the profile, the service offering there (or one that fits), and
+        for a cutover the target name free. What the cloud does not answer warns."""
+        checks, nics = [], []
+        try:
+            nics = await self._nics(source, profile)
+            checks.append(preflight.check("network", preflight.PASS, f"{len(nics)} NIC(s) mapped ({profile})"))
+        except errors.BadRequest as exc:
+            checks.append(preflight.check("network", preflight.FAIL, str(exc.details)))
+        client = self.cloud_backend.factory(creds, self.settings, poll_interval=self.settings.cloud_poll_interval)
+        try:
+            offerings, named = await asyncio.gather(
+                preflight.quietly("service offerings", client.list_service_offerings()),
+                preflight.quietly("target names", client.list_virtual_machines(name=target_name))
+                if target_name else asyncio.sleep(0))
+        finally:
+            await client.close()
+        if offerings is None:
+            checks.append(preflight.check("service_offering", preflight.WARN,
+                                          "the service offerings could not be read"))
+        else:
+            try:
+                o = st.pick_offering(offerings, opts.service_offering, source.get("cpus"), source.get("memory_mb"))
+                checks.append(preflight.check("service_offering", preflight.PASS,
+                                              f"service offering {o.get('name')!r}"))
+            except errors.BadRequest as exc:
+                checks.append(preflight.check("service_offering", preflight.FAIL, str(exc.details)))
+        if target_name:
+            taken = next((v.get("id") for v in named or [] if v.get("name") == target_name), None)
+            checks.append(preflight.check("target_name", *(
+                (preflight.WARN, "the target cloud's VM names could not be read") if named is None else
+                (preflight.FAIL, f"a VM named {target_name!r} already exists in the target cloud (id {taken})")
+                if taken else (preflight.PASS, f"{target_name!r} is free in the target cloud"))))
+        return nics, checks
+
     async def _admit(self, req: FailoverRequest) -> FailoverJob:
         opts, live = req.options, req.action == "live"
         self.converter(opts.convert or "none").check()  # 400 for an unknown or uninstalled converter
@@ -189,18 +250,24 @@ class Failovers:
             raise errors.BadRequest("Source vCenter unknown", "the replicated source_vm names no vcenter to power "
                                     "it off through; set options.power_off_source to false to skip that")
         creds = await self.bus.call(Config.CREDENTIALS, {"id": replica["ossea_config_id"]})
+        opts = await self._with_defaults(req.vm_name, replica, opts)
         now = utcnow()
+        target_name = st.safe_name(req.vm_name, 63) if live else st.test_vm_name(req.vm_name, now)
+        profile = opts.network_profile or ("production" if live else "test")
+        nics, checks = await self._preflight(creds, source, opts, profile,
+                                             target_name if live else None)  # a test VM's name is new each time
+        preflight.refuse_if_failed(req.vm_name, checks)
         exports = {e["disk_unit_number"]: e for e in replica.get("nbd_exports") or []}
         plan = {
             "mode": req.action, "vm_name": req.vm_name, "oma_vm_id": creds.get("oma_vm_id"),
             "zone": creds.get("zone") or "", "template": opts.template or self.settings.failover_stub_template,
             "service_offering": opts.service_offering, "boot_type": opts.boot_type or _boot_type(source),
             "cpus": source.get("cpus"), "memory_mb": source.get("memory_mb"),
-            "nics": await self._nics(source, opts.network_profile or ("production" if live else "test")),
+            "nics": nics,
             "disks": [{"ordinal": i, "unit": d["unit_number"], "volume_id": d["volume_id"],
                        **_export(exports.get(d["unit_number"]))}
                       for i, d in enumerate(sorted(replica["disks"], key=lambda d: d["unit_number"]))],
-            "target_name": st.safe_name(req.vm_name, 63) if live else st.test_vm_name(req.vm_name, now),
+            "target_name": target_name,
             "preserve_macs": live, "power_off_source": power_off, "vcenter": source.get("vcenter"),
             "source_vm_id": source.get("id"), "shutdown_timeout": self.settings.failover_shutdown_timeout,
             # The final sync (live; on by default): a replication job of the same source VM, through its VMA.

@@ -177,7 +177,7 @@ async def validate(ctx: Ctx) -> None:
         raise errors.BadRequest("Stub template not found",
                                 f"template {p['template']!r} is not an executable template of this account")
     offerings = await ctx.cloud.list_service_offerings()
-    offering = _offering(offerings, p.get("service_offering"), p.get("cpus"), p.get("memory_mb"))
+    offering = pick_offering(offerings, p.get("service_offering"), p.get("cpus"), p.get("memory_mb"))
     known = {n["id"] for n in await ctx.cloud.list_networks()}
     missing = [n["network_id"] for n in p["nics"] if n["network_id"] not in known]
     if missing:
@@ -189,7 +189,7 @@ async def validate(ctx: Ctx) -> None:
     p.update(zone_id=zone["id"], template_id=template["id"], service_offering_id=offering["id"])
 
 
-def _offering(offerings: list[dict[str, Any]], wanted: str | None, cpus: int | None,
+def pick_offering(offerings: list[dict[str, Any]], wanted: str | None, cpus: int | None,
               memory_mb: int | None) -> dict[str, Any]:
     if wanted:
         match = next((o for o in offerings if wanted in (o.get("name"), o.get("id"))), None)

@@ -570,7 +570,11 @@ class ApplianceResult(Ok):
 class Schedule(Body):
     id: int
     name: str
-    interval_seconds: int
+    interval_seconds: int | None = Field(None, description="null for a cron schedule")
+    cron: str | None = Field(None, description="a cron expression (UTC); null for an interval schedule")
+    window_start: str | None = Field(None, description="`HH:MM` UTC: runs only inside the window")
+    window_end: str | None = None
+    jitter_seconds: int = Field(0, description="each run delayed by a random 0..jitter seconds")
     max_concurrent: int = Field(description="syncs of one group running at once")
     skip_if_running: bool
     enabled: bool
@@ -594,6 +598,10 @@ class Group(Body):
     ossea_config_id: int
     schedule_id: int | None = None
     next_run_at: str | None = Field(None, description="the schedule's next run")
+    vm_filter: dict[str, str] | None = Field(None, description="members by filter over the inventory "
+                                                               "(datacenter, folder, name_pattern, vcenter)")
+    defaults: dict[str, str] | None = Field(None, description="failover options used when a request gives none "
+                                                              "(service_offering, network_profile)")
     vm_names: list[str]
     vm_count: int
     created_at: str | None = None
@@ -639,7 +647,8 @@ class ExecutionList(Page):
 
 
 class PreflightCheck(Body):
-    check: str = Field(description="cbt, disk_slots, volume_limit, network, target_name (inventory: not found)")
+    check: str = Field(description="cbt, disk_slots, volume_limit, disk_offering, network, target_name, power_state "
+                                   "(inventory: not found)")
     status: Literal["pass", "warn", "fail"]
     reason: str
 

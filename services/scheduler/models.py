@@ -23,7 +23,11 @@ class Schedule(Base):
     __tablename__ = "schedules"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
-    interval_seconds: Mapped[int] = mapped_column(Integer)
+    interval_seconds: Mapped[int | None] = mapped_column(Integer)  # this or cron
+    cron: Mapped[str | None] = mapped_column(String(255))
+    window_start: Mapped[str | None] = mapped_column(String(5))  # "HH:MM" UTC: fires only inside
+    window_end: Mapped[str | None] = mapped_column(String(5))
+    jitter_seconds: Mapped[int] = mapped_column(Integer, default=0)
     max_concurrent: Mapped[int] = mapped_column(Integer)
     skip_if_running: Mapped[bool] = mapped_column(Boolean)
     enabled: Mapped[bool] = mapped_column(Boolean)
@@ -41,6 +45,8 @@ class ProtectionGroup(Base):
     description: Mapped[str | None] = mapped_column(Text)
     ossea_config_id: Mapped[int] = mapped_column(Integer)
     schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id", ondelete="SET NULL"), index=True)
+    vm_filter: Mapped[str | None] = mapped_column(Text)  # JSON: the inventory's VMs that belong too
+    defaults: Mapped[str | None] = mapped_column(Text)  # JSON: failover's options when a request gives none
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 

@@ -14,15 +14,18 @@ failed, never started again: a job may exist for it (it carries the schedule_exe
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from prometheus_client import Counter, Histogram
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from oma.services.scheduler import timing
 from oma.services.scheduler.models import (
     E_COMPLETED,
     E_RUNNING,
@@ -49,9 +52,11 @@ from oma.shared.schemas import GroupRequest, PreflightRequest, ScheduleRequest
 from oma.shared.subjects import Inventory, Replication
 
 DEFAULT_MAX_CONCURRENT = 5
+TIMING_FIELDS = {"interval_seconds", "cron", "window_start", "window_end", "jitter_seconds"}
 FOLLOW_CONCURRENCY = 16  # job reads in flight while following running syncs
 PREFLIGHT_CONCURRENCY = 8
 START_CONCURRENCY = 32  # creates in flight from one round
+INVENTORY_PAGE = 1000  # the inventory's largest page
 JOB_DONE = {"completed": V_COMPLETED, "failed": V_FAILED, "cancelled": V_FAILED}
 
 TICKS = Counter("oma_scheduler_ticks_total", "Scheduler rounds", ["result"])
@@ -70,6 +75,14 @@ def _names(names: list[str] | None) -> list[str]:
     """Once each, compared as MariaDB's collation does (case-insensitively): the first spelling wins."""
     seen: set[str] = set()
     return [n for n in names or [] if not (n.casefold() in seen or seen.add(n.casefold()))]
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return orjson.dumps(value).decode() if value else None  # `{}` removes
+
+
+def _loaded(text: str | None) -> dict[str, Any] | None:
+    return orjson.loads(text) if text else None
 
 
 def _require(values: dict[str, Any], names: tuple[str, ...], action: str, what: str) -> None:
@@ -97,7 +110,8 @@ class Scheduler:
 
     @staticmethod
     def schedule_public(s: Schedule) -> dict[str, Any]:
-        return {"id": s.id, "name": s.name, "interval_seconds": s.interval_seconds,
+        return {"id": s.id, "name": s.name, "interval_seconds": s.interval_seconds, "cron": s.cron,
+                "window_start": s.window_start, "window_end": s.window_end, "jitter_seconds": s.jitter_seconds,
                 "max_concurrent": s.max_concurrent, "skip_if_running": s.skip_if_running, "enabled": s.enabled,
                 "next_run_at": iso(s.next_run_at) if s.enabled else None, "last_run_at": iso(s.last_run_at),
                 "created_at": iso(s.created_at), "updated_at": iso(s.updated_at)}
@@ -108,15 +122,29 @@ class Scheduler:
             raise errors.NotFound("Schedule not found", f"No schedule found with ID: {schedule_id}")
         return row
 
-    def _check_interval(self, values: dict[str, Any]) -> None:
-        interval = values.get("interval_seconds")
+    def _check_timing(self, values: dict[str, Any]) -> None:
+        interval, cron = values.get("interval_seconds"), values.get("cron")
+        if interval is not None and cron is not None:
+            raise errors.BadRequest("Validation failed", "schedule: give interval_seconds or cron, not both")
         if interval is not None and interval < self.settings.scheduler_min_interval:
             raise errors.BadRequest("Validation failed", f"schedule.interval_seconds: at least "
                                     f"{self.settings.scheduler_min_interval:g} (OMA_SCHEDULER_MIN_INTERVAL)")
+        if cron is not None:
+            timing.check_cron(cron, self.settings.scheduler_min_interval)
+
+    @staticmethod
+    def _next(s: Schedule, after: datetime) -> datetime:
+        return timing.next_run(after, interval=s.interval_seconds, cron=s.cron, jitter=s.jitter_seconds,
+                               window=timing.window_of(s.window_start, s.window_end))
+
+    def _first(self, s: Schedule, now: datetime) -> datetime:
+        """An interval schedule runs at once (a warm migration starts syncing), a cron one at its time;
+        both inside the window."""
+        return self._next(s, now) if s.cron else timing.window_open(now, timing.window_of(s.window_start, s.window_end))
 
     async def schedules(self, req: ScheduleRequest) -> dict[str, Any] | Reply:
         values = req.schedule.model_dump(exclude_none=True) if req.schedule else {}
-        self._check_interval(values)
+        self._check_timing(values)
         now = now_s()
         if req.action == "get":
             async with self.sessions() as db:
@@ -125,12 +153,17 @@ class Scheduler:
                 rows = (await db.scalars(select(Schedule).order_by(Schedule.id))).all()
                 return {"success": True, "schedules": [self.schedule_public(s) for s in rows]}
         if req.action == "create":
-            _require(values, ("name", "interval_seconds"), "create", "schedule")
-            # The first run comes at the next round: a warm migration starts syncing at once.
-            row = Schedule(name=values["name"], interval_seconds=values["interval_seconds"],
+            _require(values, ("name",), "create", "schedule")
+            if values.get("interval_seconds") is None and values.get("cron") is None:
+                raise errors.BadRequest("Missing required fields", "create needs schedule interval_seconds or cron")
+            row = Schedule(name=values["name"], interval_seconds=values.get("interval_seconds"),
+                           cron=values.get("cron"),
+                           window_start=values.get("window_start") or None, window_end=values.get("window_end") or None,
+                           jitter_seconds=values.get("jitter_seconds", 0),
                            max_concurrent=values.get("max_concurrent", DEFAULT_MAX_CONCURRENT),
                            skip_if_running=values.get("skip_if_running", True), enabled=values.get("enabled", True),
-                           next_run_at=now, created_at=now, updated_at=now)
+                           created_at=now, updated_at=now)
+            row.next_run_at = self._first(row, now)  # 400 for half a window
             await self._save(row, lambda db: db.add(row), "Schedule", row.name)
             return Reply({"success": True, "message": "Schedule created successfully",
                           "schedule": self.schedule_public(row)}, status=201)
@@ -156,10 +189,15 @@ class Scheduler:
             row = await self._schedule(db, schedule_id)
             woke = values.get("enabled") is True and not row.enabled
             for key, value in values.items():
-                setattr(row, key, value)
-            if "interval_seconds" in values or woke:  # the next run follows the new interval from the last one
-                row.next_run_at = max(now, (row.last_run_at or now) + timedelta(seconds=row.interval_seconds)) \
-                    if row.last_run_at else now
+                setattr(row, key, (value or None) if key.startswith("window_") else value)  # "": none
+            if "interval_seconds" in values:  # one way of timing replaces the other
+                row.cron = None
+            elif "cron" in values:
+                row.interval_seconds = None
+            timing.window_of(row.window_start, row.window_end)  # both ends, or neither, once merged
+            if woke or TIMING_FIELDS & values.keys():  # the next run follows the new timing from the last one
+                row.next_run_at = max(self._first(row, now), self._next(row, row.last_run_at)) \
+                    if row.last_run_at else self._first(row, now)
             row.updated_at = now
             await self._flush(db, "Schedule", row.name)
         return {"success": True, "message": "Schedule updated successfully", "schedule": self.schedule_public(row)}
@@ -201,6 +239,7 @@ class Scheduler:
             s = schedules.get(g.schedule_id) if g.schedule_id else None
             out.append({"id": g.id, "name": g.name, "description": g.description,
                         "ossea_config_id": g.ossea_config_id, "schedule_id": g.schedule_id,
+                        "vm_filter": _loaded(g.vm_filter), "defaults": _loaded(g.defaults),
                         "next_run_at": iso(s.next_run_at) if s is not None and s.enabled else None,
                         "vm_names": vms[g.id], "vm_count": len(vms[g.id]),
                         "created_at": iso(g.created_at), "updated_at": iso(g.updated_at)})
@@ -231,6 +270,7 @@ class Scheduler:
                     await self._schedule(db, values["schedule_id"])
                 row = ProtectionGroup(name=values["name"], description=values.get("description"),
                                       ossea_config_id=values["ossea_config_id"], schedule_id=values.get("schedule_id"),
+                                      vm_filter=_json(values.get("vm_filter")), defaults=_json(values.get("defaults")),
                                       created_at=now, updated_at=now)
                 db.add(row)
                 await self._flush(db, "Group", row.name)
@@ -263,12 +303,38 @@ class Scheduler:
                 for key in ("name", "description", "ossea_config_id", "schedule_id"):
                     if key in values:
                         setattr(row, key, values[key])
+                for key in ("vm_filter", "defaults"):
+                    if key in values:
+                        setattr(row, key, _json(values[key]))
                 if "vm_names" in values:
                     await self._set_vms(db, group_id, _names(values["vm_names"]), replace=True)
             row.updated_at = now
             await self._flush(db, "Group", row.name)
             public = (await self._groups_public(db, [row]))[0]
         return {"success": True, "message": "Group updated successfully", "group": public}
+
+    async def members(self, group: ProtectionGroup, names: list[str]) -> list[str]:
+        """The group's VMs: its `vm_names`, then the inventory's VMs its filter matches (once each)."""
+        f = _loaded(group.vm_filter)
+        return _names([*names, *await self.matching(f)]) if f else names
+
+    async def matching(self, f: dict[str, Any]) -> list[str]:
+        """Names of the inventory's present VMs (templates left out) that match every field of a filter:
+        datacenter and vcenter asked of the inventory, the folder (a path prefix) and the name pattern
+        (shell-style, case-insensitive) checked here."""
+        ask = {k: f[k] for k in ("datacenter", "vcenter") if f.get(k)}
+        folder = (f.get("folder") or "").rstrip("/") + "/"
+        pattern = (f.get("name_pattern") or "*").casefold()
+        out: list[str] = []
+        offset = 0
+        while True:
+            page = await self.bus.call(Inventory.LIST, {**ask, "limit": INVENTORY_PAGE, "offset": offset})
+            out += [vm["name"] for vm in page.get("vms", []) if not vm.get("template")
+                    and (folder == "/" or (vm.get("path") or "").startswith(folder))
+                    and fnmatch.fnmatchcase(vm["name"].casefold(), pattern)]
+            offset += INVENTORY_PAGE
+            if not page.get("vms") or offset >= page.get("total", 0):
+                return out
 
     # -- executions -----------------------------------------------------------------------------
 
@@ -338,20 +404,35 @@ class Scheduler:
     async def fire_due(self) -> int:
         now = now_s()
         async with self.sessions() as db:
-            due = (await db.execute(select(Schedule.id, Schedule.next_run_at, Schedule.interval_seconds).where(
-                Schedule.enabled.is_(True), Schedule.next_run_at <= now))).all()
+            # A schedule without a group waits (stays due): created before its groups, it fires when the
+            # first is linked, rather than spending its first run on nothing.
+            due = (await db.scalars(select(Schedule).where(
+                Schedule.enabled.is_(True), Schedule.next_run_at <= now,
+                exists().where(ProtectionGroup.schedule_id == Schedule.id)))).all()
         fired = 0
-        for schedule_id, old, interval in due:
-            fired += await self._fire(schedule_id, old, interval, now)
+        for schedule in due:
+            fired += await self._fire(schedule, now)
         return fired
 
-    async def _fire(self, schedule_id: int, old: datetime, interval: int, now: datetime) -> int:
+    async def _fire(self, s: Schedule, now: datetime) -> int:
         """Fire once across every process: only the UPDATE that still finds `old` moves the row."""
-        missed = int((now - old).total_seconds() // interval) + 1  # runs missed while down are not caught up
+        old, window = s.next_run_at, timing.window_of(s.window_start, s.window_end)
+        if not timing.in_window(now, window):  # late (the scheduler was down): wait for the next opening
+            async with self.sessions.begin() as db:
+                await db.execute(update(Schedule).where(Schedule.id == s.id, Schedule.next_run_at == old)
+                                 .values(next_run_at=timing.next_run(now, interval=0, cron=None, window=window,
+                                                                     jitter=s.jitter_seconds)))
+            return 0
+        if s.cron:
+            upcoming = self._next(s, now)
+        else:  # the interval's phase is kept; runs missed while down are not caught up
+            missed = int((now - old).total_seconds() // s.interval_seconds)
+            upcoming = self._next(s, old + timedelta(seconds=s.interval_seconds * missed))
+        schedule_id = s.id
         async with self.sessions.begin() as db:
             moved = await db.execute(update(Schedule).where(
                 Schedule.id == schedule_id, Schedule.next_run_at == old, Schedule.enabled.is_(True))
-                .values(next_run_at=old + timedelta(seconds=interval * missed), last_run_at=now))
+                .values(next_run_at=upcoming, last_run_at=now))
             if moved.rowcount != 1:
                 return 0  # another scheduler fired it
             schedule = await db.get(Schedule, schedule_id)
@@ -374,8 +455,13 @@ class Scheduler:
         status, message = E_RUNNING, None
         if busy and schedule.skip_if_running:
             status, message = E_SKIPPED, "the group's previous execution is still running (skip_if_running)"
-        elif not names:
-            status, message = E_COMPLETED, "the group has no VMs"
+        else:
+            try:
+                names = await self.members(group, list(names))
+            except errors.OmaError as exc:  # recorded, not retried every round: the next run tries again
+                status, message = E_SKIPPED, f"the group's vm_filter could not be resolved: {exc.error}"
+            if status == E_RUNNING and not names:
+                status, message = E_COMPLETED, "the group has no VMs"
         db.add(Execution(execution_id=execution_id, schedule_id=schedule.id, group_id=group.id, status=status,
                          message=message, started_by=self.instance, started_at=now,
                          finished_at=None if status == E_RUNNING else now))
@@ -534,6 +620,7 @@ class Scheduler:
                 names = list((await db.scalars(select(GroupVm.vm_name).where(GroupVm.group_id == group.id)
                                                 .order_by(GroupVm.id))).all())
                 config_id = group.ossea_config_id
+            names = await self.members(group, names)
         gate = asyncio.Semaphore(PREFLIGHT_CONCURRENCY)
 
         async def one(name: str) -> dict[str, Any]:

@@ -16,16 +16,17 @@ ScheduleId = Path(ge=1, le=INT32_MAX)
 @router.post("/groups", response_model=r.GroupResult,
              responses={201: {"model": r.GroupResult, "description": "created"}, **errors_doc(400, 401, 404, 409)})
 async def groups(body: GroupRequest, bus: BusDep):
-    """Protection groups (named sets of VMs with a target configuration and a schedule): get, create,
-    update, delete, add_vms, remove_vms."""
+    """Protection groups (named VMs and/or a filter over the inventory, with a target configuration, a
+    schedule and failover defaults): get, create, update, delete, add_vms, remove_vms."""
     return await forward(bus, Scheduler.GROUPS, body.model_dump(mode="json", exclude_none=True))
 
 
 @router.post("/schedules", response_model=r.ScheduleResult,
              responses={201: {"model": r.ScheduleResult, "description": "created"}, **errors_doc(400, 401, 404, 409)})
 async def schedules(body: ScheduleRequest, bus: BusDep):
-    """Schedules (an interval, at most N syncs of a group at once, skip-if-running): get, create,
-    update, delete. Each run starts an incremental sync of every VM of the groups on it."""
+    """Schedules (an interval or a cron expression, a time window, jitter, at most N syncs of a group at
+    once, skip-if-running): get, create, update, delete, run. Each run starts an incremental sync of every
+    VM of the groups on it."""
     return await forward(bus, Scheduler.SCHEDULES, body.model_dump(mode="json", exclude_none=True))
 
 
@@ -50,6 +51,7 @@ async def execution(bus: BusDep, schedule_id: int = ScheduleId,
 @router.post("/preflight", response_model=r.PreflightResult, responses=errors_doc(400, 401, 404, 503, 504))
 async def preflight(body: PreflightRequest, bus: BusDep):
     """Per VM (of `vm_names` or of the group `group_id`), the checks replication runs before it
-    creates a job: CBT, disk slots, account volume limit, network mappings, target name; each pass,
-    warn or fail with a reason. Replication refuses a VM with a failed check, with the same reasons."""
+    creates a job: CBT, disk slots, account volume limit, disk offering, network mappings, target name,
+    power state; each pass, warn or fail with a reason. Replication refuses a VM with a failed check, with
+    the same reasons."""
     return await forward(bus, Scheduler.PREFLIGHT, body.model_dump(mode="json", exclude_none=True))

@@ -37,6 +37,13 @@ STATUS = {
     "failed": ("✕", "Failed", "bad"),
     "cancelled": ("⊘", "Cancelled", "idle"),
     "gone": ("⌀", "Gone from vCenter", "idle"),
+    # What a failover sets (services/context_aggregator/events.py FAILOVER_STATUSES).
+    "failing_over": ("⇢", "Failing over", "busy"),
+    "failed_over_test": ("◑", "Failed over (test)", "ok"),
+    "failed_over_live": ("●", "Failed over (cutover)", "ok"),
+    "cleaning_up": ("↺", "Cleaning up", "busy"),
+    "ready_for_failover": ("◎", "Ready for failover", "ok"),
+    "rolled_back": ("⟲", "Rolled back", "idle"),
 }
 ACTIVE = ("queued", "provisioning", "ready_for_sync", "replicating", "stalled")
 # Replication job states are the VM statuses above without discovered/gone; failover jobs have their own.
@@ -167,20 +174,41 @@ FAILOVER_ACTIONS = {  # action -> (button, what the confirmation says it does)
 }
 
 
+def failover_running(failovers: list[dict[str, Any]] | None) -> bool:
+    return any(f["status"] in ("running", "compensating") for f in failovers or ())
+
+
+UNDO = {"cleanup": "test", "rollback": "live"}  # an undo action -> the action it undoes
+
+
+def failover_held(failovers: list[dict[str, Any]]) -> str | None:
+    """The action ("test" or "live") whose failover still holds the VM, as the failover service's
+    lock does: one that completed, or whose undo of its own steps failed, until its cleanup or
+    rollback completes (a failed one may be tried again). The newest job tells, since a VM has one
+    failover at a time."""
+    if not failovers:
+        return None
+    newest = failovers[0]
+    if newest["action"] in UNDO.values() and newest["status"] in ("completed", "compensation_failed"):
+        return newest["action"]
+    return UNDO[newest["action"]] if newest["action"] in UNDO and newest["status"] == "failed" else None
+
+
 def failover_actions(body: dict[str, Any], failovers: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The VM page's failover buttons, each enabled only in the state it is allowed in (the
-    failover service checks again): test and cutover need a completed replication and no failover
-    running; cleanup and rollback undo the latest completed test or cutover."""
+    failover service checks again): test and cutover need a completed replication, no failover
+    running and none holding the VM; cleanup and rollback undo the test or cutover that holds it."""
     if failovers is None:  # the failover service does not answer
         return [{"action": a, "label": label, "why": "the failover service does not answer"}
                 for a, (label, _) in FAILOVER_ACTIONS.items()]
-    busy = any(f["status"] in ("running", "compensating") for f in failovers)
-    replicated = body["context"]["successful_jobs"] > 0
-    done = next((f for f in failovers if f["status"] == "completed"), None)
-    why = {"test": None if replicated else "needs a completed replication",
-           "live": None if replicated else "needs a completed replication",
-           "cleanup": None if done and done["action"] == "test" else "no completed test failover to clean up",
-           "rollback": None if done and done["action"] == "live" else "no completed cutover to roll back"}
+    held = failover_held(failovers)
+    start = ("needs a completed replication" if not body["context"]["successful_jobs"] else
+             "clean up the test failover first" if held == "test" else
+             "roll back the cutover first" if held == "live" else None)
+    why = {"test": start, "live": start,
+           "cleanup": None if held == "test" else "no completed test failover to clean up",
+           "rollback": None if held == "live" else "no completed cutover to roll back"}
+    busy = failover_running(failovers)
     return [{"action": a, "label": label, "why": "a failover is running" if busy else why[a]}
             for a, (label, _) in FAILOVER_ACTIONS.items()]
 

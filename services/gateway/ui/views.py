@@ -21,8 +21,8 @@ from oma.services.gateway.routers.replications import cancel_timeout, create_tim
 from oma.services.gateway.ui import data
 from oma.services.gateway.ui import session as sess
 from oma.services.gateway.ui.render import (ACTIVE, FAILOVER_ACTIONS, JOB_STATES, REPLICATION_ACTIONS, STATUS,
-                                            SECURITY_HEADERS, cell_html, failover_actions, fragment, render,
-                                            replication_actions, vm_view)
+                                            SECURITY_HEADERS, cell_html, failover_actions, failover_running,
+                                            fragment, render, replication_actions, vm_view)
 from oma.shared import errors
 from oma.shared.service import validation_details
 from oma.shared.subjects import Auth, Config, Contexts, Failover, Inventory, Replication
@@ -192,6 +192,7 @@ async def vm_detail(request: Request, vm_name: str, user: sess.User):
     actions = [("/ui/replication", replication_actions(vm)), ("/ui/failover", failover_actions(body, failovers))]
     return render(request, "vm.html", vm=vm, body=body, failovers=failovers,
                   failover_states=JOB_STATES["failover"], actions=actions,
+                  failover_running=failover_running(failovers),
                   events_url=_events_url([vm_name], detail="true"))
 
 
