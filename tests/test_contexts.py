@@ -22,11 +22,14 @@ import uvicorn
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conftest import assert_error_shape, login, mariadb_settings, running, wait_for
+from tests.mariadbutil import mariadb_exec
 from oma.services.context_aggregator import service
 from oma.shared import errors
+from oma.shared.db import read, read_engine
 from oma.shared.bus import Bus
 from oma.shared.settings import Settings
 from oma.shared.subjects import EVENTS_STREAM, Contexts, Inventory, Replication
@@ -430,6 +433,28 @@ async def test_mariadb_detail_in_one_statement_answers_as_the_core_queries(ctx_s
             assert (await get_ctx(client, h, "one-stmt")).content == await core()
     finally:
         await engine.dispose()
+
+
+async def test_read_engine_survives_a_killed_connection(mariadb_name):
+    """The read engine has no ping at checkout: a pooled connection the server dropped (a restart,
+    wait_timeout) costs one retry, not an error; its sessions keep long JSON aggregates whole."""
+    m = mariadb_settings(mariadb_name)
+    main = create_async_engine(f"mysql+asyncmy://{m['db_user']}:{m['db_pass']}@{m['db_host']}:{m['db_port']}/"
+                               + mariadb_name)
+    reads = read_engine(main)
+
+    async def one(conn, sql: str):
+        return (await conn.execute(text(sql))).scalar()
+    try:
+        first = await read(reads, one, "SELECT CONNECTION_ID()")
+        await mariadb_exec(f"KILL CONNECTION {first}")
+        second = await read(reads, one, "SELECT CONNECTION_ID()")
+        assert second != first
+        assert await read(reads, one, "SELECT @@autocommit") == 1
+        assert await read(reads, one, "SELECT @@group_concat_max_len") == 16 << 20
+    finally:
+        await reads.dispose()
+        await main.dispose()
 
 
 async def test_fresh_database_under_an_old_consumer_replays(ctx_settings, bus):
