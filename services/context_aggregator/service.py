@@ -14,12 +14,10 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any
 
-import orjson
-from sqlalchemy import bindparam, delete, func, inspect, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import bindparam, delete, func, inspect, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from oma.services.context_aggregator.events import FailoverEvent, InventoryEvent, JobEvent, Malformed
 from oma.services.context_aggregator.models import (
@@ -353,90 +351,20 @@ CBT_HISTORY = (select(_cbt.c.job_id, _cbt.c.unit_number, _cbt.c.change_id, _cbt.
                .order_by(_cbt.c.recorded_at.desc(), _cbt.c.job_id.desc(), _cbt.c.unit_number).limit(HISTORY_CBT))
 
 
-# MariaDB: the whole detail in one statement (one round trip, one row): the context's columns,
-# then its jobs, current job, disks and CBT records as JSON arrays in the order of the fields
-# below. Each list is read through a derived table with its ORDER BY/LIMIT, so that the indexes
-# stop after the rows shown however long a VM's history. SQLite (memory mode) runs the Core
-# statements above; tests/test_contexts.py checks both give the same bytes.
-JOB_FIELDS = ("job_id", "status", "replication_type", "progress_percent", "current_operation",
-              "vma_throughput_mbps", "vma_eta_seconds", "bytes_transferred", "total_bytes", "error",
-              "vma_sync_type", *SCHEDULE_FIELDS, "created_at", "started_at", "completed_at", "updated_at")
-DISK_FIELDS = ("unit_number", "disk_id", "path", "size_gb", "capacity_bytes", "datastore", "volume_id",
-               "device_path", "export_name", "change_id")
-CBT_FIELDS = ("job_id", "unit_number", "change_id", "previous_change_id", "recorded_at")
-_JOB_STAMPS = ("created_at", "started_at", "completed_at", "updated_at")
-_JOB_FLOATS = ("progress_percent", "vma_throughput_mbps")  # JSON writes 100.0 as 100
-
-
-def _json_list(fields: tuple[str, ...], table: str, order: str, limit: int | None = None) -> str:
-    row = ", ".join(f"x.{f}" for f in fields)
-    rows = f"SELECT * FROM {table} WHERE vm_name = :vm_name ORDER BY {order}" + (f" LIMIT {limit}" if limit else "")
-    return f"(SELECT JSON_ARRAYAGG(JSON_ARRAY({row}) ORDER BY {order}) FROM ({rows}) x)"
-
-
-DETAIL_MARIADB = text(
-    "SELECT c.*, "
-    f"{_json_list(JOB_FIELDS, 'context_jobs', 'created_at DESC, job_id DESC', HISTORY_JOBS)} AS jobs_json, "
-    f"(SELECT JSON_ARRAY({', '.join('j.' + f for f in JOB_FIELDS)}) FROM context_jobs j "
-    "WHERE j.job_id = c.current_job_id) AS current_json, "
-    f"{_json_list(DISK_FIELDS, 'context_disks', 'unit_number')} AS disks_json, "
-    f"{_json_list(CBT_FIELDS, 'cbt_history', 'recorded_at DESC, job_id DESC, unit_number', HISTORY_CBT)} AS cbt_json "
-    "FROM vm_contexts c WHERE c.vm_name = :vm_name")
-
-
-def _stamp(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None  # JSON holds `2025-01-01 00:19:00.123`
-
-
-def _json_rows(text_: str | None, fields: tuple[str, ...], stamps: tuple[str, ...] = (),
-               floats: tuple[str, ...] = ()) -> list[SimpleNamespace]:
-    rows = []
-    for values in orjson.loads(text_) if text_ else ():
-        row = SimpleNamespace(**dict(zip(fields, values)))
-        for f in stamps:
-            setattr(row, f, _stamp(getattr(row, f)))
-        for f in floats:
-            if getattr(row, f) is not None:
-                setattr(row, f, float(getattr(row, f)))
-        rows.append(row)
-    return rows
-
-
-async def _mariadb_rows(db: AsyncConnection, vm_name: str) -> tuple[Any, list[Any], Any, list[Any], list[Any]] | None:
-    ctx = (await db.execute(DETAIL_MARIADB, {"vm_name": vm_name})).first()
-    if ctx is None:
-        return None
-    jobs = _json_rows(ctx.jobs_json, JOB_FIELDS, _JOB_STAMPS, _JOB_FLOATS)
-    current = next((j for j in jobs if j.job_id == ctx.current_job_id), None)
-    if current is None and ctx.current_json:
-        current = _json_rows(f"[{ctx.current_json}]", JOB_FIELDS, _JOB_STAMPS, _JOB_FLOATS)[0]
-    disks = _json_rows(ctx.disks_json, DISK_FIELDS, floats=("size_gb",))
-    return ctx, jobs, current, disks, _json_rows(ctx.cbt_json, CBT_FIELDS, ("recorded_at",))
-
-
-async def _core_rows(db: AsyncConnection, vm_name: str) -> tuple[Any, list[Any], Any, list[Any], list[Any]] | None:
+async def get_context(db: Any, vm_name: str) -> dict[str, Any]:
     name = {"vm_name": vm_name}
     ctx = (await db.execute(CONTEXT_BY_NAME, name)).first()
     if ctx is None:
-        return None
+        raise errors.NotFound("VM context not found", f"No VM context for VM {vm_name!r}")
     jobs = (await db.execute(JOB_HISTORY, name)).all()
     current = next((j for j in jobs if j.job_id == ctx.current_job_id), None)
     if current is None and ctx.current_job_id:
         current = (await db.execute(JOB_BY_ID, {"job_id": ctx.current_job_id})).first()
     disks = (await db.execute(DISKS, name)).all()
-    return ctx, jobs, current, disks, (await db.execute(CBT_HISTORY, name)).all()
-
-
-async def get_context(db: AsyncConnection, vm_name: str, *, core: bool = False) -> dict[str, Any]:
-    """The detail; `core`: by the portable statements on MariaDB too (the tests compare both)."""
-    rows = _mariadb_rows if db.dialect.name == "mysql" and not core else _core_rows
-    found = await rows(db, vm_name)
-    if found is None:
-        raise errors.NotFound("VM context not found", f"No VM context for VM {vm_name!r}")
-    ctx, jobs, current, disks, cbt = found
+    cbt = await db.execute(CBT_HISTORY, name)
     disk_bytes = sum(d.capacity_bytes or int((d.size_gb or 0) * 2**30) for d in disks) or None
     history = [job_dict(j, disk_bytes) for j in jobs]
-    current_dict = next((d for j, d in zip(jobs, history) if j is current), None)
+    current_dict = next((d for j, d in zip(jobs, history) if j is current), None)  # built once
     # The warm-migration figures go inside `context`: the detail's top level keeps the seed's keys.
     return {"context": {**context_dict(ctx), "cycles": cycles(jobs, disk_bytes, ctx.successful_jobs)},
             "current_job": current_dict or (job_dict(current, disk_bytes) if current else None),
