@@ -43,7 +43,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
-from common import TOKEN, free_port, process_tree, start_oma_api, wait_healthy
+from common import ROOT, TOKEN, free_port, oma_command, process_tree, start_oma_api, wait_healthy
 
 from oma.shared.bus import Bus
 from oma.shared.natsserver import EmbeddedNats
@@ -139,10 +139,12 @@ def start_split(flags: list[str], env: dict[str, str], nats_url: str, log: Path)
                 "OMA_NBD_PORT": str(free_port()), "OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}",
                 "OMA_METRICS_PORT": "0", **env}
     err = log.open("ab")
-    procs = [subprocess.Popen(["oma-service", name, "-nats-url", nats_url, *flags], env=full_env,
+    service = oma_command("oma_service")
+    procs = [subprocess.Popen([*service, name, "-nats-url", nats_url, *flags], env=full_env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=err) for name in SERVICES]
-    procs.append(subprocess.Popen(["oma-service", "gateway", "-nats-url", nats_url, "-host", "127.0.0.1",
-                                   "-port", str(port), *flags], env=full_env, stdout=subprocess.DEVNULL, stderr=err))
+    procs.append(subprocess.Popen([*service, "gateway", "-nats-url", nats_url, "-host", "127.0.0.1",
+                                   "-port", str(port), *flags], env=full_env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=err))
     base = f"http://127.0.0.1:{port}"
     wait_healthy(procs, base, 120)
     return procs, base

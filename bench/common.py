@@ -26,6 +26,12 @@ from oma.shared.natsserver import free_port  # noqa: E402
 from tests.procutil import descendants  # noqa: E402
 
 TOKEN = "vma_test_token_abc123def456789012345678"
+
+
+def oma_command(entry: str) -> list[str]:
+    """`oma-api`/`oma-service` of this checkout: the installed scripts import the editable install's
+    (the main checkout's) code wherever they are run from. Run with cwd=ROOT."""
+    return [sys.executable, "-c", f"from oma.cli import {entry}; {entry}()"]
 SIM_KEY, SIM_SECRET = "bench-key", "bench-secret"
 
 
@@ -38,8 +44,8 @@ def start_oma_api(*flags: str, env: dict[str, str] | None = None, timeout: float
     full_env = {**os.environ, "OMA_DATA_DIR": tempfile.mkdtemp(prefix="oma-bench-"),
                 "OMA_NBD_PORT": str(free_port()), "OMA_APPLIANCE_TOKENS": f"test-vma={TOKEN}", **(env or {})}
     started = time.perf_counter()
-    proc = subprocess.Popen(["oma-api", "-port", str(port), "-host", "127.0.0.1", *flags], env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=stderr)
+    proc = subprocess.Popen([*oma_command("oma_api"), "-port", str(port), "-host", "127.0.0.1", *flags],
+                            env=full_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     base = f"http://127.0.0.1:{port}"
     wait_healthy([proc], base, timeout)
     return proc, base, time.perf_counter() - started

@@ -22,10 +22,13 @@ import uvicorn
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conftest import assert_error_shape, login, mariadb_settings, running, wait_for
+from tests.mariadbutil import mariadb_exec
 from oma.shared import errors
+from oma.shared.db import read, read_engine
 from oma.shared.bus import Bus
 from oma.shared.settings import Settings
 from oma.shared.subjects import EVENTS_STREAM, Contexts, Inventory, Replication
@@ -387,6 +390,55 @@ async def test_catch_up_after_restart_on_mariadb(ctx_settings, bus, mariadb_name
             "alembic_version_context_aggregator"} <= tables
     assert "ix_context_jobs_vm_created" in job_indexes
     assert columns["last_job_at"] == 3  # milliseconds kept: "newest first" stays exact
+
+
+async def test_mariadb_detail_through_the_read_engine_follows_updates(ctx_settings, bus, mariadb_name):
+    """On MariaDB (the aggregator's read engine, the reply caches): more jobs and CBT
+    records than shown, text to escape, a job still running; a read after an update shows it."""
+    clock = Clock()
+    settings = ctx_settings(**mariadb_settings(mariadb_name))
+    events = []
+    for i in range(11):
+        job = Job(clock, "many-jobs", f"job-mj-{i:02d}", rtype="incremental" if i else "initial")
+        events += job.lifecycle(progress_steps=1)
+    failing = Job(clock, "many-jobs", "job-mj-11")
+    events += [failing.event("created"), failing.event("failed", error='disk "0" \\ gone\n\u00e9\u2603')]
+    running_job = Job(clock, "many-jobs", "job-mj-12")
+    events += [running_job.event("created"), running_job.event(
+        "progressed", status="replicating", progress_percent=0.1 + 0.2, vma_throughput_mbps=7.0,
+        current_operation="Transferring Data", started_at=ts(clock.now))]
+    async with running(settings, SERVICES) as client:
+        h = await login(client)
+        await publish(bus, events)
+        body = await until(client, h, "many-jobs", lambda b: b["context"]["total_jobs_run"] == 13)
+        assert len(body["job_history"]) == 10 and len(body["cbt_history"]) == 20
+        assert body["current_job"] == body["job_history"][0] and body["current_job"]["progress_percent"] == 0.1 + 0.2
+        assert body["job_history"][1]["error"] == 'disk "0" \\ gone\n\u00e9\u2603'
+        assert b'"vma_throughput_mbps":7.0' in (await get_ctx(client, h, "many-jobs")).content
+
+        await publish(bus, [running_job.event("completed")])
+        body = await until(client, h, "many-jobs", lambda b: b["current_job"]["status"] == "completed")
+        assert body["context"]["successful_jobs"] == 12 and body["job_history"][0]["status"] == "completed"
+
+
+async def test_read_engine_survives_a_killed_connection(mariadb_name):
+    """The read engine has no ping at checkout: a pooled connection the server dropped (a restart,
+    wait_timeout) costs one retry, not an error."""
+    m = mariadb_settings(mariadb_name)
+    main = create_async_engine(f"mysql+asyncmy://{m['db_user']}:{m['db_pass']}@{m['db_host']}:{m['db_port']}/"
+                               + mariadb_name)
+    reads = read_engine(main)
+
+    async def one(conn, sql: str):
+        return (await conn.execute(text(sql))).scalar()
+    try:
+        first = await read(reads, one, "SELECT CONNECTION_ID()")
+        await mariadb_exec(f"KILL CONNECTION {first}")
+        second = await read(reads, one, "SELECT CONNECTION_ID()")
+        assert second != first
+    finally:
+        await reads.dispose()
+        await main.dispose()
 
 
 async def test_fresh_database_under_an_old_consumer_replays(ctx_settings, bus):

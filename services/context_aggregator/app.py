@@ -12,6 +12,7 @@ from oma.services.context_aggregator.consumer import (
     DurableConsumer,
     replay,
 )
+from oma.shared import db as dbmod
 from oma.shared.bus import dumps
 from oma.shared.replies import Replies
 from oma.shared.service import BusRequest, ServiceApp, endpoint
@@ -41,6 +42,7 @@ class ContextAggregatorService(ServiceApp):
         self.applier = Applier(self.sessions, self.log)
         self.totals = service.Totals()
         self.replies = Replies()
+        self.reads = dbmod.read_engine(self.engine)  # the two reads' connections
         async with self.sessions() as db:
             VM_CONTEXTS.set(await service.count(db))
             position = await service.position(db)
@@ -56,6 +58,9 @@ class ContextAggregatorService(ServiceApp):
         if self.consumer is not None:
             await self.consumer.stop()
         await super().stop()
+        reads = getattr(self, "reads", None)
+        if reads is not None and reads is not self.engine:
+            await reads.dispose()
 
     async def changed(self, vm_names: list[str] | None) -> None:
         """Drop the cached replies a change makes stale, here and in every gateway (None: all)."""
@@ -66,12 +71,11 @@ class ContextAggregatorService(ServiceApp):
     async def publish_updates(self, vm_names: set[str]) -> None:
         """Core NATS (not the stream): the gateway's SSE route forwards them to the GUI."""
         await self.changed(sorted(vm_names))
-        async with self.sessions() as db:
-            bodies = [(name, await service.get_context(db, name)) for name in sorted(vm_names)]
+        bodies = [(name, await dbmod.read(self.reads, service.get_context, name)) for name in sorted(vm_names)]
         for name, body in bodies:
             await self.bus.nc.publish(Contexts.EVT_UPDATED, dumps({"vm_name": name, "context": body}))
 
-    # The two reads: a cached reply when fresh, else plain rows on a connection (no ORM session).
+    # The two reads: a cached reply when fresh, else plain rows on a read connection (no ORM session).
     @endpoint(Contexts.LIST)
     async def list_contexts(self, req: BusRequest) -> bytes:
         q = req.model(ListQuery)
@@ -79,8 +83,8 @@ class ContextAggregatorService(ServiceApp):
         body = self.replies.get_list(key)
         if body is None:
             generation = self.replies.generation
-            async with self.engine.connect() as db:
-                body = dumps(await service.list_contexts(db, q.status, q.limit, q.offset, self.totals))
+            body = dumps(await dbmod.read(self.reads, service.list_contexts, q.status, q.limit, q.offset,
+                                          self.totals))
             self.replies.put_list(key, generation, body)
         return body
 
@@ -90,8 +94,7 @@ class ContextAggregatorService(ServiceApp):
         body = self.replies.get_vm(q.vm_name)
         if body is None:
             generation = self.replies.generation
-            async with self.engine.connect() as db:
-                reply = await service.get_context(db, q.vm_name)
+            reply = await dbmod.read(self.reads, service.get_context, q.vm_name)
             body = dumps(reply)
             self.replies.put_vm(q.vm_name, generation, body, reply["context"]["vm_name"])
         return body

@@ -317,8 +317,8 @@ class Totals:
         self._cache.clear()
 
 
-# The queries read plain rows (Core): no ORM objects on the hot read path. `db` is an
-# AsyncConnection (the endpoints) or an AsyncSession (publish_updates, inside a batch's aftermath).
+# The queries read plain rows (Core): no ORM objects on the hot read path. `db` is a connection
+# of the aggregator's read engine (shared/db.py read_engine).
 async def list_contexts(db: Any, status: str | None, limit: int, offset: int,
                         totals: Totals | None = None) -> dict[str, Any]:
     where = [VmContext.current_status == status] if status else []
@@ -363,10 +363,12 @@ async def get_context(db: Any, vm_name: str) -> dict[str, Any]:
     disks = (await db.execute(DISKS, name)).all()
     cbt = await db.execute(CBT_HISTORY, name)
     disk_bytes = sum(d.capacity_bytes or int((d.size_gb or 0) * 2**30) for d in disks) or None
+    history = [job_dict(j, disk_bytes) for j in jobs]
+    current_dict = next((d for j, d in zip(jobs, history) if j is current), None)  # built once
     # The warm-migration figures go inside `context`: the detail's top level keeps the seed's keys.
     return {"context": {**context_dict(ctx), "cycles": cycles(jobs, disk_bytes, ctx.successful_jobs)},
-            "current_job": job_dict(current, disk_bytes) if current else None,
-            "job_history": [job_dict(j, disk_bytes) for j in jobs],
+            "current_job": current_dict or (job_dict(current, disk_bytes) if current else None),
+            "job_history": history,
             "disks": [disk_dict(d) for d in disks],
             "cbt_history": [{"job_id": r.job_id, "unit_number": r.unit_number, "change_id": r.change_id,
                              "previous_change_id": r.previous_change_id, "recorded_at": iso(r.recorded_at)}
