@@ -20,7 +20,7 @@ from typing import Any, Hashable
 
 
 class Replies:
-    def __init__(self, ttl: float = 60.0, max_bytes: int = 16 << 20):
+    def __init__(self, ttl: float = 60.0, max_bytes: int = 32 << 20):
         self.ttl, self.max_bytes = ttl, max_bytes
         self.generation = 0
         self._lists: dict[Hashable, tuple[float, bytes]] = {}

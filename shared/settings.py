@@ -137,6 +137,9 @@ class CoreSettings(BaseSettings):
                                                            "events or only new ones")
     contexts_ack_wait: float = Field(30.0, gt=0, description="seconds before an unacked event is redelivered")
     contexts_max_deliver: int = Field(5, ge=1, description="deliveries before an event is dead-lettered")
+    contexts_cache_mib: int = Field(32, ge=0, description="MiB of serialized VM-context replies kept by the "
+                                    "aggregator and by each gateway process (0: none); a detail reply is ~10 KB, so "
+                                    "32 MiB holds ~3,000 VMs")
     contexts_nak_delay: float = Field(2.0, ge=0, description="seconds before a failed event is redelivered")
     contexts_batch: int = Field(250, ge=1, description="events applied per transaction")
 

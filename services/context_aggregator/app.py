@@ -41,7 +41,7 @@ class ContextAggregatorService(ServiceApp):
         self.lock = asyncio.Lock()  # the live consumer and REBUILD never write at once
         self.applier = Applier(self.sessions, self.log)
         self.totals = service.Totals()
-        self.replies = Replies()
+        self.replies = Replies(max_bytes=s.contexts_cache_mib << 20)
         self.reads = dbmod.read_engine(self.engine)  # the two reads' connections
         async with self.sessions() as db:
             VM_CONTEXTS.set(await service.count(db))

@@ -108,7 +108,7 @@ def create_app(settings: Settings, nats_url: str, services_metrics: str | None =
     openapi.install(app)  # 3.0, bearer scheme, 400 not 422: services/gateway/openapi.py
     app.state.settings = settings
     app.state.session_cache = SessionCache(settings.auth_cache_ttl)
-    app.state.context_replies = ContextReplies()
+    app.state.context_replies = ContextReplies(settings.contexts_cache_mib << 20)
     app.state.health = health.HealthCache(settings.health_cache_ttl, settings.health_max_rate)
     error_handlers.install(app)
     # The last added is the outermost: the timing sees the guard's 401/413 too; FastReads (the two

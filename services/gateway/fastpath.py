@@ -59,8 +59,8 @@ class ContextReplies(Replies):
     """This gateway process's copy of the aggregator's replies (shared/replies.py): dropped on
     `Contexts.EVT_CHANGED`, and wholly after a reconnect (notifications may have been missed)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes=max_bytes)
         self.nc: Any = None
         self._reconnects = 0
 
