@@ -190,9 +190,9 @@ async def follow_cpu(oma: Oma, vma: Sim, proc: asyncio.subprocess.Process, args)
     jobs = await asyncio.gather(*(oma.job(j) for j in job_ids))
     states = {j["status"] for j in jobs}
     changes = (sum(j["bytes_transferred"] for j in jobs) - moved0) // CHUNK  # polls that saw bytes move
-    polls = len(job_ids) * wall / args.poll  # each followed job's GET /progress once per interval
+    polls = len(job_ids) * wall / args.poll  # job-intervals: a poll each while bytes move (fewer when quiet)
     print(f"replication following {len(job_ids)} running jobs (poll every {args.poll} s) for {args.window:g} s:")
-    print(f"  CPU {100 * cpu / wall:.2f}% of a core   (goal < 5%)   {1000 * cpu / polls:.2f} ms of CPU per poll   "
+    print(f"  CPU {100 * cpu / wall:.2f}% of a core   (goal < 5%)   {1000 * cpu / polls:.2f} ms of CPU per job and poll interval   "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"  {changes} polls saw bytes move (a progress write each); job states after the window: {sorted(states)}")
 
