@@ -4,7 +4,7 @@ When a job's exports are ready and its vCenter is reached through a VMA (`start_
 then), the driver calls the VMA's `POST /replicate` with the job's NBD targets, sets the job
 `replicating`, and follows it: one loop polls the followed jobs' `GET /progress/{job_id}` each
 `vma_poll_interval` (100 jobs cost 100 small GETs per interval, not 100 tasks; a job whose polls see
-nothing move is polled less often, `_schedule`), and the push route
+nothing move is polled less often, `schedule`), and the push route
 feeds the same model (`Replicator.progress`, which ignores reports older than what it has).
 A VMA that does not answer, or bytes that do not move, for `vma_stall_after` make the job
 `stalled`; `vma_fail_after` later it fails with the reason. A failed sync keeps its volumes and
@@ -75,6 +75,17 @@ def device_uri(row: JobVolume, nbd_host: str) -> str:
     user = f"{uri.username}@" if uri.username else ""
     port = f":{uri.port}" if uri.port else ""
     return urlunsplit(uri._replace(netloc=f"{user}{nbd_host}{port}"))
+
+
+def schedule(f: Follow, moved: bool, sent: float, settings: Any) -> None:
+    """When the poll sent at `sent` makes the next: every `vma_poll_interval` while the job moves
+    (bytes or state); each quiet poll doubles the wait, up to QUIET_BACKOFF intervals and at most a
+    quarter of `vma_stall_after` (a stall is still seen in time). Progress that advances in big
+    steps, a VMA that does not answer, cost fewer polls."""
+    base = settings.vma_poll_interval
+    f.idle = 0 if moved else f.idle + 1
+    wait = min(base * 2 ** min(f.idle, 8), base * QUIET_BACKOFF, settings.vma_stall_after / 4)
+    f.due = sent + max(base, wait) - base / 2  # half an interval early: the round that comes polls it
 
 
 class VmaDriver:
@@ -239,14 +250,6 @@ class VmaDriver:
                 self.log.exception("progress poll failed")
             await asyncio.sleep(max(0.0, self.settings.vma_poll_interval - (time.monotonic() - started)))
 
-    def _schedule(self, f: Follow, before: tuple[int, str], sent: float) -> None:
-        """Every `vma_poll_interval` while bytes move; each quiet poll doubles the wait, up to
-        QUIET_BACKOFF intervals and at most a quarter of `vma_stall_after` (a stall is still seen in
-        time). Progress that creeps in big steps, a VMA that does not answer, costs fewer polls."""
-        base = self.settings.vma_poll_interval
-        f.idle = 0 if (f.bytes, f.status) != before else f.idle + 1
-        wait = min(base * 2 ** min(f.idle, 8), base * QUIET_BACKOFF, self.settings.vma_stall_after / 4)
-        f.due = sent + max(base, wait) - base / 2  # half an interval early: the round that comes polls it
 
     def nudge(self, job_id: str) -> None:
         """The copier recorded a change id: its sync ends within moments, so that job is polled soon
@@ -293,7 +296,7 @@ class VmaDriver:
                     await self._apply(f, answer, state.get(f.job_id), now)
             except Exception as exc:  # noqa: BLE001
                 self.log.warning("could not apply VMA progress", extra={"job_id": f.job_id, "reason": repr(exc)})
-            self._schedule(f, before, sent)
+            schedule(f, (f.bytes, f.status) != before, sent, self.settings)
         await self._report_reachability(live)
         self._gauges()
 
