@@ -14,7 +14,7 @@ real VMA is):
    the replication process's CPU (utime + stime from /proc) is measured over WINDOW seconds while
    it follows them all (goal < 5% of a core).
 
-    python bench/bench_orchestration.py [--vms 8] [--size-mib 1024] [--follow 100] [--window 20]
+    python bench/bench_orchestration.py [--vms 8] [--size-mib 1024] [--follow 100] [--window 32]
 
 Needs MariaDB at 127.0.0.1:3306 (root, no password; a scratch database is dropped at the end).
 """
@@ -41,6 +41,7 @@ from common import nbdcopy_seconds, run_in_scratch  # noqa: E402
 from conftest import SEED_TOKEN, mariadb_exec, mariadb_settings  # noqa: E402
 from nbdutil import MiB, digest, free_port  # noqa: E402
 from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator  # noqa: E402
+from oma.plugins.vma.jobs import CHUNK  # noqa: E402 - the step of a throttled copy
 from oma.plugins.vma.simulator import VmaSimulator  # noqa: E402
 from oma.shared.natsserver import EmbeddedNats  # noqa: E402
 from oma.runner import Appliance  # noqa: E402
@@ -166,19 +167,34 @@ async def throughput(oma: Oma, vma: Sim, cloud: CloudStackSimulator, args, vc) -
 async def follow_cpu(oma: Oma, vma: Sim, proc: asyncio.subprocess.Process, args) -> None:
     await use(oma, vma)
     vms = await oma.discover("orch-follow")
-    # 4 MiB writes at 256 KiB/s: the bytes of each job move every 16 s, and a job runs about 2 minutes.
-    await vma.faults(throttle_bps=256 * 1024)
+    # No copy moves until every job runs (on a loaded machine provisioning 100 jobs outlasts a copy);
+    # then 4 MiB writes at 256 KiB/s: the bytes of each job move every 16 s, and a job runs about 2 minutes.
+    await vma.faults(hang=True, throttle_bps=256 * 1024)  # throttled from the first step: 4 MiB each
     job_ids = []
     for i in range(0, len(vms), 10):  # in batches: provisioning 100 jobs at once is not what is measured
         job_ids += await asyncio.gather(*(oma.start(vm) for vm in vms[i:i + 10]))
     await oma.wait(job_ids, "replicating", poll=0.5)
-    await asyncio.sleep(1.0)
+    await vma.faults(throttle_bps=256 * 1024)
+    await asyncio.sleep(8.0)  # the default window, 8..40 s after the release, sees every job move twice
+    spy = None
+    if args.profile:  # where the window's CPU goes: py-spy's collapsed stacks ("raw", flamegraph.pl's input)
+        spy = await asyncio.create_subprocess_exec(
+            "py-spy", "record", "-p", str(proc.pid), "-d", str(int(args.window)), "-r", "200", "-f", "raw",
+            "-o", args.profile, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    moved0 = sum(j["bytes_transferred"] for j in await asyncio.gather(*(oma.job(j) for j in job_ids)))
     c0, t0 = cpu_seconds(proc.pid), time.monotonic()
     await asyncio.sleep(args.window)
-    used = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
-    states = {j["status"] for j in await asyncio.gather(*(oma.job(j) for j in job_ids))}
+    cpu, wall = cpu_seconds(proc.pid) - c0, time.monotonic() - t0
+    if spy is not None:
+        await spy.wait()
+    jobs = await asyncio.gather(*(oma.job(j) for j in job_ids))
+    states = {j["status"] for j in jobs}
+    changes = (sum(j["bytes_transferred"] for j in jobs) - moved0) // CHUNK  # polls that saw bytes move
+    polls = len(job_ids) * wall / args.poll  # job-intervals: a poll each while bytes move (fewer when quiet)
     print(f"replication following {len(job_ids)} running jobs (poll every {args.poll} s) for {args.window:g} s:")
-    print(f"  CPU {100 * used:.2f}% of a core   (goal < 5%)   job states after the window: {sorted(states)}")
+    print(f"  CPU {100 * cpu / wall:.2f}% of a core   (goal < 5%)   {1000 * cpu / polls:.2f} ms of CPU per job and poll interval   "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"  {changes} polls saw bytes move (a progress write each); job states after the window: {sorted(states)}")
 
 
 async def main(args, work: Path) -> None:
@@ -198,7 +214,9 @@ async def main(args, work: Path) -> None:
                         export_backend="nbdkit", nbd_port=free_port(), device_by_id_dir=work / "dev",
                         max_attached_disks=2 * args.vms + args.follow, provision_wait=0,
                         cloud_timeout=10, cloud_job_timeout=60, oma_url=f"http://127.0.0.1:{port}",
-                        vma_poll_interval=args.poll, dependency_wait=60, **mariadb_settings(db))
+                        vma_poll_interval=args.poll, dependency_wait=60,
+                        vma_stall_after=900,  # the follow part's jobs wait (hang) until all of them run
+                        **mariadb_settings(db))
     proc = None
     sims = [Sim(work, "vma-copy", args.size_mib * MiB), Sim(work, "vma-follow", FOLLOW_DISK)]
     try:
@@ -265,9 +283,10 @@ def cli() -> None:
     p.add_argument("--vms", type=int, default=8, help="0: the CPU part only")
     p.add_argument("--size-mib", type=int, default=1024, help="size of each disk of the throughput part")
     p.add_argument("--follow", type=int, default=100, help="running jobs followed in the CPU part")
-    p.add_argument("--window", type=float, default=20.0, help="seconds of CPU measurement")
+    p.add_argument("--window", type=float, default=32.0, help="seconds of CPU measurement")
     p.add_argument("--poll", type=float, default=2.0, help="OMA_VMA_POLL_INTERVAL")
     p.add_argument("--dir", default="/var/tmp")
+    p.add_argument("--profile", metavar="FILE", help="py-spy record the replication process over the window")
     args = p.parse_args()
     run_in_scratch(main, args, "bench-orch-")
 

@@ -13,12 +13,14 @@ import contextlib
 from fractions import Fraction
 from pathlib import Path
 
+import pytest
 import uvicorn
 
 from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
 from oma.plugins.vma.client import HttpVmaClient
 from oma.plugins.vma.simulator import VmaSimulator
-from oma.shared.settings import SERVICES
+from oma.services.replication.driver import Follow, schedule
+from oma.shared.settings import SERVICES, Settings
 from tests.conftest import SEED_TOKEN, assert_error_shape, free_port, login, mariadb_settings, running, wait_for
 from tests.nbdutil import digest
 from tests.test_replication import API_KEY, SECRET, settings_for
@@ -190,6 +192,25 @@ async def test_a_job_runs_to_the_end_through_the_vma(make_settings, tmp_path):
         assert 0.005 * DISK <= inc["bytes_transferred"] <= 0.02 * DISK and inc["bytes_transferred"] == written
         assert [d["previous_change_id"] for d in inc["disks"]] == [d["change_id"] for d in job["disks"]]
         assert_volumes_equal_source(cloud, vma, vc, vm, inc)
+
+
+def test_a_quiet_job_is_polled_less_often_and_a_stall_is_still_seen_in_time():
+    """The CPU of following many jobs (issue 16): each poll that sees nothing move doubles the job's
+    wait, up to 4 intervals and at most a quarter of vma_stall_after; a move brings back every interval.
+    `due` is half an interval early: the loop's round that comes then polls it."""
+    f = Follow("job-1", "vma-01", client=None)  # type: ignore[arg-type]
+
+    def waits(settings: Settings, *moves: bool) -> list[float]:
+        out = []
+        for moved in moves:
+            schedule(f, moved, 100.0, settings)
+            out.append(round(f.due - 100.0 + settings.vma_poll_interval / 2, 3))
+        return out
+    default = Settings(vma_poll_interval=2.0, vma_stall_after=60.0)
+    assert waits(default, True, False, False, False, False, True) == [2.0, 4.0, 8.0, 8.0, 8.0, 2.0]
+    tight = Settings(vma_poll_interval=0.2, vma_stall_after=1.0)  # as the stall test below
+    assert waits(tight, False, False, False) == [0.25, 0.25, 0.25]
+    assert waits(Settings(vma_poll_interval=1.0, vma_stall_after=2.0), False) == [pytest.approx(1.0)]
 
 
 async def test_a_vma_that_stops_answering_stalls_then_fails_and_a_retry_completes(make_settings, tmp_path):

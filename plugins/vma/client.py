@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
@@ -118,14 +119,14 @@ class HttpVmaClient:
         url = URL(f"{self.base_url}{API_PREFIX}{path}", encoded=True)
         if query:
             url = url.with_query(query)
-        shown = f"{method} {redact_url(url)}"
+        shown = Shown(method, url)
         payload = body.wire() if body is not None else None
         attempt = 0
         while True:
             attempt += 1
             started = time.monotonic()
             try:
-                status, data = await self._send(method, url, payload, shown)
+                status, raw = await self._send(method, url, payload, shown)
             except VmaError as exc:
                 if not self._may_retry(exc, attempt, idempotent):
                     raise
@@ -133,12 +134,12 @@ class HttpVmaClient:
             else:
                 log.debug("%s -> %d in %.3f s", shown, status, time.monotonic() - started)
                 if status < 400:
-                    try:
-                        return model.model_validate(data)
+                    try:  # pydantic parses the bytes itself: no dict of the whole answer first
+                        return model.model_validate_json(raw or b"null")
                     except ValidationError as exc:
                         raise VmaRemoteError(details=f"{shown}: unexpected answer: "
                                                      f"{exc.error_count()} invalid field(s)") from None
-                error = _status_error(status, data, shown)
+                error = _status_error(status, _json(raw), shown)
                 if status not in RETRY_STATUSES or not self._may_retry(error, attempt, idempotent):
                     raise error
                 log.warning("%s answered %d (attempt %d of %d), retrying", shown, status, attempt,
@@ -153,16 +154,12 @@ class HttpVmaClient:
         # A refused connection never reached the VMA; anything else may have started the work.
         return idempotent or getattr(exc, "before_send", False)
 
-    async def _send(self, method: str, url: URL, payload: dict[str, Any] | None, shown: str) -> tuple[int, Any]:
-        """One HTTP exchange; transport failures become VmaUnreachable/VmaTimeout without the raw
-        URL (aiohttp's messages include it, query and all), so nothing is chained."""
+    async def _send(self, method: str, url: URL, payload: dict[str, Any] | None, shown: Shown) -> tuple[int, bytes]:
+        """One HTTP exchange: the status and the body; transport failures become VmaUnreachable/VmaTimeout
+        without the raw URL (aiohttp's messages include it, query and all), so nothing is chained."""
         try:
             async with self._http().request(method, url, json=payload) as resp:
-                try:
-                    data = await resp.json(content_type=None)
-                except ValueError:
-                    data = None
-                return resp.status, data
+                return resp.status, await resp.read()
         except asyncio.TimeoutError:
             raise VmaTimeout(details=f"{shown}: no answer within {self.timeout.total:g} s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -184,11 +181,29 @@ def factory(api_url: str | None = None, settings: Settings | None = None) -> Htt
     return HttpVmaClient(api_url or DEFAULT_URL, timeout=vma.timeout, retries=vma.retries)
 
 
+class Shown:
+    """`METHOD redacted-url` for logs and errors, made only when one needs it (not on every poll)."""
+    __slots__ = ("method", "url")
+
+    def __init__(self, method: str, url: URL):
+        self.method, self.url = method, url
+
+    def __str__(self) -> str:
+        return f"{self.method} {redact_url(self.url)}"
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _status_error(status: int, data: Any, shown: str) -> VmaError:
+def _status_error(status: int, data: Any, shown: Shown) -> VmaError:
     """The VMA's own error text (`error`/`details`/`message`) with the call it answered."""
     text = None
     if isinstance(data, dict):

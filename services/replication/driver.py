@@ -2,8 +2,9 @@
 
 When a job's exports are ready and its vCenter is reached through a VMA (`start_sync`, by default
 then), the driver calls the VMA's `POST /replicate` with the job's NBD targets, sets the job
-`replicating`, and follows it: one loop polls every followed job's `GET /progress/{job_id}` each
-`vma_poll_interval` (100 jobs cost 100 small GETs per interval, not 100 tasks), and the push route
+`replicating`, and follows it: one loop polls the followed jobs' `GET /progress/{job_id}` each
+`vma_poll_interval` (100 jobs cost 100 small GETs per interval, not 100 tasks; a job whose polls see
+nothing move is polled less often, `schedule`), and the push route
 feeds the same model (`Replicator.progress`, which ignores reports older than what it has).
 A VMA that does not answer, or bytes that do not move, for `vma_stall_after` make the job
 `stalled`; `vma_fail_after` later it fails with the reason. A failed sync keeps its volumes and
@@ -44,6 +45,7 @@ STALLED_JOBS = Gauge("oma_replication_stalled_jobs", "Jobs whose VMA stopped ans
 FOLLOWED = Gauge("oma_replication_followed_jobs", "Jobs whose sync the replication service follows on a VMA")
 UNREACHABLE = Gauge("oma_vma_unreachable_appliances", "VMAs whose last progress poll got no answer")
 SEEN_EVERY = 30.0  # seconds between reachability updates to auth while nothing changes
+QUIET_BACKOFF = 4  # a job whose polls see nothing move is polled up to 4x less often (never > stall/4)
 NUDGE_DELAYS = (0.1, 0.3, 1.0)  # polls of a job whose copier recorded a change id (its sync is ending)
 
 
@@ -57,6 +59,8 @@ class Follow:
     moved: float = field(default_factory=time.monotonic)
     error: str | None = None             # why the last poll failed
     stalled: bool = False
+    idle: int = 0                        # polls in a row that saw nothing move
+    due: float = 0.0                     # when the next round polls it (monotonic)
 
 
 def device_uri(row: JobVolume, nbd_host: str) -> str:
@@ -71,6 +75,17 @@ def device_uri(row: JobVolume, nbd_host: str) -> str:
     user = f"{uri.username}@" if uri.username else ""
     port = f":{uri.port}" if uri.port else ""
     return urlunsplit(uri._replace(netloc=f"{user}{nbd_host}{port}"))
+
+
+def schedule(f: Follow, moved: bool, sent: float, settings: Any) -> None:
+    """When the poll sent at `sent` makes the next: every `vma_poll_interval` while the job moves
+    (bytes or state); each quiet poll doubles the wait, up to QUIET_BACKOFF intervals and at most a
+    quarter of `vma_stall_after` (a stall is still seen in time). Progress that advances in big
+    steps, a VMA that does not answer, cost fewer polls."""
+    base = settings.vma_poll_interval
+    f.idle = 0 if moved else f.idle + 1
+    wait = min(base * 2 ** min(f.idle, 8), base * QUIET_BACKOFF, settings.vma_stall_after / 4)
+    f.due = sent + max(base, wait) - base / 2  # half an interval early: the round that comes polls it
 
 
 class VmaDriver:
@@ -228,10 +243,13 @@ class VmaDriver:
         while self._follow:
             started = time.monotonic()
             try:
-                await self.poll_once()
+                due = [f for f in self._follow.values() if f.due <= started]
+                if due:
+                    await self.poll_once(due)
             except Exception:  # noqa: BLE001 - keep following; the next round tries again
                 self.log.exception("progress poll failed")
             await asyncio.sleep(max(0.0, self.settings.vma_poll_interval - (time.monotonic() - started)))
+
 
     def nudge(self, job_id: str) -> None:
         """The copier recorded a change id: its sync ends within moments, so that job is polled soon
@@ -262,9 +280,11 @@ class VmaDriver:
             if state.get(f.job_id) in FINISHED or f.job_id not in state:
                 self._follow.pop(f.job_id, None)
         live = [f for f in follows if f.job_id in self._follow]
+        sent = time.monotonic()
         answers = await asyncio.gather(*(f.client.progress(f.job_id) for f in live), return_exceptions=True)
         now = time.monotonic()
         for f, answer in zip(live, answers):
+            before = (f.bytes, f.status)
             try:
                 if isinstance(answer, VmaNotFound):  # answering, but the job is gone (a VMA restart)
                     await self.fail(f.job_id, f"the VMA no longer knows the sync: {error_text(answer)}")
@@ -276,6 +296,7 @@ class VmaDriver:
                     await self._apply(f, answer, state.get(f.job_id), now)
             except Exception as exc:  # noqa: BLE001
                 self.log.warning("could not apply VMA progress", extra={"job_id": f.job_id, "reason": repr(exc)})
+            schedule(f, (f.bytes, f.status) != before, sent, self.settings)
         await self._report_reachability(live)
         self._gauges()
 

@@ -17,6 +17,7 @@ from oma.services.replication.models import (
     QUEUED,
     READY,
     REPLICATING,
+    JobVolume,
     ReplicationJob,
 )
 from oma.shared import errors
@@ -29,10 +30,11 @@ ETA_MAX = INT32_MAX  # vma_eta_seconds is an INT column (68 years)
 
 
 async def record(db: AsyncSession, job_id: str, report: ProgressReport,
-                 keep_failed: bool) -> tuple[dict[str, Any], list[str]]:
-    """Apply one report; the reply for the VMA and the event subjects to publish (in order)."""
+                 keep_failed: bool) -> tuple[dict[str, Any], list[str], ReplicationJob, list[JobVolume]]:
+    """Apply one report; the reply for the VMA, the event subjects to publish (in order), and the job
+    and its disks as they now are (the job's row locked: the caller numbers the events with it)."""
     events: list[str] = []
-    job = await queries.job(db, job_id)
+    job = await queries.job(db, job_id, lock=True)
     if job.status in FINISHED:
         raise errors.Conflict("Job finished", f"job {job_id} is {job.status}: no more progress accepted")
     if job.status in (QUEUED, PROVISIONING):
@@ -74,7 +76,7 @@ async def record(db: AsyncSession, job_id: str, report: ProgressReport,
              "vma_throughput_mbps": round(job.vma_throughput_mbps, 2)
              if job.vma_throughput_mbps is not None else None,
              "vma_eta_seconds": job.vma_eta_seconds}
-    return reply, events
+    return reply, events, job, list(rows.values())
 
 
 def apply_bytes(job: ReplicationJob, report: ProgressReport) -> bool:

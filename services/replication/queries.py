@@ -14,8 +14,10 @@ from oma.shared import errors
 from oma.shared.db import limit_offset, list_filters
 
 
-async def job(db: AsyncSession, job_id: str) -> ReplicationJob:
-    found = await db.scalar(select(ReplicationJob).where(ReplicationJob.job_id == job_id))
+async def job(db: AsyncSession, job_id: str, *, lock: bool = False) -> ReplicationJob:
+    """`lock`: the row is locked until the transaction ends (SELECT ... FOR UPDATE)."""
+    query = select(ReplicationJob).where(ReplicationJob.job_id == job_id)
+    found = await db.scalar(query.with_for_update() if lock else query)
     if found is None:
         raise errors.NotFound("Job not found", f"No replication job with ID: {job_id}")
     return found

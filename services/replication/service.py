@@ -76,6 +76,16 @@ THROUGHPUT = Gauge("oma_vma_throughput_mbps", "Smoothed VMA throughput summed ov
 ATTACHED = Gauge("oma_attached_disks", "Data disks the appliance VM holds (or is about to) for replication")
 
 
+def numbered(job: ReplicationJob, rows: list[JobVolume], subjects: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each event with the job's next seq, in the caller's transaction, which holds the job's row
+    lock (queries.job(lock=True)): no other writer takes a seq meanwhile."""
+    events = []
+    for subject in subjects:
+        job.seq += 1
+        events.append((subject, views.event(job, rows)))
+    return events
+
+
 class Replicator:
     """Coordinates a process's part in replication: the jobs it provisions (tasks), its in-process
     locks, and the steps of the other parts (admission, progress, cleanup, recovery, queries), given
@@ -130,14 +140,17 @@ class Replicator:
     async def emit(self, job_id: str, subject: str) -> None:
         """Record the next seq, then publish (a failed publish is logged: the state is committed)."""
         async with self.sessions.begin() as db:
-            await db.execute(update(ReplicationJob).where(ReplicationJob.job_id == job_id)
-                             .values(seq=ReplicationJob.seq + 1))
-            payload = views.event(await queries.job(db, job_id), await queries.rows(db, job_id))
-        try:
-            await self.bus.publish_event(subject, payload, msg_id=payload["event_id"])
-        except Exception as exc:  # noqa: BLE001
-            self.log.warning("could not publish a replication event",
-                             extra={"job_id": job_id, "subject": subject, "reason": type(exc).__name__})
+            events = numbered(await queries.job(db, job_id, lock=True), await queries.rows(db, job_id), [subject])
+        await self.publish(job_id, events)
+
+    async def publish(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Publish events numbered by `numbered` once their transaction committed."""
+        for subject, payload in events:
+            try:
+                await self.bus.publish_event(subject, payload, msg_id=payload["event_id"])
+            except Exception as exc:  # noqa: BLE001
+                self.log.warning("could not publish a replication event",
+                                 extra={"job_id": job_id, "subject": subject, "reason": type(exc).__name__})
 
     async def refresh_gauges(self) -> None:
         async with self.sessions() as db:
@@ -660,18 +673,18 @@ class Replicator:
     async def progress(self, job_id: str, report: ProgressReport) -> dict[str, Any]:
         """A VMA report: recorded (progress.record), then the events, gauges and, on failure, cleanup."""
         async with self._progress_locks[job_id]:
-            async with self.sessions.begin() as db:
-                reply, events = await progress.record(db, job_id, report, self.keep_failed)
+            async with self.sessions.begin() as db:  # one transaction: the report and its events' seq
+                reply, subjects, job, rows = await progress.record(db, job_id, report, self.keep_failed)
+                events = numbered(job, rows, subjects)
             status = reply["status"]
             if status == REPLICATING and reply["vma_throughput_mbps"] is not None:
                 self._throughput[job_id] = reply["vma_throughput_mbps"]
             elif status != REPLICATING:
                 self._throughput.pop(job_id, None)
                 self._progress_locks.pop(job_id, None)
-            if status != REPLICATING or Replication.EVT_STATUS in events:
+            if status != REPLICATING or Replication.EVT_STATUS in subjects:
                 JOBS.labels(status=status).inc()
-            for subject in events:
-                await self.emit(job_id, subject)
+            await self.publish(job_id, events)
         if status == FAILED and not self.keep_failed:
             self.spawn(self._after_vma_failure(job_id))
         THROUGHPUT.set(sum(self._throughput.values()))
