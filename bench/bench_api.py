@@ -64,7 +64,7 @@ def serve_bare(port: int) -> None:
     from fastapi import FastAPI
 
     from oma.services.gateway.server import uvicorn_config
-    from oma.cli import _event_loop_run
+    from oma.loop import run as run_loop
     from oma.shared.settings import Settings
 
     app = FastAPI()
@@ -74,7 +74,7 @@ def serve_bare(port: int) -> None:
         return {"status": "ok", "service": "bare", "count": 1}
 
     settings = Settings(host="127.0.0.1", port=port)
-    _event_loop_run(uvicorn.Server(uvicorn_config(app, settings)).serve())
+    run_loop(uvicorn.Server(uvicorn_config(app, settings)).serve())
 
 
 # --- CPU of a process tree ---------------------------------------------------------------------

@@ -43,7 +43,7 @@ async def serve_gateway(settings: Settings, nats_url: str, sock: socket.socket |
 def worker_main() -> None:
     """A gateway worker, started by runner.GatewayWorkers (never by hand): the listening socket
     and a pipe with the settings (NATS password included) are inherited descriptors."""
-    from oma.cli import _event_loop_run
+    from oma.loop import run as run_loop
     from oma.shared.logging import setup_logging
 
     sock_fd, conf_fd = (int(x) for x in os.environ.pop(WORKER_FDS).split(","))
@@ -53,7 +53,7 @@ def worker_main() -> None:
         sys.exit(1)
     settings = Settings(**conf["settings"])
     setup_logging(settings.debug, settings.log_format)
-    _event_loop_run(serve_gateway(settings, conf["nats_url"], socket.socket(fileno=sock_fd), conf["metrics"]))
+    run_loop(serve_gateway(settings, conf["nats_url"], socket.socket(fileno=sock_fd), conf["metrics"]))
 
 
 if __name__ == "__main__":

@@ -514,6 +514,19 @@ async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict
     assert env.sim.lab.snapshots == {}
 
 
+async def mapped_and_synced(c, h, vm) -> tuple[dict, list[str], list]:
+    """Map the live NICs to production networks and run the first sync: (its job, the replica volume ids
+    in unit order, the exports served then)."""
+    for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
+        r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
+            "source_network": nic.network, "production_network_id": net}})
+        assert r.status_code == 201, r.text
+    first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
+    assert first["status"] == "completed", first
+    replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
+    return first, replicas, c.appliance.services["export_manager"].exporter.list_exports()
+
+
 def when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=None)
 
@@ -525,14 +538,7 @@ async def test_live_cutover_with_the_final_sync_through_the_vma_then_rollback(ma
                             cloud_poll_interval=0.05, failover_shutdown_timeout=2) as (c, h, cloud, vma, vc):
         env = Env(c, h, cloud, c.config_id, tmp_path, [])
         vm = await discovered_vm(c, h, vc)
-        for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
-            r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
-                "source_network": nic.network, "production_network_id": net}})
-            assert r.status_code == 201, r.text
-        first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
-        assert first["status"] == "completed", first
-        replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
-        served = c.appliance.services["export_manager"].exporter.list_exports()
+        first, replicas, served = await mapped_and_synced(c, h, vm)
         # The guest writes after the last sync: only a sync after the power-off carries it over.
         written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
 
@@ -845,14 +851,7 @@ async def test_kill_9_during_the_final_sync_follows_the_same_sync(make_settings,
         try:
             await wait_for(failover_up(env), timeout=60, interval=0.2)
             vm = await discovered_vm(c, h, vc)
-            for nic, net in zip(LIVE_NICS, PROD_NETWORK_IDS):
-                r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
-                    "source_network": nic.network, "production_network_id": net}})
-                assert r.status_code == 201, r.text
-            first = await job_in(c, h, await start_sync(c, h, vm), "completed", "failed")
-            assert first["status"] == "completed", first
-            replicas = [d["volume_id"] for d in sorted(first["disks"], key=lambda d: d["unit_number"])]
-            served = c.appliance.services["export_manager"].exporter.list_exports()
+            first, replicas, served = await mapped_and_synced(c, h, vm)
             written = (await vma.mutate(vm["path"], vm["disks"][0]["id"], 1))["bytes_written"]
             await vma.set_faults(hang=True)
             failover_id = (await failover(env, "live", VM))["failover_id"]

@@ -105,6 +105,40 @@ def assert_volumes_equal_source(cloud, vma, vc, vm: dict, job: dict) -> None:
         assert digest(cloud.backing_path(d["volume_id"]), DISK) == digest(source), d
 
 
+class ReplicationApart:
+    """`oma-service replication` as its own process, to be SIGKILLed and started again."""
+
+    def __init__(self, client, h, log: Path) -> None:
+        self.client, self.h, self.log, self.proc = client, h, log, None
+
+    async def start(self) -> None:
+        self.proc = await start_service("replication", self.client.settings, self.log)
+
+        async def answering():
+            return (await self.client.get("/api/v1/replication/jobs", headers=self.h)).status_code == 200
+        await wait_for(answering, timeout=60)
+
+    async def kill(self) -> None:
+        await kill(self.proc)
+
+
+@contextlib.asynccontextmanager
+async def replication_apart(make_settings, tmp_path: Path, mariadb_name: str):
+    """`orchestrated` on MariaDB with replication apart: (client, h, cloud, vma, vc, replication); its
+    log must hold no traceback at the end."""
+    others = tuple(s for s in SERVICES if s != "replication")
+    async with orchestrated(make_settings, tmp_path, services=others, dependency_wait=30,
+                            **mariadb_settings(mariadb_name)) as (client, h, cloud, vma, vc):
+        rep = ReplicationApart(client, h, tmp_path / "replication.log")
+        await rep.start()
+        try:
+            yield client, h, cloud, vma, vc, rep
+        finally:
+            await rep.kill()
+    text = rep.log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
+
+
 async def test_a_job_runs_to_the_end_through_the_vma(make_settings, tmp_path):
     async with orchestrated(make_settings, tmp_path) as (client, h, cloud, vma, vc):
         vm = await discovered_vm(client, h, vc)
@@ -200,29 +234,16 @@ async def test_a_vma_that_stops_answering_stalls_then_fails_and_a_retry_complete
 
 async def test_replication_killed_mid_copy_follows_the_sync_again_after_a_restart(make_settings, tmp_path,
                                                                                    mariadb_name):
-    log = tmp_path / "replication.log"
-    others = tuple(s for s in SERVICES if s != "replication")
-    async with orchestrated(make_settings, tmp_path, services=others, dependency_wait=30,
-                            **mariadb_settings(mariadb_name)) as (client, h, cloud, vma, vc):
-        proc = await start_service("replication", client.settings, log)
-        try:
-            async def answering():
-                return (await client.get("/api/v1/replication/jobs", headers=h)).status_code == 200
-            await wait_for(answering, timeout=60)
-            vm = await discovered_vm(client, h, vc)
-            await vma.set_faults(throttle_bps=DISK // 4)  # about 8 s for both disks
-            job_id = await start(client, h, vm)
-            await job_in(client, h, job_id, "replicating", timeout=60)
-            await kill(proc)
-            proc = await start_service("replication", client.settings, log)
-            await wait_for(answering, timeout=60)
-            job = await job_in(client, h, job_id, "completed", "failed", timeout=60)
-            assert job["status"] == "completed", job
-            assert_volumes_equal_source(cloud, vma, vc, vm, job)
-        finally:
-            await kill(proc)
-    text = log.read_text(errors="replace")
-    assert "Traceback" not in text, text[-3000:]
+    async with replication_apart(make_settings, tmp_path, mariadb_name) as (client, h, cloud, vma, vc, rep):
+        vm = await discovered_vm(client, h, vc)
+        await vma.set_faults(throttle_bps=DISK // 4)  # about 8 s for both disks
+        job_id = await start(client, h, vm)
+        await job_in(client, h, job_id, "replicating", timeout=60)
+        await rep.kill()
+        await rep.start()
+        job = await job_in(client, h, job_id, "completed", "failed", timeout=60)
+        assert job["status"] == "completed", job
+        assert_volumes_equal_source(cloud, vma, vc, vm, job)
 
 
 async def test_replication_killed_during_the_replicate_call_follows_that_one_sync(make_settings, tmp_path,
@@ -230,47 +251,35 @@ async def test_replication_killed_during_the_replicate_call_follows_that_one_syn
     """SIGKILL at the moment replication asked the VMA to start the sync (the VMA's answer held back,
     the copy already running): the job was never recorded `replicating`. The copy ends while nobody
     follows it; after the restart the job completes on that sync: no second sync, nothing left over."""
-    log = tmp_path / "replication.log"
-    others = tuple(s for s in SERVICES if s != "replication")
-    async with orchestrated(make_settings, tmp_path, services=others, dependency_wait=30,
-                            **mariadb_settings(mariadb_name)) as (client, h, cloud, vma, vc):
-        proc = await start_service("replication", client.settings, log)
-        try:
-            async def answering():
-                return (await client.get("/api/v1/replication/jobs", headers=h)).status_code == 200
-            await wait_for(answering, timeout=60)
-            vm = await discovered_vm(client, h, vc)
-            await vma.set_faults(replicate_delay=60)
-            job_id = await start(client, h, vm)
+    async with replication_apart(make_settings, tmp_path, mariadb_name) as (client, h, cloud, vma, vc, rep):
+        vm = await discovered_vm(client, h, vc)
+        await vma.set_faults(replicate_delay=60)
+        job_id = await start(client, h, vm)
 
-            async def asked():
-                return vma.jobs.get(job_id)
-            sync = await wait_for(asked, timeout=60)
-            await kill(proc)
+        async def asked():
+            return vma.jobs.get(job_id)
+        sync = await wait_for(asked, timeout=60)
+        await rep.kill()
 
-            async def copied():
-                return sync.finished
-            await wait_for(copied, timeout=30)
-            assert sync.status == "completed", sync.errors
-            await vma.clear_faults()
-            proc = await start_service("replication", client.settings, log)
-            await wait_for(answering, timeout=60)
-            job = await job_in(client, h, job_id, "completed", "failed", timeout=60)
-            assert job["status"] == "completed", job
-            assert vma.jobs[job_id] is sync, "the restart followed the sync the VMA ran; it started none"
-            records = [c for c in vma.reporter.calls if c["method"] == "POST"]
-            assert sorted(c["body"]["disk_id"] for c in records) == sorted(d["disk_id"] for d in job["disks"])
-            assert_volumes_equal_source(cloud, vma, vc, vm, job)
-            volumes = {v.id: v for v in cloud.volumes.values() if v.type == "DATADISK"}
-            assert set(volumes) == {d["volume_id"] for d in job["disks"]}, "no volume left over"
-            assert all(v.vm_id == DEFAULT_VM_ID for v in volumes.values())
-            exporter = client.appliance.services["export_manager"].exporter
-            assert set(exporter.list_exports()) == {d["export_name"] for d in job["disks"]}, "no export left over"
-        finally:
-            await kill(proc)
-    text = log.read_text(errors="replace")
-    assert "Traceback" not in text, text[-3000:]
-    assert "sync already started on the VMA before a restart" in text, "resumed from ready_for_sync"
+        async def copied():
+            return sync.finished
+        await wait_for(copied, timeout=30)
+        assert sync.status == "completed", sync.errors
+        await vma.clear_faults()
+        await rep.start()
+        job = await job_in(client, h, job_id, "completed", "failed", timeout=60)
+        assert job["status"] == "completed", job
+        assert vma.jobs[job_id] is sync, "the restart followed the sync the VMA ran; it started none"
+        records = [c for c in vma.reporter.calls if c["method"] == "POST"]
+        assert sorted(c["body"]["disk_id"] for c in records) == sorted(d["disk_id"] for d in job["disks"])
+        assert_volumes_equal_source(cloud, vma, vc, vm, job)
+        volumes = {v.id: v for v in cloud.volumes.values() if v.type == "DATADISK"}
+        assert set(volumes) == {d["volume_id"] for d in job["disks"]}, "no volume left over"
+        assert all(v.vm_id == DEFAULT_VM_ID for v in volumes.values())
+        exporter = client.appliance.services["export_manager"].exporter
+        assert set(exporter.list_exports()) == {d["export_name"] for d in job["disks"]}, "no export left over"
+    assert "sync already started on the VMA before a restart" in rep.log.read_text(errors="replace"), \
+        "resumed from ready_for_sync"
 
 
 def test_oma_admin_registers_a_vma_with_its_api_url(tmp_path, mariadb_name):

@@ -456,7 +456,7 @@ class Replicator:
 
     # -- failure, cancel, cleanup ---------------------------------------------------------------
 
-    async def fail(self, job_id: str, error: str, ops: CloudOps | None = None, *, pump: bool = True) -> None:
+    async def fail(self, job_id: str, error: str, ops: CloudOps | None = None) -> None:
         async with self.sessions.begin() as db:
             await queries.job(db, job_id)  # 404 for an unknown job
             # Atomic: of two failures of one job (two disks), one fails it and cleans up.
@@ -472,8 +472,7 @@ class Replicator:
         await self.emit(job_id, Replication.EVT_FAILED)
         if not self.keep_failed:
             await self.cleanup(job_id, created_only=True, ops=ops)
-        if pump:
-            await self.pump()
+        await self.pump()
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """A job in flight is cancelled (what it created is removed); a finished job's volumes are released."""
