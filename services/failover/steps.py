@@ -612,7 +612,8 @@ async def revert_and_reattach(ctx: Ctx) -> None:
 
 Step = Callable[[Ctx], Awaitable[None]]
 RUN: dict[str, Step] = {
-    "validate": validate, "quiesce": quiesce, "resume_replication": resume_replication, "snapshot": take_snapshots, "clone": clone, "convert": convert, "create_vm": create_vm,
+    "validate": validate, "quiesce": quiesce, "resume_replication": resume_replication, "snapshot": take_snapshots,
+    "clone": clone, "convert": convert, "create_vm": create_vm,
     "swap_root": swap_root, "attach_data": attach_data, "start": start, "verify": verify,
     "stop_vm": stop_vm, "detach_volumes": detach_volumes, "destroy_vm": destroy_vm,
     "delete_clones": delete_clones, "delete_snapshots": delete_snapshots,
@@ -620,7 +621,8 @@ RUN: dict[str, Step] = {
     "reattach": reattach, "power_on_source": power_on_source}
 # What undoes each forward step (run in reverse order on failure).
 UNDO: dict[str, Step | None] = {
-    "validate": None, "quiesce": resume_replication, "resume_replication": None, "snapshot": delete_snapshots, "clone": delete_clones, "convert": None, "create_vm": destroy_vm,
+    "validate": None, "quiesce": resume_replication, "resume_replication": None, "snapshot": delete_snapshots,
+    "clone": delete_clones, "convert": None, "create_vm": destroy_vm,
     "swap_root": detach_volumes, "attach_data": detach_volumes, "start": stop_vm, "verify": None}
 # A live cutover's undo puts the replica back as it was: reverted while it is off the appliance (the VM
 # may have written to it), then on the appliance with its exports; the source powered on.
