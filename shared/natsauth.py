@@ -65,7 +65,7 @@ def permissions() -> dict[str, Permissions]:
                      "oma.inventory.>", "oma.replication.>", "oma.failover.>", "oma.scheduler.>",
                      Contexts.LIST, Contexts.GET, "oma.*.health.check", "$SRV.PING.>"],
             deny_publish=["oma.config.credentials.>", Inventory.CONNECTION, Inventory.POWER,
-                          Replication.HANDOVER, Replication.RECLAIM],
+                          Replication.HANDOVER, Replication.RECLAIM, Replication.QUIESCE, Replication.RESUME],
             # Replies, session revocations (cache eviction) and context updates (live views).
             subscribe=[inbox("gateway"), "oma.evt.auth.>", "oma.live.context_aggregator.>"],
             comment="The only caller of the public request subjects; never the decrypted credentials,\n"
@@ -91,12 +91,13 @@ def permissions() -> dict[str, Permissions]:
                     "finds the groups' VMs in the inventory."),
         "failover": _service(
             "failover", Config.CREDENTIALS, Replication.LIST, Replication.GET, Replication.CREATE,
-            Replication.HANDOVER, Replication.RECLAIM, Inventory.POWER, Exports.ENSURE, Exports.DEACTIVATE,
-            Scheduler.GROUPS,
+            Replication.HANDOVER, Replication.RECLAIM, Replication.QUIESCE, Replication.RESUME, Inventory.POWER,
+            Exports.ENSURE, Exports.DEACTIVATE, Scheduler.GROUPS,
             comment="Reads the replica volumes of a VM's latest replication job and runs the live cutover's\n"
-                    "final sync; needs the cloud credentials; powers the source VM off and on; hands the\n"
-                    "replica over to the new VM and takes it back; releases and restores its exports; reads\n"
-                    "the VM's protection group for its failover defaults."),
+                    "final sync; pauses the VM's syncs around a test failover's snapshots; needs the cloud\n"
+                    "credentials; powers the source VM off and on; hands the replica over to the new VM and\n"
+                    "takes it back; releases and restores its exports; reads the VM's protection group for\n"
+                    "its failover defaults."),
         "context_aggregator": _service(
             "context_aggregator", "oma.live.context_aggregator.>", *CONSUMER_API, ACKS,
             comment="The only reader of the stream: its consumers on OMA_EVENTS, live context updates."),

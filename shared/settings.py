@@ -118,6 +118,8 @@ class CoreSettings(BaseSettings):
                                              description="seconds a guest shutdown may take before a hard power-off")
     failover_final_sync_timeout: float = Field(3600.0, gt=0, le=86400, description="seconds a live cutover's "
                                                "final sync (after the source power-off) may take before it fails")
+    failover_quiesce_timeout: float = Field(3600.0, gt=0, le=86400, description="seconds a test failover waits "
+                                            "for the VM's sync in flight to finish before it snapshots the replica")
 
     # Scheduler (protection groups and their schedules; docs/scheduler.md).
     scheduler_tick: float = Field(5.0, gt=0, description="seconds between the scheduler's rounds (due "

@@ -65,6 +65,8 @@ class Replication:
     # rollback gives them back.
     HANDOVER = "oma.replication.vm.handover"
     RECLAIM = "oma.replication.vm.reclaim"
+    QUIESCE = "oma.replication.vm.quiesce"  # test failover: no new sync of the VM while it snapshots
+    RESUME = "oma.replication.vm.resume"
     EVT_PREFIX = "oma.evt.replication.job"
     EVT_CREATED = "oma.evt.replication.job.created"
     EVT_STATUS = "oma.evt.replication.job.status_changed"

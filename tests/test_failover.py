@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
+from oma.plugins.convert import group_alive
 from oma.plugins.ossea.client import CloudParamError, CloudStackClient
 from oma.plugins.ossea.sim_vms import (
     MEDIUM_OFFERING_ID,
@@ -33,6 +34,7 @@ from oma.shared.db import free_id
 from oma.shared.settings import SERVICES as SETTINGS_SERVICES
 from tests.conftest import assert_error_shape, mariadb_settings, wait_for
 from tests.nbdutil import nbdcopy, random_file
+from tests.procutil import descendants
 from tests.test_orchestration import VM, assert_volumes_equal_source, discovered_vm, job_in, orchestrated
 from tests.test_orchestration import start as start_sync
 from tests.test_replication import Env, replication_env, request
@@ -186,8 +188,9 @@ async def test_fault_injection_reaches_the_new_commands():
 
 # -- test failover and cleanup end to end ---------------------------------------------------------
 
-async def prepare(env: Env, name: str = "app01", disks: int = 3) -> dict[str, Any]:
-    """Network mappings, a 3-disk 2-NIC VM replicated (ready_for_sync), distinct bytes on each replica."""
+async def prepare(env: Env, name: str = "app01", disks: int = 3, complete: bool = True) -> dict[str, Any]:
+    """Network mappings, a 3-disk 2-NIC VM replicated, distinct bytes on each replica; its sync reported
+    completed (else still in flight: ready_for_sync)."""
     for nic, test_net, prod_net in zip(NICS, TEST_NETWORK_IDS, PROD_NETWORK_IDS):
         r = await env.client.post("/api/v1/network/mappings", headers=env.headers, json={
             "action": "create", "mapping": {"source_network": nic["network"], "test_network_id": test_net,
@@ -201,6 +204,8 @@ async def prepare(env: Env, name: str = "app01", disks: int = 3) -> dict[str, An
         with open(disk["device_path"], "r+b") as f:
             f.seek(MiB)
             f.write(f"disk-{i}".encode())
+    if complete:
+        assert (await env.progress(reply["job_id"], {"status": "completed"})).status_code == 200
     return reply
 
 
@@ -267,15 +272,14 @@ async def test_test_failover_and_cleanup_end_to_end(make_settings, tmp_path):
         started = await failover(env, "test")
         assert started["status"] == "running" and re.fullmatch(r"fo-\d{8}-\d{6}(-\d+)?", started["failover_id"])
         job = await finished(env, started["failover_id"])
-        assert job["status"] == "completed", job
-        assert [s["status"] for s in job["steps"]] == ["done"] * 8   # no `convert` step without a converter
+        assert job["status"] == "completed", (job["error"], job["steps"])
+        assert [s["status"] for s in job["steps"]] == ["done"] * 10   # no `convert` step without a converter
         assert {r["kind"] for r in job["resources"]} == {"snapshot", "volume", "vm", "stub_root"}
         assert all(r["cloud_id"] for r in job["resources"])
         await check_test_vm(env, job, reply)
         await context_status(env, "failed_over_test")
 
         # replication goes on while the test VM runs: an incremental sync writes the replica over NBD
-        assert (await env.progress(reply["job_id"], {"status": "completed"})).status_code == 200
         r = await env.post({**request(env.config_id, "app01", disks=3, cpus=1, memory_mb=1024, nics=NICS),
                             "replication_type": "incremental"})
         assert r.status_code == 201, r.text
@@ -372,6 +376,46 @@ async def test_group_defaults_fill_the_options_and_preflight_refuses_before_a_jo
         assert "'Retired Instance' does not exist" in details and "a VM named 'app01' already exists" in details, \
             details
         assert await jobs() == before
+
+
+async def test_test_failover_snapshots_a_finished_sync_and_pauses_replication_meanwhile(make_settings, tmp_path):
+    """`quiesce`: the VM's sync in flight is waited for (no snapshot before it completes, so the clones
+    hold its last bytes), no new sync of the VM is admitted while the replica is snapshotted (409), and
+    `resume_replication` admits them again before the test VM is even built."""
+    async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05) as env:
+        reply = await prepare(env, complete=False)
+        incremental = {**request(env.config_id, "app01", disks=3, cpus=1, memory_mb=1024, nics=NICS),
+                       "replication_type": "incremental"}
+        failover_id = (await failover(env, "test"))["failover_id"]
+
+        def step(name: str) -> Callable[[], Awaitable[bool]]:
+            async def at() -> bool:
+                r = await env.client.get(f"/api/v1/failover/jobs/{failover_id}", headers=env.headers)
+                return r.json()["current_step"] == name
+            return at
+        await wait_for(step("quiesce"), timeout=15)
+        await asyncio.sleep(1.0)  # many polls of the sync
+        assert not [c for c in env.sim.calls if c["command"] == "createSnapshot"]
+        boot = min(reply["nbd_exports"], key=lambda e: e["disk_unit_number"])
+        with open(boot["device_path"], "r+b") as f:  # the sync's last bytes, then its completion
+            f.seek(MiB)
+            f.write(b"synced")
+        env.sim.hang("createSnapshot")
+        assert (await env.progress(reply["job_id"], {"status": "completed"})).status_code == 200
+        await wait_for(step("snapshot"), timeout=15)
+        body = assert_error_shape(await env.post(incremental), 409)
+        assert f"test failover {failover_id} is snapshotting" in body["details"], body
+        env.sim.release("createSnapshot")
+        await wait_for(step("clone"), timeout=15)
+        env.sim.hang("startVirtualMachine")
+        await wait_for(step("start"), timeout=15)
+        r = await env.post(incremental)   # resumed: replication goes on while the test VM is built
+        assert r.status_code == 201, r.text
+        env.sim.release("startVirtualMachine")
+        job = await finished(env, failover_id)
+        assert job["status"] == "completed", job
+        root = next(v for v in env.sim.volumes.values() if v.vm_id == job["target_vm_id"] and v.type == "ROOT")
+        assert content(env.sim, root.id) == b"synced"
 
 
 async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_settings, tmp_path):
@@ -611,8 +655,8 @@ async def test_a_failed_live_cutover_puts_everything_back(make_settings, tmp_pat
 class FailoverProcess:
     """`oma-service failover` alone, on MariaDB and the test's NATS, killed with SIGKILL on demand."""
 
-    def __init__(self, settings: Any, log: Path):
-        self.settings, self.log, self.proc = settings, log, None
+    def __init__(self, settings: Any, log: Path, **env: str):
+        self.settings, self.log, self.proc, self.env = settings, log, None, env
 
     def start(self) -> None:
         s = self.settings
@@ -621,7 +665,8 @@ class FailoverProcess:
                 "-db-name", s.db_name, "-db-user", s.db_user, "-db-pass", s.db_pass, "-metrics-port", "0",
                 "-data-dir", str(s.data_dir)]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-               "OMA_CLOUD_POLL_INTERVAL": "0.05", "OMA_CLOUD_JOB_TIMEOUT": "20", "OMA_FAILOVER_SHUTDOWN_TIMEOUT": "2"}
+               "OMA_CLOUD_POLL_INTERVAL": "0.05", "OMA_CLOUD_JOB_TIMEOUT": "20", "OMA_FAILOVER_SHUTDOWN_TIMEOUT": "2",
+               **self.env}
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
@@ -643,13 +688,35 @@ def no_device_0(params: dict[str, str]) -> bool:
 
 # (phase, step, the command whose call triggers the kill, an optional filter on its parameters)
 KILL_POINTS = [
-    ("test", "validate", "listServiceOfferings", None), ("test", "snapshot", "createSnapshot", None),
+    ("test", "validate", "listServiceOfferings", None), ("test", "quiesce", "replication:quiesce", None),
+    ("test", "snapshot", "createSnapshot", None), ("test", "resume_replication", "replication:resume", None),
     ("test", "clone", "createVolume", None), ("test", "create_vm", "deployVirtualMachine", None),
     ("test", "swap_root", "detachVolume", None), ("test", "attach_data", "attachVolume", no_device_0),
     ("test", "start", "startVirtualMachine", None), ("test", "verify", "listNics", None),
     ("cleanup", "stop_vm", "stopVirtualMachine", None), ("cleanup", "detach_volumes", "detachVolume", None),
     ("cleanup", "destroy_vm", "destroyVirtualMachine", None), ("cleanup", "delete_clones", "deleteVolume", None),
     ("cleanup", "delete_snapshots", "deleteSnapshot", None)]
+
+
+def hold_method(obj: Any, name: str) -> Callable[[FailoverProcess], Awaitable[None]]:
+    """Like `kill_on_call` for an in-process service's handler the failover service calls over the bus
+    (`obj.name`): its first call is held until the failover service is SIGKILLed, then carried out."""
+    real = getattr(obj, name)
+    asked, go = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kw: Any) -> Any:
+        if not asked.is_set():
+            asked.set()
+            await go.wait()
+        return await real(*args, **kw)
+    setattr(obj, name, held)
+
+    async def kill(proc: FailoverProcess) -> None:
+        await asyncio.wait_for(asked.wait(), 60)
+        proc.kill()
+        go.set()
+        delattr(obj, name)  # the class's method again
+    return kill
 
 
 async def kill_on_call(sim: CloudStackSimulator, proc: FailoverProcess, mark: int, command: str, match) -> None:
@@ -725,6 +792,9 @@ async def killable(make_settings, tmp_path: Path, mariadb_name: str, services: t
                 if phase == action:
                     if command.startswith("power:"):
                         held = hold_power(env, command.removeprefix("power:"))
+                    elif command.startswith("replication:"):
+                        held = hold_method(env.client.appliance.services["replication"].jobs,
+                                           command.removeprefix("replication:"))
                     else:
                         env.sim.hang(command)
                 failover_id = (await failover(env, action, vm_name, **options))["failover_id"]
@@ -752,6 +822,51 @@ async def test_kill_9_at_every_step_resumes_and_leaves_nothing(make_settings, tm
         await run("cleanup")
         assert await leftovers(env.sim, {v["volume_id"] for v in reply["created_volumes"]}) == \
             {"vms": [], "volumes": [], "snapshots": []}
+
+
+async def converters(proc: FailoverProcess) -> list[int]:
+    """The virt-v2v-in-place processes the failover service started."""
+    return [p for p in descendants(proc.proc.pid) if Path(f"/proc/{p}/comm").read_text().startswith("virt-v2v")]
+
+
+async def test_kill_9_while_the_converter_runs_stops_it_resumes_and_compensates(make_settings, tmp_path,
+                                                                                 mariadb_name):
+    """The `convert` step's kill point: SIGKILL of the failover service while virt-v2v-in-place runs on
+    the boot clone. The converter's process group (virt-v2v, its qemu) outlives the service and goes on
+    writing the disk; the resumed step stops that group before it converts again (never two converters
+    on one disk), virt-v2v then fails on this OS-less disk, and the compensation leaves no VM, volume,
+    snapshot or process behind."""
+    async with replication_env(make_settings, tmp_path, {"job_latency": 0.2}, services=SERVICES[:-1],
+                               **mariadb_settings(mariadb_name)) as env:
+        proc = FailoverProcess(env.client.settings, tmp_path / "failover.log", OMA_DEVICE_WAIT="5",
+                               OMA_DEVICE_BY_ID_DIR=str(tmp_path / "dev"), OMA_CONVERT_TIMEOUT="900",
+                               OMA_CONVERT_LIBGUESTFS_BACKEND_SETTINGS="force_tcg")
+        proc.start()
+        try:
+            await wait_for(failover_up(env), timeout=60, interval=0.2)
+            reply = await prepare(env, "conv01", disks=2)
+            boot = min(reply["nbd_exports"], key=lambda e: e["disk_unit_number"])["device_path"]
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "no-os", boot], check=True)  # a filesystem, no OS
+            failover_id = (await failover(env, "test", "conv01", convert="virt-v2v"))["failover_id"]
+            [first] = await wait_for(lambda: converters(proc), timeout=120, interval=0.05)
+            await asyncio.sleep(2)  # well inside the conversion (libguestfs' appliance boots for ~20 s)
+            proc.kill()
+            assert os.getpgid(first) == first and group_alive(first)   # the orphan converts on, in its group
+            proc.start()
+            [second] = await wait_for(lambda: converters(proc), timeout=120, interval=0.05)
+            assert second != first and not group_alive(first)   # stopped before the second started ...
+            log = (tmp_path / "failover.log").read_text()
+            assert re.search(rf"stopping a conversion left running.*\b{first}\b", log), log[-3000:]  # ... by it
+            job = await finished(env, failover_id, timeout=900)
+            assert job["status"] == "compensated", job
+            steps = {s["name"]: s for s in job["steps"]}
+            assert (steps["convert"]["attempts"], steps["convert"]["status"]) == (2, "compensated"), steps
+            assert "inspection could not detect the source guest" in job["error"], job["error"]
+            replicas = {v["volume_id"] for v in reply["created_volumes"]}
+            assert await leftovers(env.sim, replicas) == {"vms": [], "volumes": [], "snapshots": []}
+            assert not group_alive(second) and not list((tmp_path / "data" / "convert").iterdir())
+        finally:
+            proc.stop()
 
 
 LIVE_KILL_POINTS = [

@@ -382,7 +382,8 @@ class Failovers:
             ctx = st.Ctx(client, JobResources(self.sessions, owner), plan, owner,
                          self.settings.cloud_poll_interval, self.settings.cloud_job_timeout, self.bus, save,
                          self.settings.failover_final_sync_timeout, self.converter(plan.get("convert") or "none"),
-                         self.resolver, self.settings.device_wait)
+                         self.resolver, self.settings.device_wait,
+                         quiesce_timeout=self.settings.failover_quiesce_timeout)
             if job.status == RUNNING:
                 await self._forward(job, ctx)
             if job.status == COMPENSATING:

@@ -6,8 +6,10 @@ never creates twice. Every creating step records the unique name before it asks,
 soon as the cloud answers. A compensation undoes its step from whatever state the cloud is in; the
 cleanup of a test failover is the same compensations run forward (`CLEANUP_STEPS`).
 
-A test failover (replication keeps running): validate -> snapshot -> clone -> convert (optional, the
-boot clone on the appliance) -> create_vm -> swap_root -> attach_data -> start -> verify (shared/reference/failover.md, route A). A live cutover boots the
+A test failover (replication keeps running): validate -> quiesce (the VM's sync in flight finishes, no
+new one starts) -> snapshot -> resume_replication -> clone -> convert (optional, the boot clone on the
+appliance) -> create_vm -> swap_root -> attach_data -> start -> verify (shared/reference/failover.md,
+route A). A live cutover boots the
 replica volumes themselves: validate -> power_off_source -> final_sync (an incremental replication job
 through the VMA, run to completion) -> snapshot (safety) -> convert (optional, the boot replica in
 place) -> release (replication hands the volumes over;
@@ -29,7 +31,8 @@ from oma.shared.subjects import Exports, Inventory, Replication
 
 RUNNING_STATES = ("Running", "Starting")
 # Step name -> the cleanup step that undoes it (None: nothing to undo).
-TEST_STEPS = ("validate", "snapshot", "clone", "convert", "create_vm", "swap_root", "attach_data", "start", "verify")
+TEST_STEPS = ("validate", "quiesce", "snapshot", "resume_replication", "clone", "convert", "create_vm", "swap_root",
+              "attach_data", "start", "verify")
 CLEANUP_STEPS = ("stop_vm", "detach_volumes", "destroy_vm", "delete_clones", "delete_snapshots")
 LIVE_STEPS = ("validate", "power_off_source", "final_sync", "snapshot", "convert", "release", "create_vm",
               "swap_root", "attach_data", "start", "verify")
@@ -60,6 +63,7 @@ class Ctx:
     converter: Any = None    # plugins/convert.py: the plan's `convert`
     resolver: Any = None     # the device-resolver plugin: a volume attached to the appliance -> its device
     device_wait: float = 30.0
+    quiesce_timeout: float = 3600.0
 
     @property
     def live(self) -> bool:
@@ -204,6 +208,23 @@ def pick_offering(offerings: list[dict[str, Any]], wanted: str | None, cpus: int
         raise errors.BadRequest("No service offering fits",
                                 f"no offering has {cpus} CPU(s) and {memory_mb} MB; name one in options")
     return fits[0]
+
+
+async def quiesce(ctx: Ctx) -> None:
+    """Replication pauses the VM's syncs (none is admitted from here on) and the step waits until the
+    one in flight, if any, has finished: the snapshots then hold one whole sync, not a sync half copied."""
+    async def idle() -> bool:
+        reply = await ctx.bus.call(Replication.QUIESCE, _replica(ctx))
+        return not reply["in_flight"]
+    await ctx.until("the VM's sync in flight to finish", idle, ctx.quiesce_timeout)
+
+
+async def resume_replication(ctx: Ctx) -> None:
+    await ctx.bus.call(Replication.RESUME, _replica(ctx))
+
+
+def _replica(ctx: Ctx) -> dict[str, str]:
+    return {"job_id": ctx.plan["replication_job_id"], "failover_id": ctx.failover_id}
 
 
 async def take_snapshots(ctx: Ctx) -> None:
@@ -540,8 +561,7 @@ async def release(ctx: Ctx) -> None:
     """The replica leaves the appliance: replication hands its volumes over to the new VM (no sync,
     delete or cleanup of the VM touches them from now on; 409 while a sync runs), its exports stop
     serving, its volumes are detached."""
-    await ctx.bus.call(Replication.HANDOVER, {"job_id": ctx.plan["replication_job_id"],
-                                              "failover_id": ctx.failover_id})
+    await ctx.bus.call(Replication.HANDOVER, _replica(ctx))
     for disk in ctx.plan["disks"]:
         if disk.get("export_name"):
             await ctx.bus.call(Exports.DEACTIVATE, {"export_name": disk["export_name"]})
@@ -561,8 +581,7 @@ async def reattach(ctx: Ctx) -> None:
             await ctx.bus.call(Exports.ENSURE, {"vm_id": disk["export_vm_id"], "disk_unit_number": disk["unit"],
                                                 "vm_name": ctx.plan["vm_name"], "device_path": disk["device_path"]})
     # Replication takes the volumes back; without a revert their change ids are void (a full sync next).
-    await ctx.bus.call(Replication.RECLAIM, {"job_id": ctx.plan["replication_job_id"], "failover_id": ctx.failover_id,
-                                             "reverted": bool(ctx.plan.get("reverted", True))})
+    await ctx.bus.call(Replication.RECLAIM, {**_replica(ctx), "reverted": bool(ctx.plan.get("reverted", True))})
 
 
 async def revert_snapshots(ctx: Ctx) -> None:
@@ -593,7 +612,8 @@ async def revert_and_reattach(ctx: Ctx) -> None:
 
 Step = Callable[[Ctx], Awaitable[None]]
 RUN: dict[str, Step] = {
-    "validate": validate, "snapshot": take_snapshots, "clone": clone, "convert": convert, "create_vm": create_vm,
+    "validate": validate, "quiesce": quiesce, "resume_replication": resume_replication, "snapshot": take_snapshots,
+    "clone": clone, "convert": convert, "create_vm": create_vm,
     "swap_root": swap_root, "attach_data": attach_data, "start": start, "verify": verify,
     "stop_vm": stop_vm, "detach_volumes": detach_volumes, "destroy_vm": destroy_vm,
     "delete_clones": delete_clones, "delete_snapshots": delete_snapshots,
@@ -601,7 +621,8 @@ RUN: dict[str, Step] = {
     "reattach": reattach, "power_on_source": power_on_source}
 # What undoes each forward step (run in reverse order on failure).
 UNDO: dict[str, Step | None] = {
-    "validate": None, "snapshot": delete_snapshots, "clone": delete_clones, "convert": None, "create_vm": destroy_vm,
+    "validate": None, "quiesce": resume_replication, "resume_replication": None, "snapshot": delete_snapshots,
+    "clone": delete_clones, "convert": None, "create_vm": destroy_vm,
     "swap_root": detach_volumes, "attach_data": detach_volumes, "start": stop_vm, "verify": None}
 # A live cutover's undo puts the replica back as it was: reverted while it is off the appliance (the VM
 # may have written to it), then on the appliance with its exports; the source powered on.

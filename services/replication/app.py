@@ -203,6 +203,15 @@ class ReplicationService(ServiceApp):
         """Failover's live cutover takes the VM's replica volumes (handover.py)."""
         return await self.jobs.hand_over(req.model(handover.HandoverRequest))
 
+    @endpoint(Replication.QUIESCE)
+    async def quiesce(self, req: BusRequest):
+        """A test failover pauses the VM's syncs while it snapshots the replica (handover.py)."""
+        return await self.jobs.quiesce(req.model(handover.HandoverRequest))
+
+    @endpoint(Replication.RESUME)
+    async def resume(self, req: BusRequest):
+        return await self.jobs.resume(req.model(handover.HandoverRequest))
+
     @endpoint(Replication.RECLAIM)
     async def reclaim(self, req: BusRequest):
         """Failover's rollback gives them back (handover.py)."""

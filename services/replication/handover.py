@@ -11,7 +11,16 @@ replication lets go of them until a rollback gives them back.
   Unless the disks were reverted to the snapshot taken before the cutover, the change ids no longer
   describe them (the new VM wrote to them): they are cleared, so the next sync is a full one.
 
-Both are idempotent (a failover step runs again after a restart).
+A test failover boots clones of the replica while replication goes on, but snapshots it first:
+
+- `oma.replication.vm.quiesce {job_id, failover_id}` (its `quiesce` step): the VM is recorded in
+  `quiesced_vms`, so no new job of the VM is admitted (409); the reply lists the VM's jobs still in
+  flight, which the step waits for (asking again) before it snapshots: every snapshot then holds the
+  same finished sync.
+- `oma.replication.vm.resume {job_id, failover_id}` (its `resume_replication` step, and the undo of
+  `quiesce`): the record goes.
+
+All are idempotent (a failover step runs again after a restart).
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from oma.services.replication import admission, queries
-from oma.services.replication.models import IN_FLIGHT, FailedOverVm, JobVolume, ReplicationJob
+from oma.services.replication.models import IN_FLIGHT, FailedOverVm, JobVolume, QuiescedVm, ReplicationJob
 from oma.shared import errors
 from oma.shared.db import iso
 
@@ -96,3 +105,38 @@ async def _reply(db: AsyncSession, row: FailedOverVm) -> dict[str, Any]:
     held = sorted(await admission.holdings(db, row.vm_key), key=lambda r: r.unit_number)
     return {"success": True, "vm_name": row.vm_name, "failed_over": True, "failover_id": row.failover_id,
             "since": iso(row.created_at), "volume_ids": [r.volume_id for r in held]}
+
+
+# -- a test failover's pause ----------------------------------------------------------------------
+
+def paused(row: QuiescedVm) -> errors.Conflict:
+    return errors.Conflict("Replication paused", f"test failover {row.failover_id} is snapshotting the replica of "
+                           f"VM {row.vm_name} (since {iso(row.created_at)}); retry once it has")
+
+
+async def refuse_if_paused(db: AsyncSession, vm_key: str) -> None:
+    if (row := await db.get(QuiescedVm, vm_key)) is not None:
+        raise paused(row)
+
+
+async def quiesce(db: AsyncSession, body: HandoverRequest) -> dict[str, Any]:
+    """In the admission transaction, as `hand_over`: a job admitted before the record is listed as in
+    flight, none is admitted after it."""
+    job = await queries.job(db, body.job_id)
+    await admission.lock(db, job.oma_vm_id or "")
+    row = await db.get(QuiescedVm, job.vm_key)
+    if row is None:
+        db.add(QuiescedVm(vm_key=job.vm_key, vm_name=job.vm_name, failover_id=body.failover_id))
+    elif row.failover_id != body.failover_id:
+        raise paused(row)
+    busy = (await db.scalars(select(ReplicationJob.job_id).where(
+        ReplicationJob.vm_key == job.vm_key, ReplicationJob.status.in_(IN_FLIGHT)).order_by(ReplicationJob.id))).all()
+    return {"success": True, "vm_name": job.vm_name, "quiesced": True, "in_flight": list(busy)}
+
+
+async def resume(db: AsyncSession, body: HandoverRequest) -> dict[str, Any]:
+    job = await queries.job(db, body.job_id)
+    row = await db.get(QuiescedVm, job.vm_key)
+    if row is not None and row.failover_id == body.failover_id:
+        await db.delete(row)
+    return {"success": True, "vm_name": job.vm_name, "quiesced": False}

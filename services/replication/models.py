@@ -143,6 +143,17 @@ class ApplianceSlots(Base):
     learned_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class QuiescedVm(Base):
+    """A source VM whose syncs a test failover paused while it snapshots the replica (services/
+    replication/handover.py): no new job of the VM is admitted until the failover resumes them."""
+    __tablename__ = "quiesced_vms"
+
+    vm_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    vm_name: Mapped[str] = mapped_column(String(255))
+    failover_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class FailedOverVm(Base):
     """A source VM whose live cutover runs it in OSSEA on the replica volumes (services/replication/
     handover.py). Its holding rows keep holding (the appliance's slots stay reserved for a rollback),

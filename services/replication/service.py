@@ -198,6 +198,7 @@ class Replicator:
                                           f"VM {vm.name} already has job {busy.job_id} ({busy.status})")
                 if (moved := await handover.failed_over(db, key)) is not None:
                     raise handover.refusal(moved, "it can be replicated again")
+                await handover.refuse_if_paused(db, key)
                 job = ReplicationJob(
                     job_id=job_id, vm_id=vm.id, vm_uuid=vm.uuid, vm_key=key, vm_name=vm.name,
                     ossea_config_id=req.ossea_config_id, oma_vm_id=oma_vm_id,
@@ -659,6 +660,15 @@ class Replicator:
         self.log.info("replica volumes handed over to a failed-over VM", extra={
             "job_id": body.job_id, "failover_id": body.failover_id, "volumes": reply["volume_ids"]})
         return reply
+
+    async def quiesce(self, body: handover.HandoverRequest) -> dict[str, Any]:
+        async with self._admission:  # with the slot row's lock, as hand_over
+            async with self.sessions.begin() as db:
+                return await handover.quiesce(db, body)
+
+    async def resume(self, body: handover.HandoverRequest) -> dict[str, Any]:
+        async with self.sessions.begin() as db:
+            return await handover.resume(db, body)
 
     async def reclaim(self, body: handover.ReclaimRequest) -> dict[str, Any]:
         async with self._admission:
