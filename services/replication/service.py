@@ -62,6 +62,7 @@ from oma.shared import errors, preflight
 from oma.shared.bus import Reply
 from oma.shared.contracts import CloudCapacityError
 from oma.shared.db import free_id, utcnow
+from oma.shared.locks import KeyedLocks
 from oma.shared.plugins import get_backend
 from oma.shared.schemas import ProgressReport, ReplicationRequest
 from oma.shared.subjects import Config, Exports, Replication
@@ -95,6 +96,7 @@ class Replicator:
         self._slot_rows: set[str] = set()  # appliance VMs whose appliance_slots row exists
         self._running: dict[str, asyncio.Task] = {}
         self._progress_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._cleanups = KeyedLocks()  # by job id
         self._throughput: dict[str, float] = {}
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -513,7 +515,16 @@ class Replicator:
     async def cleanup(self, job_id: str, *, created_only: bool, ops: CloudOps | None = None,
                       sweep: bool = False) -> list[str]:
         """Deactivate exports, detach and delete the volumes the job holds (only those it created, or all).
-        With `sweep`, volumes a finished job's rows name but no longer hold are looked up by name too."""
+        With `sweep`, volumes a finished job's rows name but no longer hold are looked up by name too.
+        One cleanup of a job at a time: a DELETE's cleanup is marked pending while it runs, and the
+        retry janitor, running beside it, sent a second detach and delete of each volume (a second
+        detach queued behind the first is the straggler of apache/cloudstack#14214; the later
+        delete failed with 431 and left the job `Cleanup pending`). The later one finds what is left."""
+        async with self._cleanups.hold(job_id):
+            return await self._cleanup(job_id, created_only=created_only, ops=ops, sweep=sweep)
+
+    async def _cleanup(self, job_id: str, *, created_only: bool, ops: CloudOps | None,
+                       sweep: bool) -> list[str]:
         job, rows = await self.load(job_id)
         targets = [r for r in rows if (r.holds_volume or (sweep and r.created_by_job and r.volume_name))
                    and (r.created_by_job or not created_only)]
