@@ -30,10 +30,8 @@ from oma.services.replication.cloud import CloudOps, error_text
 from oma.services.replication.models import (
     CANCELLED,
     COMPLETED,
-    D_ATTACHED,
     D_ATTACHING,
     D_CANCELLED,
-    D_CREATED,
     D_CREATING,
     D_EXPORTING,
     D_FAILED,
@@ -135,6 +133,9 @@ class Replicator:
             await db.execute(update(ReplicationJob).where(ReplicationJob.job_id == job_id)
                              .values(seq=ReplicationJob.seq + 1))
             payload = views.event(await queries.job(db, job_id), await queries.rows(db, job_id))
+        await self._publish(job_id, subject, payload)
+
+    async def _publish(self, job_id: str, subject: str, payload: dict[str, Any]) -> None:
         try:
             await self.bus.publish_event(subject, payload, msg_id=payload["event_id"])
         except Exception as exc:  # noqa: BLE001
@@ -153,7 +154,12 @@ class Replicator:
         entered = time.monotonic()
         vm = req.source_vm
         units = vm.disk_slots()  # the request was validated: no two disks share a slot
-        creds = await self.credentials(req.ossea_config_id, wait=False)  # 404 for an unknown id
+        # The configuration (404 for an unknown id) and, beside it, whether the NBD server serves:
+        # no volume for a disk that no NBD server could export (503 from export_manager).
+        creds, exporting = await asyncio.gather(self.credentials(req.ossea_config_id, wait=False),
+                                                self.bus.call(Exports.READY, {}), return_exceptions=True)
+        if isinstance(creds, BaseException):
+            raise creds
         if not creds.get("is_active", True):
             raise errors.Conflict("OSSEA configuration inactive",
                                   f"OSSEA configuration {req.ossea_config_id} ({creds.get('name')}) is not active")
@@ -161,9 +167,9 @@ class Replicator:
             raise errors.Conflict("OSSEA configuration incomplete",
                                   f"OSSEA configuration {req.ossea_config_id} has no oma_vm_id: volumes need a VM "
                                   "to attach to")
-        # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager),
-        # none for a VM that cannot work (shared/preflight.py: 400 with the failed checks).
-        await self.bus.call(Exports.READY, {})
+        if isinstance(exporting, BaseException):
+            raise exporting
+        # Pre-flight: no volume for a VM that cannot work (shared/preflight.py: 400 with the failed checks).
         async with self.sessions() as db:  # a VM failed over is refused as such (409), not by preflight
             if (moved := await handover.failed_over(db, vm.uuid or vm.id)) is not None:
                 raise handover.refusal(moved, "it can be replicated again")
@@ -218,7 +224,7 @@ class Replicator:
                                                             "disks": len(rows), "status": job.status})
             await self.emit(job_id, Replication.EVT_CREATED)
             # Started under the admission lock: a cancel can never slip between admission and start.
-            task = self._start(job_id, creds) if admitted else None
+            task = self._start(job_id, creds, (job, rows)) if admitted else None
         await self.refresh_gauges()
         if task is None:
             job, rows = await self.load(job_id)
@@ -269,8 +275,9 @@ class Replicator:
                     self._start(job_id)
         await self.refresh_gauges()
 
-    def _start(self, job_id: str, creds: dict[str, Any] | None = None) -> asyncio.Task:
-        task = self.spawn(self._provision(job_id, creds))
+    def _start(self, job_id: str, creds: dict[str, Any] | None = None,
+               admitted: tuple[ReplicationJob, list[JobVolume]] | None = None) -> asyncio.Task:
+        task = self.spawn(self._provision(job_id, creds, admitted))
         self._running[job_id] = task
         # Only this task's entry: a job queued again and re-admitted has a newer one.
         task.add_done_callback(lambda t: self._running.pop(job_id) if self._running.get(job_id) is t else None)
@@ -278,13 +285,15 @@ class Replicator:
 
     # -- provisioning ---------------------------------------------------------------------------
 
-    async def _provision(self, job_id: str, creds: dict[str, Any] | None = None) -> None:
-        """Provision every disk of an admitted job at once (`creds`: those the create just fetched)."""
+    async def _provision(self, job_id: str, creds: dict[str, Any] | None = None,
+                         admitted: tuple[ReplicationJob, list[JobVolume]] | None = None) -> None:
+        """Provision every disk of an admitted job at once (`creds`, `admitted`: the configuration the
+        create just fetched, the job and rows as its admission left them: not read again)."""
         started = time.monotonic()
         result = "failed"
         ops: CloudOps | None = None
         try:
-            job, rows = await self.load(job_id)
+            job, rows = admitted or await self.load(job_id)
             if job.status != PROVISIONING:  # cancelled before it could start: nothing to create
                 result = "cancelled"
                 return
@@ -349,6 +358,7 @@ class Replicator:
 
     async def _provision_disk(self, ops: CloudOps, job: ReplicationJob, row: JobVolume,
                               placement: tuple[str, str] | None, oma_vm_id: str) -> None:
+        attached: dict[str, Any] = {}  # what the attach answered, written with the next step's record
         try:
             if row.created_by_job:
                 assert placement is not None
@@ -361,15 +371,16 @@ class Replicator:
                         await self._set(row.id, status=D_CREATING, updated_at=utcnow())
                     volume_id = await ops.create_volume(row.volume_name, placement[0], placement[1],
                                                         row.size_gb, record, sending)
-                    await self._set(row.id, volume_id=volume_id, status=D_CREATED)
                 if not current or current.get("virtualmachineid") != oma_vm_id:
-                    await self._set(row.id, status=D_ATTACHING, updated_at=utcnow())
+                    # `created` is not recorded on its way to `attaching`: one write less between the
+                    # two cloud jobs (a restart in between settles first, then finds it unattached).
+                    await self._set(row.id, volume_id=volume_id, status=D_ATTACHING, updated_at=utcnow())
                     volume = await ops.attach(volume_id, oma_vm_id)
-                    await self._set(row.id, status=D_ATTACHED, device_id=volume.get("deviceid"))
+                    attached = {"device_id": volume.get("deviceid")}
                 path = await self.resolver.resolve(volume_id, self.settings.device_wait)
             else:
                 path = await self._reused_device(ops, row, oma_vm_id)
-            await self._set(row.id, status=D_EXPORTING, device_path=path)
+            await self._set(row.id, status=D_EXPORTING, device_path=path, **attached)
             export = await self.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
                                                       "vm_name": job.vm_name, "device_path": path})
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
@@ -379,7 +390,7 @@ class Replicator:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._set(row.id, status=D_FAILED, error=error_text(exc))
+            await self._set(row.id, status=D_FAILED, error=error_text(exc), **attached)
             raise
 
     async def _existing_volume(self, ops: CloudOps, row: JobVolume,
@@ -450,9 +461,13 @@ class Replicator:
             job.status, job.progress_percent, job.ready_at = READY, 100.0, utcnow()
             job.current_operation = "Ready for sync"
             job.message = REUSED_MESSAGE if any(r.reused for r in rows) else NEW_MESSAGE
+            # The status event's seq, as emit() numbers it, in this transaction: the row is locked
+            # by the update above until commit, and one transaction less stands before the reply.
+            job.seq += 1
+            payload = views.event(job, rows)
         JOBS.labels(status=READY).inc()
         self.log.info("replication job ready for sync", extra={"job_id": job_id, "disks": len(rows)})
-        await self.emit(job_id, Replication.EVT_STATUS)
+        await self._publish(job_id, Replication.EVT_STATUS, payload)
         self.driver.ready(job_id)  # issue 16 hook: start the sync through the job's VMA (driver.py)
 
     # -- failure, cancel, cleanup ---------------------------------------------------------------
