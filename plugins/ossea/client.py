@@ -38,7 +38,7 @@ MAX_PAGE_SIZE = 500  # CloudStack's default.page.size
 # long enough to absorb modest clock skew.
 SIGNATURE_LIFETIME = timedelta(minutes=10)
 READ_PREFIXES = ("list", "query", "get")
-POLL_MIN, POLL_FRACTION = 0.02, 0.2  # async-job polling (CloudStackClient._poll_pause)
+POLL_MIN, POLL_FRACTION = 0.01, 0.2  # async-job polling (CloudStackClient._poll_pause)
 POLL_EARLY = 0.5  # a job found done at its first poll after a pause is recorded as this share of it
 # Recent durations of successful async jobs, per API endpoint and command: when to poll first.
 _JOB_TIMES: dict[tuple[str, str | None], deque[float]] = {}

@@ -230,8 +230,11 @@ class Replicator:
             job, rows = await self.load(job_id)
             return Reply(views.create_reply(job, rows), status=202)
         # provision_wait counts from the request: the gateway's timeout is derived from it.
-        await asyncio.wait({task}, timeout=max(0.0, self.settings.provision_wait - (time.monotonic() - entered)))
-        job, rows = await self.load(job_id)
+        left = max(0.0, self.settings.provision_wait - (time.monotonic() - entered))
+        done, _ = await asyncio.wait({task}, timeout=left)
+        # Ready: the job as the task made it so (no second read); otherwise as it is now.
+        ready = task.result() if done and not task.cancelled() and task.exception() is None else None
+        job, rows = ready or await self.load(job_id)
         if job.status == FAILED:
             raise errors.BadGateway("Replication job failed", f"job {job_id}: {job.error}")
         if job.status == CANCELLED:
@@ -286,7 +289,8 @@ class Replicator:
     # -- provisioning ---------------------------------------------------------------------------
 
     async def _provision(self, job_id: str, creds: dict[str, Any] | None = None,
-                         admitted: tuple[ReplicationJob, list[JobVolume]] | None = None) -> None:
+                         admitted: tuple[ReplicationJob, list[JobVolume]] | None = None,
+                         ) -> tuple[ReplicationJob, list[JobVolume]] | None:
         """Provision every disk of an admitted job at once (`creds`, `admitted`: the configuration the
         create just fetched, the job and rows as its admission left them: not read again)."""
         started = time.monotonic()
@@ -296,7 +300,7 @@ class Replicator:
             job, rows = admitted or await self.load(job_id)
             if job.status != PROVISIONING:  # cancelled before it could start: nothing to create
                 result = "cancelled"
-                return
+                return None
             creds = creds or await self.credentials(job.ossea_config_id)
             ops = self.cloud(creds)
             placement = await ops.placement(creds["zone"]) if any(r.created_by_job for r in rows) else None
@@ -306,16 +310,18 @@ class Replicator:
             if failures and all(isinstance(f, CloudCapacityError) for f in failures):
                 if await self._requeue_for_capacity(job_id, ops, creds["oma_vm_id"], failures[0]):
                     result = "requeued"
-                    return
+                    return None
             if failures:
                 raise failures[0]
-            await self._ready(job_id)
+            ready = await self._ready(job_id)
             result = "ready"
+            return ready
         except asyncio.CancelledError:
             result = "cancelled"
             raise
         except Exception as exc:  # noqa: BLE001 - any failure fails the job, with its text
             await self.fail(job_id, error_text(exc), ops)
+            return None
         finally:
             PROVISION.labels(result=result).observe(time.monotonic() - started)
             if ops is not None:
@@ -448,14 +454,15 @@ class Replicator:
             await self._set(row.id, device_id=volume.get("deviceid"))
         return await self.resolver.resolve(row.volume_id, self.settings.device_wait)
 
-    async def _ready(self, job_id: str) -> None:
+    async def _ready(self, job_id: str) -> tuple[ReplicationJob, list[JobVolume]] | None:
+        """Ready for sync: the job and its rows as they were made so (None: another run did it)."""
         async with self.sessions.begin() as db:
             # Atomic: of two provisioning runs of one job (a resumed one racing a late one), one
             # makes it ready, so its sync starts once.
             moved = await db.execute(update(ReplicationJob).where(
                 ReplicationJob.job_id == job_id, ReplicationJob.status == PROVISIONING).values(status=READY))
             if moved.rowcount != 1:
-                return
+                return None
             job = await queries.job(db, job_id)
             rows = await queries.rows(db, job_id)
             job.status, job.progress_percent, job.ready_at = READY, 100.0, utcnow()
@@ -469,6 +476,7 @@ class Replicator:
         self.log.info("replication job ready for sync", extra={"job_id": job_id, "disks": len(rows)})
         await self._publish(job_id, Replication.EVT_STATUS, payload)
         self.driver.ready(job_id)  # issue 16 hook: start the sync through the job's VMA (driver.py)
+        return job, rows
 
     # -- failure, cancel, cleanup ---------------------------------------------------------------
 
