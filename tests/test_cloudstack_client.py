@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -171,6 +172,25 @@ async def test_job_that_never_finishes_times_out(sim: CloudStackSimulator) -> No
             await new_volume(cs)
     assert caught.value.job_id and caught.value.resource_id in sim.volumes
     assert not caught.value.retryable  # the job may still finish: the caller decides
+
+
+async def test_jobs_that_got_faster_are_polled_at_their_pace(sim: CloudStackSimulator) -> None:
+    """The first poll of a job goes where recent jobs of its command were last seen running, and a
+    job found done at its first poll is recorded as maybe faster: after slow jobs, fast ones are
+    soon found as they finish, not when the slow ones were (recording when a job was found done
+    kept every later job waiting at least that long)."""
+    sim.set_job_latency(0.6, "createVolume")
+    async with make_client(sim, poll_interval=0.5) as cs:
+        await new_volume(cs)
+        sim.set_job_latency(0.2, "createVolume")
+        late = []
+        for _ in range(4):
+            volume = await new_volume(cs)
+            found = time.monotonic()
+            job = next(j for j in sim.job_log() if j["instance_id"] == volume["id"])
+            late.append(found - job["finished"])
+    assert late[0] > 0.15, late  # polled first where the slow job was last seen running
+    assert max(late[2:]) < 0.1, late
 
 
 async def test_stopped_cloud_is_unreachable(tmp_path) -> None:

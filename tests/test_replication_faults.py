@@ -343,6 +343,28 @@ async def test_a_retried_cleanup_polls_the_detach_it_submitted(make_settings, tm
         assert not env.sim.hazards and metric("oma_attached_disks") == 0
 
 
+async def test_a_delete_and_the_cleanup_janitor_release_each_volume_once(make_settings, tmp_path):
+    """A DELETE's cleanup is marked pending while its detaches queue on the appliance VM; the retry
+    janitor running meanwhile waits for it and finds nothing left, rather than sending a second
+    detach and delete of each volume (the second delete failed with 431: `Cleanup pending`)."""
+    async with replication_env(make_settings, tmp_path) as env:
+        r = await env.post(request(env.config_id, "janitor", disks=3))
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        env.sim.set_job_latency(0.3, "detachVolume")  # three detaches queue on the VM: ~0.9 s
+        env.sim.set_latency("deleteVolume", 0.3)  # a second release would see the volume still there
+        delete = asyncio.create_task(env.delete(job_id))
+        await wait_for(lambda: _true(len(env.commands("detachVolume")) == 3), 5)
+        assert await env.replication.jobs.retry_cleanups() == 0
+        r = await delete
+        assert r.status_code == 200 and not r.json()["cleanup_pending"], r.text
+        assert len(r.json()["released_volumes"]) == 3
+        assert len(env.commands("detachVolume")) == 3 and len(env.commands("deleteVolume")) == 3
+        assert {c["status"] for c in env.commands("deleteVolume")} == {200}
+        assert not (await env.job(job_id))["cleanup_pending"]
+        assert not env.data_volumes() and not env.sim.hazards and metric("oma_attached_disks") == 0
+
+
 async def test_a_failed_incremental_job_does_not_strand_the_volume_it_took_over(make_settings, tmp_path):
     """Job 1 completes; job 2 (incremental) takes its volume over and fails on it (the device is gone
     for a moment); job 3 takes the same volume back: no new volume, no stranded disk slot."""

@@ -38,7 +38,8 @@ MAX_PAGE_SIZE = 500  # CloudStack's default.page.size
 # long enough to absorb modest clock skew.
 SIGNATURE_LIFETIME = timedelta(minutes=10)
 READ_PREFIXES = ("list", "query", "get")
-POLL_MIN, POLL_FRACTION = 0.02, 0.2  # async-job polling (CloudStackClient._poll_pause)
+POLL_MIN, POLL_FRACTION = 0.01, 0.2  # async-job polling (CloudStackClient._poll_pause)
+POLL_EARLY = 0.5  # a job found done at its first poll after a pause is recorded as this share of it
 # Recent durations of successful async jobs, per API endpoint and command: when to poll first.
 _JOB_TIMES: dict[tuple[str, str | None], deque[float]] = {}
 
@@ -107,6 +108,15 @@ class CloudCredentials:
 
 
 # -- client -------------------------------------------------------------------------------------
+
+def job_duration(running: float, done: float) -> float:
+    """What a finished job's polls say of its duration, for the next job's first poll: the last time
+    it was seen running (a lower bound: the next first poll is not late). Found done at the first
+    poll after a long pause, it may have been much faster: half that pause then, so jobs that got
+    faster are soon polled at their pace. (Recording when a job was found done ratchets the first
+    poll up: never earlier than the first job was found, whatever the jobs take since.)"""
+    return max(running, POLL_EARLY * done)
+
 
 def _is_read(command: str) -> bool:
     return command.lower().startswith(READ_PREFIXES)
@@ -191,11 +201,14 @@ class CloudStackClient:
         started = loop.time()
         deadline = started + self.job_timeout
         key = (self.api_url, command)
+        running = 0.0  # when the last poll that found the job still running was sent
         while True:
+            asked = loop.time() - started
             job = await self.query_async_job_result(job_id)
             status = job.get("jobstatus")
             if status == 1:
-                _JOB_TIMES.setdefault(key, deque(maxlen=32)).append(loop.time() - started)
+                _JOB_TIMES.setdefault(key, deque(maxlen=32)).append(
+                    job_duration(running, loop.time() - started))
                 return job.get("jobresult") or {}
             if status == 2:
                 result = job.get("jobresult") or {}
@@ -206,17 +219,19 @@ class CloudStackClient:
                 # Not retryable: the job may still finish; the caller decides (poll again, clean up).
                 raise CloudTimeout(f"async job {job_id} did not finish within {self.job_timeout:g}s",
                                    retryable=False, **context)
+            running = asked
             await asyncio.sleep(self._poll_pause(loop.time() - started, _JOB_TIMES.get(key)))
 
     def _poll_pause(self, elapsed: float, seen: deque[float] | None) -> float:
         """Seconds until the next queryAsyncJobResult. Not a fixed interval, which makes a 0.3 s job
         cost up to a whole interval more: first until the fastest recent job of this command would
-        have finished, then a fifth of the time waited so far (a job found at most ~20% late), between
-        POLL_MIN and `poll_interval`."""
+        have finished, then a fifth of the time waited beyond that (POLL_MIN steps near it, so a job
+        as fast as the others is found within POLL_MIN; a slower one, e.g. queued behind others on
+        its VM, at most ~20% late), at most `poll_interval`."""
         fastest = min(seen) if seen else 0.0
         if elapsed < fastest:
             return fastest - elapsed
-        return min(self.poll_interval, max(POLL_MIN, elapsed * POLL_FRACTION))
+        return min(self.poll_interval, max(POLL_MIN, (elapsed - fastest) * POLL_FRACTION))
 
     async def list_all(self, command: str, key: str, **params: Any) -> list[dict[str, Any]]:
         """Every item of a list command across pages (an empty list comes back as `{}`)."""

@@ -31,6 +31,7 @@ from oma.shared import errors
 from oma.shared.contracts import validate_device_path
 from oma.shared.db import iso
 from oma.shared.disk_slot import SlotNumber
+from oma.shared.locks import KeyedLocks
 from oma.shared.schemas import VM_KEY_MAX, VM_KEY_PATTERN
 
 EXPORT_PREFIX = "migration-vm-"
@@ -108,28 +109,6 @@ def export_name_for(vm_id: str, unit: int) -> str:
 
 
 # ----- concurrency helpers
-
-class KeyedLocks:
-    """An asyncio lock per key, forgotten when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: Any) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        lock = lock or asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
 
 class BatchGate:
     """Lets concurrent exporter changes start together. An ensure is `busy` while it writes its
@@ -262,9 +241,8 @@ class ExportManager:
         finally:
             self.note_reloads()
         ENSURES.labels(outcome=action).inc()
-        if action != "reused":
-            await self.refresh_active_gauge()
-            await self.publish(action, m)
+        if action != "reused":  # together: one wait less before the caller's reply
+            await asyncio.gather(self.refresh_active_gauge(), self.publish(action, m))
         messages = {
             "created": "NBD export created",
             "reused": "Existing NBD export reused (no server reload)" if not readded else

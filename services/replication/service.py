@@ -30,10 +30,8 @@ from oma.services.replication.cloud import CloudOps, error_text
 from oma.services.replication.models import (
     CANCELLED,
     COMPLETED,
-    D_ATTACHED,
     D_ATTACHING,
     D_CANCELLED,
-    D_CREATED,
     D_CREATING,
     D_EXPORTING,
     D_FAILED,
@@ -62,6 +60,7 @@ from oma.shared import errors, preflight
 from oma.shared.bus import Reply
 from oma.shared.contracts import CloudCapacityError
 from oma.shared.db import free_id, utcnow
+from oma.shared.locks import KeyedLocks
 from oma.shared.plugins import get_backend
 from oma.shared.schemas import ProgressReport, ReplicationRequest
 from oma.shared.subjects import Config, Exports, Replication
@@ -105,6 +104,7 @@ class Replicator:
         self._slot_rows: set[str] = set()  # appliance VMs whose appliance_slots row exists
         self._running: dict[str, asyncio.Task] = {}
         self._progress_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._cleanups = KeyedLocks()  # by job id
         self._throughput: dict[str, float] = {}
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -164,7 +164,12 @@ class Replicator:
         entered = time.monotonic()
         vm = req.source_vm
         units = vm.disk_slots()  # the request was validated: no two disks share a slot
-        creds = await self.credentials(req.ossea_config_id, wait=False)  # 404 for an unknown id
+        # The configuration (404 for an unknown id) and, beside it, whether the NBD server serves:
+        # no volume for a disk that no NBD server could export (503 from export_manager).
+        creds, exporting = await asyncio.gather(self.credentials(req.ossea_config_id, wait=False),
+                                                self.bus.call(Exports.READY, {}), return_exceptions=True)
+        if isinstance(creds, BaseException):
+            raise creds
         if not creds.get("is_active", True):
             raise errors.Conflict("OSSEA configuration inactive",
                                   f"OSSEA configuration {req.ossea_config_id} ({creds.get('name')}) is not active")
@@ -172,9 +177,9 @@ class Replicator:
             raise errors.Conflict("OSSEA configuration incomplete",
                                   f"OSSEA configuration {req.ossea_config_id} has no oma_vm_id: volumes need a VM "
                                   "to attach to")
-        # Pre-flight: no volume for a disk that no NBD server could export (503 from export_manager),
-        # none for a VM that cannot work (shared/preflight.py: 400 with the failed checks).
-        await self.bus.call(Exports.READY, {})
+        if isinstance(exporting, BaseException):
+            raise exporting
+        # Pre-flight: no volume for a VM that cannot work (shared/preflight.py: 400 with the failed checks).
         async with self.sessions() as db:  # a VM failed over is refused as such (409), not by preflight
             if (moved := await handover.failed_over(db, vm.uuid or vm.id)) is not None:
                 raise handover.refusal(moved, "it can be replicated again")
@@ -230,14 +235,17 @@ class Replicator:
                                                             "disks": len(rows), "status": job.status})
             await self.emit(job_id, Replication.EVT_CREATED)
             # Started under the admission lock: a cancel can never slip between admission and start.
-            task = self._start(job_id, creds) if admitted else None
+            task = self._start(job_id, creds, (job, rows)) if admitted else None
         await self.refresh_gauges()
         if task is None:
             job, rows = await self.load(job_id)
             return Reply(views.create_reply(job, rows), status=202)
         # provision_wait counts from the request: the gateway's timeout is derived from it.
-        await asyncio.wait({task}, timeout=max(0.0, self.settings.provision_wait - (time.monotonic() - entered)))
-        job, rows = await self.load(job_id)
+        left = max(0.0, self.settings.provision_wait - (time.monotonic() - entered))
+        done, _ = await asyncio.wait({task}, timeout=left)
+        # Ready: the job as the task made it so (no second read); otherwise as it is now.
+        ready = task.result() if done and not task.cancelled() and task.exception() is None else None
+        job, rows = ready or await self.load(job_id)
         if job.status == FAILED:
             raise errors.BadGateway("Replication job failed", f"job {job_id}: {job.error}")
         if job.status == CANCELLED:
@@ -281,8 +289,9 @@ class Replicator:
                     self._start(job_id)
         await self.refresh_gauges()
 
-    def _start(self, job_id: str, creds: dict[str, Any] | None = None) -> asyncio.Task:
-        task = self.spawn(self._provision(job_id, creds))
+    def _start(self, job_id: str, creds: dict[str, Any] | None = None,
+               admitted: tuple[ReplicationJob, list[JobVolume]] | None = None) -> asyncio.Task:
+        task = self.spawn(self._provision(job_id, creds, admitted))
         self._running[job_id] = task
         # Only this task's entry: a job queued again and re-admitted has a newer one.
         task.add_done_callback(lambda t: self._running.pop(job_id) if self._running.get(job_id) is t else None)
@@ -290,16 +299,19 @@ class Replicator:
 
     # -- provisioning ---------------------------------------------------------------------------
 
-    async def _provision(self, job_id: str, creds: dict[str, Any] | None = None) -> None:
-        """Provision every disk of an admitted job at once (`creds`: those the create just fetched)."""
+    async def _provision(self, job_id: str, creds: dict[str, Any] | None = None,
+                         admitted: tuple[ReplicationJob, list[JobVolume]] | None = None,
+                         ) -> tuple[ReplicationJob, list[JobVolume]] | None:
+        """Provision every disk of an admitted job at once (`creds`, `admitted`: the configuration the
+        create just fetched, the job and rows as its admission left them: not read again)."""
         started = time.monotonic()
         result = "failed"
         ops: CloudOps | None = None
         try:
-            job, rows = await self.load(job_id)
+            job, rows = admitted or await self.load(job_id)
             if job.status != PROVISIONING:  # cancelled before it could start: nothing to create
                 result = "cancelled"
-                return
+                return None
             creds = creds or await self.credentials(job.ossea_config_id)
             ops = self.cloud(creds)
             placement = await ops.placement(creds["zone"]) if any(r.created_by_job for r in rows) else None
@@ -309,16 +321,18 @@ class Replicator:
             if failures and all(isinstance(f, CloudCapacityError) for f in failures):
                 if await self._requeue_for_capacity(job_id, ops, creds["oma_vm_id"], failures[0]):
                     result = "requeued"
-                    return
+                    return None
             if failures:
                 raise failures[0]
-            await self._ready(job_id)
+            ready = await self._ready(job_id)
             result = "ready"
+            return ready
         except asyncio.CancelledError:
             result = "cancelled"
             raise
         except Exception as exc:  # noqa: BLE001 - any failure fails the job, with its text
             await self.fail(job_id, error_text(exc), ops)
+            return None
         finally:
             PROVISION.labels(result=result).observe(time.monotonic() - started)
             if ops is not None:
@@ -361,6 +375,7 @@ class Replicator:
 
     async def _provision_disk(self, ops: CloudOps, job: ReplicationJob, row: JobVolume,
                               placement: tuple[str, str] | None, oma_vm_id: str) -> None:
+        attached: dict[str, Any] = {}  # what the attach answered, written with the next step's record
         try:
             if row.created_by_job:
                 assert placement is not None
@@ -373,15 +388,16 @@ class Replicator:
                         await self._set(row.id, status=D_CREATING, updated_at=utcnow())
                     volume_id = await ops.create_volume(row.volume_name, placement[0], placement[1],
                                                         row.size_gb, record, sending)
-                    await self._set(row.id, volume_id=volume_id, status=D_CREATED)
                 if not current or current.get("virtualmachineid") != oma_vm_id:
-                    await self._set(row.id, status=D_ATTACHING, updated_at=utcnow())
+                    # `created` is not recorded on its way to `attaching`: one write less between the
+                    # two cloud jobs (a restart in between settles first, then finds it unattached).
+                    await self._set(row.id, volume_id=volume_id, status=D_ATTACHING, updated_at=utcnow())
                     volume = await ops.attach(volume_id, oma_vm_id)
-                    await self._set(row.id, status=D_ATTACHED, device_id=volume.get("deviceid"))
+                    attached = {"device_id": volume.get("deviceid")}
                 path = await self.resolver.resolve(volume_id, self.settings.device_wait)
             else:
                 path = await self._reused_device(ops, row, oma_vm_id)
-            await self._set(row.id, status=D_EXPORTING, device_path=path)
+            await self._set(row.id, status=D_EXPORTING, device_path=path, **attached)
             export = await self.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
                                                       "vm_name": job.vm_name, "device_path": path})
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
@@ -391,7 +407,7 @@ class Replicator:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._set(row.id, status=D_FAILED, error=error_text(exc))
+            await self._set(row.id, status=D_FAILED, error=error_text(exc), **attached)
             raise
 
     async def _existing_volume(self, ops: CloudOps, row: JobVolume,
@@ -449,23 +465,28 @@ class Replicator:
             await self._set(row.id, device_id=volume.get("deviceid"))
         return await self.resolver.resolve(row.volume_id, self.settings.device_wait)
 
-    async def _ready(self, job_id: str) -> None:
+    async def _ready(self, job_id: str) -> tuple[ReplicationJob, list[JobVolume]] | None:
+        """Ready for sync: the job and its rows as they were made so (None: another run did it)."""
         async with self.sessions.begin() as db:
             # Atomic: of two provisioning runs of one job (a resumed one racing a late one), one
             # makes it ready, so its sync starts once.
             moved = await db.execute(update(ReplicationJob).where(
                 ReplicationJob.job_id == job_id, ReplicationJob.status == PROVISIONING).values(status=READY))
             if moved.rowcount != 1:
-                return
+                return None
             job = await queries.job(db, job_id)
             rows = await queries.rows(db, job_id)
             job.status, job.progress_percent, job.ready_at = READY, 100.0, utcnow()
             job.current_operation = "Ready for sync"
             job.message = REUSED_MESSAGE if any(r.reused for r in rows) else NEW_MESSAGE
+            # The status event numbered in this transaction: the row is locked by the update above
+            # until commit, and one transaction less stands before the reply.
+            events = numbered(job, rows, [Replication.EVT_STATUS])
         JOBS.labels(status=READY).inc()
         self.log.info("replication job ready for sync", extra={"job_id": job_id, "disks": len(rows)})
-        await self.emit(job_id, Replication.EVT_STATUS)
+        await self.publish(job_id, events)
         self.driver.ready(job_id)  # issue 16 hook: start the sync through the job's VMA (driver.py)
+        return job, rows
 
     # -- failure, cancel, cleanup ---------------------------------------------------------------
 
@@ -526,7 +547,16 @@ class Replicator:
     async def cleanup(self, job_id: str, *, created_only: bool, ops: CloudOps | None = None,
                       sweep: bool = False) -> list[str]:
         """Deactivate exports, detach and delete the volumes the job holds (only those it created, or all).
-        With `sweep`, volumes a finished job's rows name but no longer hold are looked up by name too."""
+        With `sweep`, volumes a finished job's rows name but no longer hold are looked up by name too.
+        One cleanup of a job at a time: a DELETE's cleanup is marked pending while it runs, and the
+        retry janitor, running beside it, sent a second detach and delete of each volume (a second
+        detach queued behind the first is the straggler of apache/cloudstack#14214; the later
+        delete failed with 431 and left the job `Cleanup pending`). The later one finds what is left."""
+        async with self._cleanups.hold(job_id):
+            return await self._cleanup(job_id, created_only=created_only, ops=ops, sweep=sweep)
+
+    async def _cleanup(self, job_id: str, *, created_only: bool, ops: CloudOps | None,
+                       sweep: bool) -> list[str]:
         job, rows = await self.load(job_id)
         targets = [r for r in rows if (r.holds_volume or (sweep and r.created_by_job and r.volume_name))
                    and (r.created_by_job or not created_only)]
