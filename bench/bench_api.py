@@ -289,7 +289,8 @@ def main() -> None:
         for run in range(args.runs):
             for i, (t, path, script) in enumerate(cases):
                 results[i].append(wrk(t, path.replace("/{vm}", "/") if script else path, script, args))
-            print(f"run {run + 1}/{args.runs} done", flush=True)
+            print(f"run {run + 1}/{args.runs} done: " + ", ".join(
+                f"{t.name} {path} {results[i][-1]['rps']:.0f}/s p99 {results[i][-1]['p99']:.1f} ms" for i, (t, path, _) in enumerate(cases)), flush=True)
         print(f"\nwrk -t1 -c{args.connections} -d{args.seconds}s after {args.warmup}s unmeasured, "
               f"medians of {args.runs} interleaved runs; "
               f"x bare = median of the per-run ratios to the bare endpoint; CPU = the target's processes")
