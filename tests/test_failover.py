@@ -418,6 +418,28 @@ async def test_test_failover_snapshots_a_finished_sync_and_pauses_replication_me
         assert content(env.sim, root.id) == b"synced"
 
 
+
+async def test_a_stop_does_not_wait_out_a_step_and_the_next_start_resumes_it(make_settings, tmp_path, mariadb_name):
+    """The failover service stopped while a test failover waits for the VM's sync in flight (its
+    quiesce step may wait an hour): the stop returns at once, and the next start resumes the job,
+    which completes once the sync does."""
+    async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
+                               **mariadb_settings(mariadb_name)) as env:
+        reply = await prepare(env, complete=False)
+        failover_id = (await failover(env, "test"))["failover_id"]
+
+        async def quiescing() -> bool:
+            r = await env.client.get(f"/api/v1/failover/jobs/{failover_id}", headers=env.headers)
+            return r.json()["current_step"] == "quiesce"
+        await wait_for(quiescing, timeout=15)
+        service = env.client.appliance.services["failover"]
+        await asyncio.wait_for(service.stop(), timeout=10)
+        await service.start()
+        assert (await env.progress(reply["job_id"], {"status": "completed"})).status_code == 200
+        job = await finished(env, failover_id)
+        assert job["status"] == "completed", job
+        assert (await finished(env, (await failover(env, "cleanup"))["failover_id"]))["status"] == "completed"
+
 async def test_failures_compensate_or_stay_retryable_and_the_lock_follows(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path, services=SERVICES, cloud_poll_interval=0.05,
                                cloud_job_timeout=5.0) as env:

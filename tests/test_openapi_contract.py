@@ -213,8 +213,10 @@ async def test_real_answers_match_the_documented_bodies(doc, make_settings, tmp_
                                                        "mapping": {"production_network_id": PROD_NETWORK_IDS[0]}}),
                   maps, 200)
             check(await c.post(maps, headers=h, json={"action": "get"}), maps, 200)
-            check(await env.post(request(env.config_id, "contract-fo", nics=[{"network": "VM Network"}])),
-                  "/api/v1/replications", 201)
+            fo_sync = check(await env.post(request(env.config_id, "contract-fo", nics=[{"network": "VM Network"}])),
+                            "/api/v1/replications", 201)
+            # A test failover snapshots a finished sync (it waits for one in flight: its quiesce step).
+            check(await env.progress(fo_sync["job_id"], {"status": "completed"}), jobs + "/{job_id}/progress", 200)
             fo = check(await c.post("/api/v1/failover", headers=h, json={"action": "test", "vm_name": "contract-fo"}),
                        "/api/v1/failover", 202)
             fo_jobs = "/api/v1/failover/jobs"

@@ -18,6 +18,14 @@ class FailoverService(ServiceApp):
         self.failovers = Failovers(self)
         await self.failovers.recover()  # jobs a stop (or kill -9) interrupted resume now
 
+    async def stop(self) -> None:
+        # A step records what it is about to do before doing it and resumes on the next start (as
+        # after kill -9), so a stop does not wait out one that may last an hour (a quiesce, a conversion).
+        failovers = getattr(self, "failovers", None)
+        if failovers is not None:
+            failovers.interrupt()
+        await super().stop()
+
     @endpoint(Failover.ACTION)
     async def action(self, req: BusRequest):
         return await self.failovers.action(req.model(FailoverRequest))

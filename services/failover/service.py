@@ -353,6 +353,11 @@ class Failovers:
             self._running[failover_id] = task
             task.add_done_callback(lambda _: self._running.pop(failover_id, None))
 
+    def interrupt(self) -> None:
+        """Cancel the runs of this process (a stop): the next start resumes them from their records."""
+        for task in list(self._running.values()):
+            task.cancel()
+
     async def recover(self) -> None:
         async with self.sessions() as db:
             ids = (await db.scalars(select(FailoverJob.failover_id).where(FailoverJob.status.in_(ACTIVE))
