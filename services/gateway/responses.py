@@ -649,8 +649,8 @@ class ExecutionList(Page):
 
 
 class PreflightCheck(Body):
-    check: str = Field(description="cbt, disk_slots, volume_limit, disk_offering, network, target_name, power_state "
-                                   "(inventory: not found)")
+    check: str = Field(description="cbt, disk_slots, volume_limit, disk_offering, network, target_name, power_state, "
+                                   "snapshots (inventory: not found)")
     status: Literal["pass", "warn", "fail"]
     reason: str
 
