@@ -15,6 +15,10 @@ Each check is `pass`, `warn` (unknown, or it will wait) or `fail` (it cannot wor
 - `network`: every NIC's source network has a network mapping (failover needs one).
 - `target_name`: no VM in the cloud already has the name the VM gets at cutover.
 - `power_state`: on or off passes; suspended warns (its memory state is not migrated).
+- `snapshots`: snapshots on the source VM (the inventory's count, read from vSphere). With CBT off they
+  block enabling (resetting) CBT, so an incremental fails (a full copy warns) until they are removed;
+  with CBT on they only warn (each sync's own snapshot grows the chain). Unknown (a VMA's discovery
+  does not report them) warns.
 A fact that cannot be read (a service or the cloud not answering, a backend without the call) gives
 `warn`, never `fail`: preflight refuses only what it knows cannot work.
 """
@@ -33,7 +37,8 @@ from oma.shared.subjects import Failover, Inventory
 log = logging.getLogger("oma.preflight")
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
-CHECKS = ("cbt", "disk_slots", "volume_limit", "disk_offering", "network", "target_name", "power_state")
+CHECKS = ("cbt", "disk_slots", "volume_limit", "disk_offering", "network", "target_name", "power_state",
+          "snapshots")
 FACT_TIMEOUT = 10.0  # seconds for each fact read: a slow service makes a warn, not a hung create
 
 Call = Callable[[str, Any], Awaitable[Any]]
@@ -55,6 +60,7 @@ class Facts:
     names_known: bool = False
     custom_offering: bool | None = None     # None: the disk offerings could not be read
     power_state: str | None = None          # the inventory's (poweredOn, poweredOff, suspended)
+    snapshots: int | None = None            # None: the source did not report them
 
 
 def check(name: str, status: str, reason: str) -> dict[str, str]:
@@ -118,7 +124,22 @@ def evaluate(f: Facts, *, incremental: bool = True) -> list[dict[str, str]]:
                                               "(it boots cold in the cloud)"))
     else:
         out.append(check("power_state", WARN, f"the power state of {f.vm_name} is unknown"))
+    out.append(_snapshots(f, incremental))
     return out
+
+
+def _snapshots(f: Facts, incremental: bool) -> dict[str, str]:
+    if f.snapshots is None:
+        return check("snapshots", WARN, f"the source did not report snapshots of {f.vm_name} (a discovery "
+                                        "through a VMA does not): check in vSphere that it has none")
+    if not f.snapshots:
+        return check("snapshots", PASS, "no snapshots")
+    if f.cbt_enabled is False:
+        return check("snapshots", FAIL if incremental else WARN,
+                     f"{f.vm_name} has {f.snapshots} snapshot(s) and CBT is off: CBT cannot be enabled (reset) "
+                     "while snapshots exist; remove them first (delete all snapshots in vSphere)")
+    return check("snapshots", WARN, f"{f.vm_name} has {f.snapshots} snapshot(s): CBT is on, but remove them "
+                                    "before a CBT reset is needed (each sync adds its own to the chain)")
 
 
 def failed(checks: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -204,6 +225,7 @@ async def gather(vm: dict[str, Any], *, call: Call, client: Any, new_disks: int,
     if offerings is not None:
         facts.custom_offering = any(o.get("iscustomized") for o in offerings)
     facts.power_state = (known or {}).get("power_state") or vm.get("power_state")
+    facts.snapshots = (known or {}).get("snapshot_count")
     if named is not None:
         facts.names_known = True
         facts.taken_by = next((v.get("id") for v in named if v.get("name") == facts.target_name), None)

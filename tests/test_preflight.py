@@ -13,7 +13,8 @@ from oma.shared.preflight import Facts
 
 def ok(**changes) -> Facts:
     base = Facts(vm_name="db1", target_name="db1", new_disks=1, capacity=4, free_slots=4, cbt_enabled=True,
-                 unmapped=[], volumes_known=True, names_known=True, custom_offering=True, power_state="poweredOn")
+                 unmapped=[], volumes_known=True, names_known=True, custom_offering=True, power_state="poweredOn",
+                 snapshots=0)
     return dataclasses.replace(base, **changes)
 
 
@@ -38,6 +39,8 @@ def test_every_check_passes_for_a_vm_that_can_move():
     (dict(volumes_available=0), "volume_limit", "fail", "volume limit is reached"),
     (dict(unmapped=["VM Network"]), "network", "fail", "'VM Network'"),
     (dict(taken_by="vm-9"), "target_name", "fail", "already exists"),
+    (dict(snapshots=2), "snapshots", "warn", "has 2 snapshot(s): CBT is on"),
+    (dict(snapshots=None), "snapshots", "warn", "the source did not report snapshots"),
 ])
 def test_each_check_says_why(changes, check, status, words):
     got = by_check(ok(**changes))
@@ -52,3 +55,18 @@ def test_a_refusal_names_every_failed_check_and_a_warn_refuses_nothing():
     assert caught.value.error == "Preflight failed"
     assert "disk_offering: " in caught.value.details and "target_name: " in caught.value.details
     assert "cbt" not in caught.value.details
+
+
+def test_snapshots_with_cbt_off_fail_an_incremental_and_warn_a_full_copy():
+    """CBT cannot be enabled (reset) while the VM has snapshots: with CBT off they must go first."""
+    got = by_check(ok(cbt_enabled=False, snapshots=1))
+    assert got["snapshots"]["status"] == "fail" and "remove them first" in got["snapshots"]["reason"]
+    assert {n for n, c in got.items() if c["status"] == "fail"} == {"cbt", "snapshots"}
+    full = by_check(ok(cbt_enabled=False, snapshots=1), incremental=False)
+    assert full["snapshots"]["status"] == "warn" and full["cbt"]["status"] == "warn"
+    unknown_cbt = by_check(ok(cbt_enabled=None, snapshots=1))  # not known off: no fail
+    assert unknown_cbt["snapshots"]["status"] == "warn"
+    assert by_check(ok(cbt_enabled=False, snapshots=0))["snapshots"]["status"] == "pass"
+    with pytest.raises(errors.BadRequest) as caught:
+        preflight.refuse_if_failed("db1", preflight.evaluate(ok(cbt_enabled=False, snapshots=3)))
+    assert "snapshots: db1 has 3 snapshot(s) and CBT is off" in caught.value.details

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pyVmomi import vim
 from sqlalchemy import select, update
 
 from oma.services.scheduler.models import V_COMPLETED, V_PENDING, V_STARTING, ExecutionVm, Schedule
@@ -25,7 +26,7 @@ from tests.conftest import assert_error_shape, login, mariadb_settings, running,
 from tests.test_orchestration import VM, orchestrated
 from tests.test_replication_faults import kill, start_service
 from tests.test_replication import replication_env
-from tests.vcsim import DiskSpec, NicSpec, create_vm, running_vcsim
+from tests.vcsim import DiskSpec, NicSpec, create_vm, find_by_name, running_vcsim, snapshot
 
 LIGHT = ("auth", "scheduler")
 
@@ -305,6 +306,7 @@ PREFLIGHT_VMS = {  # name -> (create_vm keywords, the checks that must fail)
     "pf-disks": (dict(cbt=True, disks=[DiskSpec(1, unit=u) for u in range(3)]), {"disk_slots"}),
     "pf-net": (dict(cbt=True, nics=[NicSpec("DC0_DVPG0")]), {"network"}),
     "pf-taken": (dict(cbt=True), {"target_name"}),
+    "pf-snap": (dict(cbt=False, snapshots=1), {"cbt", "snapshots"}),  # CBT cannot be enabled until removed
 }
 
 
@@ -313,7 +315,11 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
     with running_vcsim() as vc:
         with vc.service_instance() as si:
             for name, (kw, _) in PREFLIGHT_VMS.items():
-                create_vm(si, name, **{"disks": [DiskSpec(1)], **kw})
+                kw = {"disks": [DiskSpec(1)], **kw}
+                snaps = kw.pop("snapshots", 0)
+                made = create_vm(si, name, **kw)
+                for n in range(snaps):
+                    snapshot(made, f"{name}-{n}")
         async with replication_env(make_settings, tmp_path, services=SERVICES, max_attached_disks=2) as env:
             c, h = env.client, env.headers
             env.sim.vms["c0ffee00-0000-4000-8000-000000000001"] = _vm_row(
@@ -324,6 +330,7 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
             assert r.status_code == 201, r.text
             found = (await c.get("/api/v1/vms/discover", params={"vcenter": "lab"}, headers=h)).json()["vms"]
             source = {v["name"]: v for v in found}
+            assert (source["pf-snap"]["snapshot_count"], source["pf-ok"]["snapshot_count"]) == (1, 0)
             r = await c.post("/api/v1/network/mappings", headers=h, json={"action": "create", "mapping": {
                 "source_network": "VM Network", "production_network_id": PROD_NETWORK_IDS[0]}})
             assert r.status_code == 201, r.text
@@ -335,7 +342,7 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
             r = await c.post("/api/v1/preflight", headers=h, json={"group_id": r.json()["group"]["id"]})
             assert r.status_code == 200, r.text
             results = {x["vm_name"]: x for x in r.json()["results"]}
-            assert r.json()["summary"] == {"vms": 6, "ready": 1, "not_ready": 5}
+            assert r.json()["summary"] == {"vms": 7, "ready": 1, "not_ready": 6}
             assert [c_["check"] for c_ in results["pf-ok"]["checks"]] == list(preflight.CHECKS)
             assert {c_["status"] for c_ in results["pf-ok"]["checks"]} == {"pass"}, results["pf-ok"]
             assert results["pf-unknown"]["checks"][0]["check"] == "inventory"
@@ -357,6 +364,7 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
             reasons = {n: [c_["reason"] for c_ in results[n]["checks"] if c_["status"] == "fail"] for n in results}
             assert "3 new data disks" in reasons["pf-disks"][0] and "at most 2" in reasons["pf-disks"][0]
             assert "'DC0_DVPG0'" in reasons["pf-net"][0] and "CBT" in reasons["pf-nocbt"][0]
+            assert "1 snapshot(s) and CBT is off" in reasons["pf-snap"][1] and "remove them" in reasons["pf-snap"][1]
 
             # The account's volume limit reached: a new VM cannot get its volumes; one that holds its
             # volumes already (pf-ok, for its next incremental) needs none.
@@ -383,6 +391,19 @@ async def test_preflight_flags_each_problem_with_a_reason_and_replication_refuse
             body = assert_error_shape(await env.post({"source_vm": source["pf-taken"],
                                                       "ossea_config_id": env.config_id}), 400)
             assert offering["reason"] in body["details"] and "limit" not in body["details"], body
+            for o in customized:
+                o["iscustomized"] = True
+
+            # A snapshot taken on a VM with CBT on, seen by the next discovery: a warn, still ready.
+            with vc.service_instance() as si:
+                snapshot(find_by_name(si, vim.VirtualMachine, "pf-ok"), "before-cutover")
+            found = (await c.get("/api/v1/vms/discover", params={"vcenter": "lab"}, headers=h)).json()["vms"]
+            assert next(v for v in found if v["name"] == "pf-ok")["snapshot_count"] == 1
+            r = await c.post("/api/v1/preflight", headers=h, json={"vm_names": ["pf-ok"],
+                                                                   "ossea_config_id": env.config_id})
+            [snaps] = [c_ for c_ in r.json()["results"][0]["checks"] if c_["check"] == "snapshots"]
+            assert snaps["status"] == "warn" and "has 1 snapshot(s): CBT is on" in snaps["reason"], snaps
+            assert r.json()["results"][0]["ready"] is True, r.json()
 
 
 async def jobs_for(env, vm_name: str) -> list[dict]:

@@ -18,7 +18,7 @@ from oma.plugins.vsphere.source import (VCenterAuthError, VCenterConnection, VCe
                                     VSphereSource)
 from oma.shared.errors import BadGateway, NotFound
 from oma.shared.settings import Settings
-from tests.vcsim import (DiskSpec, NicSpec, Vcsim, create_vm, read_vm_direct, running_vcsim,
+from tests.vcsim import (DiskSpec, NicSpec, Vcsim, create_vm, read_vm_direct, running_vcsim, snapshot,
                          start_vcsim)
 
 GIB = 1024 ** 3
@@ -90,9 +90,11 @@ async def test_created_vms_are_reported_as_built(sim: Vcsim):
                          DiskSpec(5, controller="scsi", bus=1, scsi_model="lsilogic-sas"),
                          DiskSpec(3, controller="nvme")],
                   nics=[NicSpec("DC0_DVPG0", "vmxnet3"), NicSpec("VM Network", "e1000e")])
-        create_vm(si, "web01", firmware="bios", cbt=False, host="DC0_H0",
-                  disks=[DiskSpec(20, thin=False), DiskSpec(0.5, unit=1)],
-                  nics=[NicSpec("VM Network", "vmxnet3", mac_address="00:50:56:aa:bb:cc")])
+        web01 = create_vm(si, "web01", firmware="bios", cbt=False, host="DC0_H0",
+                          disks=[DiskSpec(20, thin=False), DiskSpec(0.5, unit=1)],
+                          nics=[NicSpec("VM Network", "vmxnet3", mac_address="00:50:56:aa:bb:cc")])
+        for snap in ("before-upgrade", "after-upgrade"):  # a chain of two
+            snapshot(web01, snap)
         create_vm(si, "tmpl01", template=True, disks=[DiskSpec(10, set_capacity_in_bytes=False)])
         direct = {vm.name: read_vm_direct(vm) for vm in
                   si.RetrieveContent().viewManager.CreateContainerView(
@@ -132,6 +134,7 @@ async def test_created_vms_are_reported_as_built(sim: Vcsim):
     assert [(d["unit_number"], d["size_gb"], d["capacity_bytes"], d["thin_provisioned"])
             for d in web["disks"]] == [(0, 20, 20 * GIB, False), (1, 1, GIB // 2, True)]
     assert web["nics"][0]["mac_address"] == "00:50:56:aa:bb:cc"
+    assert (web["snapshot_count"], db["snapshot_count"]) == (2, 0)  # from layoutEx.snapshot
 
     tmpl = vms["tmpl01"]
     assert tmpl["template"] is True and tmpl["cbt_enabled"] is False

@@ -260,6 +260,11 @@ def create_vm(si: Any, name: str, *, disks: Sequence[DiskSpec] = (DiskSpec(16),)
     return vm
 
 
+def snapshot(vm: Any, name: str) -> Any:
+    """Take a (memoryless, unquiesced) snapshot of a VM; returns the snapshot's moref."""
+    return wait_for_task(vm.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False))
+
+
 _SCSI_MODELS = {"pvscsi": "ParaVirtualSCSIController", "lsilogic": "VirtualLsiLogicController",
                 "lsilogic-sas": "VirtualLsiLogicSASController", "buslogic": "VirtualBusLogicController"}
 _NIC_MODELS = {"vmxnet3": "VirtualVmxnet3", "e1000": "VirtualE1000", "e1000e": "VirtualE1000e",

@@ -33,14 +33,15 @@ T = TypeVar("T")
 PAGE_SIZE = 500
 
 # Properties that vCenter (and vcsim) always set. vcsim 0.24.2 drops the connection when a
-# client fetches an unset property, so nothing optional (snapshot, parentVApp...) is read here.
+# client fetches an unset property, so nothing optional (snapshot, parentVApp...) is read here:
+# the snapshots are counted from `layoutEx.snapshot`, set (maybe empty) on every VM.
 VM_PROPERTIES = (
     "name", "parent",
     "config.instanceUuid", "config.uuid",
     "config.hardware.numCPU", "config.hardware.memoryMB", "config.hardware.device",
     "config.guestId", "config.guestFullName", "config.firmware",
     "config.changeTrackingEnabled", "config.template",
-    "runtime.powerState", "runtime.host",
+    "runtime.powerState", "runtime.host", "layoutEx.snapshot",
 )
 ENTITY_PROPERTIES = ("name", "parent")
 
@@ -352,6 +353,8 @@ class _Resolver:
             "guest_os_full_name": p.get("config.guestFullName"),
             "power_state": str(p.get("runtime.powerState")) if p.get("runtime.powerState") else None,
             "cbt_enabled": bool(p.get("config.changeTrackingEnabled")),
+            # None when vCenter did not return it (unknown), never a guessed 0
+            "snapshot_count": len(p["layoutEx.snapshot"] or ()) if "layoutEx.snapshot" in p else None,
             "firmware": "efi" if str(firmware).lower() == "efi" else "bios",
             "template": bool(p.get("config.template")),
             "disks": [self.disk(d, by_key) for d in devices if isinstance(d, vim.vm.device.VirtualDisk)],

@@ -159,6 +159,8 @@ class InventoryVm(Body):
     power_state: str | None = None
     firmware: str | None = None
     cbt_enabled: bool | None = None
+    snapshot_count: int | None = Field(None, description="snapshots of the VM in vSphere; null when the "
+                                                         "source did not report them (discovery through a VMA)")
     template: bool | None = None
     vcenter: str | None = None
     status: str | None = Field(None, description="`present` or `gone`")
@@ -647,8 +649,8 @@ class ExecutionList(Page):
 
 
 class PreflightCheck(Body):
-    check: str = Field(description="cbt, disk_slots, volume_limit, disk_offering, network, target_name, power_state "
-                                   "(inventory: not found)")
+    check: str = Field(description="cbt, disk_slots, volume_limit, disk_offering, network, target_name, power_state, "
+                                   "snapshots (inventory: not found)")
     status: Literal["pass", "warn", "fail"]
     reason: str
 

@@ -64,6 +64,7 @@ class Vm(Base):
     guest_os_full_name: Mapped[str | None] = mapped_column(String(255))
     power_state: Mapped[str | None] = mapped_column(String(32))
     cbt_enabled: Mapped[bool] = mapped_column(Boolean)
+    snapshot_count: Mapped[int | None] = mapped_column(Integer)  # None: the source did not report it (a VMA)
     firmware: Mapped[str | None] = mapped_column(String(16))
     template: Mapped[bool] = mapped_column(Boolean)
     status: Mapped[str] = mapped_column(String(16))  # present | gone

@@ -157,7 +157,7 @@ class VCenters(actions.Store[VCenterConfig]):
 # -- discovered VMs ----------------------------------------------------------------------------
 
 VM_COLUMNS = ("bios_uuid", "name", "path", "datacenter", "cluster", "host", "cpus", "memory_mb", "guest_os",
-              "guest_os_full_name", "power_state", "firmware")
+              "guest_os_full_name", "power_state", "firmware", "snapshot_count")
 DISK_FIELDS = ("id", "key", "label", "unit_number", "controller_key", "controller_bus_number", "controller_type",
                "controller_class", "path", "size_gb", "capacity_bytes", "datastore", "thin_provisioned", "backing",
                "change_id")
