@@ -710,7 +710,7 @@ def no_device_0(params: dict[str, str]) -> bool:
 
 # (phase, step, the command whose call triggers the kill, an optional filter on its parameters)
 KILL_POINTS = [
-    ("test", "validate", "listServiceOfferings", None), ("test", "quiesce", "replication:quiesce", None),
+    ("test", "validate", "listZones", None), ("test", "quiesce", "replication:quiesce", None),
     ("test", "snapshot", "createSnapshot", None), ("test", "resume_replication", "replication:resume", None),
     ("test", "clone", "createVolume", None), ("test", "create_vm", "deployVirtualMachine", None),
     ("test", "swap_root", "detachVolume", None), ("test", "attach_data", "attachVolume", no_device_0),
