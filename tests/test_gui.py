@@ -311,7 +311,7 @@ async def test_operator_starts_replications_and_watches_progress_live(gui: Gui, 
         await _check(page, Axe(), "confirm-failover")
         await page.get_by_role("button", name="Test failover", exact=True).click()
         # The failover service refuses it: vcsim's VM has no NIC to map to a cloud network.
-        await expect(page.get_by_role("alert")).to_contain_text("No NICs")
+        await expect(page.get_by_role("alert")).to_contain_text("lists no nics to map")
         watch.expect_htmx_error("400", "/ui/failover")
         watch.assert_clean()
 

@@ -106,7 +106,8 @@ async def test_original_gui_and_scheduler_requests(make_settings, tmp_path: Path
         async def listed():
             r = await client.get("/api/v1/vm-contexts", headers=h)
             row = next((c for c in r.json().get("vm_contexts", []) if c["vm_name"] == "orig-vm"), None)
-            return (r.json(), row) if row and row["current_job_id"] == job2["job_id"] else None
+            now = row and (row["current_job_id"], row["current_status"])
+            return (r.json(), row) if now == (job2["job_id"], "replicating") else None  # the read model follows
         page, row = await wait_for(listed, timeout=20)
         assert page["success"] is True and {"total", "limit", "offset"} <= set(page)
         assert "contexts" not in page  # one name for the list

@@ -307,7 +307,8 @@ async def test_delete_while_provisioning_cancels_and_cleans_up(make_settings, tm
 
 async def test_unfinished_cleanup_is_retried(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path) as env:
-        env.sim.fail("deleteVolume", 2, errorcode=531, errortext="Account has no permission to delete")
+        # Refused for both cleanups of the failed provisioning (the capacity requeue's, then the failure's).
+        env.sim.fail("deleteVolume", 4, errorcode=531, errortext="Account has no permission to delete")
         await _failed_leaving_two_volumes(env, "sticky")  # the cloud refused the deletes
         assert metric("oma_attached_disks") == 2, "volumes not yet deleted keep their slots"
         assert await env.replication.jobs.retry_cleanups() == 0
