@@ -307,10 +307,12 @@ async def test_delete_while_provisioning_cancels_and_cleans_up(make_settings, tm
 
 async def test_unfinished_cleanup_is_retried(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path) as env:
-        # Refused for both cleanups of the failed provisioning (the capacity requeue's, then the failure's).
-        env.sim.fail("deleteVolume", 4, errorcode=531, errortext="Account has no permission to delete")
+        # Refused for every cleanup of the failed provisioning (one or two run, as the capacity requeue
+        # races the failure), until the cloud accepts deletes again.
+        env.sim.fail("deleteVolume", 1000, errorcode=531, errortext="Account has no permission to delete")
         await _failed_leaving_two_volumes(env, "sticky")  # the cloud refused the deletes
         assert metric("oma_attached_disks") == 2, "volumes not yet deleted keep their slots"
+        env.sim.reset_faults()
         assert await env.replication.jobs.retry_cleanups() == 0
         assert not env.data_volumes() and metric("oma_attached_disks") == 0
         assert await env.replication.jobs.retry_cleanups() == 0
