@@ -69,6 +69,7 @@ from oma.shared.subjects import Config, Exports, Replication
 REUSED_MESSAGE = "Migration workflow started - VM export reused without SIGHUP operation"
 NEW_MESSAGE = "Migration workflow started - VM exports created"
 
+PLACEMENT_TTL = 60.0  # seconds a zone id and disk offering are used before they are asked again
 JOBS = Counter("oma_replication_jobs_total", "Replication jobs entering each status", ["status"])
 PROVISION = Histogram("oma_replication_provision_duration_seconds", "From admission to ready_for_sync or failure",
                       ["result"], buckets=(.1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600))
@@ -126,6 +127,8 @@ class Replicator:
         self._progress_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._cleanups = KeyedLocks()  # by job id
         self._throughput: dict[str, float] = {}
+        # The zone id and custom offering per cloud account and zone, with when they expire.
+        self._placements: dict[tuple[Any, ...], tuple[float, tuple[str, str]]] = {}
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class Replicator:
         # One cloud client for preflight and the provisioning task; the zone and the disk offering
         # are asked beside preflight, so the first createVolume waits for neither.
         ops = self.cloud(creds)
-        start = CloudStart(ops, asyncio.ensure_future(ops.placement(creds["zone"])))
+        start = CloudStart(ops, self._placement(ops, creds))
         try:
             return await self._create(req, creds, start, entered)
         finally:
@@ -286,6 +289,27 @@ class Replicator:
         if job.status == CANCELLED:
             raise errors.Conflict("Replication job cancelled", f"job {job_id} was cancelled while provisioning")
         return Reply(views.create_reply(job, rows), status=201 if job.status == READY else 202)
+
+    @staticmethod
+    def _placement_key(creds: dict[str, Any]) -> tuple[Any, ...]:
+        return creds.get("api_url"), creds.get("api_key"), creds.get("domain"), creds.get("zone")
+
+    def _placement(self, ops: CloudOps, creds: dict[str, Any]) -> asyncio.Future:
+        """The zone's id and the custom disk offering: asked of the cloud at most once a minute per
+        account and zone (they seldom change; a job that fails forgets them, so a removed offering
+        costs one failed job, not a minute of them)."""
+        key = self._placement_key(creds)
+        hit = self._placements.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            known = asyncio.get_running_loop().create_future()
+            known.set_result(hit[1])
+            return known
+
+        async def ask() -> tuple[str, str]:
+            found = await ops.placement(creds["zone"])
+            self._placements[key] = (time.monotonic() + PLACEMENT_TTL, found)
+            return found
+        return asyncio.ensure_future(ask())
 
     async def preflight(self, req: ReplicationRequest, creds: dict[str, Any],
                         ops: CloudOps | None = None) -> list[dict[str, str]]:
@@ -378,6 +402,8 @@ class Replicator:
             result = "cancelled"
             raise
         except Exception as exc:  # noqa: BLE001 - any failure fails the job, with its text
+            if creds is not None:
+                self._placements.pop(self._placement_key(creds), None)
             await self.fail(job_id, error_text(exc), ops)
             return None
         finally:
