@@ -269,11 +269,11 @@ class Replicator:
             JOBS.labels(status=job.status).inc()
             self.log.info("replication job created", extra={"job_id": job_id, "vm_name": vm.name,
                                                             "disks": len(rows), "status": job.status})
-            # Started under the admission lock: a cancel can never slip between admission and start.
-            # The created event goes out while the task's first cloud calls do (events carry their
-            # seq: the read model applies them in order whatever order they arrive in).
-            task = self._start(job_id, creds, (job, rows), start) if admitted else None
+            # Numbered before the task starts: a created event numbered beside the task's ready event
+            # could take the same seq, and the read model would drop one of them.
             await self.emit(job_id, Replication.EVT_CREATED)
+            # Started under the admission lock: a cancel can never slip between admission and start.
+            task = self._start(job_id, creds, (job, rows), start) if admitted else None
         await self.refresh_gauges()
         if task is None:
             job, rows = await self.load(job_id)
