@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import Any
 import pluggy
 import pytest
 
+from oma.plugins.ossea import client as client_module
 from oma.plugins.ossea import plugin
 from oma.plugins.ossea.client import (
     CloudAuthError,
@@ -191,6 +193,21 @@ async def test_jobs_that_got_faster_are_polled_at_their_pace(sim: CloudStackSimu
             late.append(found - job["finished"])
     assert late[0] > 0.15, late  # polled first where the slow job was last seen running
     assert max(late[2:]) < 0.1, late
+
+
+def test_a_first_poll_drawn_early_costs_polls_not_lateness() -> None:
+    """Jobs found done at their first poll under load are recorded as maybe twice as fast, which
+    draws the next first polls early; from the soonest time a recent job was found done the polls
+    are POLL_MIN apart again, so a job as fast as the others is found as it finishes, not a fifth of
+    the time since the early first poll later (~30 ms for a 0.3 s job)."""
+    cs = CloudStackClient("http://127.0.0.1:1/client/api", KEY, SECRET, poll_interval=0.5)
+    seen, found = deque([0.15] * 8), deque([0.30, 0.31])  # first polls drawn to 0.15 s; found at 0.30 s
+    assert cs._poll_pause(0.10, seen, found) == pytest.approx(0.05)  # the first poll: where they were seen
+    assert cs._poll_pause(0.29, seen, found) == pytest.approx(0.01)  # no later than where they were found
+    assert cs._poll_pause(0.301, seen, found) == pytest.approx(client_module.POLL_MIN)  # then dense again
+    assert cs._poll_pause(0.60, seen, found) == pytest.approx(0.06)  # and a fifth of the time beyond
+    # Without the second anchor, the steps near 0.3 s are a fifth of the time since 0.15 s.
+    assert cs._poll_pause(0.301, seen, None) == pytest.approx(0.0302)
 
 
 async def test_stopped_cloud_is_unreachable(tmp_path) -> None:

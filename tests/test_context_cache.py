@@ -2,10 +2,12 @@
 gateway's fast path for them (services/gateway/fastpath.py): same answers, never stale."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from conftest import assert_error_shape, login, mariadb_settings, running, wait_for
-from oma.shared.replies import Replies
+from oma.shared.replies import REFRESHING, Replies
 from oma.shared.settings import SERVICES
 from oma.shared.subjects import Contexts
 from test_contexts import Clock, Job, bus, ctx_settings, get_ctx, publish, until  # noqa: F401 - fixtures
@@ -43,6 +45,58 @@ def test_replies_stay_within_their_bytes_and_time():
     expired = Replies(ttl=0)
     expired.put_vm("vm", expired.generation, b"x", "vm")
     assert expired.get_vm("vm") is None
+
+
+def test_a_reply_near_its_end_is_due_for_one_refresh(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("oma.shared.replies.time.monotonic", lambda: now[0])
+    r = Replies(ttl=60.0, max_bytes=800)
+    r.put_vm("vm-1", r.generation, b"a", "vm-1")
+    r.put_list(("x", 100, 0), r.generation, b"page")
+    now[0] += 29.0  # more than half its life left: served, not due
+    assert r.get_vm("vm-1") == b"a" and not r.due_vm("vm-1") and not r.due_list(("x", 100, 0))
+    now[0] += 2.0  # in its second half: due once, however often it is read meanwhile
+    assert r.due_vm("vm-1") and not r.due_vm("vm-1") and r.due_list(("x", 100, 0))
+    r.put_vm("vm-1", r.generation, b"b", "vm-1")  # the refresh read it again
+    r.refreshed("vm", "vm-1")
+    r.refreshed("list", ("x", 100, 0))  # that one's read failed: not stored
+    assert r.get_vm("vm-1") == b"b" and not r.due_vm("vm-1")
+    now[0] += 31.0
+    assert r.due_vm("vm-1") and r.get_list(("x", 100, 0)) is None  # the page was not refreshed: gone
+    assert not r.due_vm("nobody")
+    for i in range(REFRESHING):
+        r.put_vm(f"vm-{i + 2}", r.generation, b"c", f"vm-{i + 2}")
+    now[0] += 31.0
+    # vm-1 is still being refreshed: REFRESHING - 1 more at once, the last waits for a later read
+    assert [r.due_vm(f"vm-{i + 2}") for i in range(REFRESHING)] == [True] * (REFRESHING - 1) + [False]
+    r.refreshed("vm", "vm-1")
+    assert r.due_vm(f"vm-{REFRESHING + 1}")
+
+
+async def test_a_polled_reply_is_refreshed_before_it_expires(ctx_settings, bus):
+    """Read in the second half of its life, the aggregator's reply is served and read again beside,
+    so a VM polled all along never costs a database read in line."""
+    clock = Clock()
+    job = Job(clock, "ahead-vm", "job-ahead-1")
+    async with running(ctx_settings(), SERVICES) as client:
+        h = await login(client)
+        await publish(bus, [job.event("created")])
+        await until(client, h, "ahead-vm", lambda b: b["context"]["current_status"] == "queued")
+        gateway, aggregator = caches(client)
+        gateway.ttl, gateway.max_bytes = 0.0, 0  # every read reaches the aggregator
+        aggregator.ttl = 2.0
+        aggregator.changed(None)
+        await get_ctx(client, h, "ahead-vm")
+        first = aggregator._vms["ahead-vm"][0]
+        await asyncio.sleep(1.3)  # in its second half
+        assert (await get_ctx(client, h, "ahead-vm")).status_code == 200
+        await wait_for(lambda: _true(aggregator._vms.get("ahead-vm", (0,))[0] > first + 1.0), timeout=3)
+        await asyncio.sleep(0.5)  # past the first reply's end: still cached
+        assert aggregator.get_vm("ahead-vm") is not None
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 @pytest.mark.nats_forbidden  # asks REBUILD (oma-admin's) over the aggregator's connection, a shortcut

@@ -164,6 +164,26 @@ async def test_size_gb_is_an_integer_everywhere(make_settings, tmp_path):
         assert b'"size_gb":40.0' not in ctx.content and ctx.json()["disks"][0]["size_gb"] == 40
 
 
+async def test_a_job_id_seen_by_an_earlier_database_still_reaches_its_context(make_settings, tmp_path, monkeypatch):
+    """Job ids are unique within one database: two fresh (memory) appliances on one stream, their
+    jobs started in the same second, both get the id `job-...`. The second one's events must not be
+    dropped as duplicates of the first's (the stream's 2-minute window keyed by event_id)."""
+    monkeypatch.setattr(replication_service, "job_id_base", lambda now: "job-20260101-000000")
+    for i, name in enumerate(("same-second-a", "same-second-b")):
+        (tmp_path / str(i)).mkdir()
+        async with replication_env(make_settings, tmp_path / str(i), services=WITH_CONTEXTS,
+                                   contexts_consumer=consumer()) as env:
+            r = await env.post(request(env.config_id, name))
+            assert r.status_code == 201 and r.json()["job_id"] == "job-20260101-000000", r.text
+
+            async def context(env=env, name=name):
+                c = await env.client.get(f"/api/v1/vm-contexts/{name}", headers=env.headers)
+                return c if c.status_code == 200 and c.json()["context"]["current_status"] == "ready_for_sync" \
+                    else None
+            ctx = await wait_for(context, 15)
+            assert ctx.json()["context"]["vm_name"] == name
+
+
 async def test_json_without_a_json_content_type(make_settings):
     async with running(make_settings(), ("auth",)) as client:
         login_body = orjson.dumps({"appliance_id": "test-vma", "token": SEED_TOKEN})

@@ -290,11 +290,12 @@ async def test_progress_percent_throughput_eta_order_and_errors(make_settings, t
         assert r.json()["status"] == "completed" and r.json()["progress_percent"] == 100.0
         assert_error_shape(await env.progress(job_id, {"status": "replicating", "bytes_transferred": 1}), 409)
 
-        # events: per-job seq from 1 without gaps, event_id = job-seq, the completed one with change ids
+        # events: per-job seq from 1 without gaps, event_id = job-seq-random, the completed one with change ids
         await wait_for(lambda: _has(env.events, "oma.evt.replication.job.completed"), 5)
         mine = sorted((e for e in env.events if e["job_id"] == job_id), key=lambda e: e["seq"])
         assert [e["seq"] for e in mine] == list(range(1, len(mine) + 1))
-        assert all(e["event_id"] == f"{job_id}-{e['seq']}" for e in mine)
+        assert all(re.fullmatch(rf"{job_id}-{e['seq']}-[0-9a-f]{{12}}", e["event_id"]) for e in mine)
+        assert len({e["event_id"] for e in mine}) == len(mine)
         subjects = [e["subject"].rsplit(".", 1)[1] for e in mine]
         assert subjects[0] == "created" and subjects[-1] == "completed"
         assert "status_changed" in subjects and subjects.count("progressed") == 3

@@ -77,6 +77,30 @@ async def _status_is(env: Env, job_id: str, status: str) -> bool:
     return (await env.job(job_id))["status"] == status
 
 
+async def test_a_replaced_disk_offering_costs_one_failed_job(make_settings, tmp_path):
+    """The zone and custom offering are asked once a minute per account, not per job: a job whose
+    createVolume the cloud refuses forgets them, so the next job asks again and finds the new one."""
+    async with replication_env(make_settings, tmp_path) as env:
+        r = await env.post(request(env.config_id, "before"))
+        assert r.status_code == 201, r.text
+        assert (await env.delete(r.json()["job_id"])).status_code == 200
+        asked = len(env.commands("listZones"))
+        r = await env.post(request(env.config_id, "cached"))
+        assert r.status_code == 201, r.text
+        assert len(env.commands("listZones")) == asked, "the placement was not asked again"
+        assert (await env.delete(r.json()["job_id"])).status_code == 200
+        # The operator replaces the custom offering (a new id).
+        [old] = [o for o in env.sim.offerings.values() if o["iscustomized"]]
+        del env.sim.offerings[old["id"]]
+        env.sim.offerings["7e1b6a2c-0000-4000-8000-00000000c0de"] = {**old, "id": "7e1b6a2c-0000-4000-8000-00000000c0de"}
+        assert_error_shape(await env.post(request(env.config_id, "stale")), 502)  # 431: unknown offering
+        r = await env.post(request(env.config_id, "after"))
+        assert r.status_code == 201, r.text
+        [volume] = [v for v in env.data_volumes().values() if v.name.endswith(r.json()["job_id"])]
+        assert volume.offering["id"] == "7e1b6a2c-0000-4000-8000-00000000c0de"
+        assert len(env.commands("listZones")) == asked + 1
+
+
 async def test_transient_createvolume_errors_are_retried_permanent_ones_not(make_settings, tmp_path):
     async with replication_env(make_settings, tmp_path) as env:
         before = metric("oma_replication_cloud_calls_total", command="createVolume", result="530")

@@ -112,6 +112,8 @@ async def test_restart_while_export_manager_is_down_resumes_when_it_returns(make
         proc = await start_service("replication", settings, rlog)
         try:
             await until_answering(env, rlog)
+            # export_manager answers once its NBD server runs (before, a create is refused 503)
+            await wait_for(lambda: _true("service started" in elog.read_text(errors="replace")), 60)
             env.sim.set_latency("attachVolume", 2.0)
             r = await env.post(request(env.config_id, "late-exporter", disks=2))
             assert r.status_code == 202, r.text

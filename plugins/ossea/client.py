@@ -38,10 +38,12 @@ MAX_PAGE_SIZE = 500  # CloudStack's default.page.size
 # long enough to absorb modest clock skew.
 SIGNATURE_LIFETIME = timedelta(minutes=10)
 READ_PREFIXES = ("list", "query", "get")
-POLL_MIN, POLL_FRACTION = 0.01, 0.2  # async-job polling (CloudStackClient._poll_pause)
+POLL_MIN, POLL_FRACTION = 0.004, 0.2  # async-job polling (CloudStackClient._poll_pause)
 POLL_EARLY = 0.5  # a job found done at its first poll after a pause is recorded as this share of it
-# Recent durations of successful async jobs, per API endpoint and command: when to poll first.
+# Recent durations of successful async jobs, per API endpoint and command: when to poll first
+# (job_duration's lower bounds), and when they were found done (upper bounds: where to poll densely).
 _JOB_TIMES: dict[tuple[str, str | None], deque[float]] = {}
+_JOB_DONE: dict[tuple[str, str | None], deque[float]] = {}
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -207,8 +209,9 @@ class CloudStackClient:
             job = await self.query_async_job_result(job_id)
             status = job.get("jobstatus")
             if status == 1:
-                _JOB_TIMES.setdefault(key, deque(maxlen=32)).append(
-                    job_duration(running, loop.time() - started))
+                done = loop.time() - started
+                _JOB_TIMES.setdefault(key, deque(maxlen=32)).append(job_duration(running, done))
+                _JOB_DONE.setdefault(key, deque(maxlen=32)).append(done)
                 return job.get("jobresult") or {}
             if status == 2:
                 result = job.get("jobresult") or {}
@@ -220,18 +223,23 @@ class CloudStackClient:
                 raise CloudTimeout(f"async job {job_id} did not finish within {self.job_timeout:g}s",
                                    retryable=False, **context)
             running = asked
-            await asyncio.sleep(self._poll_pause(loop.time() - started, _JOB_TIMES.get(key)))
+            await asyncio.sleep(self._poll_pause(loop.time() - started, _JOB_TIMES.get(key), _JOB_DONE.get(key)))
 
-    def _poll_pause(self, elapsed: float, seen: deque[float] | None) -> float:
+    def _poll_pause(self, elapsed: float, seen: deque[float] | None, found: deque[float] | None = None) -> float:
         """Seconds until the next queryAsyncJobResult. Not a fixed interval, which makes a 0.3 s job
         cost up to a whole interval more: first until the fastest recent job of this command would
-        have finished, then a fifth of the time waited beyond that (POLL_MIN steps near it, so a job
-        as fast as the others is found within POLL_MIN; a slower one, e.g. queued behind others on
-        its VM, at most ~20% late), at most `poll_interval`."""
+        have finished, then a fifth of the time waited beyond that, at most `poll_interval`; from
+        the soonest a recent job was found done (`found`: they all had finished by then) the steps
+        start again at POLL_MIN. So a job as fast as the others is found within POLL_MIN, one queued
+        behind others on its VM ~20% late, and a first poll drawn early (a job found done at it is
+        recorded as maybe twice as fast: job_duration) costs polls, not lateness."""
         fastest = min(seen) if seen else 0.0
         if elapsed < fastest:
             return fastest - elapsed
-        return min(self.poll_interval, max(POLL_MIN, (elapsed - fastest) * POLL_FRACTION))
+        anchor = max(fastest, min(found)) if found else fastest
+        if elapsed < anchor:
+            return min(anchor - elapsed, max(POLL_MIN, (elapsed - fastest) * POLL_FRACTION))
+        return min(self.poll_interval, max(POLL_MIN, (elapsed - anchor) * POLL_FRACTION))
 
     async def list_all(self, command: str, key: str, **params: Any) -> list[dict[str, Any]]:
         """Every item of a list command across pages (an empty list comes back as `{}`)."""

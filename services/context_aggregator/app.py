@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,16 +78,16 @@ class ContextAggregatorService(ServiceApp):
             await self.bus.nc.publish(Contexts.EVT_UPDATED, dumps({"vm_name": name, "context": body}))
 
     # The two reads: a cached reply when fresh, else plain rows on a read connection (no ORM session).
+    # A reply near the end of its life is served and read again beside (Replies.due_*).
     @endpoint(Contexts.LIST)
     async def list_contexts(self, req: BusRequest) -> bytes:
         q = req.model(ListQuery)
         key = (q.status, q.limit, q.offset)
         body = self.replies.get_list(key)
         if body is None:
-            generation = self.replies.generation
-            body = dumps(await dbmod.read(self.reads, service.list_contexts, q.status, q.limit, q.offset,
-                                          self.totals))
-            self.replies.put_list(key, generation, body)
+            return await self._read_list(key)
+        if self.replies.due_list(key):
+            self.spawn(self._refresh("list", key, self._read_list(key)))
         return body
 
     @endpoint(Contexts.GET)
@@ -93,11 +95,31 @@ class ContextAggregatorService(ServiceApp):
         q = req.model(GetQuery)
         body = self.replies.get_vm(q.vm_name)
         if body is None:
-            generation = self.replies.generation
-            reply = await dbmod.read(self.reads, service.get_context, q.vm_name)
-            body = dumps(reply)
-            self.replies.put_vm(q.vm_name, generation, body, reply["context"]["vm_name"])
+            return await self._read_vm(q.vm_name)
+        if self.replies.due_vm(q.vm_name):
+            self.spawn(self._refresh("vm", q.vm_name, self._read_vm(q.vm_name)))
         return body
+
+    async def _read_list(self, key: tuple[Any, int, int]) -> bytes:
+        generation = self.replies.generation
+        body = dumps(await dbmod.read(self.reads, service.list_contexts, *key, self.totals))
+        self.replies.put_list(key, generation, body)
+        return body
+
+    async def _read_vm(self, vm_name: str) -> bytes:
+        generation = self.replies.generation
+        reply = await dbmod.read(self.reads, service.get_context, vm_name)
+        body = dumps(reply)
+        self.replies.put_vm(vm_name, generation, body, reply["context"]["vm_name"])
+        return body
+
+    async def _refresh(self, kind: str, key: Any, read: Awaitable[bytes]) -> None:
+        try:
+            await read
+        except Exception as exc:  # noqa: BLE001 - e.g. the VM is gone: the reply then expires
+            self.log.info("reply refresh failed", extra={"kind": kind, "reason": type(exc).__name__})
+        finally:
+            self.replies.refreshed(kind, key)
 
     @endpoint(Contexts.REBUILD)
     async def rebuild(self, req: BusRequest):

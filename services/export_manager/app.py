@@ -103,6 +103,10 @@ class ExportManagerService(ServiceApp):
                 self.log.exception("periodic reconcile failed")
 
     async def _publish(self, action: str, m: Snapshot) -> None:
+        """Sent in the background, in order: a reply need not wait for the stream's ack."""
+        self.spawn(self._send(action, m))
+
+    async def _send(self, action: str, m: Snapshot) -> None:
         payload = {**event_envelope(),
                    "export_name": m.export_name, "vm_id": m.vm_id, "disk_unit_number": m.disk_unit_number,
                    "vm_name": m.vm_name, "device_path": m.device_path, "action": action}

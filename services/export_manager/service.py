@@ -281,8 +281,7 @@ class ExportManager:
                                               vm_name=req.vm_name, export_name=name, device_path=device,
                                               status=ACTIVE)
                         db.add(row)
-                        await db.flush()
-                        await db.refresh(row)
+                        await db.flush()  # the id and the ORM's defaults are on the row now: no refresh
                         return "created", Snapshot.of(row), None
                     before = Snapshot.of(row)
                     if row.status != ACTIVE:
@@ -294,7 +293,6 @@ class ExportManager:
                     if action != "reused" or row.vm_name != req.vm_name:
                         row.status, row.device_path, row.vm_name = ACTIVE, device, req.vm_name
                         await db.flush()
-                        await db.refresh(row)
                     return action, Snapshot.of(row), before
             except IntegrityError as exc:
                 # Another process inserted this disk's mapping first: read it back and reuse it.

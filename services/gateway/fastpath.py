@@ -11,6 +11,7 @@ value), takes the normal way, so FastAPI stays the one place that phrases valida
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -63,6 +64,7 @@ class ContextReplies(Replies):
         super().__init__(max_bytes=max_bytes)
         self.nc: Any = None
         self._reconnects = 0
+        self.tasks: set[asyncio.Task] = set()  # refreshes of due replies under way
 
     async def subscribe(self, nc: Any) -> None:
         self.nc = nc
@@ -118,10 +120,30 @@ async def context_read(state: Any, subject: str, payload: dict[str, Any]) -> byt
     key = vm_name or tuple(payload.values())  # (status,) limit, offset: build the payload in that order
     body = cache.get_vm(vm_name) if vm_name else cache.get_list(key)
     if body is None:
-        generation = cache.generation
-        _, body = await state.bus.request(subject, payload)
-        if vm_name:
-            cache.put_vm(vm_name, generation, body, orjson.loads(body)["context"]["vm_name"])
-        else:
-            cache.put_list(key, generation, body)
+        return await _ask(state, cache, subject, payload)
+    # Near its end: served, and asked again beside (the aggregator's copy is refreshed by that ask).
+    if cache.due_vm(vm_name) if vm_name else cache.due_list(key):
+        task = asyncio.ensure_future(_refresh(state, cache, subject, payload))
+        cache.tasks.add(task)
+        task.add_done_callback(cache.tasks.discard)
     return body
+
+
+async def _ask(state: Any, cache: ContextReplies, subject: str, payload: dict[str, Any]) -> bytes:
+    generation = cache.generation
+    _, body = await state.bus.request(subject, payload)
+    if vm_name := payload.get("vm_name"):
+        cache.put_vm(vm_name, generation, body, orjson.loads(body)["context"]["vm_name"])
+    else:
+        cache.put_list(tuple(payload.values()), generation, body)
+    return body
+
+
+async def _refresh(state: Any, cache: ContextReplies, subject: str, payload: dict[str, Any]) -> None:
+    vm_name = payload.get("vm_name")
+    try:
+        await _ask(state, cache, subject, payload)
+    except Exception:  # noqa: BLE001 - e.g. the VM is gone: the reply then expires
+        pass
+    finally:
+        cache.refreshed("vm" if vm_name else "list", vm_name or tuple(payload.values()))

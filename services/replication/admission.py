@@ -103,14 +103,18 @@ async def used(db: AsyncSession, oma_vm_id: str) -> int:
                            .where(JobVolume.holds_volume.is_(True), on_appliance(oma_vm_id))) or 0
 
 
-async def try_admit(db: AsyncSession, job: ReplicationJob, rows: list[JobVolume], cap: int, lease: float) -> bool:
+async def try_admit(db: AsyncSession, job: ReplicationJob, rows: list[JobVolume], cap: int, lease: float,
+                    held: dict[int, JobVolume] | None = None) -> bool:
     """FIFO per appliance VM: admitted when no older job of it waits and the new disks fit;
-    reserves the slots (holding rows) at once. The caller holds the slot row's lock."""
+    reserves the slots (holding rows) at once. The caller holds the slot row's lock. A job not yet
+    inserted (no id) comes after every queued one; `held`: its pairing, when the caller has it."""
+    older = [ReplicationJob.id < job.id] if job.id is not None else []
     earlier = await db.scalar(select(func.count()).select_from(ReplicationJob).where(
-        ReplicationJob.status == QUEUED, ReplicationJob.id < job.id, on_appliance(job.oma_vm_id or "")))
+        ReplicationJob.status == QUEUED, *older, on_appliance(job.oma_vm_id or "")))
     if earlier:
         return False
-    held = pair(rows, await holdings(db, job.vm_key))
+    if held is None:
+        held = pair(rows, await holdings(db, job.vm_key))
     new = sum(r.unit_number not in held for r in rows)
     if await used(db, job.oma_vm_id or "") + new > cap:
         return False

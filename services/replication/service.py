@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -68,6 +69,7 @@ from oma.shared.subjects import Config, Exports, Replication
 REUSED_MESSAGE = "Migration workflow started - VM export reused without SIGHUP operation"
 NEW_MESSAGE = "Migration workflow started - VM exports created"
 
+PLACEMENT_TTL = 60.0  # seconds a zone id and disk offering are used before they are asked again
 JOBS = Counter("oma_replication_jobs_total", "Replication jobs entering each status", ["status"])
 PROVISION = Histogram("oma_replication_provision_duration_seconds", "From admission to ready_for_sync or failure",
                       ["result"], buckets=(.1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600))
@@ -83,6 +85,25 @@ def numbered(job: ReplicationJob, rows: list[JobVolume], subjects: list[str]) ->
         job.seq += 1
         events.append((subject, views.event(job, rows)))
     return events
+
+
+@dataclass
+class CloudStart:
+    """What a create prepared for its provisioning task: the cloud client preflight used and the
+    zone/offering lookup asked beside preflight. The task that takes it closes the client; a create
+    that starts no task discards it."""
+    ops: CloudOps
+    placing: asyncio.Future
+    taken: bool = False
+
+    async def discard(self) -> None:
+        if not self.taken:
+            await self.drop_placement()
+            await self.ops.close()
+
+    async def drop_placement(self) -> None:
+        self.placing.cancel()
+        await asyncio.gather(self.placing, return_exceptions=True)
 
 
 class Replicator:
@@ -106,6 +127,8 @@ class Replicator:
         self._progress_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._cleanups = KeyedLocks()  # by job id
         self._throughput: dict[str, float] = {}
+        # The zone id and custom offering per cloud account and zone, with when they expire.
+        self._placements: dict[tuple[Any, ...], tuple[float, tuple[str, str]]] = {}
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -162,8 +185,6 @@ class Replicator:
 
     async def create(self, req: ReplicationRequest) -> Reply:
         entered = time.monotonic()
-        vm = req.source_vm
-        units = vm.disk_slots()  # the request was validated: no two disks share a slot
         # The configuration (404 for an unknown id) and, beside it, whether the NBD server serves:
         # no volume for a disk that no NBD server could export (503 from export_manager).
         creds, exporting = await asyncio.gather(self.credentials(req.ossea_config_id, wait=False),
@@ -179,11 +200,26 @@ class Replicator:
                                   "to attach to")
         if isinstance(exporting, BaseException):
             raise exporting
+        # One cloud client for preflight and the provisioning task; the zone and the disk offering
+        # are asked beside preflight, so the first createVolume waits for neither.
+        ops = self.cloud(creds)
+        start = CloudStart(ops, self._placement(ops, creds))
+        try:
+            return await self._create(req, creds, start, entered)
+        finally:
+            await start.discard()
+
+    async def _create(self, req: ReplicationRequest, creds: dict[str, Any], start: CloudStart,
+                      entered: float) -> Reply:
+        vm = req.source_vm
+        units = vm.disk_slots()  # the request was validated: no two disks share a slot
         # Pre-flight: no volume for a VM that cannot work (shared/preflight.py: 400 with the failed checks).
-        async with self.sessions() as db:  # a VM failed over is refused as such (409), not by preflight
-            if (moved := await handover.failed_over(db, vm.uuid or vm.id)) is not None:
-                raise handover.refusal(moved, "it can be replicated again")
-        preflight.refuse_if_failed(vm.name, await self.preflight(req, creds))
+        checks = await self.preflight(req, creds, start.ops)
+        if preflight.failed(checks):  # a VM failed over is refused as such (409), not by preflight
+            async with self.sessions() as db:
+                if (moved := await handover.failed_over(db, vm.uuid or vm.id)) is not None:
+                    raise handover.refusal(moved, "it can be replicated again")
+        preflight.refuse_if_failed(vm.name, checks)
         vcenter_host = await original.place(req, self.call)  # 400 when the original's fields contradict it
         key = vm.uuid or vm.id
         oma_vm_id = creds["oma_vm_id"]
@@ -213,15 +249,11 @@ class Replicator:
                     source_vm=orjson.dumps(vm.model_dump(mode="json", exclude_none=True)).decode(),
                     current_operation="Queued", message="Waiting for free disk slots on the appliance VM",
                     **original.job_fields(req, vcenter_host), start_sync=req.start_sync)  # issue 16: driver.py
-                db.add(job)
-                await db.flush()  # the parent row first: no ORM relationship orders the inserts
                 rows = [JobVolume(job_id=job_id, unit_number=unit, disk_id=d.id, disk_path=d.path,
                                   datastore=d.datastore, capacity_bytes=d.capacity_bytes, size_gb=rounded_gb(d),
                                   status=D_QUEUED, reused=False, created_by_job=False, holds_volume=False,
                                   bytes_transferred=0, created_at=now)
                         for unit, d in zip(units, vm.disks)]
-                db.add_all(rows)
-                await db.flush()
                 held = admission.pair(rows, await admission.holdings(db, key))
                 needed = sum(r.unit_number not in held for r in rows)
                 cap = admission.capacity(self.settings, slots)
@@ -229,13 +261,19 @@ class Replicator:
                     learnt = " (learnt from the cloud's refusals)" if cap < self.settings.max_attached_disks else ""
                     raise errors.Conflict("Too many disks", f"VM {vm.name} needs {needed} new data disks; the "
                                           f"appliance VM holds at most {cap}{learnt}")
-                admitted = await admission.try_admit(db, job, rows, cap, self.settings.provision_lease)
+                # Decided before the rows exist: they are inserted as admission left them (no updates).
+                admitted = await admission.try_admit(db, job, rows, cap, self.settings.provision_lease, held)
+                db.add(job)
+                await db.flush()  # the parent row first: no ORM relationship orders the inserts
+                db.add_all(rows)
             JOBS.labels(status=job.status).inc()
             self.log.info("replication job created", extra={"job_id": job_id, "vm_name": vm.name,
                                                             "disks": len(rows), "status": job.status})
+            # Numbered before the task starts: a created event numbered beside the task's ready event
+            # could take the same seq, and the read model would drop one of them.
             await self.emit(job_id, Replication.EVT_CREATED)
             # Started under the admission lock: a cancel can never slip between admission and start.
-            task = self._start(job_id, creds, (job, rows)) if admitted else None
+            task = self._start(job_id, creds, (job, rows), start) if admitted else None
         await self.refresh_gauges()
         if task is None:
             job, rows = await self.load(job_id)
@@ -252,23 +290,50 @@ class Replicator:
             raise errors.Conflict("Replication job cancelled", f"job {job_id} was cancelled while provisioning")
         return Reply(views.create_reply(job, rows), status=201 if job.status == READY else 202)
 
-    async def preflight(self, req: ReplicationRequest, creds: dict[str, Any]) -> list[dict[str, str]]:
-        """The VM's preflight checks (shared/preflight.py), with the slots as admission counts them."""
+    @staticmethod
+    def _placement_key(creds: dict[str, Any]) -> tuple[Any, ...]:
+        return creds.get("api_url"), creds.get("api_key"), creds.get("domain"), creds.get("zone")
+
+    def _placement(self, ops: CloudOps, creds: dict[str, Any]) -> asyncio.Future:
+        """The zone's id and the custom disk offering: asked of the cloud at most once a minute per
+        account and zone (they seldom change; a job that fails forgets them, so a removed offering
+        costs one failed job, not a minute of them)."""
+        key = self._placement_key(creds)
+        hit = self._placements.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            known = asyncio.get_running_loop().create_future()
+            known.set_result(hit[1])
+            return known
+
+        async def ask() -> tuple[str, str]:
+            found = await ops.placement(creds["zone"])
+            self._placements[key] = (time.monotonic() + PLACEMENT_TTL, found)
+            return found
+        return asyncio.ensure_future(ask())
+
+    async def preflight(self, req: ReplicationRequest, creds: dict[str, Any],
+                        ops: CloudOps | None = None) -> list[dict[str, str]]:
+        """The VM's preflight checks (shared/preflight.py), with the slots as admission counts them
+        (read beside the other facts)."""
         vm, oma_vm_id = req.source_vm, creds.get("oma_vm_id") or ""
         # Paired with the VM's live volumes as create pairs its rows: the disks left need new volumes.
         wanted = [SimpleNamespace(unit_number=u, disk_id=d.id) for u, d in zip(vm.disk_slots(), vm.disks)]
-        async with self.sessions() as db:
-            new = len(wanted) - len(admission.pair(wanted, await admission.holdings(db, vm.uuid or vm.id)))
-            used = await admission.used(db, oma_vm_id)
-            cap = admission.capacity(self.settings, await db.get(ApplianceSlots, oma_vm_id))
-        ops = self.cloud(creds)
+
+        async def slots() -> tuple[int, int, int]:
+            async with self.sessions() as db:
+                new = len(wanted) - len(admission.pair(wanted, await admission.holdings(db, vm.uuid or vm.id)))
+                used = await admission.used(db, oma_vm_id)
+                cap = admission.capacity(self.settings, await db.get(ApplianceSlots, oma_vm_id))
+            return new, cap, max(cap - used, 0)
+        client = ops or self.cloud(creds)
         try:
-            facts = await preflight.gather(vm.model_dump(mode="json", exclude_none=True), call=self.bus.call,
-                                           client=ops.client, cbt_probe=self.driver.cbt_enabled,
-                                           capacity=cap, free_slots=max(cap - used, 0),
-                                           new_disks=new)
+            (new, cap, free), facts = await asyncio.gather(slots(), preflight.gather(
+                vm.model_dump(mode="json", exclude_none=True), call=self.bus.call, client=client.client,
+                cbt_probe=self.driver.cbt_enabled, capacity=0, free_slots=0, new_disks=0))
         finally:
-            await ops.close()
+            if ops is None:
+                await client.close()
+        facts.new_disks, facts.capacity, facts.free_slots = new, cap, free
         return preflight.evaluate(facts, incremental=req.replication_type == "incremental")
 
     async def pump(self) -> None:
@@ -290,8 +355,11 @@ class Replicator:
         await self.refresh_gauges()
 
     def _start(self, job_id: str, creds: dict[str, Any] | None = None,
-               admitted: tuple[ReplicationJob, list[JobVolume]] | None = None) -> asyncio.Task:
-        task = self.spawn(self._provision(job_id, creds, admitted))
+               admitted: tuple[ReplicationJob, list[JobVolume]] | None = None,
+               start: CloudStart | None = None) -> asyncio.Task:
+        if start is not None:
+            start.taken = True  # the task closes its client now
+        task = self.spawn(self._provision(job_id, creds, admitted, start))
         self._running[job_id] = task
         # Only this task's entry: a job queued again and re-admitted has a newer one.
         task.add_done_callback(lambda t: self._running.pop(job_id) if self._running.get(job_id) is t else None)
@@ -301,20 +369,23 @@ class Replicator:
 
     async def _provision(self, job_id: str, creds: dict[str, Any] | None = None,
                          admitted: tuple[ReplicationJob, list[JobVolume]] | None = None,
-                         ) -> tuple[ReplicationJob, list[JobVolume]] | None:
-        """Provision every disk of an admitted job at once (`creds`, `admitted`: the configuration the
-        create just fetched, the job and rows as its admission left them: not read again)."""
+                         start: CloudStart | None = None) -> tuple[ReplicationJob, list[JobVolume]] | None:
+        """Provision every disk of an admitted job at once (`creds`, `admitted`, `start`: the
+        configuration the create just fetched, the job and rows as its admission left them, its cloud
+        client and placement lookup: none asked again)."""
         started = time.monotonic()
         result = "failed"
-        ops: CloudOps | None = None
+        ops: CloudOps | None = start.ops if start else None
         try:
             job, rows = admitted or await self.load(job_id)
             if job.status != PROVISIONING:  # cancelled before it could start: nothing to create
                 result = "cancelled"
                 return None
             creds = creds or await self.credentials(job.ossea_config_id)
-            ops = self.cloud(creds)
-            placement = await ops.placement(creds["zone"]) if any(r.created_by_job for r in rows) else None
+            ops = ops or self.cloud(creds)
+            placement = None
+            if any(r.created_by_job for r in rows):
+                placement = await (start.placing if start else ops.placement(creds["zone"]))
             outcomes = await asyncio.gather(*(self._provision_disk(ops, job, r, placement, creds["oma_vm_id"])
                                               for r in rows), return_exceptions=True)
             failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -331,10 +402,14 @@ class Replicator:
             result = "cancelled"
             raise
         except Exception as exc:  # noqa: BLE001 - any failure fails the job, with its text
+            if creds is not None:
+                self._placements.pop(self._placement_key(creds), None)
             await self.fail(job_id, error_text(exc), ops)
             return None
         finally:
             PROVISION.labels(result=result).observe(time.monotonic() - started)
+            if start is not None:
+                await start.drop_placement()  # not needed (no new volume) or already answered
             if ops is not None:
                 await ops.close()
 
@@ -397,9 +472,16 @@ class Replicator:
                 path = await self.resolver.resolve(volume_id, self.settings.device_wait)
             else:
                 path = await self._reused_device(ops, row, oma_vm_id)
-            await self._set(row.id, status=D_EXPORTING, device_path=path, **attached)
-            export = await self.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
-                                                      "vm_name": job.vm_name, "device_path": path})
+            # The device recorded while the export is ensured: the ensure is idempotent, so a restart
+            # in between only ensures it again (the record spares that restart the in-flight wait).
+            # Both finish before either's error is raised: no late write after the failure's.
+            recorded, export = await asyncio.gather(
+                self._set(row.id, status=D_EXPORTING, device_path=path, **attached),
+                self.call(Exports.ENSURE, {"vm_id": job.vm_key, "disk_unit_number": row.unit_number,
+                                           "vm_name": job.vm_name, "device_path": path}), return_exceptions=True)
+            for outcome in (recorded, export):
+                if isinstance(outcome, BaseException):
+                    raise outcome
             await self._set(row.id, status=D_READY, export_name=export["export_name"],
                             export_port=export.get("port"), export_uri=export.get("uri"),
                             reused=bool(export.get("reused")),
@@ -484,7 +566,7 @@ class Replicator:
             events = numbered(job, rows, [Replication.EVT_STATUS])
         JOBS.labels(status=READY).inc()
         self.log.info("replication job ready for sync", extra={"job_id": job_id, "disks": len(rows)})
-        await self.publish(job_id, events)
+        self.spawn(self.publish(job_id, events))  # committed: the reply need not wait for the stream's ack
         self.driver.ready(job_id)  # issue 16 hook: start the sync through the job's VMA (driver.py)
         return job, rows
 

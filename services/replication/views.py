@@ -2,6 +2,7 @@
 of docs/events.md. Pure functions of the rows."""
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
@@ -101,6 +102,9 @@ def detail(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:
 
 
 def event(job: ReplicationJob, rows: list[JobVolume]) -> dict[str, Any]:
-    """docs/events.md: the whole job summary, `seq` per job, `event_id` = the Nats-Msg-Id."""
-    return {**event_envelope(f"{job.job_id}-{job.seq}"), "seq": job.seq,
+    """docs/events.md: the whole job summary, `seq` per job, `event_id` = the Nats-Msg-Id.
+    The id is `<job_id>-<seq>-<random>`: job ids are unique only within one database, and the
+    stream's duplicate window (2 min) would drop the events of another database's job with the
+    same id (a memory appliance restarted, tests in the same second) as duplicates."""
+    return {**event_envelope(f"{job.job_id}-{job.seq}-{uuid.uuid4().hex[:12]}"), "seq": job.seq,
             **summary(job, rows, ms=True)}
