@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from sqlalchemy import update
 
 from oma.plugins.ossea.simulator import DEFAULT_VM_ID, CloudStackSimulator
 from oma.plugins.vma.client import HttpVmaClient
 from oma.plugins.vma.simulator import VmaSimulator
 from oma.services.replication.driver import Follow, schedule
+from oma.services.replication.models import ReplicationJob
 from oma.shared.settings import SERVICES, Settings
 from tests.conftest import SEED_TOKEN, assert_error_shape, free_port, login, mariadb_settings, running, wait_for
 from tests.nbdutil import digest
@@ -193,6 +195,27 @@ async def test_a_job_runs_to_the_end_through_the_vma(make_settings, tmp_path):
         assert 0.005 * DISK <= inc["bytes_transferred"] <= 0.02 * DISK and inc["bytes_transferred"] == written
         assert [d["previous_change_id"] for d in inc["disks"]] == [d["change_id"] for d in job["disks"]]
         assert_volumes_equal_source(cloud, vma, vc, vm, inc)
+
+
+async def test_a_ready_job_met_by_start_up_recovery_is_started_once(make_settings, tmp_path):
+    """Start-up recovery (in the background, once the services answer) can meet a job that became
+    ready meanwhile: its sync is started once, not a second /replicate that the VMA refuses and
+    that failed the job (seen in CI on a loaded machine)."""
+    async with orchestrated(make_settings, tmp_path) as (client, h, cloud, vma, vc):
+        vm = await discovered_vm(client, h, vc)
+        r = await client.post("/api/v1/replications", headers=h, json={
+            "source_vm": vm, "ossea_config_id": client.config_id, "replication_type": "initial",
+            "start_sync": False})  # ready, not started: the two starts below race for it
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        replication = client.appliance.services["replication"]
+        async with replication.sessions.begin() as db:
+            await db.execute(update(ReplicationJob).where(ReplicationJob.job_id == job_id).values(start_sync=None))
+        driver = replication.jobs.driver
+        await asyncio.gather(driver.start(job_id), driver.resume())
+        done = await job_in(client, h, job_id, "completed", "failed")
+        assert done["status"] == "completed", done
+        assert vma.replicate_calls[job_id] == 1
 
 
 def test_a_quiet_job_is_polled_less_often_and_a_stall_is_still_seen_in_time():

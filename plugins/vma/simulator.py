@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -184,6 +185,8 @@ class VmaSimulator(Served):
         self.reporter = OmaReporter(appliance_id, appliance_token, strict=strict_change_ids)
         self.faults = Faults()
         self.jobs: dict[str, ReplicationJob] = {}
+        self.replicate_calls: Counter[str] = Counter()  # job id -> POST /replicate received (tests)
+        self._opening: set[str] = set()  # job ids whose /replicate is being set up
         self._disks: dict[Path, DiskImage] = {}
         self._sessions: dict[str, VCenterCredentials] = {}  # vcenter -> last credentials (power-state)
         self._vm_vcenter: dict[str, str] = {}  # vm id or path -> vcenter it was last seen on
@@ -336,9 +339,18 @@ class VmaSimulator(Served):
         body = await _parse(request, ReplicateRequest)
         if len(body.vm_paths) != 1:
             raise BadRequest("One VM per job", "the simulator copies one VM per job, as the original OMA sends")
+        self.replicate_calls[body.job_id] += 1
         old = self.jobs.get(body.job_id)
-        if old is not None and not old.finished:
-            raise Conflict("Job running", f"job {body.job_id!r} is still {old.status}")
+        running = old is not None and not old.finished
+        if running or body.job_id in self._opening:
+            raise Conflict("Job running", f"job {body.job_id!r} is still {old.status if running else 'starting'}")
+        self._opening.add(body.job_id)  # a second call while this one awaits: 409, as a running job
+        try:
+            return await self._open(body)
+        finally:
+            self._opening.discard(body.job_id)
+
+    async def _open(self, body: ReplicateRequest) -> web.Response:
         path = body.vm_paths[0]
         vms = await self._vms(body)
         vm = next((v for v in vms if v["path"] == path), None)

@@ -99,6 +99,10 @@ class VmaDriver:
         self._reach: dict[str, tuple[bool, float]] = {}  # appliance -> (reachable, when told auth)
         self._loop: asyncio.Task | None = None
         self._nudged: set[str] = set()
+        # Jobs whose start is in flight here: start-up recovery's resume() can meet a job that
+        # became ready meanwhile, and two /replicate calls for one job make the VMA refuse one,
+        # which failed the job the other had started.
+        self._starting: set[str] = set()
 
     # -- hooks (service.py) ------------------------------------------------------------------
 
@@ -180,7 +184,17 @@ class VmaDriver:
 
     async def start(self, job_id: str, *, resumed: bool = False) -> None:
         """`resumed`: after a restart, the VMA may already run (or have finished) the sync a killed
-        process asked for before it could record `replicating`: then it is followed, not started again."""
+        process asked for before it could record `replicating`: then it is followed, not started again.
+        A start of a job already starting, or followed, in this process does nothing."""
+        if job_id in self._starting or job_id in self._follow:
+            return
+        self._starting.add(job_id)
+        try:
+            await self._start(job_id, resumed)
+        finally:
+            self._starting.discard(job_id)
+
+    async def _start(self, job_id: str, resumed: bool) -> None:
         try:
             job, rows = await self.jobs.load(job_id)
             if job.status != READY or job.start_sync is False:
