@@ -173,7 +173,9 @@ def listen_socket(settings: Settings) -> socket.socket:
         sock.close()
         raise SystemExit(f"oma-api: cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     sock.listen(2048)
-    sock.set_inheritable(True)
+    # Not inheritable: Popen's pass_fds hands it to the workers only. Made inheritable, every child
+    # spawned under uvloop (which closes only close-on-exec descriptors) kept it: nbdkit, a daemon
+    # that outlives a killed appliance, then held the API's port.
     return sock
 
 
