@@ -594,6 +594,18 @@ async def check_rolled_back(env: Env, vc: Any, replicas: list[str], served: dict
     assert env.sim.lab.snapshots == {}
 
 
+async def shown_power(c, h, vm: dict, state: str) -> None:
+    """The source's power state as the GUI reads it: the inventory's VM and the VM's context (the
+    latter from the inventory's event, a moment later)."""
+    r = await c.get(f"/api/v1/vms/{vm['id']}", headers=h)
+    assert r.status_code == 200 and r.json()["vm"]["power_state"] == state, r.text
+
+    async def context() -> bool:
+        r = await c.get(f"/api/v1/vm-contexts/{vm['name']}", headers=h)
+        return r.status_code == 200 and r.json()["context"]["power_state"] == state
+    await wait_for(context, timeout=10)
+
+
 async def mapped_and_synced(c, h, vm) -> tuple[dict, list[str], list]:
     """Map the live NICs to production networks and run the first sync: (its job, the replica volume ids
     in unit order, the exports served then)."""
@@ -634,6 +646,7 @@ async def test_live_cutover_with_the_final_sync_through_the_vma_then_rollback(ma
         assert [d["volume_id"] for d in sorted(final["disks"], key=lambda d: d["unit_number"])] == replicas
         assert_volumes_equal_source(cloud, vma, vc, vm, final)  # the replicas hold the source's last bytes
         assert power_state(vc, VM) == "poweredOff"
+        await shown_power(c, h, vm, "poweredOff")  # in the inventory and the VM's context at once
         [target] = [v for v in cloud.vms.values() if v["name"] == VM]
         assert target["state"] == "Running"
         disks = sorted((v for v in cloud.volumes.values() if v.vm_id == target["id"]), key=lambda v: v.device_id)
@@ -651,6 +664,7 @@ async def test_live_cutover_with_the_final_sync_through_the_vma_then_rollback(ma
         back = await finished(env, (await failover(env, "rollback", VM))["failover_id"], timeout=120)
         assert back["status"] == "completed", back
         await check_rolled_back(env, vc, replicas, served, VM)
+        await shown_power(c, h, vm, "poweredOn")  # not the power-off's state until the next discovery
         # Given back, reverted to the snapshots taken after the final sync: syncs resume incrementally.
         written = (await vma.mutate(vm["path"], vm["disks"][1]["id"], 1))["bytes_written"]
         again = await job_in(c, h, await start_sync(c, h, vm, "incremental"), "completed", "failed")

@@ -108,11 +108,29 @@ class InventoryService(ServiceApp):
     async def power(self, req: BusRequest):
         """Power a source VM off (guest shutdown, then hard) or on: failover's cutover and rollback."""
         body = req.model(service.PowerRequest)
-        source = await self._source(await self._connection(body.vcenter))
+        conn = await self._connection(body.vcenter)
+        source = await self._source(conn)
         on = None if body.action == "state" else body.action == "on"
         result = await source.power(body.vm_id, on, body.shutdown_timeout)
-        self.log.info("source VM power changed", extra={"vcenter": body.vcenter, **result})
+        if on is not None:
+            self.log.info("source VM power changed", extra={"vcenter": body.vcenter, **result})
+            await self._power_changed(conn["host"], body.vm_id, result.get("power_state"))
         return {"success": True, **result}
+
+    async def _power_changed(self, host: str, vm_id: str, state: str | None) -> None:
+        """The stored VM, and the VM contexts through a `changed` event, follow a power action at
+        once (the GUI showed the last discovery's state after a rollback until the next one)."""
+        if not state:
+            return
+        async with self.sessions.begin() as db:
+            vm = await service.set_power_state(db, host, vm_id, state)
+        if vm is None:
+            return
+        ev = service.event(host, vm, "changed")
+        try:
+            await self.bus.publish_event(Inventory.EVT_DISCOVERED, ev, msg_id=ev["event_id"])
+        except Exception as exc:  # noqa: BLE001 - stored already; the next discovery tells it again
+            self.log.warning("could not publish a power change", extra={"vcenter": host, "reason": type(exc).__name__})
 
     @endpoint(Inventory.DISCOVER)
     async def discover(self, req: BusRequest):

@@ -341,6 +341,16 @@ async def get_vm(db: AsyncSession, vm_id: str) -> dict[str, Any]:
     return vm_public(rows[0])
 
 
+async def set_power_state(db: AsyncSession, vcenter: str, vm_id: str, state: str) -> dict[str, Any] | None:
+    """A power action's outcome on the stored VM (failover's cutover and rollback), so the inventory
+    does not show the state of the last discovery until the next one; the VM as stored now, or None
+    when this vCenter's inventory does not hold it."""
+    which = (VMS.c.vcenter == vcenter, or_(VMS.c.moref == vm_id, VMS.c.uuid == vm_id))
+    await db.execute(sql_update(VMS).where(*which).values(power_state=state))
+    rows = await _mappings(db, select(VMS).where(*which).limit(1))
+    return vm_public(rows[0]) if rows else None
+
+
 # -- events ------------------------------------------------------------------------------------
 
 EVENT_VM_FIELDS = ("id", "uuid", "name", "path", "datacenter", "cluster", "host", "cpus", "memory_mb",
