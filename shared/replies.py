@@ -22,6 +22,7 @@ of the VMs it touched (`changed`). The aggregator calls it itself; it also annou
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from typing import Any, Hashable
 
 
@@ -48,6 +49,17 @@ class Replies:
     def refreshed(self, kind: str, key: Hashable) -> None:
         """The background read of a `due` reply ended (stored or not)."""
         self._refreshing.discard((kind, key))
+
+    async def refresh(self, kind: str, key: Hashable, read: Awaitable[Any]) -> Exception | None:
+        """Run the background read of a `due` reply (`read` stores it), then release its claim. A
+        failed read (the VM gone, the bus down) is returned, not raised: the reply then expires."""
+        try:
+            await read
+            return None
+        except Exception as exc:  # noqa: BLE001 - the caller decides whether to log it
+            return exc
+        finally:
+            self.refreshed(kind, key)
 
     def _due(self, store: dict, key: Any, tag: tuple[str, Hashable]) -> bool:
         """True once per reply near its end: the caller reads it again (then calls `refreshed`)."""

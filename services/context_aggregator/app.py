@@ -114,12 +114,8 @@ class ContextAggregatorService(ServiceApp):
         return body
 
     async def _refresh(self, kind: str, key: Any, read: Awaitable[bytes]) -> None:
-        try:
-            await read
-        except Exception as exc:  # noqa: BLE001 - e.g. the VM is gone: the reply then expires
+        if (exc := await self.replies.refresh(kind, key, read)) is not None:  # e.g. the VM is gone
             self.log.info("reply refresh failed", extra={"kind": kind, "reason": type(exc).__name__})
-        finally:
-            self.replies.refreshed(kind, key)
 
     @endpoint(Contexts.REBUILD)
     async def rebuild(self, req: BusRequest):

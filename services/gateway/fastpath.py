@@ -123,7 +123,8 @@ async def context_read(state: Any, subject: str, payload: dict[str, Any]) -> byt
         return await _ask(state, cache, subject, payload)
     # Near its end: served, and asked again beside (the aggregator's copy is refreshed by that ask).
     if cache.due_vm(vm_name) if vm_name else cache.due_list(key):
-        task = asyncio.ensure_future(_refresh(state, cache, subject, payload))
+        task = asyncio.ensure_future(cache.refresh("vm" if vm_name else "list", key,
+                                                   _ask(state, cache, subject, payload)))
         cache.tasks.add(task)
         task.add_done_callback(cache.tasks.discard)
     return body
@@ -137,13 +138,3 @@ async def _ask(state: Any, cache: ContextReplies, subject: str, payload: dict[st
     else:
         cache.put_list(tuple(payload.values()), generation, body)
     return body
-
-
-async def _refresh(state: Any, cache: ContextReplies, subject: str, payload: dict[str, Any]) -> None:
-    vm_name = payload.get("vm_name")
-    try:
-        await _ask(state, cache, subject, payload)
-    except Exception:  # noqa: BLE001 - e.g. the VM is gone: the reply then expires
-        pass
-    finally:
-        cache.refreshed("vm" if vm_name else "list", vm_name or tuple(payload.values()))
